@@ -1,0 +1,266 @@
+"""Experiment configuration: TOML files validated into typed, frozen objects.
+
+Sections: ``run``, ``data``, ``partition``, ``model``, ``task``, ``federation``, ``strategy``
+and the lists ``attacks`` / ``defenses``. Unknown keys are rejected everywhere. Plug-in
+sections (``data``, ``partition``, ``model``, ``task``, ``strategy``, each attack and defense)
+name a registered plug-in and carry its parameters beside the name; those parameters are
+validated against the plug-in's own signature, so an error names the field, the bad value and
+what is allowed.
+
+``--set a.b=value`` overrides are applied to the raw TOML dict before validation; the value is
+parsed as a TOML value (``3``, ``0.1``, ``true``, ``"text"``, ``[1, 2]``) and falls back to a
+plain string.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from fl_sim.errors import ConfigError
+from fl_sim.registry import (ATTACKS, DATA_SOURCES, DEFENSES, MODELS, PARTITIONERS,
+                             STRATEGIES, TASKS, Registry, format_validation_error,
+                             validate_params)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _PluginSection(BaseModel):
+    """A section that names a plug-in (``name``) and carries its params as extra keys."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class RunConfig(_Section):
+    name: str = "default"
+    seed: int = Field(0, ge=0)
+    output_dir: str = "runs"
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+    deterministic: bool = True
+
+
+class DataConfig(_PluginSection):
+    name: str = "digits"
+
+
+class PartitionConfig(_PluginSection):
+    name: str = "iid"
+    max_samples_per_client: int | None = Field(None, ge=1)
+
+
+class ModelConfig(_PluginSection):
+    name: str = "lenet"
+
+
+class TaskConfig(_PluginSection):
+    name: str = "classifier"
+
+
+class StrategyConfig(_PluginSection):
+    name: str = "fedavg"
+
+
+class ClientResources(_Section):
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+
+class FederationConfig(_Section):
+    num_clients: int = Field(4, ge=1)
+    num_rounds: int = Field(3, ge=1)
+    fraction_train: float = Field(1.0, gt=0, le=1)
+    fraction_evaluate: float = Field(0.0, ge=0, le=1)
+    local_epochs: int | None = Field(None, ge=1)
+    local_steps: int | None = Field(1, ge=1)
+    batch_size: int = Field(8, ge=1)
+    optimizer: Literal["sgd", "adam"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    client_failure_rate: float = Field(0.0, ge=0, lt=1)
+    peer_clients: tuple[int, ...] = ()
+    record_truth: bool = True
+    taps: bool = True
+    client_resources: ClientResources = ClientResources()
+    ray_address: str | None = None
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> FederationConfig:
+        if self.local_epochs is not None and self.local_steps is not None:
+            # local_steps has a default; an explicit local_epochs wins over it.
+            object.__setattr__(self, "local_steps", None)
+        bad = [c for c in self.peer_clients if not 0 <= c < self.num_clients]
+        if bad:
+            raise ValueError(f"peer_clients {bad} outside 0..{self.num_clients - 1}")
+        return self
+
+
+class AttackConfig(_PluginSection):
+    view: Literal["server", "peer"] = "server"
+    client: int | None = None
+    rounds: tuple[int, ...] | None = None
+
+
+class DefenseConfig(_PluginSection):
+    pass
+
+
+class ExperimentConfig(_Section):
+    run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
+    partition: PartitionConfig = PartitionConfig()
+    model: ModelConfig = ModelConfig()
+    task: TaskConfig = TaskConfig()
+    federation: FederationConfig = FederationConfig()
+    strategy: StrategyConfig = StrategyConfig()
+    attacks: tuple[AttackConfig, ...] = ()
+    defenses: tuple[DefenseConfig, ...] = ()
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """The fully resolved config as plain JSON data (round-trips through ``from_dict``)."""
+        return json.loads(self.model_dump_json())
+
+
+# Params injected by the framework rather than written by the user, per plug-in kind.
+_SKIP_POSITIONAL = {"model": 3, "task": 2, "partition": 1}
+_RESERVED = {"partition": {"max_samples_per_client"},
+             "attacks": {"view", "client", "rounds"}}
+
+
+def _check_plugin(section: _PluginSection, registry: Registry[Any], where: str,
+                  *, skip: int = 0, reserved: Iterable[str] = ()) -> None:
+    obj = _get(registry, section.name, where)
+    params = {k: v for k, v in section.params.items() if k not in set(reserved)}
+    validate_params(obj, params, where=where, skip=skip)
+
+
+def _get(registry: Registry[Any], name: str, where: str) -> Any:
+    from fl_sim.errors import PluginError
+    try:
+        return registry.get(name)
+    except PluginError as exc:
+        raise ConfigError(f"{where}.name: {exc}") from None
+
+
+def validate_plugins(cfg: ExperimentConfig) -> None:
+    """Check that every named plug-in exists and accepts its params."""
+    _check_plugin(cfg.data, DATA_SOURCES, "data")
+    _check_plugin(cfg.partition, PARTITIONERS, "partition", skip=_SKIP_POSITIONAL["partition"])
+    _check_plugin(cfg.model, MODELS, "model", skip=_SKIP_POSITIONAL["model"])
+    _check_plugin(cfg.task, TASKS, "task", skip=_SKIP_POSITIONAL["task"])
+    _check_plugin(cfg.strategy, STRATEGIES, "strategy")
+    for i, a in enumerate(cfg.attacks):
+        _check_plugin(a, ATTACKS, f"attacks[{i}]")
+    for i, d in enumerate(cfg.defenses):
+        _check_plugin(d, DEFENSES, f"defenses[{i}]")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"a.b=3"`` -> (["a", "b"], 3). Values parse as TOML, else as a plain string."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key.path=value")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return path, value
+
+
+def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """A new dict with each ``key.path=value`` applied (the input is not mutated).
+
+    A numeric path element indexes a list (``attacks.0.max_iterations=10``).
+    """
+    data: dict[str, Any] = json.loads(json.dumps(raw))
+    for text in overrides:
+        path, value = parse_override(text)
+        node: Any = data
+        for i, part in enumerate(path[:-1]):
+            if isinstance(node, list):
+                node = _list_item(node, part, text)
+            else:
+                node = node.setdefault(part, {})
+            if not isinstance(node, dict | list):
+                raise ConfigError(f"--set {text!r}: '{'.'.join(path[:i + 1])}' is not a "
+                                  "section")
+        last = path[-1]
+        if isinstance(node, list):
+            idx = _list_index(node, last, text)
+            node[idx] = value
+        else:
+            node[last] = value
+    return data
+
+
+def _list_index(node: list[Any], part: str, text: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"--set {text!r}: '{part}' is not an index of a list of "
+                          f"{len(node)} entries")
+    return int(part)
+
+
+def _list_item(node: list[Any], part: str, text: str) -> Any:
+    return node[_list_index(node, part, text)]
+
+
+def from_dict(raw: Mapping[str, Any], *, check_plugins: bool = True) -> ExperimentConfig:
+    """Validate a raw dict into an :class:`ExperimentConfig` or raise one-line ConfigError."""
+    try:
+        cfg = ExperimentConfig.model_validate(dict(raw))
+    except pydantic.ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, "", _model_for(exc))) from None
+    if check_plugins:
+        validate_plugins(cfg)
+    return cfg
+
+
+def _model_for(exc: pydantic.ValidationError) -> type[BaseModel] | None:
+    """The section model whose fields an extra-key error should list as allowed."""
+    sections: dict[str, type[BaseModel]] = {
+        "run": RunConfig, "federation": FederationConfig, "client_resources": ClientResources,
+    }
+    for err in exc.errors():
+        if err["type"] == "extra_forbidden":
+            loc = [str(x) for x in err["loc"][:-1]]
+            if not loc:
+                return ExperimentConfig
+            return sections.get(loc[-1])
+    return None
+
+
+def load(path: str | Path, overrides: Iterable[str] = (), *,
+         check_plugins: bool = True) -> ExperimentConfig:
+    """Read a TOML (or resolved JSON) config file, apply overrides, validate."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    text = p.read_text()
+    try:
+        raw = json.loads(text) if p.suffix == ".json" else tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"{p}: not valid {'JSON' if p.suffix == '.json' else 'TOML'}: "
+                          f"{exc}") from None
+    return from_dict(apply_overrides(raw, overrides), check_plugins=check_plugins)
+
+
+def save_resolved(cfg: ExperimentConfig, run_dir: str | Path) -> Path:
+    """Write ``config.json`` (the fully resolved config) into ``run_dir``."""
+    out = Path(run_dir) / "config.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(cfg.to_json_dict(), indent=2, sort_keys=True) + "\n")
+    return out

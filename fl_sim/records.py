@@ -1,0 +1,132 @@
+"""Plain, immutable data types handed to attacks and metrics (no flwr, no ray).
+
+An :class:`ObservationRecord` is what one party saw at one tap in one round: detached CPU
+copies, read-only mappings. A :class:`GroundTruthRecord` is what a client really trained on;
+only metrics read it, never an attack. :class:`ModelSpec` says how to rebuild the model and
+task that produced a record (public knowledge in FL: the server ships the architecture).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+Tap = Literal["server_in", "aggregate", "peer_view"]
+UpdateKind = Literal["gradient", "delta"]
+
+
+def frozen_tensors(tensors: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    """Detached CPU copies in a read-only mapping (key order kept)."""
+    return MappingProxyType({k: v.detach().to("cpu").clone() for k, v in tensors.items()})
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to rebuild the model + task: registry names, their params and the data shape."""
+
+    model: str
+    model_params: Mapping[str, Any]
+    task: str
+    task_params: Mapping[str, Any]
+    in_channels: int
+    num_classes: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def build_task(self, *, device: str | torch.device = "cpu") -> Any:
+        """A fresh task around a freshly built model (weights still to be loaded)."""
+        from fl_sim.tasks import build_task
+        return build_task(self, device=device)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model": self.model, "model_params": dict(self.model_params),
+                "task": self.task, "task_params": dict(self.task_params),
+                "in_channels": self.in_channels, "num_classes": self.num_classes,
+                "image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> ModelSpec:
+        return cls(model=d["model"], model_params=dict(d["model_params"]), task=d["task"],
+                   task_params=dict(d["task_params"]), in_channels=int(d["in_channels"]),
+                   num_classes=int(d["num_classes"]), image_size=int(d["image_size"]),
+                   mean=tuple(d["mean"]), std=tuple(d["std"]))
+
+
+@dataclass(frozen=True)
+class ObservationRecord:
+    """What one party observed at one tap in one round (see DESIGN.md).
+
+    ``global_params`` is the model state (parameters AND buffers, ``state_dict`` names) the
+    update was computed from. ``update`` is, per parameter name, either the gradient of one
+    local batch (``update_kind="gradient"``, FedSGD) or ``new - global`` after local training
+    (``"delta"``). For a peer view, ``update`` is the aggregate of the OTHER clients' updates
+    derived from consecutive globals, and ``own_update`` is the peer's own contribution.
+    ``knowledge`` holds what the threat model grants beyond the transmitted data (e.g.
+    ``labels``, diffusion ``eps``/``t``); ``defenses`` the defenses applied on the way.
+    """
+
+    run_id: str
+    server_round: int
+    client_id: int | None
+    tap: Tap
+    spec: ModelSpec
+    global_params: Mapping[str, Tensor]
+    update: Mapping[str, Tensor]
+    update_kind: UpdateKind
+    num_examples: int
+    local_steps: int
+    lr: float
+    batch_size: int
+    defenses: tuple[str, ...] = ()
+    knowledge: Mapping[str, Any] = field(default_factory=dict)
+    own_update: Mapping[str, Tensor] | None = None
+    num_clients_aggregated: int = 1
+
+    @property
+    def role(self) -> str:
+        return "peer" if self.tap == "peer_view" else "server"
+
+
+@dataclass(frozen=True)
+class TruthStep:
+    """One local step's private batch: images [B,C,H,W] float in [0,1], labels [B], the
+    dataset indices, and the private randomness (``aux``: diffusion ``eps``, ``t``)."""
+
+    step: int
+    images: Tensor
+    labels: Tensor
+    indices: Tensor
+    aux: Mapping[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class GroundTruthRecord:
+    """Everything a client trained on in one round. Read by metrics only."""
+
+    run_id: str
+    server_round: int
+    client_id: int
+    steps: tuple[TruthStep, ...]
+
+    @property
+    def images(self) -> Tensor:
+        """All distinct training images of the round, in first-seen order."""
+        return _unique_by_index(self.steps, "images")
+
+    @property
+    def labels(self) -> Tensor:
+        return _unique_by_index(self.steps, "labels")
+
+
+def _unique_by_index(steps: tuple[TruthStep, ...], attr: str) -> Tensor:
+    seen: dict[int, Tensor] = {}
+    for s in steps:
+        for i, idx in enumerate(s.indices.tolist()):
+            seen.setdefault(int(idx), getattr(s, attr)[i])
+    return torch.stack(list(seen.values())) if seen else torch.empty(0)

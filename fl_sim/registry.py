@@ -1,0 +1,194 @@
+"""Decorator-filled plug-in registries, one per kind.
+
+Design after Opacus' accountant registry: a dict behind a ``register`` decorator that refuses
+duplicates; lookups of unknown names list the known ones. Third-party packages plug in through
+the entry-point group ``fl_sim.<kind>s`` (e.g. ``fl_sim.attacks``), whose entries are imported
+lazily the first time a registry is read.
+
+Plug-in parameters are validated from the plug-in's own signature: :meth:`Registry.create`
+builds a pydantic model from the annotated keyword parameters, so a config error names the
+field, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Generic, TypeVar
+
+import pydantic
+
+from fl_sim.errors import ConfigError, PluginError
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Modules that register the built-in plug-ins. Imported by `load_builtin_plugins`; kept as
+# strings so that importing the registry never imports flwr (strategies) or diffusers (unet).
+BUILTIN_PLUGIN_MODULES: dict[str, tuple[str, ...]] = {
+    "data source": ("fl_sim.data.sources",),
+    "partitioner": ("fl_sim.data.partition",),
+    "model": ("fl_sim.models",),
+    "task": ("fl_sim.tasks",),
+    "attack": ("attacks",),
+    "defense": ("defenses",),
+    "strategy": ("strategies",),
+}
+
+
+@dataclass(frozen=True)
+class Entry(Generic[T]):
+    """One registered plug-in."""
+
+    name: str
+    obj: T
+    description: str
+
+
+def _first_doc_line(obj: Any) -> str:
+    doc = inspect.getdoc(obj) or ""
+    return doc.strip().splitlines()[0] if doc.strip() else ""
+
+
+class Registry(Generic[T]):
+    """A name -> plug-in mapping of one kind, filled by :meth:`register`."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, Entry[T]] = {}
+        self._entry_points_loaded = False
+
+    # -- filling -------------------------------------------------------------------------
+    def register(self, name: str, *, description: str | None = None) -> Callable[[T], T]:
+        """Class/function decorator registering ``obj`` under ``name``; duplicates refused."""
+
+        def decorator(obj: T) -> T:
+            if name in self._entries and self._entries[name].obj is not obj:
+                raise PluginError(f"duplicate {self.kind} '{name}': already registered by "
+                                  f"{_qualname(self._entries[name].obj)}")
+            self._entries[name] = Entry(name, obj, description or _first_doc_line(obj))
+            return obj
+
+        return decorator
+
+    # -- reading -------------------------------------------------------------------------
+    def _ensure_loaded(self) -> None:
+        if not self._entry_points_loaded:
+            self._entry_points_loaded = True
+            for module in BUILTIN_PLUGIN_MODULES.get(self.kind, ()):
+                importlib.import_module(module)
+            group = "fl_sim." + self.kind.replace(" ", "_") + "s"
+            for ep in metadata.entry_points(group=group):
+                if ep.name not in self._entries:
+                    logger.debug("loading %s plug-in %s from %s", self.kind, ep.name, ep.value)
+                    ep.load()
+
+    def get(self, name: str) -> T:
+        """The plug-in called ``name``; an unknown name lists the known ones."""
+        self._ensure_loaded()
+        try:
+            return self._entries[name].obj
+        except KeyError:
+            known = ", ".join(sorted(self._entries)) or "(none)"
+            raise PluginError(f"unknown {self.kind} '{name}'; known: {known}") from None
+
+    def names(self) -> list[str]:
+        self._ensure_loaded()
+        return sorted(self._entries)
+
+    def entries(self) -> Iterator[Entry[T]]:
+        self._ensure_loaded()
+        return iter(sorted(self._entries.values(), key=lambda e: e.name))
+
+    def __contains__(self, name: object) -> bool:
+        self._ensure_loaded()
+        return name in self._entries
+
+    def create(self, name: str, /, *args: Any, _where: str | None = None,
+               **params: Any) -> Any:
+        """Call plug-in ``name`` with ``params`` validated against its keyword parameters.
+
+        Positional ``args`` are passed through unvalidated (run-time objects such as a model).
+        ``_where`` is the config path used in error messages (e.g. ``"model"``).
+        """
+        obj = self.get(name)
+        validated = validate_params(obj, params, where=_where or self.kind, skip=len(args))
+        return obj(*args, **validated)
+
+
+def _qualname(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
+
+
+def params_model(obj: Callable[..., Any], *, skip: int = 0) -> type[pydantic.BaseModel]:
+    """A pydantic model of ``obj``'s keyword parameters (after the first ``skip``)."""
+    target = obj.__init__ if inspect.isclass(obj) else obj
+    sig = inspect.signature(target)
+    params = [p for p in sig.parameters.values() if p.name != "self"
+              and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    fields: dict[str, Any] = {}
+    for p in params[skip:]:
+        ann = p.annotation if p.annotation is not inspect.Parameter.empty else Any
+        if isinstance(ann, str):  # `from __future__ import annotations`
+            ann = _resolve_annotation(target, p.name, ann)
+        default = p.default if p.default is not inspect.Parameter.empty else ...
+        fields[p.name] = (ann, default)
+    return pydantic.create_model(  # type: ignore[call-overload]
+        f"{getattr(obj, '__name__', 'Plugin')}Params",
+        __config__=pydantic.ConfigDict(extra="forbid", arbitrary_types_allowed=True,
+                                       strict=False),
+        **fields,
+    )
+
+
+def _resolve_annotation(target: Callable[..., Any], name: str, ann: str) -> Any:
+    try:
+        import typing
+        return typing.get_type_hints(target).get(name, Any)
+    except Exception:  # pragma: no cover - exotic annotations
+        return Any
+
+
+def validate_params(obj: Callable[..., Any], params: Mapping[str, Any], *, where: str,
+                    skip: int = 0) -> dict[str, Any]:
+    """Validate ``params`` for ``obj``; raise one-line :class:`ConfigError` naming the field."""
+    model = params_model(obj, skip=skip)
+    try:
+        validated = model.model_validate(dict(params))
+    except pydantic.ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, where, model)) from None
+    return {k: getattr(validated, k) for k in model.model_fields}
+
+
+def format_validation_error(exc: pydantic.ValidationError, where: str,
+                            model: type[pydantic.BaseModel] | None = None) -> str:
+    """One line per problem: ``where.field: message (got value); allowed: ...``."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in (where, *err["loc"]) if x != "")
+        if err["type"] == "extra_forbidden":
+            allowed = ", ".join(sorted(model.model_fields)) if model is not None else "?"
+            parts.append(f"{loc}: unknown key; allowed: {allowed or '(none)'}")
+        elif err["type"] == "missing":
+            parts.append(f"{loc}: required value missing")
+        else:
+            parts.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
+    return "; ".join(parts)
+
+
+DATA_SOURCES: Registry[Callable[..., Any]] = Registry("data source")
+PARTITIONERS: Registry[Callable[..., Any]] = Registry("partitioner")
+MODELS: Registry[Callable[..., Any]] = Registry("model")
+TASKS: Registry[Callable[..., Any]] = Registry("task")
+ATTACKS: Registry[Callable[..., Any]] = Registry("attack")
+DEFENSES: Registry[Callable[..., Any]] = Registry("defense")
+STRATEGIES: Registry[Callable[..., Any]] = Registry("strategy")
+
+ALL_REGISTRIES: dict[str, Registry[Any]] = {
+    r.kind: r for r in (DATA_SOURCES, PARTITIONERS, MODELS, TASKS, STRATEGIES, ATTACKS, DEFENSES)
+}
