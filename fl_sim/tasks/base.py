@@ -70,3 +70,38 @@ class Task(Protocol):
                  generator: torch.Generator | None = None) -> dict[str, float]:
         """Held-out metrics: ``accuracy`` + ``loss`` (classifier) or ``loss`` (diffusion)."""
         ...
+
+
+@runtime_checkable
+class NormalizationLike(Protocol):
+    """Per-channel ``mean`` and ``std`` (e.g. ``fl_sim.data.transforms.Normalization``)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def mean_std(normalization: NormalizationLike | tuple[tuple[float, ...], tuple[float, ...]]
+             ) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` as float tuples from a Normalization-like object or a ``(mean, std)`` pair.
+
+    Raises ``ValueError`` if the lengths differ or a std is not positive.
+    """
+    if isinstance(normalization, tuple) and len(normalization) == 2:
+        mean, std = normalization
+    else:
+        mean, std = normalization.mean, normalization.std
+    mean_t = tuple(float(m) for m in mean)
+    std_t = tuple(float(s) for s in std)
+    if len(mean_t) != len(std_t) or not mean_t:
+        raise ValueError(f"mean {mean_t} and std {std_t} must be non-empty and of equal length")
+    if any(s <= 0 for s in std_t):
+        raise ValueError(f"std must be positive, got {std_t}")
+    return mean_t, std_t
+
+
+def module_tensors(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """``(params, buffers)`` of ``model`` as name -> tensor dicts (live, not detached).
+
+    Passing them to a task's ``loss`` gives exactly the module's own loss.
+    """
+    return dict(model.named_parameters()), dict(model.named_buffers())

@@ -1,0 +1,90 @@
+"""Functional gradients of a task: what every gradient-matching attack recomputes.
+
+The attack never touches the live ``task.model`` weights: it splits a record's ``state_dict``
+into the ``(params, buffers)`` dicts of :func:`torch.func.functional_call` and differentiates
+``task.loss(params, buffers, batch, aux)`` with :mod:`torch.func`. Because ``torch.func.grad``
+composes with ordinary autograd, the returned gradients stay differentiable with respect to
+candidate images that require grad (the double back-propagation of DLG, Zhu et al. 2019, and
+Inverting Gradients, Geiping et al. 2020).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fl_sim.records import ObservationRecord
+
+Params = dict[str, Tensor]
+
+
+def parameter_names(task: Any) -> list[str]:
+    """Names of the trainable parameters of ``task.model``, in module order."""
+    return [n for n, _ in task.model.named_parameters()]
+
+
+def split_state(task: Any, state: Mapping[str, Tensor], *,
+                device: str | torch.device | None = None) -> tuple[Params, Params]:
+    """Split a full ``state_dict`` into ``(params, buffers)`` for ``functional_call``.
+
+    ``params`` holds the entries named by ``task.model.named_parameters()`` (float32, detached,
+    no grad), ``buffers`` those of ``named_buffers()`` (e.g. BatchNorm running statistics).
+    Extra keys in ``state`` are ignored. Raises ``KeyError`` naming the first parameter or
+    buffer missing from ``state`` and ``ValueError`` on a shape mismatch.
+    """
+    def pick(named: Any) -> Params:
+        out: Params = {}
+        for name, ref in named:
+            if name not in state:
+                raise KeyError(f"state has no entry {name!r} of model {type(task.model).__name__}")
+            t = state[name].detach()
+            if t.shape != ref.shape:
+                raise ValueError(f"state entry {name!r} has shape {tuple(t.shape)}, "
+                                 f"model expects {tuple(ref.shape)}")
+            out[name] = t.to(device=device or ref.device,
+                             dtype=ref.dtype if t.is_floating_point() else t.dtype)
+        return out
+
+    return pick(task.model.named_parameters()), pick(task.model.named_buffers())
+
+
+def parameter_gradients(task: Any, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
+                        batch: Any, aux: Mapping[str, Tensor] | None = None, *,
+                        create_graph: bool = False) -> Params:
+    """Gradient of ``task.loss`` with respect to every parameter, keyed like ``params``.
+
+    ``batch`` is a :class:`fl_sim.tasks.base.Batch` (images ``[B, C, H, W]`` in [0, 1]).
+    With ``create_graph=True`` the result stays connected to whatever in ``batch`` requires
+    grad (double back-propagation); otherwise it is detached. Computed with
+    :func:`torch.func.grad`, so it may itself be wrapped in :func:`torch.func.vmap`.
+    """
+    aux = {} if aux is None else aux
+
+    def loss_of(p: Mapping[str, Tensor]) -> Tensor:
+        return task.loss(p, buffers, batch, aux)
+
+    grads = torch.func.grad(loss_of)(dict(params))
+    if not create_graph:
+        grads = {k: v.detach() for k, v in grads.items()}
+    return grads
+
+
+def target_from_record(record: ObservationRecord, task: Any | None = None) -> Params:
+    """The observed update restricted to the model's trainable parameters, in model order.
+
+    A ``"gradient"`` record (FedSGD) holds the gradient itself; a ``"delta"`` record holds
+    ``new - global`` after local training (approximately ``-lr * sum of gradients``): it is
+    returned as observed, the objective decides how to match it. Non-parameter entries
+    (e.g. BatchNorm running statistics in a delta) are dropped. ``task`` defaults to
+    ``record.spec.build_task()``. Raises ``KeyError`` if a parameter has no update entry.
+    """
+    task = record.spec.build_task() if task is None else task
+    out: Params = {}
+    for name in parameter_names(task):
+        if name not in record.update:
+            raise KeyError(f"record update has no entry for parameter {name!r}")
+        out[name] = record.update[name].detach().to(torch.float32)
+    return out

@@ -1,0 +1,287 @@
+"""The ``fl-sim`` command line.
+
+Every user error (a bad config, a missing file, an unknown plug-in) ends with ONE line on
+stderr and a non-zero exit status; ``--debug`` shows the traceback instead. The library never
+prints: this module owns the terminal (logging handler, rich progress bar, tables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from fl_sim import __version__
+from fl_sim.errors import FlSimError
+
+logger = logging.getLogger("fl_sim")
+
+EPILOG = """\
+examples:
+  fl-sim run configs/default.toml
+  fl-sim run configs/default.toml --set federation.num_rounds=5 --set run.seed=3
+  fl-sim run --resume runs/default-0
+  fl-sim attack runs/default-0 --attack inverting_gradients --set max_iterations=300
+  fl-sim list
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fl-sim", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Simulate federated learning on Flower and measure what leaks to a "
+                    "curious server or peer.")
+    p.add_argument("--version", action="version", version=f"fl-sim {__version__}")
+    p.add_argument("--debug", action="store_true",
+                   help="show full tracebacks and debug logs instead of one-line errors")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser(
+        "run", help="run an experiment from a TOML config (federation, taps, attacks, report)",
+        description="Run the experiment CONFIG: Flower simulation on the Ray backend, taps "
+                    "recording what each party sees, configured attacks, report.html.")
+    run.add_argument("config", nargs="?", help="experiment config (TOML); see configs/")
+    run.add_argument("--set", dest="overrides", action="append", default=[],
+                     metavar="KEY.PATH=VALUE",
+                     help="override one config value, e.g. federation.num_rounds=5 or "
+                          "attacks.0.max_iterations=50 (value parsed as TOML); repeatable")
+    run.add_argument("--run-dir", type=Path, default=None,
+                     help="where to write outputs (default: run.output_dir/run.name-seed)")
+    run.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                     help="continue an interrupted run from its last completed round")
+    run.add_argument("--ray-address", default=None,
+                     help="join an existing Ray cluster instead of starting a local one")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    lst = sub.add_parser("list", help="list every registered plug-in of every kind",
+                         description="Show every registered plug-in (data sources, "
+                                     "partitioners, models, tasks, strategies, attacks, "
+                                     "defenses) with a one-line description.")
+    lst.add_argument("kind", nargs="?", help="only this kind (e.g. attack, model)")
+
+    att = sub.add_parser(
+        "attack", help="replay an attack offline on a recorded run",
+        description="Run attack NAME on the observations recorded in RUN_DIR (record once, "
+                    "attack many times); results are appended to RUN_DIR/attacks.jsonl and "
+                    "report.html is rewritten.")
+    att.add_argument("run_dir", type=Path, help="a run directory written by `fl-sim run`")
+    att.add_argument("--attack", required=True, help="attack name (see `fl-sim list attack`)")
+    att.add_argument("--set", dest="overrides", action="append", default=[],
+                     metavar="PARAM=VALUE", help="attack parameter, e.g. max_iterations=300")
+    att.add_argument("--view", choices=("server", "peer"), default=None,
+                     help="the attacker's role (default: the attack's own)")
+    att.add_argument("--client", type=int, default=None,
+                     help="target client (server view) or the peer itself (peer view)")
+    att.add_argument("--round", dest="rounds", type=int, action="append", default=None,
+                     help="round to attack (repeatable; default: the first round)")
+
+    rep = sub.add_parser("report", help="(re)write RUN_DIR/report.html from recorded results")
+    rep.add_argument("run_dir", type=Path)
+
+    val = sub.add_parser("validate", help="validate a config and print it fully resolved")
+    val.add_argument("config")
+    val.add_argument("--set", dest="overrides", action="append", default=[],
+                     metavar="KEY.PATH=VALUE")
+
+    dep = sub.add_parser(
+        "deploy-local",
+        help="run the same apps on flower-superlink + N flower-supernode on loopback",
+        description="Start a SuperLink and N SuperNodes on 127.0.0.1, run CONFIG on them "
+                    "with `flwr run`, and stop them again (Flower Deployment Engine).")
+    dep.add_argument("config")
+    dep.add_argument("--set", dest="overrides", action="append", default=[],
+                     metavar="KEY.PATH=VALUE")
+    dep.add_argument("--run-dir", type=Path, default=None)
+    return p
+
+
+def _configure_logging(debug: bool) -> None:
+    from rich.logging import RichHandler
+    handler = RichHandler(show_path=debug, show_time=False, markup=False)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if debug else logging.WARNING)
+    logging.getLogger("fl_sim").setLevel(logging.DEBUG if debug else logging.INFO)
+    for noisy in ("flwr", "ray", "filelock", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if debug else logging.ERROR)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fl_sim.registry import ALL_REGISTRIES
+
+    kinds = list(ALL_REGISTRIES)
+    if args.kind:
+        wanted = args.kind.rstrip("s").replace("_", " ")
+        if wanted not in ALL_REGISTRIES:
+            raise FlSimError(f"unknown plug-in kind '{args.kind}'; known: {', '.join(kinds)}")
+        kinds = [wanted]
+    table = Table(show_header=True, header_style="bold")
+    table.add_column("kind")
+    table.add_column("name")
+    table.add_column("description")
+    for kind in kinds:
+        entries = list(ALL_REGISTRIES[kind].entries())
+        if not entries:
+            table.add_row(kind, "-", "(none registered yet)")
+        for e in entries:
+            table.add_row(kind, e.name, e.description)
+    Console(width=120).print(table)
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    import json
+
+    from fl_sim import config
+    cfg = config.load(args.config, args.overrides)
+    sys.stdout.write(json.dumps(cfg.to_json_dict(), indent=2, sort_keys=True) + "\n")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from fl_sim import config
+
+    if args.resume is not None:
+        resolved = Path(args.resume) / "config.json"
+        if not resolved.is_file():
+            raise FlSimError(f"--resume {args.resume}: not a run directory (no config.json)")
+        cfg = config.load(resolved, args.overrides)
+        run_dir: Path | None = Path(args.resume)
+    elif args.config is None:
+        raise FlSimError("run: give a CONFIG file or --resume RUN_DIR")
+    else:
+        cfg = config.load(args.config, args.overrides)
+        run_dir = args.run_dir
+    if args.ray_address:
+        cfg = config.from_dict(config.apply_overrides(
+            cfg.to_json_dict(), [f'federation.ray_address="{args.ray_address}"']))
+
+    from fl_sim.federation.simulation import run_experiment
+    with _Progress(enabled=not args.no_progress, total=cfg.federation.num_rounds) as progress:
+        out = run_experiment(cfg, run_dir=run_dir, resume=args.resume is not None,
+                             progress=progress.update)
+    _print_summary(out)
+    return 0
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    from fl_sim import attack_runner, config
+    params: dict[str, Any] = {}
+    for text in args.overrides:
+        path, value = config.parse_override(text)
+        params[".".join(path)] = value
+    out = Path(args.run_dir)
+    results = attack_runner.replay(out, args.attack, params=params, view=args.view,
+                                   client=args.client, rounds=args.rounds)
+    _print_results(results)
+    from fl_sim.report import write_report
+    sys.stdout.write(f"{write_report(out)}\n")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fl_sim.report import write_report
+    sys.stdout.write(f"{write_report(Path(args.run_dir))}\n")
+    return 0
+
+
+def cmd_deploy_local(args: argparse.Namespace) -> int:
+    from fl_sim import config
+    from fl_sim.federation.deployment import deploy_local
+    cfg = config.load(args.config, args.overrides)
+    out = deploy_local(cfg, run_dir=args.run_dir)
+    _print_summary(out)
+    return 0
+
+
+class _Progress:
+    """A rich progress bar fed by ``run_experiment``'s ``progress(event: dict)`` callback."""
+
+    def __init__(self, *, enabled: bool, total: int) -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self.total = total
+        self._bar: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeElapsedColumn)
+            self._bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(),
+                                 TextColumn("{task.fields[info]}"), transient=False)
+            self._bar.__enter__()
+            self._task = self._bar.add_task("rounds", total=self.total, info="")
+        return self
+
+    def update(self, event: dict[str, Any]) -> None:
+        info = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in event.items() if k not in {"round", "event"})
+        if self._bar is not None:
+            if "round" in event:
+                self._bar.update(self._task, completed=event["round"], info=info)
+            else:
+                self._bar.update(self._task, info=info)
+        else:
+            logger.info("%s", " ".join(f"{k}={v}" for k, v in event.items()))
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+
+def _print_results(results: Sequence[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    if not results:
+        return
+    table = Table(title="attack results", header_style="bold")
+    for col in ("attack", "view", "round", "client", "PSNR dB", "SSIM", "label acc", "s"):
+        table.add_column(col)
+    for r in results:
+        m = r.get("metrics", {})
+        table.add_row(r["attack"], r["view"], str(r["round"]), str(r.get("client")),
+                      _fmt(m.get("psnr")), _fmt(m.get("ssim"), 3),
+                      _fmt(m.get("label_accuracy"), 2), _fmt(r.get("seconds"), 1))
+    Console(width=120).print(table)
+
+
+def _fmt(v: Any, nd: int = 2) -> str:
+    return "-" if v is None else f"{v:.{nd}f}"
+
+
+def _print_summary(run_dir: Path) -> None:
+    from fl_sim.report import load_results, write_report
+    _print_results(load_results(run_dir))
+    report = write_report(run_dir)
+    sys.stdout.write(f"run directory: {run_dir}\n")
+    sys.stdout.write(f"{report}\n")
+
+
+COMMANDS = {"run": cmd_run, "list": cmd_list, "attack": cmd_attack, "report": cmd_report,
+            "validate": cmd_validate, "deploy-local": cmd_deploy_local}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _configure_logging(args.debug)
+    try:
+        return COMMANDS[args.command](args)
+    except FlSimError as exc:
+        if args.debug:
+            raise
+        sys.stderr.write(f"fl-sim: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("fl-sim: interrupted (resume with `fl-sim run --resume RUN_DIR`)\n")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

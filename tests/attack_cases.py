@@ -1,0 +1,132 @@
+"""Shared fixtures for attack tests: real CIFAR-10 images and FedSGD observation records.
+
+Builds the reference cases of ``/work/shared/FACTS.md`` ("Reference attack cases"): seeded,
+untrained models in eval mode (BatchNorm with fresh running statistics), mean cross-entropy,
+one FedSGD gradient over all parameters. Images come from ``shared/data/cifar10_5k.npz``
+(``x_test`` in index order); tests that need them skip cleanly when the file is absent::
+
+    from attack_cases import cifar_images, cifar_labels, make_record, make_task
+
+    images = cifar_images(8)                      # [8, 3, 32, 32] float32 in [0, 1]
+    task, spec = make_task("lenet", seed=0)
+    record = make_record(task, spec, images, cifar_labels(8))
+
+Import as ``attack_cases`` (``tests/`` is on ``sys.path`` under pytest's rootdir conftest) or as
+``tests.attack_cases`` from the repository root.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+
+from fl_sim.records import ModelSpec, ObservationRecord, Tap
+
+#: where the shared data lives (next to the repository checkout)
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+CIFAR_FILE = DATA_DIR / "cifar10_5k.npz"
+CIFAR_MEAN = (0.4915, 0.4823, 0.4468)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+#: model params of the reference cases (registry name -> params)
+REFERENCE_MODELS: dict[str, dict[str, Any]] = {
+    "lenet": {"activation": "sigmoid"},
+    "convnet": {"width": 64},
+    "resnet18": {},
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _cifar_test() -> tuple[np.ndarray, np.ndarray]:
+    if not CIFAR_FILE.is_file():
+        pytest.skip(f"CIFAR-10 test data not found at {CIFAR_FILE}")
+    with np.load(CIFAR_FILE) as d:
+        return d["x_test"], d["y_test"]
+
+
+def cifar_images(n: int, start: int = 0) -> Tensor:
+    """CIFAR-10 test images ``start .. start+n-1`` as float32 ``[n, 3, 32, 32]`` in [0, 1].
+
+    Skips the calling test if the data file is absent.
+    """
+    x, _ = _cifar_test()
+    return torch.from_numpy(x[start:start + n]).permute(0, 3, 1, 2).float().div(255.0)
+
+
+def cifar_labels(n: int, start: int = 0) -> Tensor:
+    """CIFAR-10 test labels ``start .. start+n-1`` as int64 ``[n]``."""
+    _, y = _cifar_test()
+    return torch.from_numpy(y[start:start + n]).long()
+
+
+def cifar_distinct(n: int) -> tuple[Tensor, Tensor]:
+    """The first ``n`` test images (in index order) whose labels are pairwise distinct.
+
+    Returns ``(images [n, 3, 32, 32], labels [n])``; ``n`` must be <= 10.
+    """
+    if not 1 <= n <= 10:
+        raise ValueError(f"CIFAR-10 has 10 classes; cannot pick {n} distinct labels")
+    _, y = _cifar_test()
+    picked: list[int] = []
+    seen: set[int] = set()
+    for i, label in enumerate(y.tolist()):
+        if label not in seen:
+            seen.add(label)
+            picked.append(i)
+            if len(picked) == n:
+                break
+    x, _ = _cifar_test()
+    idx = np.array(picked)
+    images = torch.from_numpy(x[idx]).permute(0, 3, 1, 2).float().div(255.0)
+    return images, torch.from_numpy(y[idx]).long()
+
+
+def make_spec(model: str, model_params: Mapping[str, Any] | None = None, *,
+              num_classes: int = 10, image_size: int = 32, in_channels: int = 3) -> ModelSpec:
+    """The :class:`ModelSpec` of a CIFAR-shaped ``classifier`` task around ``model``."""
+    params = REFERENCE_MODELS.get(model, {}) if model_params is None else model_params
+    return ModelSpec(model=model, model_params=dict(params), task="classifier", task_params={},
+                     in_channels=in_channels, num_classes=num_classes, image_size=image_size,
+                     mean=CIFAR_MEAN, std=CIFAR_STD)
+
+
+def make_task(model: str, model_params: Mapping[str, Any] | None = None, *, seed: int = 0,
+              train: bool = False) -> tuple[Any, ModelSpec]:
+    """A seeded, untrained task (eval mode unless ``train``) and the spec that rebuilds it."""
+    from fl_sim.tasks import build_task
+
+    spec = make_spec(model, model_params)
+    task = build_task(spec, seed=seed)
+    task.model.train(train)
+    return task, spec
+
+
+def make_record(task: Any, spec: ModelSpec, images: Tensor, labels: Tensor, *,
+                tap: Tap = "server_in", knowledge: Mapping[str, Any] | None = None,
+                defenses: Sequence[str] = ()) -> ObservationRecord:
+    """A FedSGD :class:`ObservationRecord` of ``task``'s model on one private batch.
+
+    ``images`` ``[B, C, H, W]`` in [0, 1], ``labels`` ``[B]`` int64. ``update`` is the mean
+    cross-entropy gradient over all parameters (``update_kind="gradient"``), computed with the
+    model in its current train/eval mode; ``global_params`` is the full ``state_dict``.
+    """
+    from fl_sim.tasks.base import Batch
+
+    model = task.model
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+    grads = torch.func.grad(lambda p: task.loss(p, buffers, Batch(images, labels), {}))(params)
+    return ObservationRecord(
+        run_id="test", server_round=1, client_id=0, tap=tap, spec=spec,
+        global_params={k: v.detach().clone() for k, v in model.state_dict().items()},
+        update={k: v.detach().clone() for k, v in grads.items()}, update_kind="gradient",
+        num_examples=int(images.shape[0]), local_steps=1, lr=0.0,
+        batch_size=int(images.shape[0]), defenses=tuple(defenses),
+        knowledge=dict(knowledge or {}))

@@ -1,0 +1,63 @@
+"""The CLI, run as a user runs it: a subprocess."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def fl_sim(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "fl_sim.cli", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+
+
+def test_help_explains_every_subcommand() -> None:
+    out = fl_sim("--help")
+    assert out.returncode == 0
+    for cmd in ("run", "list", "attack", "report", "validate", "deploy-local", "--version"):
+        assert cmd in out.stdout
+    run_help = fl_sim("run", "--help").stdout
+    assert "--set" in run_help and "--resume" in run_help and "federation.num_rounds" in run_help
+
+
+def test_version() -> None:
+    out = fl_sim("--version")
+    assert out.returncode == 0 and out.stdout.startswith("fl-sim 0.")
+
+
+def test_list_shows_every_kind_with_builtin_names() -> None:
+    out = fl_sim("list")
+    assert out.returncode == 0, out.stderr
+    for name in ("digits", "npz", "image_folder", "mnist", "cifar10", "iid", "dirichlet",
+                 "pathological", "by_identity", "lenet", "convnet", "resnet18", "mlp", "unet",
+                 "classifier", "diffusion", "fedavg", "fedsgd", "krum", "dlg", "idlg",
+                 "inverting_gradients", "peer_inversion"):
+        assert name in out.stdout, name
+
+
+def test_bad_input_is_one_line_without_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[federation]\nnum_clients = 'many'\n")
+    out = fl_sim("run", str(bad))
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0
+    assert "federation.num_clients: Input should be a valid integer" in out.stderr
+    assert "Traceback" not in out.stderr
+
+    out = fl_sim("run", str(tmp_path / "missing.toml"))
+    assert out.returncode == 2 and "config file not found" in out.stderr
+
+    out = fl_sim("run", "configs/default.toml", "--set", "model.name=alexnet")
+    assert out.returncode == 2 and "unknown model 'alexnet'; known:" in out.stderr
+
+    out = fl_sim("list", "gadgets")
+    assert out.returncode == 2 and "unknown plug-in kind" in out.stderr
+
+
+def test_validate_prints_resolved_config() -> None:
+    out = fl_sim("validate", "configs/default.toml", "--set", "run.seed=4")
+    assert out.returncode == 0, out.stderr
+    assert '"seed": 4' in out.stdout
