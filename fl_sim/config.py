@@ -15,18 +15,27 @@ plain string.
 from __future__ import annotations
 
 import json
-import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import pydantic
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fl_sim.errors import ConfigError
-from fl_sim.registry import (ATTACKS, DATA_SOURCES, DEFENSES, MODELS, PARTITIONERS,
-                             STRATEGIES, TASKS, Registry, format_validation_error,
-                             validate_params)
+from fl_sim.registry import (
+    ATTACKS,
+    DATA_SOURCES,
+    DEFENSES,
+    MODELS,
+    PARTITIONERS,
+    STRATEGIES,
+    TASKS,
+    Registry,
+    format_validation_error,
+    validate_params,
+)
 
 
 class _Section(BaseModel):
@@ -134,15 +143,12 @@ class ExperimentConfig(_Section):
 
 # Params injected by the framework rather than written by the user, per plug-in kind.
 _SKIP_POSITIONAL = {"model": 3, "task": 2, "partition": 1}
-_RESERVED = {"partition": {"max_samples_per_client"},
-             "attacks": {"view", "client", "rounds"}}
 
 
 def _check_plugin(section: _PluginSection, registry: Registry[Any], where: str,
-                  *, skip: int = 0, reserved: Iterable[str] = ()) -> None:
+                  *, skip: int = 0) -> None:
     obj = _get(registry, section.name, where)
-    params = {k: v for k, v in section.params.items() if k not in set(reserved)}
-    validate_params(obj, params, where=where, skip=skip)
+    validate_params(obj, section.params, where=where, skip=skip)
 
 
 def _get(registry: Registry[Any], name: str, where: str) -> Any:

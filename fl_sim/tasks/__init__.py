@@ -22,6 +22,7 @@ from fl_sim.tasks.base import Batch, StepResult, Task
 
 __all__ = ["Batch", "StepResult", "Task", "build_task", "task_from_config"]
 
+
 def build_task(spec: ModelSpec, *, device: str | torch.device = "cpu", seed: int = 0) -> Task:
     """A fresh task around a freshly built model on ``device`` (init derived from ``seed``).
 

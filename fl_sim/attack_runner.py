@@ -1,0 +1,210 @@
+"""Run attack plug-ins on recorded views and score them against ground truth.
+
+Shared by the online hook (the ServerApp calls :func:`run_round_attacks` after each round and
+:func:`run_final_attacks` at the end) and the offline replay (``fl-sim attack RUN_DIR``).
+The attack receives only the record its view builds (plus the knowledge it asked for, which
+is granted explicitly and written into the result); ground truth is read here, after the
+attack returned, by the metrics alone.
+
+Defaults: an attack without ``rounds`` runs on round 1 only (attacks are expensive; list the
+rounds you want); a server attack without ``client`` targets the lowest client id that
+replied in that round; a peer attack without ``client`` uses the first ``peer_clients``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fl_sim.config import AttackConfig, ExperimentConfig
+from fl_sim.errors import ConfigError, FlSimError
+from fl_sim.records import GroundTruthRecord, ObservationRecord
+from fl_sim.registry import ATTACKS
+from fl_sim.report import RESULTS_FILE, load_results, save_grid
+from fl_sim.seeding import torch_generator
+
+logger = logging.getLogger(__name__)
+
+_BUDGET_KEYS = ("max_iterations", "restarts", "iterations", "steps")
+
+
+def _load_run(run_dir: Path) -> Any:
+    from fl_sim.run_dir import load_run
+    return load_run(run_dir)
+
+
+def run_round_attacks(run_dir: Path, cfg: ExperimentConfig, server_round: int,
+                      ) -> list[dict[str, Any]]:
+    """Online hook: every configured SERVER attack scheduled for ``server_round``."""
+    todo = [a for a in cfg.attacks if a.view == "server" and server_round in (a.rounds or (1,))]
+    return _run_configured(Path(run_dir), cfg, todo, server_round)
+
+
+def run_final_attacks(run_dir: Path, cfg: ExperimentConfig) -> list[dict[str, Any]]:
+    """End-of-run hook: PEER attacks on the recorded peer views (they need round r + 1)."""
+    out: list[dict[str, Any]] = []
+    for a in (a for a in cfg.attacks if a.view == "peer"):
+        for r in a.rounds or (1,):
+            out += _run_configured(Path(run_dir), cfg, [a], r)
+    return out
+
+
+def _run_configured(run_dir: Path, cfg: ExperimentConfig, attacks: Sequence[AttackConfig],
+                    server_round: int) -> list[dict[str, Any]]:
+    done = {r.get("key") for r in load_results(run_dir)}
+    results = []
+    for a in attacks:
+        key = _key(a.name, a.view, server_round, a.client, a.params)
+        if key in done:  # resumed run: this result was written before the crash
+            continue
+        try:
+            results += run_attack(run_dir, cfg, a.name, a.params, view=a.view,
+                                  client=a.client, server_round=server_round, key=key)
+        except FlSimError as exc:
+            logger.error("attack %s (round %d) failed: %s", a.name, server_round, exc)
+            _append(run_dir, {"key": key, "attack": a.name, "view": a.view,
+                              "round": server_round, "client": a.client, "error": str(exc)})
+    return results
+
+
+def replay(run_dir: Path, name: str, *, params: Mapping[str, Any] | None = None,
+           view: str | None = None, client: int | None = None,
+           rounds: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """Offline: run attack ``name`` on a recorded run (``fl-sim attack``)."""
+    run = _load_run(run_dir)
+    params = dict(params or {})
+    attack_cls = ATTACKS.get(name)
+    view = view or getattr(attack_cls, "view", "server")
+    if view == "peer" and client is None:
+        peers = tuple(run.config.federation.peer_clients)
+        if not peers:
+            raise ConfigError("this run recorded no peer views (federation.peer_clients is "
+                              "empty); a peer attack has nothing to read")
+        client = peers[0]
+    out = []
+    for r in rounds or (1,):
+        out += run_attack(Path(run_dir), run.config, name, params, view=view, client=client,
+                          server_round=r, key=_key(name, view, r, client, params), run=run)
+    return out
+
+
+def run_attack(run_dir: Path, cfg: ExperimentConfig, name: str, params: Mapping[str, Any],
+               *, view: str, client: int | None, server_round: int, key: str,
+               run: Any = None) -> list[dict[str, Any]]:
+    """Build the view, run one attack on one record, score it, write grid + result line."""
+    run = run or _load_run(run_dir)
+    attack = ATTACKS.create(name, _where=f"attack {name}", **_attack_params(name, params))
+    grant = tuple(attack.required_knowledge())
+    record = _record(run, view, client, server_round, grant)
+    gen = torch_generator(cfg.run.seed, "attack", name, server_round, record.client_id or 0)
+    t0 = time.perf_counter()
+    recon = attack(record, generator=gen)
+    seconds = time.perf_counter() - t0
+    truth_images, truth_labels = _truth(run, record, view, client, server_round)
+    metrics = _score(recon, truth_images, truth_labels)
+    grid = None
+    if recon.images.numel():
+        grid_path = run_dir / "attacks" / f"{name}_{view}_r{server_round}_c{record.client_id}" \
+                                         f"_{key[-6:]}.png"
+        order = metrics.pop("_matching", None)
+        matched = recon.images[order] if order is not None else recon.images
+        save_grid(grid_path, truth_images[: len(matched)], matched)
+        grid = str(grid_path.relative_to(run_dir))
+    else:
+        metrics.pop("_matching", None)
+    result = {
+        "key": key, "attack": name, "view": view, "round": server_round,
+        "client": record.client_id, "params": dict(params),
+        "knowledge": {**{k: "granted" for k in grant}, **dict(recon.assumed)},
+        "budget": {k: params.get(k, getattr(attack, k, None)) for k in _BUDGET_KEYS
+                   if params.get(k, getattr(attack, k, None)) is not None},
+        "defenses": list(record.defenses), "seconds": round(seconds, 3),
+        "iterations": recon.iterations, "matching_loss": _finite(recon.matching_loss),
+        "num_images": int(truth_images.shape[0]), "metrics": metrics, "grid": grid,
+    }
+    _append(run_dir, result)
+    logger.info("%s on round %d client %s: %s", name, server_round, record.client_id,
+                {k: v for k, v in metrics.items() if not isinstance(v, list)})
+    return [result]
+
+
+def _attack_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in params.items() if k not in {"view", "client", "rounds"}}
+
+
+def _record(run: Any, view: str, client: int | None, server_round: int,
+            grant: tuple[str, ...]) -> ObservationRecord:
+    if view == "peer":
+        if client is None:
+            peers = tuple(run.config.federation.peer_clients)
+            if not peers:
+                raise ConfigError("peer attack: no peer client (set the attack's client or "
+                                  "federation.peer_clients)")
+            client = peers[0]
+        return run.view("peer", client=client, grant=grant).record(server_round)
+    return run.view("server", grant=grant).record(server_round, client)
+
+
+def _truth(run: Any, record: ObservationRecord, view: str, client: int | None,
+           server_round: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The private images the reconstruction is scored against (analysis only)."""
+    if view == "peer":
+        others = [c for c in run.clients_in_round(server_round) if c != record.client_id]
+        truths: list[GroundTruthRecord] = [run.truth(server_round, c) for c in others]
+    else:
+        truths = [run.truth(server_round, record.client_id)]
+    images = [t.images for t in truths if t.images.numel()]
+    labels = [t.labels for t in truths if t.labels.numel()]
+    if not images:
+        raise FlSimError(f"no ground truth recorded for round {server_round} (was "
+                         "federation.record_truth disabled?)")
+    return torch.cat(images), torch.cat(labels)
+
+
+def _score(recon: Any, truth_images: torch.Tensor, truth_labels: torch.Tensor,
+           ) -> dict[str, Any]:
+    from fl_sim.metrics import label_accuracy, score_reconstruction
+    if recon.images.numel():
+        s = score_reconstruction(recon.images, truth_images, recon_labels=recon.labels,
+                                 truth_labels=truth_labels)
+        out = {k: _plain(v) for k, v in s.items() if k != "matching"}
+        out["_matching"] = s.get("matching")
+        return out
+    if recon.labels is not None:
+        return {"label_accuracy": float(label_accuracy(recon.labels, truth_labels)),
+                "labels": recon.labels.tolist(), "true_labels": truth_labels.tolist()}
+    return {}
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.tolist() if v.numel() > 1 else float(v)
+    if hasattr(v, "tolist"):
+        return v.tolist()
+    return v
+
+
+def _finite(x: float) -> float | None:
+    return None if x != x or x in (float("inf"), float("-inf")) else float(x)
+
+
+def _key(name: str, view: str, server_round: int, client: int | None,
+         params: Mapping[str, Any]) -> str:
+    blob = json.dumps([name, view, server_round, client, dict(params)], sort_keys=True,
+                      default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:12]
+
+
+def _append(run_dir: Path, result: Mapping[str, Any]) -> None:
+    path = Path(run_dir) / RESULTS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fh.write(json.dumps(result, default=_plain) + "\n")
+        fh.flush()

@@ -1,0 +1,206 @@
+"""Run outputs for people: image grids and a self-contained ``report.html``.
+
+The report is written from files in the run directory only (``config.json``,
+``metrics.jsonl``, ``attacks.jsonl``, the grid PNGs), so it can be re-written at any time
+(``fl-sim report RUN_DIR``) and opened anywhere: every image is embedded as a data URI.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FILE = "attacks.jsonl"
+METRICS_FILE = "metrics.jsonl"
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """All JSON lines of ``path`` ([] if absent); a torn last line (crash) is skipped."""
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                logger.warning("skipping a torn line in %s", path)
+    return rows
+
+
+def load_results(run_dir: Path) -> list[dict[str, Any]]:
+    return read_jsonl(Path(run_dir) / RESULTS_FILE)
+
+
+def image_grid(rows: Sequence[Tensor], *, pad: int = 2, scale: int = 0) -> np.ndarray:
+    """Stack rows of [B, C, H, W] images in [0, 1] into one uint8 HWC array.
+
+    Rows may have different lengths (missing cells stay white). ``scale`` upsamples by an
+    integer factor (nearest); 0 picks one so that a cell is at least 64 px tall.
+    """
+    rows = [r.detach().float().cpu().clamp(0, 1) for r in rows if r.numel()]
+    if not rows:
+        raise ValueError("image_grid: no images")
+    c, h, w = rows[0].shape[1:]
+    if scale == 0:
+        scale = max(1, -(-64 // h))
+    ncol = max(r.shape[0] for r in rows)
+    ch, cw = h * scale + pad, w * scale + pad
+    grid = np.ones((len(rows) * ch + pad, ncol * cw + pad, 3), dtype=np.float32)
+    for i, row in enumerate(rows):
+        up = row.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
+        if up.shape[1] == 1:
+            up = up.expand(-1, 3, -1, -1)
+        for j, img in enumerate(up):
+            y, x = pad + i * ch, pad + j * cw
+            grid[y:y + h * scale, x:x + w * scale] = img.permute(1, 2, 0).numpy()[..., :3]
+    return (grid * 255 + 0.5).astype(np.uint8)
+
+
+def save_grid(path: Path, originals: Tensor, reconstructions: Tensor) -> Path:
+    """PNG with the originals over their (matched) reconstructions."""
+    from PIL import Image
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [originals, reconstructions] if originals.numel() else [reconstructions]
+    Image.fromarray(image_grid(rows)).save(path)
+    return path
+
+
+def plot_metrics(run_dir: Path) -> Path | None:
+    """``metrics.png``: training loss and evaluation metric per round."""
+    rows = read_jsonl(Path(run_dir) / METRICS_FILE)
+    if not rows:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in ("train_loss", "eval_accuracy", "eval_loss")
+            if any(isinstance(r.get(k), int | float) for r in rows)]
+    fig, axes = plt.subplots(1, max(1, len(keys)), figsize=(4 * max(1, len(keys)), 3))
+    axes = np.atleast_1d(axes)
+    for ax, key in zip(axes, keys, strict=False):
+        pts = [(r["round"], r[key]) for r in rows if isinstance(r.get(key), int | float)]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
+        ax.set_xlabel("round")
+        ax.set_title(key.replace("_", " "))
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(run_dir) / "metrics.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def _img_tag(path: Path, alt: str) -> str:
+    if not path.is_file():
+        return f"<p><em>missing image {html.escape(path.name)}</em></p>"
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _table(rows: Sequence[Mapping[str, Any]], cols: Sequence[str]) -> str:
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(r.get(c)))}</td>" for c in cols)
+                   + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={_cell(x)}" for k, x in v.items())
+    return "" if v is None else str(v)
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;color:#222}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;
+font-size:13px;text-align:right}th{background:#f3f3f3}h2{border-bottom:1px solid #ddd}
+img{image-rendering:pixelated;max-width:100%}pre{background:#f7f7f7;padding:8px;
+font-size:12px;overflow:auto}.sec{margin-bottom:2em}"""
+
+
+def write_report(run_dir: Path) -> Path:
+    """(Re)write ``run_dir/report.html``; returns its absolute path."""
+    run_dir = Path(run_dir)
+    cfg = json.loads((run_dir / "config.json").read_text()) if (
+        run_dir / "config.json").is_file() else {}
+    metrics = read_jsonl(run_dir / METRICS_FILE)
+    results = load_results(run_dir)
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>fl-sim report: "
+             f"{html.escape(run_dir.name)}</title><style>{_CSS}</style></head><body>",
+             f"<h1>fl-sim run <code>{html.escape(run_dir.name)}</code></h1>"]
+    parts.append("<div class='sec'><h2>Configuration</h2>" + _config_summary(cfg)
+                 + "<details><summary>resolved config.json</summary><pre>"
+                 + html.escape(json.dumps(cfg, indent=2)) + "</pre></details></div>")
+    plot = plot_metrics(run_dir)
+    parts.append("<div class='sec'><h2>Training</h2>")
+    if plot is not None:
+        parts.append(_img_tag(plot, "training curves"))
+        cols = [c for c in ("round", "train_loss", "eval_accuracy", "eval_loss",
+                            "clients_sampled", "clients_failed", "clients_rejected", "seconds")
+                if any(c in r for r in metrics)]
+        parts.append(_table(metrics, cols))
+    else:
+        parts.append("<p>No training metrics recorded.</p>")
+    parts.append("</div><div class='sec'><h2>Attacks</h2>")
+    if not results:
+        parts.append("<p>No attack results.</p>")
+    for r in results:
+        parts.append(_attack_section(run_dir, r))
+    parts.append("</div><p><small>Metric convention: images in [0, 1]; reconstructions are "
+                 "matched to the private batch by the Hungarian algorithm on MSE, then PSNR "
+                 "(dB, per image over all pixels and channels) and SSIM (11×11 Gaussian "
+                 "window, σ = 1.5) are averaged over the batch.</small></p></body></html>")
+    out = run_dir / "report.html"
+    out.write_text("\n".join(parts))
+    return out.resolve()
+
+
+def _config_summary(cfg: Mapping[str, Any]) -> str:
+    if not cfg:
+        return "<p>No config.json.</p>"
+    fed = cfg.get("federation", {})
+    rows = [{"section": k, "value": _cell(cfg.get(k))} for k in
+            ("run", "data", "partition", "model", "task", "strategy")]
+    rows.append({"section": "federation", "value": _cell(
+        {k: fed.get(k) for k in ("num_clients", "num_rounds", "fraction_train", "local_steps",
+                                 "local_epochs", "batch_size", "lr", "peer_clients")})})
+    rows.append({"section": "defenses", "value": ", ".join(
+        d.get("name", "?") for d in cfg.get("defenses", [])) or "none"})
+    return _table(rows, ["section", "value"])
+
+
+def _attack_section(run_dir: Path, r: Mapping[str, Any]) -> str:
+    title = (f"{r.get('attack')} — {r.get('view')} view, round {r.get('round')}, "
+             f"client {r.get('client')}")
+    m = dict(r.get("metrics", {}))
+    summary = {k: m.get(k) for k in ("psnr", "ssim", "mse", "label_accuracy", "lpips")
+               if m.get(k) is not None}
+    summary["seconds"] = r.get("seconds")
+    out = [f"<h3>{html.escape(title)}</h3>"]
+    if r.get("grid"):
+        out.append("<p>top: private images · bottom: reconstructions (matched)</p>")
+        out.append(_img_tag(run_dir / r["grid"], title))
+    out.append(_table([summary], list(summary)))
+    out.append(_table([{"assumed knowledge": _cell(r.get("knowledge", {})),
+                        "budget": _cell(r.get("budget", {})),
+                        "defenses": ", ".join(r.get("defenses", [])) or "none"}],
+                      ["assumed knowledge", "budget", "defenses"]))
+    return "".join(out)
+
+
+def tensor_to_uint8(images: Tensor) -> Tensor:
+    return (images.clamp(0, 1) * 255 + 0.5).to(torch.uint8)
