@@ -142,7 +142,8 @@ class ExperimentConfig(_Section):
 
 
 # Params injected by the framework rather than written by the user, per plug-in kind.
-_SKIP_POSITIONAL = {"model": 3, "task": 2, "partition": 1}
+# partitioners: fn(labels, num_clients, *, rng, ...) -- all three come from the framework.
+_SKIP_POSITIONAL = {"model": 3, "task": 2, "partition": 3}
 
 
 def _check_plugin(section: _PluginSection, registry: Registry[Any], where: str,

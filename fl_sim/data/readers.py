@@ -106,10 +106,12 @@ def check_pair(x: np.ndarray, y: np.ndarray, where: str) -> None:
 def read_npz(path: Path) -> dict[str, np.ndarray]:
     """All arrays of an ``.npz`` file, loaded without pickle (object arrays are refused)."""
     require_file(path)
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{path}: not a valid .npz file (not a zip archive)")
     try:
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
-    except ValueError as exc:  # object arrays need pickle
+    except ValueError as exc:  # object arrays need pickle, which is refused
         raise DataError(f"{path}: unreadable array ({exc})") from None
     except (OSError, zipfile.BadZipFile, EOFError) as exc:
         raise DataError(f"{path}: not a valid .npz file ({exc})") from None
@@ -166,7 +168,9 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     _ALLOWED = {("numpy.core.multiarray", "_reconstruct"),
                 ("numpy._core.multiarray", "_reconstruct"),
                 ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-                ("numpy", "ndarray"), ("numpy", "dtype")}
+                ("numpy", "ndarray"), ("numpy", "dtype"),
+                # how Python 3 writes bytes at protocol 2 (e.g. re-saved batches)
+                ("_codecs", "encode")}
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self._ALLOWED:

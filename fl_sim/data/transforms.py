@@ -71,8 +71,8 @@ def to_float01(images: np.ndarray) -> Tensor:
         images = images[..., None]
     if images.ndim != 4:
         raise ValueError(f"expected [N, H, W, C] or [N, H, W]; got shape {images.shape}")
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-    return x.to(torch.float32).div_(255.0).contiguous()
+    x = torch.from_numpy(images.transpose(0, 3, 1, 2).astype(np.float32))  # a writable copy
+    return x.div_(255.0).contiguous()
 
 
 def to_uint8(images01: Tensor) -> Tensor:

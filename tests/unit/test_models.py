@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -69,7 +72,7 @@ def test_build_model_is_seeded_and_leaves_global_rng_alone() -> None:
     assert torch.equal(torch.rand(1), expected)
     b = build_model("convnet", 3, 10, 16, seed=7, params={"width": 4})
     c = build_model("convnet", 3, 10, 16, seed=8, params={"width": 4})
-    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(va, vb), k
     assert not torch.equal(a.fc.weight, c.fc.weight)
 
@@ -92,6 +95,21 @@ def test_tiny_unet_supports_double_backward() -> None:
     x = torch.rand(1, 1, 16, 16, requires_grad=True)
     grads = torch.autograd.grad(model(x, torch.tensor([10])).sample.square().mean(), params,
                                 create_graph=True)
-    match = sum(((g - t) ** 2).sum() for g, t in zip(grads, target))
+    match = sum(((g - t) ** 2).sum() for g, t in zip(grads, target, strict=True))
     match.backward()
     assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_importing_models_and_tasks_does_not_load_diffusers() -> None:
+    code = ("import sys, fl_sim.models, fl_sim.tasks; "
+            "sys.exit(int('diffusers' in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+@pytest.mark.slow
+def test_cifar_unet_preset_is_the_ddpm_cifar_layout() -> None:
+    model = build_model("unet", 3, 10, 32, seed=0, params={"preset": "cifar"})
+    assert model.config.block_out_channels == (128, 256, 256, 256)
+    assert 35_000_000 < _count(model) < 36_500_000  # Ho et al. report 35.7 M
+    out = model(torch.randn(1, 3, 32, 32), torch.tensor([7])).sample
+    assert out.shape == (1, 3, 32, 32)

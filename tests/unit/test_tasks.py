@@ -127,14 +127,14 @@ def test_tiny_unet_trains_on_digits(digits: Batch) -> None:
     held_out = digits.images[-64:]
     before = task.evaluate(held_out, batch_size=64)
     gen, losses = _gen(0), []
-    for step in range(40):
-        batch = Batch(digits.images[step * 32:(step + 1) * 32], digits.labels[:32])
+    for step in range(25):
+        batch = Batch(digits.images[step * 16:(step + 1) * 16], digits.labels[:16])
         result = task.train_step(opt, batch, gen)
         assert set(result.aux) == {"eps", "t"}
         losses.append(result.loss)
     after = task.evaluate(held_out, batch_size=64)
     assert sum(losses[-5:]) < 0.6 * sum(losses[:5])
-    assert after["loss"] < 0.6 * before["loss"]
+    assert after["loss"] < 0.5 * before["loss"]
     assert task.evaluate(held_out) == after  # fixed default generator
 
 
@@ -174,5 +174,6 @@ def test_task_from_config_returns_a_spec_with_resolved_params() -> None:
     assert spec.task_params == {"num_train_timesteps": 50, "beta_schedule": "linear",
                                 "prediction_type": "epsilon"}
     rebuilt = build_task(ModelSpec.from_json(spec.to_json()), seed=0)
-    for (k, v), w in zip(task.model.state_dict().items(), rebuilt.model.state_dict().values()):
+    pairs = zip(task.model.state_dict().items(), rebuilt.model.state_dict().values(), strict=True)
+    for (k, v), w in pairs:
         assert torch.equal(v, w), k

@@ -1,0 +1,51 @@
+"""iDLG as an attack: labels only, from the last layer's gradient.
+
+Zhao, Mopuri, Bilen, "iDLG: Improved Deep Leakage from Gradients", arXiv:2001.02610, 2020
+(single image); for batches the bias-corrected count method of
+:mod:`attacks.label_recovery` (Yin et al. 2021; Geng et al. 2021).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from attacks.base import Attack, Reconstruction
+from attacks.label_recovery import recover_labels
+from fl_sim.records import ObservationRecord
+from fl_sim.registry import ATTACKS
+
+
+@ATTACKS.register("idlg")
+class IDLG(Attack):
+    """iDLG label recovery (Zhao et al. 2020): returns labels, no images.
+
+    ``method``: ``"idlg"`` (batch of one), ``"batch"`` (bias-corrected counts) or ``"auto"``.
+    ``model_mode``: the train/eval mode the client's forward pass is assumed to have used
+    (matters for BatchNorm only). Raises ``ValueError`` for iDLG on a batch of several images.
+    """
+
+    view = "server"
+
+    def __init__(self, *, method: Literal["auto", "idlg", "batch"] = "auto",
+                 model_mode: Literal["eval", "train"] = "eval", num_dummy: int = 16) -> None:
+        if num_dummy < 1:
+            raise ValueError(f"num_dummy must be >= 1, got {num_dummy}")
+        self.method = method
+        self.model_mode = model_mode
+        self.num_dummy = num_dummy
+
+    def reconstruct(self, record: ObservationRecord, *,
+                    generator: torch.Generator) -> Reconstruction:
+        """Labels ``[B]`` (sorted) of the record's batch; images ``[0, C, H, W]``."""
+        task = record.spec.build_task()
+        task.model.train(self.model_mode == "train")
+        labels = recover_labels(record, self.method, task=task, generator=generator,
+                                num_dummy=self.num_dummy)
+        spec = record.spec
+        method = self.method if self.method != "auto" else (
+            "idlg" if labels.numel() == 1 else "batch")
+        return Reconstruction(
+            images=torch.empty(0, spec.in_channels, spec.image_size, spec.image_size),
+            labels=labels, assumed={}, extras={"label_method": method})

@@ -1,0 +1,289 @@
+"""Inverting Gradients (Geiping, Bauermeister, Dröge, Moeller, NeurIPS 2020).
+
+"Inverting Gradients -- How easy is it to break privacy in federated learning?": find images
+whose gradient points in the same DIRECTION as the observed one,
+
+    min_x  1 - cos(grad_theta L(x, y), g_obs) + tv_weight * TV(x),   x in [0, 1],
+
+with Adam on the sign of the gradient, a step-decayed learning rate (x0.1 at 3/8, 5/8, 7/8 of
+the budget), a random-normal start and the best of ``restarts`` runs (by final objective).
+For FedAvg deltas the client's local SGD steps are unrolled differentiably (sec. 5 of the
+paper). An optional BatchNorm-statistics prior follows GradInversion (Yin et al., CVPR 2021).
+
+Conventions (as breaching, the reference implementation): the image is optimised and its TV
+measured in the task's NORMALISED coordinates ``z = (x - mean) / std`` (so ``lr = 0.1`` and
+``tv_weight = 0.2`` mean what they mean there); the model is evaluated at the record's global
+state with BatchNorm in eval mode (running statistics, as in the reference cases).
+All ``R`` restarts are optimised as one ``[R, N, C, H, W]`` tensor; the per-restart updates
+come from one :func:`torch.func.vmap` call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from attacks.base import Attack, Reconstruction
+from attacks.gradients import Params, split_state, target_from_record
+from attacks.objectives import (
+    BNStatistics,
+    NormalisedImages,
+    cosine_distance,
+    l2_distance,
+    lr_multiplier,
+    simulated_update,
+    total_variation,
+)
+from fl_sim.errors import ConfigError
+from fl_sim.records import ObservationRecord
+from fl_sim.registry import ATTACKS
+
+LabelSource = Literal["granted", "idlg", "batch", "auto"]
+MultiStep = Literal["auto", "unroll", "single"]
+Schedule = Literal["step", "cosine", "linear"]
+Distance = Literal["cosine", "l2"]
+#: called as ``callback(iteration, images [R, N, C, H, W])`` after each step (benchmarks)
+Callback = Callable[[int, Tensor], None]
+
+
+@dataclass(frozen=True)
+class Unroll:
+    """How to simulate a multi-step update: each of ``clients`` clients takes ``steps`` SGD
+    steps at ``lr`` on ``batch_size`` of its own images; their deltas are averaged."""
+
+    lr: float
+    steps: int
+    batch_size: int
+    clients: int = 1
+
+
+@dataclass
+class InversionProblem:
+    """Everything the optimisation needs, built from one record (no ground truth).
+
+    ``target``: the observed update per parameter (sign-flipped, scaled delta when a delta is
+    matched as one gradient); ``labels``: ``[N]``; ``unroll``: None for gradient matching.
+    """
+
+    task: Any
+    params: Params
+    buffers: Params
+    target: Params
+    labels: Tensor
+    unroll: Unroll | None
+    shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+def _update_fn(problem: InversionProblem, bn: BNStatistics | None
+               ) -> Callable[[Tensor], tuple[Params, Tensor | None]]:
+    """``images [R, N, C, H, W] -> ({name: [R, ...]}, bn prior [R] | None)`` of the problem."""
+    u = problem.unroll
+    if u is None or u.clients == 1:
+        plan = None if u is None else (u.lr, u.steps, u.batch_size)
+
+        def fn(images: Tensor) -> tuple[Params, Tensor | None]:
+            return simulated_update(problem.task, problem.params, problem.buffers, images,
+                                    problem.labels, unroll=plan, bn=bn)
+        return fn
+
+    def several(images: Tensor) -> tuple[Params, Tensor | None]:
+        # FedAvg over `clients` equal-sized clients: mean of each client's unrolled delta.
+        per = images.shape[1] // u.clients
+        total: dict[str, Tensor] = {}
+        prior: Tensor | None = None
+        for c in range(u.clients):
+            upd, pc = simulated_update(
+                problem.task, problem.params, problem.buffers,
+                images[:, c * per:(c + 1) * per], problem.labels[c * per:(c + 1) * per],
+                unroll=(u.lr, u.steps, u.batch_size), bn=bn)
+            for k, v in upd.items():
+                total[k] = total[k] + v / u.clients if k in total else v / u.clients
+            if pc is not None:
+                prior = pc / u.clients if prior is None else prior + pc / u.clients
+        return total, prior
+    return several
+
+
+def invert(problem: InversionProblem, *, max_iterations: int, restarts: int, lr: float,
+           tv_weight: float, bn_prior_weight: float = 0.0, schedule: str = "step",
+           distance: str = "cosine", generator: torch.Generator,
+           callback: Callback | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Optimise ``restarts`` candidate batches at once (Geiping et al. 2020, Alg. in sec. 4).
+
+    Returns ``(images [R, N, C, H, W] in [0, 1], objective [R], gradient distance [R])``, the
+    last two evaluated at the final (clamped) images. Raises ``ValueError`` if the BN prior is
+    asked for on a model without BatchNorm.
+    """
+    bn = BNStatistics(problem.task.model) if bn_prior_weight > 0 else None
+    update_of = _update_fn(problem, bn)
+    dist = cosine_distance if distance == "cosine" else l2_distance
+    n = int(problem.labels.shape[0])
+    cand = NormalisedImages((restarts, n, *problem.shape), problem.mean, problem.std,
+                            generator=generator)
+
+    def objective(z: Tensor) -> tuple[Tensor, Tensor]:
+        images = z * cand.std + cand.mean
+        upd, prior = update_of(images)
+        d = dist(upd, problem.target)
+        total = d + tv_weight * total_variation(z) if tv_weight else d
+        if prior is not None:
+            total = total + bn_prior_weight * prior
+        return total, d
+
+    opt = torch.optim.Adam([cand.z], lr=lr)
+    for it in range(max_iterations):
+        for group in opt.param_groups:
+            group["lr"] = lr * lr_multiplier(schedule, it, max_iterations)
+        total, _ = objective(cand.z)
+        (grad,) = torch.autograd.grad(total.sum(), cand.z)
+        cand.z.grad = grad.sign_()
+        opt.step()
+        cand.clamp_()
+        if callback is not None:
+            callback(it, cand.images().detach())
+    with torch.no_grad():
+        total, d = objective(cand.z)
+    return cand.images().detach().clamp_(0, 1), total.detach(), d.detach()
+
+
+def _check(name: str, ok: bool, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"inverting_gradients.{name}: got {value!r}; allowed: {allowed}")
+
+
+@ATTACKS.register("inverting_gradients")
+class InvertingGradients(Attack):
+    """Inverting Gradients (Geiping et al. 2020): cosine gradient matching + TV, sign-Adam.
+
+    Hyper-parameters: ``max_iterations`` per restart; ``restarts`` optimised as one batch, the
+    lowest final objective wins; ``lr`` (Adam, on sign gradients, normalised-image units);
+    ``tv_weight`` (TV of the normalised image, breaching's 0.2); ``labels``: ``"granted"``
+    (needs knowledge ``labels``), ``"idlg"``, ``"batch"`` or ``"auto"`` (iDLG for one image,
+    counts otherwise; :mod:`attacks.label_recovery`); ``bn_prior_weight`` (GradInversion's
+    BN-statistics prior, models with BatchNorm only); ``multi_step`` for ``"delta"`` records:
+    ``"unroll"`` simulates the local training, ``"single"`` matches ``-delta`` as one
+    gradient, ``"auto"`` unrolls when ``local_steps > 1``; ``schedule`` of the learning rate
+    (``"step"`` = the paper's); ``distance`` (``"cosine"``, or DLG's ``"l2"``).
+
+    Unrolling ASSUMES KNOWN: the client's ``lr``, ``local_steps`` and ``batch_size`` (from the
+    record), that step ``k`` used images ``k*B .. k*B+B-1`` of its ``num_examples`` images in
+    a fixed order (wrapping around), plain SGD without momentum or weight decay, and BatchNorm
+    running statistics that do not change during local training (eval mode). Those
+    ``num_examples`` images are reconstructed. Raises :class:`~fl_sim.errors.ConfigError` for
+    a bad hyper-parameter, or a BN prior on a model without BatchNorm.
+    """
+
+    def __init__(self, *, max_iterations: int = 600, restarts: int = 1, lr: float = 0.1,
+                 tv_weight: float = 0.2, labels: LabelSource = "auto",
+                 bn_prior_weight: float = 0.0, multi_step: MultiStep = "auto",
+                 schedule: Schedule = "step", distance: Distance = "cosine") -> None:
+        _check("max_iterations", max_iterations >= 1, max_iterations, ">= 1")
+        _check("restarts", restarts >= 1, restarts, ">= 1")
+        _check("lr", lr > 0, lr, "> 0")
+        _check("tv_weight", tv_weight >= 0, tv_weight, ">= 0")
+        _check("bn_prior_weight", bn_prior_weight >= 0, bn_prior_weight, ">= 0")
+        _check("labels", labels in ("granted", "idlg", "batch", "auto"), labels,
+               "granted, idlg, batch, auto")
+        _check("multi_step", multi_step in ("auto", "unroll", "single"), multi_step,
+               "auto, unroll, single")
+        _check("schedule", schedule in ("step", "cosine", "linear"), schedule,
+               "step, cosine, linear")
+        _check("distance", distance in ("cosine", "l2"), distance, "cosine, l2")
+        self.max_iterations, self.restarts, self.lr = max_iterations, restarts, lr
+        self.tv_weight, self.labels, self.bn_prior_weight = tv_weight, labels, bn_prior_weight
+        self.multi_step, self.schedule, self.distance = multi_step, schedule, distance
+
+    def required_knowledge(self) -> tuple[str, ...]:
+        return ("labels",) if self.labels == "granted" else ()
+
+    # -- building the problem from a record (overridden by peer_inversion) -----------------
+    def num_images(self, record: ObservationRecord) -> int:
+        """Images behind the update: the batch (gradient) or all local examples (delta)."""
+        return record.batch_size if record.update_kind == "gradient" else record.num_examples
+
+    def unroll_plan(self, record: ObservationRecord) -> Unroll | None:
+        """The local training to simulate, or None to match the update as one gradient."""
+        if record.update_kind == "gradient":
+            return None
+        if self.multi_step == "single" or (self.multi_step == "auto"
+                                           and record.local_steps <= 1):
+            return None
+        if record.lr <= 0 or record.local_steps < 1 or record.batch_size < 1:
+            raise ConfigError(f"inverting_gradients.multi_step: unrolling needs lr > 0, "
+                              f"local_steps >= 1, batch_size >= 1 in the record; got "
+                              f"{record.lr}, {record.local_steps}, {record.batch_size}")
+        return Unroll(float(record.lr), int(record.local_steps), int(record.batch_size))
+
+    def problem(self, record: ObservationRecord, *,
+                generator: torch.Generator) -> tuple[InversionProblem, str]:
+        """The :class:`InversionProblem` of ``record`` and where its labels came from."""
+        task = record.spec.build_task()
+        task.model.eval()
+        params, buffers = split_state(task, record.global_params)
+        target = target_from_record(record, task)
+        unroll = self.unroll_plan(record)
+        if record.update_kind == "delta" and unroll is None:
+            # delta ~ -lr * (sum of gradients): match its negative (scaled for the L2 distance)
+            scale = -1.0 / (record.lr * max(1, record.local_steps)) if record.lr > 0 else -1.0
+            target = {k: v * scale for k, v in target.items()}
+        n = self.num_images(record)
+        labels, source = self._labels(record, task, n, generator)
+        spec = record.spec
+        return InversionProblem(task, params, buffers, target, labels, unroll,
+                                (spec.in_channels, spec.image_size, spec.image_size),
+                                tuple(spec.mean), tuple(spec.std)), source
+
+    def _labels(self, record: ObservationRecord, task: Any, n: int,
+                generator: torch.Generator) -> tuple[Tensor, str]:
+        if self.labels == "granted":
+            labels = torch.as_tensor(record.knowledge["labels"]).long().flatten()
+            if labels.numel() != n:
+                raise ConfigError(f"inverting_gradients.labels: {labels.numel()} granted "
+                                  f"labels for {n} images")
+            return labels, "granted"
+        from attacks.label_recovery import recover_labels
+        method = ("idlg" if n == 1 else "batch") if self.labels == "auto" else self.labels
+        return recover_labels(record, method, n, task=task, generator=generator), method
+
+    def reconstruct(self, record: ObservationRecord, *, generator: torch.Generator,
+                    callback: Callback | None = None) -> Reconstruction:
+        """Invert ``record``'s update: ``images [N, C, H, W]`` of the best restart + labels."""
+        problem, label_source = self.problem(record, generator=generator)
+        if self.bn_prior_weight > 0 and not _has_bn(problem.task.model):
+            raise ConfigError("inverting_gradients.bn_prior_weight: got "
+                              f"{self.bn_prior_weight}, but model {record.spec.model!r} has no "
+                              "BatchNorm layer; allowed: 0")
+        images, total, dist = invert(
+            problem, max_iterations=self.max_iterations, restarts=self.restarts, lr=self.lr,
+            tv_weight=self.tv_weight, bn_prior_weight=self.bn_prior_weight,
+            schedule=self.schedule, distance=self.distance, generator=generator,
+            callback=callback)
+        best = int(torch.argmin(total))
+        return Reconstruction(
+            images=images[best], labels=problem.labels.clone(), matching_loss=float(total[best]),
+            iterations=self.max_iterations, assumed=self._assumed(record, problem, label_source),
+            extras={"restart_objectives": total.tolist(), "restart_distances": dist.tolist(),
+                    "best_restart": best})
+
+    def _assumed(self, record: ObservationRecord, problem: InversionProblem,
+                 label_source: str) -> Mapping[str, Any]:
+        out: dict[str, Any] = {"labels": label_source, "num_images": len(problem.labels),
+                               "batchnorm": "eval"}
+        if problem.unroll is not None:
+            u = problem.unroll
+            out["local_training"] = {"lr": u.lr, "local_steps": u.steps,
+                                     "batch_size": u.batch_size, "clients": u.clients,
+                                     "batch_order": "sequential", "optimizer": "sgd"}
+        elif record.update_kind == "delta":
+            out["local_training"] = "delta matched as one gradient"
+        return out
+
+
+def _has_bn(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())

@@ -1,0 +1,155 @@
+"""What a client does with its private data in one round (pure torch; no flwr).
+
+Every random choice derives from the run seed: the batches of client ``c`` in round ``r`` come
+from ``torch_generator(seed, "round", r, "client", c, "batches")`` and the task's private
+randomness (diffusion eps/t) from ``torch_generator(seed, "round", r, "client", c, "aux")``,
+so the same seed gives the same batches and the same updates in every run and after a resume.
+
+Each step's exact batch is returned as a :class:`~fl_sim.records.TruthStep` (dataset indices,
+images, labels, aux) for the ground-truth store.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fl_sim.records import TruthStep
+from fl_sim.seeding import torch_generator
+from fl_sim.tasks.base import Batch, Task, module_tensors
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    """One client-round: the update to send, its loss, and the private steps it took.
+
+    ``update`` is the new ``state_dict`` (``kind="weights"``) or the gradient of the
+    parameters (``kind="gradient"``). ``num_examples`` is the FedAvg weight.
+    """
+
+    update: dict[str, Tensor]
+    kind: str
+    loss: float
+    num_examples: int
+    steps: tuple[TruthStep, ...]
+
+
+def batch_plan(num_examples: int, *, batch_size: int, local_steps: int | None,
+               local_epochs: int | None, generator: torch.Generator) -> list[Tensor]:
+    """Local example positions [B] for each step.
+
+    ``local_epochs``: each epoch is a fresh permutation cut into ``ceil(n / batch_size)``
+    batches (the last one may be smaller). ``local_steps``: each step draws ``batch_size``
+    distinct examples (fewer if the client holds fewer) with a fresh permutation.
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> [len(b) for b in batch_plan(5, batch_size=2, local_steps=None, local_epochs=1,
+    ...                              generator=g)]
+    [2, 2, 1]
+
+    Raises ``ValueError`` for an empty client or when neither steps nor epochs are set.
+    """
+    if num_examples < 1:
+        raise ValueError("client holds no examples")
+    bs = min(batch_size, num_examples)
+    if local_epochs is not None:
+        plan: list[Tensor] = []
+        for _ in range(local_epochs):
+            perm = torch.randperm(num_examples, generator=generator)
+            plan += list(perm.split(batch_size))
+        return plan
+    if local_steps is None:
+        raise ValueError("one of local_steps / local_epochs must be set")
+    return [torch.randperm(num_examples, generator=generator)[:bs] for _ in range(local_steps)]
+
+
+def make_optimizer(name: str, params: Iterator[torch.nn.Parameter], lr: float
+                   ) -> torch.optim.Optimizer:
+    """``sgd`` (plain) or ``adam`` over ``params``; fresh each round."""
+    optimizers = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
+    if name not in optimizers:
+        raise ValueError(f"unknown optimizer {name!r}; known: {sorted(optimizers)}")
+    return optimizers[name](params, lr=lr)
+
+
+def _batch(images: Tensor, labels: Tensor, pos: Tensor, device: torch.device) -> Batch:
+    return Batch(images[pos].to(device), labels[pos].to(device))
+
+
+def _truth_step(step: int, images: Tensor, labels: Tensor, dataset_indices: Tensor,
+                pos: Tensor, aux: Mapping[str, Tensor]) -> TruthStep:
+    return TruthStep(step=step, images=images[pos].detach().cpu().clone(),
+                     labels=labels[pos].detach().cpu().clone(),
+                     indices=dataset_indices[pos].detach().cpu().clone(),
+                     aux={k: v.detach().cpu().clone() for k, v in aux.items()})
+
+
+def local_train(task: Task, images: Tensor, labels: Tensor, dataset_indices: Tensor, *,
+                seed: int, server_round: int, client_id: int, batch_size: int,
+                local_steps: int | None, local_epochs: int | None, optimizer: str, lr: float,
+                proximal_mu: float = 0.0, device: torch.device | str = "cpu") -> LocalResult:
+    """Train ``task.model`` (already holding the global weights) on the client's data.
+
+    ``images`` [N, C, H, W] in [0, 1], ``labels`` [N] and ``dataset_indices`` [N] (positions
+    in the dataset's train split) are the client's partition. FedProx's proximal term
+    ``(mu/2)·||w − w_global||²`` enters as a gradient hook ``+ mu·(w − w_global)`` so the
+    task's own ``train_step`` is used unchanged. Returns the new ``state_dict``.
+    """
+    device = torch.device(device)
+    gen = torch_generator(seed, "round", server_round, "client", client_id, "batches")
+    aux_gen = torch_generator(seed, "round", server_round, "client", client_id, "aux")
+    plan = batch_plan(len(labels), batch_size=batch_size, local_steps=local_steps,
+                      local_epochs=local_epochs, generator=gen)
+    model = task.model
+    hooks = []
+    if proximal_mu > 0:
+        for p in model.parameters():
+            anchor = p.detach().clone()
+            hooks.append(p.register_hook(
+                lambda g, p=p, a=anchor: g + proximal_mu * (p.detach() - a)))
+    opt = make_optimizer(optimizer, model.parameters(), lr)
+    steps, losses = [], []
+    try:
+        for i, pos in enumerate(plan):
+            res = task.train_step(opt, _batch(images, labels, pos, device), aux_gen)
+            losses.append(res.loss)
+            steps.append(_truth_step(i, images, labels, dataset_indices, pos, res.aux))
+    finally:
+        for h in hooks:
+            h.remove()
+    new = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return LocalResult(update=new, kind="weights", loss=_mean(losses),
+                       num_examples=int(len(labels)), steps=tuple(steps))
+
+
+def one_gradient(task: Task, images: Tensor, labels: Tensor, dataset_indices: Tensor, *,
+                 seed: int, server_round: int, client_id: int, batch_size: int,
+                 device: torch.device | str = "cpu") -> LocalResult:
+    """FedSGD: the gradient of the mean loss on ONE batch w.r.t. every parameter.
+
+    The batch is the first step of :func:`batch_plan` with the same derived generator as
+    :func:`local_train`; the model is in train mode (as during training) and unchanged.
+    """
+    device = torch.device(device)
+    gen = torch_generator(seed, "round", server_round, "client", client_id, "batches")
+    aux_gen = torch_generator(seed, "round", server_round, "client", client_id, "aux")
+    pos = batch_plan(len(labels), batch_size=batch_size, local_steps=1, local_epochs=None,
+                     generator=gen)[0]
+    batch = _batch(images, labels, pos, device)
+    task.model.train()
+    aux = task.sample_aux(batch, aux_gen)
+    params, buffers = module_tensors(task.model)
+    loss = task.loss(params, buffers, batch, aux)
+    grads = torch.autograd.grad(loss, list(params.values()))
+    update = {k: g.detach().cpu().clone() for k, g in zip(params, grads, strict=True)}
+    step = _truth_step(0, images, labels, dataset_indices, pos, aux)
+    return LocalResult(update=update, kind="gradient", loss=float(loss.detach()),
+                       num_examples=int(len(pos)), steps=(step,))
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else math.nan

@@ -1,0 +1,255 @@
+"""The server tap: the OUTERMOST strategy wrapper, recording what the server sees.
+
+:class:`TapStrategy` wraps any Flower strategy (including Flower's DP wrappers, which must sit
+INSIDE it so that their accountant sees the stock aggregation) and
+
+* samples clients deterministically per ``(seed, round)`` (never Flower's global ``random``)
+  and hands the wrapped strategy a :class:`SampledGrid` listing only those nodes;
+* in ``configure_train`` snapshots the global model and stores it once per round;
+* in ``aggregate_train`` records each reply as received (after any client-side defense):
+  error replies count as failed, non-finite updates are REJECTED before the wrapped strategy
+  sees them, the rest are stored (``server_in``) in client order and delegated; then stores
+  what left aggregation (``aggregate``);
+* publishes the accepted total ``num-examples`` of a round in the next round's config (what
+  FedAvg's weighted mean needs to be undone by a curious peer).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from torch import Tensor
+
+from fl_sim.federation import protocol as P
+from fl_sim.seeding import numpy_rng
+from fl_sim.stores import ObservationStore
+
+logger = logging.getLogger(__name__)
+
+
+def sample_clients(seed: int, server_round: int, clients: Sequence[int], fraction: float,
+                   purpose: str = "train") -> list[int]:
+    """``max(1, int(len(clients)·fraction))`` clients, sorted, from
+    ``numpy_rng(seed, "round", r, "sample", purpose)``.
+
+    >>> sample_clients(0, 1, [0, 1, 2, 3], 1.0)
+    [0, 1, 2, 3]
+    >>> sample_clients(0, 1, [0, 1, 2, 3], 0.5) == sample_clients(0, 1, [0, 1, 2, 3], 0.5)
+    True
+    """
+    pool = sorted(int(c) for c in clients)
+    k = max(1, int(len(pool) * fraction + 1e-9))
+    if k >= len(pool):
+        return pool
+    rng = numpy_rng(seed, "round", server_round, "sample", purpose)
+    return sorted(int(c) for c in rng.choice(pool, size=k, replace=False))
+
+
+class SampledGrid:
+    """A Grid whose ``get_node_ids`` lists only the sampled nodes; all else delegates."""
+
+    def __init__(self, grid: Grid, node_ids: Sequence[int]) -> None:
+        self._grid = grid
+        self._node_ids = list(node_ids)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._node_ids)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+
+@dataclass
+class RoundLog:
+    """Who was sampled / failed / rejected in one round, and the aggregation totals."""
+
+    sampled: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+    rejected: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+    num_examples: int = 0
+    train_loss: float | None = None
+    aggregated: bool = False
+
+
+def arrays_to_tensors(arrays: ArrayRecord) -> dict[str, Tensor]:
+    """Copies of an ArrayRecord's arrays as CPU tensors (the record is not modified)."""
+    return {k: torch.from_numpy(np.array(a.numpy(), copy=True)) for k, a in arrays.items()}
+
+
+def tensors_to_arrays(tensors: Mapping[str, Tensor]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v.detach().cpu().numpy()))
+                        for k, v in tensors.items()})
+
+
+def is_finite(tensors: Mapping[str, Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors.values()
+               if t.is_floating_point() or t.is_complex())
+
+
+class TapStrategy(Strategy):
+    """Outermost wrapper: deterministic sampling, recording, NaN rejection (see module doc).
+
+    ``node_to_client`` maps Flower node ids to partition ids (discovered by the server app);
+    ``store`` is None when taps are disabled (sampling and rejection still apply).
+    """
+
+    def __init__(self, inner: Strategy, *, seed: int, node_to_client: Mapping[int, int],
+                 fraction_train: float, fraction_evaluate: float,
+                 store: ObservationStore | None) -> None:
+        self.inner = inner
+        self.seed = int(seed)
+        self.node_to_client = {int(n): int(c) for n, c in node_to_client.items()}
+        self.client_to_node = {c: n for n, c in self.node_to_client.items()}
+        self.fraction_train = fraction_train
+        self.fraction_evaluate = fraction_evaluate
+        self.store = store
+        self.published: dict[str, int] = {}
+        self.log = RoundLog()
+        self._global: dict[str, Tensor] = {}
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _sampled_grid(self, grid: Grid, server_round: int, fraction: float, purpose: str
+                      ) -> tuple[SampledGrid, list[int]]:
+        clients = sample_clients(self.seed, server_round, list(self.client_to_node), fraction,
+                                 purpose)
+        return SampledGrid(grid, [self.client_to_node[c] for c in clients]), clients
+
+    def client_of(self, msg: Message) -> int:
+        return self.node_to_client[int(msg.metadata.src_node_id)]
+
+    # -- Strategy hooks ----------------------------------------------------------------------
+    def summary(self) -> None:
+        logger.info("TapStrategy (fraction_train=%s, fraction_evaluate=%s) around %s",
+                    self.fraction_train, self.fraction_evaluate, type(self.inner).__name__)
+        self.inner.summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Snapshot + store the global, publish last round's totals, sample, delegate."""
+        self._global = arrays_to_tensors(arrays)
+        if self.store is not None:
+            self.store.write_global(server_round, self._global)
+        for k, v in self.published.items():
+            config[k] = v
+        sampled_grid, clients = self._sampled_grid(grid, server_round, self.fraction_train,
+                                                   "train")
+        self.log = RoundLog(sampled=clients)
+        return self.inner.configure_train(server_round, arrays, config, sampled_grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Record each reply, reject non-finite ones, delegate the rest in client order."""
+        errors, accepted = [], []
+        for msg in replies:
+            cid = self.client_of(msg)
+            if msg.has_error():
+                self.log.failed.append(cid)
+                errors.append(msg)
+                continue
+            update = arrays_to_tensors(next(iter(msg.content.array_records.values())))
+            if not is_finite(update):
+                logger.warning("round %d: rejected non-finite update of client %d",
+                               server_round, cid)
+                self.log.rejected.append(cid)
+                continue
+            accepted.append((cid, msg, update))
+        accepted.sort(key=lambda item: item[0])
+        for cid, msg, update in accepted:
+            self._record_reply(server_round, cid, msg, update)
+        self.log.failed.sort()
+        self.log.rejected.sort()
+        self.log.accepted = [cid for cid, _, _ in accepted]
+        self.log.num_examples = int(sum(_num_examples(m) for _, m, _ in accepted))
+        self.log.train_loss = _weighted_loss([m for _, m, _ in accepted])
+        new, metrics = self.inner.aggregate_train(
+            server_round, [m for _, m, _ in accepted] + errors)
+        if new is not None:
+            new = self._cast_like_global(new)
+            self.log.aggregated = True
+            if self.store is not None:
+                delta = {k: v - self._global[k] for k, v in arrays_to_tensors(new).items()}
+                self.store.write_update("aggregate", server_round, None, delta, {
+                    "update_kind": "delta", "num_examples": self.log.num_examples,
+                    "num_clients_aggregated": len(accepted), "clients": self.log.accepted})
+            self.published = {P.AGG_ROUND_KEY: server_round,
+                              P.AGG_NUM_EXAMPLES_KEY: self.log.num_examples,
+                              P.AGG_NUM_CLIENTS_KEY: len(accepted)}
+        return new, metrics
+
+    def _record_reply(self, server_round: int, cid: int, msg: Message,
+                      update: dict[str, Tensor]) -> None:
+        if self.store is None:
+            return
+        meta = _meta(msg)
+        kind = "gradient" if meta.get(P.UPDATE_KIND_KEY) == "gradient" else "delta"
+        if kind == "delta":
+            update = {k: v - self._global[k] for k, v in update.items()}
+        self.store.write_update("server_in", server_round, cid, update, {
+            "update_kind": kind, "num_examples": _num_examples(msg),
+            "local_steps": int(meta.get("local-steps", 1)), "lr": float(meta.get("lr", 0.0)),
+            "batch_size": int(meta.get("batch-size", 0)), "defenses": []})
+
+    def _cast_like_global(self, arrays: ArrayRecord) -> ArrayRecord:
+        """Flower averages integer buffers (e.g. ``num_batches_tracked``) as floats; cast
+        every array back to the global's dtype (rounding integers) so the model's state
+        keeps its types across rounds."""
+        out = {}
+        for k, a in arrays.items():
+            x = a.numpy()
+            ref = self._global.get(k)
+            if ref is not None and x.dtype != ref.numpy().dtype:
+                target = ref.numpy().dtype
+                x = np.rint(x).astype(target) if np.issubdtype(target, np.integer) \
+                    else x.astype(target)
+                out[k] = Array(np.ascontiguousarray(x))
+            else:
+                out[k] = a
+        return ArrayRecord(out)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        """Federated evaluation on a deterministic sample (none if fraction_evaluate is 0)."""
+        if self.fraction_evaluate <= 0:
+            return []
+        sampled_grid, _ = self._sampled_grid(grid, server_round, self.fraction_evaluate,
+                                             "evaluate")
+        return self.inner.configure_evaluate(server_round, arrays, config, sampled_grid)
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        """Delegate in client order (float sums are order-dependent)."""
+        ordered = sorted(replies, key=lambda m: (m.has_error(), self.client_of(m)))
+        if not ordered:
+            return None
+        return self.inner.aggregate_evaluate(server_round, ordered)
+
+
+def _meta(msg: Message) -> dict[str, Any]:
+    rec = msg.content.config_records.get(P.META)
+    return dict(rec) if rec is not None else {}
+
+
+def _num_examples(msg: Message) -> float:
+    metrics = next(iter(msg.content.metric_records.values()))
+    return float(metrics[P.NUM_EXAMPLES])  # type: ignore[arg-type]
+
+
+def _weighted_loss(msgs: Sequence[Message]) -> float | None:
+    total, acc = 0.0, 0.0
+    for m in msgs:
+        metrics = next(iter(m.content.metric_records.values()))
+        if "train-loss" in metrics:
+            w = float(metrics[P.NUM_EXAMPLES])  # type: ignore[arg-type]
+            acc += w * float(metrics["train-loss"])  # type: ignore[arg-type]
+            total += w
+    return acc / total if total > 0 and math.isfinite(acc) else None

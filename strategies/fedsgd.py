@@ -1,0 +1,115 @@
+"""FedSGD (McMahan et al., 2017, "Communication-Efficient Learning of Deep Networks from
+Decentralized Data", the FedSGD baseline): each sampled client computes ONE gradient on ONE
+local batch; the server takes one SGD step on their weighted mean.
+
+The step is a free function over ``name -> ndarray`` dicts (:func:`fedsgd_step`);
+:class:`FedSGD` is a thin Flower ``FedAvg`` subclass that tells clients to return a gradient
+(``config["update-kind"] = "gradient"``), lets FedAvg's own weighted averaging compute the mean
+gradient, and applies :func:`fedsgd_step` in ``aggregate_train``. Clients reply with the
+gradients of the model's PARAMETERS only (``named_parameters`` keys); buffers (e.g. BatchNorm
+running statistics) are not updated by FedSGD and keep their global values.
+"""
+
+from collections.abc import Iterable, Mapping
+from typing import Annotated
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.exception import AggregationError
+from flwr.serverapp.strategy import FedAvg
+from pydantic import Field
+
+from fl_sim.registry import STRATEGIES
+from strategies.builtin import SAMPLE_ALL
+
+#: ConfigRecord key/value FedSGD sets so that clients return a gradient instead of weights.
+UPDATE_KIND_KEY = "update-kind"
+GRADIENT = "gradient"
+
+NDArrays = Mapping[str, np.ndarray]
+
+
+def fedsgd_step(global_arrays: NDArrays, mean_gradient: NDArrays,
+                server_lr: float) -> dict[str, np.ndarray]:
+    """``new = global − server_lr · mean_gradient`` for keys in ``mean_gradient``; other keys
+    (buffers) are copied unchanged. Dtypes follow ``global_arrays``.
+
+    >>> new = fedsgd_step({"w": np.array([1.0]), "b": np.array([5])},
+    ...                   {"w": np.array([2.0])}, 0.5)
+    >>> float(new["w"][0]), int(new["b"][0])
+    (0.0, 5)
+
+    Raises ``KeyError`` if a gradient has no global array, ``ValueError`` on a shape mismatch.
+    """
+    out: dict[str, np.ndarray] = {}
+    for k, g in global_arrays.items():
+        if k in mean_gradient:
+            grad = mean_gradient[k]
+            if grad.shape != g.shape:
+                raise ValueError(f"gradient {k!r} shape {grad.shape} != global {g.shape}")
+            out[k] = np.asarray(g - server_lr * grad, dtype=g.dtype)
+        else:
+            out[k] = g.copy()
+    missing = set(mean_gradient) - set(global_arrays)
+    if missing:
+        raise KeyError(f"gradients without a global array: {sorted(missing)}")
+    return out
+
+
+class FedSGD(FedAvg):
+    """FedSGD: one local gradient per client, one server SGD step on their weighted mean.
+
+    Weights are the replies' ``num-examples`` (the batch size the gradient was computed on).
+    ``server_lr`` is the server learning rate η in ``new = global − η · mean_gradient``; it may
+    be left ``None`` at construction and set before the first round (the server app sets it to
+    ``federation.lr``). Raises ``AggregationError`` if it is still unset when aggregating.
+    """
+
+    def __init__(self, *, server_lr: float | None = None, **fedavg_kwargs: object) -> None:
+        super().__init__(**fedavg_kwargs)  # type: ignore[arg-type]
+        if server_lr is not None and not server_lr > 0:
+            raise ValueError(f"server_lr must be > 0, got {server_lr}")
+        self.server_lr = None if server_lr is None else float(server_lr)
+        self.current_arrays: dict[str, np.ndarray] | None = None
+
+    def summary(self) -> None:
+        """Log the FedSGD settings, then FedAvg's."""
+        from flwr.supercore import log
+        log(20, "\t├──> FedSGD settings: server_lr (%s)", self.server_lr)
+        super().summary()
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        """Snapshot the global arrays, ask clients for a gradient, then sample as FedAvg."""
+        self.current_arrays = {k: a.numpy() for k, a in arrays.items()}
+        config[UPDATE_KIND_KEY] = GRADIENT
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Weighted-mean the replied gradients (Flower's own averaging) and take one step."""
+        mean_grad, metrics = super().aggregate_train(server_round, replies)
+        if mean_grad is None:
+            return None, metrics
+        if self.current_arrays is None:
+            raise AggregationError("FedSGD: configure_train was not called before "
+                                   "aggregate_train")
+        if self.server_lr is None:
+            raise AggregationError("FedSGD: server_lr was never set")
+        new = fedsgd_step(self.current_arrays, {k: a.numpy() for k, a in mean_grad.items()},
+                          self.server_lr)
+        self.current_arrays = new
+        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in new.items()}), metrics
+
+
+__all__ = ["FedSGD", "fedsgd", "fedsgd_step"]
+
+
+@STRATEGIES.register("fedsgd")
+def fedsgd(*, server_lr: Annotated[float, Field(gt=0.0)] | None = None) -> FedSGD:
+    """FedSGD (McMahan et al., 2017): server SGD step on the mean one-batch client gradient.
+
+    ``server_lr`` defaults to ``federation.lr`` (resolved by the server app).
+    """
+    return FedSGD(server_lr=server_lr, **SAMPLE_ALL)
