@@ -149,7 +149,13 @@ def _record(run: Any, view: str, client: int | None, server_round: int,
                                   "federation.peer_clients)")
             client = peers[0]
         return run.view("peer", client=client, grant=grant).record(server_round)
-    return run.view("server", grant=grant).record(server_round, client)
+    view_ = run.view("server", grant=grant)
+    if client is None:
+        replied = view_.clients(server_round)
+        if not replied:
+            raise FlSimError(f"round {server_round}: the server recorded no client update")
+        client = min(replied)
+    return view_.record(server_round, client)
 
 
 def _truth(run: Any, record: ObservationRecord, view: str, client: int | None,

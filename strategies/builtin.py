@@ -10,10 +10,18 @@ wrapped strategy a grid that lists only the sampled nodes, so every strategy is 
 
 from typing import Annotated, Any
 
+from flwr.serverapp.strategy import (
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+)
 from pydantic import Field
-
-from flwr.serverapp.strategy import (FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMedian, FedProx,
-                                     FedTrimmedAvg, FedYogi, Krum)
 
 from fl_sim.registry import STRATEGIES
 

@@ -100,7 +100,7 @@ class FedSGD(FedAvg):
         new = fedsgd_step(self.current_arrays, {k: a.numpy() for k, a in mean_grad.items()},
                           self.server_lr)
         self.current_arrays = new
-        return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in new.items()}), metrics
+        return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in new.items()}), metrics
 
 
 __all__ = ["FedSGD", "fedsgd", "fedsgd_step"]

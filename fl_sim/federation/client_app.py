@@ -15,6 +15,7 @@ client listed in ``federation.peer_clients``, the global it received and its own
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass
@@ -68,8 +69,6 @@ def resolve_device(name: str) -> torch.device:
 @lru_cache(maxsize=2)
 def load_splits(data_json: str) -> Any:
     """The dataset of a config's ``data`` section, loaded once per process."""
-    import json
-
     from fl_sim.data import load_data
     section = json.loads(data_json)
     name = section.pop("name")
@@ -80,8 +79,6 @@ def load_splits(data_json: str) -> Any:
 def load_partitions(data_json: str, partition_json: str, num_clients: int, seed: int
                     ) -> tuple[Any, ...]:
     """Per-client index arrays into the train split, computed once per process."""
-    import json
-
     from fl_sim.data import partition_dataset
     section = json.loads(partition_json)
     name = section.pop("name")
@@ -90,7 +87,6 @@ def load_partitions(data_json: str, partition_json: str, num_clients: int, seed:
 
 
 def _section_json(section: Any) -> str:
-    import json
     return json.dumps(section.model_dump(mode="json"), sort_keys=True)
 
 
@@ -110,9 +106,10 @@ def client_data(cfg: ExperimentConfig, client_id: int) -> ClientData:
 
 @lru_cache(maxsize=2)
 def _task_and_spec(cfg_json: str, device: str) -> tuple[Any, ModelSpec]:
+    import json
+
     from fl_sim.config import from_dict
     from fl_sim.tasks import task_from_config
-    import json
     cfg = from_dict(json.loads(cfg_json))
     splits = load_splits(_section_json(cfg.data))
     return task_from_config(cfg.model, cfg.task, splits.in_channels, splits.num_classes,
@@ -122,7 +119,6 @@ def _task_and_spec(cfg_json: str, device: str) -> tuple[Any, ModelSpec]:
 
 def task_with_global(cfg: ExperimentConfig, arrays: ArrayRecord) -> Any:
     """The (per-process cached) task, its model loaded with the global state in ``arrays``."""
-    import json
     device = str(resolve_device(cfg.run.device))
     task, _ = _task_and_spec(json.dumps(cfg.to_json_dict(), sort_keys=True), device)
     state = arrays_to_tensors(arrays)
@@ -191,6 +187,7 @@ def train(msg: Message, context: Context) -> Message:
     if should_fail(cfg, r, cid):
         raise InjectedClientFailure(f"client {cid} failed in round {r} (injected, "
                                     f"client_failure_rate={fed.client_failure_rate})")
+    torch.use_deterministic_algorithms(cfg.run.deterministic, warn_only=True)
     data = client_data(cfg, cid)
     task = task_with_global(cfg, _arrays(msg))
     device = resolve_device(cfg.run.device)
@@ -213,7 +210,8 @@ def train(msg: Message, context: Context) -> Message:
     if fed.record_truth:
         TruthStore(run_dir).write(r, cid, res.steps)
     if global_state is not None:
-        _record_peer(run_dir, cid, r, global_state, res, update, config, fed.lr)
+        _record_peer(run_dir, cid, r, global_state, res, update, config,
+                     lr=fed.lr, batch_size=fed.batch_size)
     meta = ConfigRecord({P.PARTITION_ID: cid, P.UPDATE_KIND_KEY: res.kind,
                          "local-steps": len(res.steps), "batch-size": fed.batch_size,
                          "lr": float(fed.lr)})
@@ -231,8 +229,8 @@ def _poisoned(config: ConfigRecord) -> set[int]:
 
 
 def _record_peer(run_dir: Any, cid: int, r: int, global_state: dict[str, Tensor],
-                 res: LocalResult, update: dict[str, Tensor], config: ConfigRecord,
-                 lr: float) -> None:
+                 res: LocalResult, update: dict[str, Tensor], config: ConfigRecord, *,
+                 lr: float, batch_size: int) -> None:
     """Peer tap: the global received this round + the client's own update (delta/gradient)."""
     store = PeerStore(run_dir, cid)
     store.write_global(r, global_state, _published(config))
@@ -243,8 +241,7 @@ def _record_peer(run_dir: Any, cid: int, r: int, global_state: dict[str, Tensor]
         own, kind = dict(update), "gradient"
     store.write_update(r, own, {"update_kind": kind, "num_examples": res.num_examples,
                                 "local_steps": len(res.steps), "lr": float(lr),
-                                "batch_size": int(res.steps[0].labels.shape[0]) if res.steps
-                                else 0})
+                                "batch_size": int(batch_size)})
 
 
 @app.evaluate()

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from fl_sim.records import TruthStep
-from fl_sim.seeding import torch_generator
+from fl_sim.seeding import derive_seed, torch_generator
 from fl_sim.tasks.base import Batch, Task, module_tensors
 
 
@@ -36,6 +37,18 @@ class LocalResult:
     loss: float
     num_examples: int
     steps: tuple[TruthStep, ...]
+
+
+@contextmanager
+def seeded_global_rng(seed: int, server_round: int, client_id: int,
+                      device: torch.device) -> Iterator[None]:
+    """Fork and seed torch's global RNG for the client-round: layers we cannot hand a
+    generator (dropout) draw from it, so they too depend only on (seed, round, client)."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(derive_seed(seed, "round", server_round, "client", client_id,
+                                      "torch"))
+        yield
 
 
 def batch_plan(num_examples: int, *, batch_size: int, local_steps: int | None,
@@ -114,10 +127,11 @@ def local_train(task: Task, images: Tensor, labels: Tensor, dataset_indices: Ten
     opt = make_optimizer(optimizer, model.parameters(), lr)
     steps, losses = [], []
     try:
-        for i, pos in enumerate(plan):
-            res = task.train_step(opt, _batch(images, labels, pos, device), aux_gen)
-            losses.append(res.loss)
-            steps.append(_truth_step(i, images, labels, dataset_indices, pos, res.aux))
+        with seeded_global_rng(seed, server_round, client_id, device):
+            for i, pos in enumerate(plan):
+                res = task.train_step(opt, _batch(images, labels, pos, device), aux_gen)
+                losses.append(res.loss)
+                steps.append(_truth_step(i, images, labels, dataset_indices, pos, res.aux))
     finally:
         for h in hooks:
             h.remove()
@@ -141,10 +155,11 @@ def one_gradient(task: Task, images: Tensor, labels: Tensor, dataset_indices: Te
                      generator=gen)[0]
     batch = _batch(images, labels, pos, device)
     task.model.train()
-    aux = task.sample_aux(batch, aux_gen)
-    params, buffers = module_tensors(task.model)
-    loss = task.loss(params, buffers, batch, aux)
-    grads = torch.autograd.grad(loss, list(params.values()))
+    with seeded_global_rng(seed, server_round, client_id, device):
+        aux = task.sample_aux(batch, aux_gen)
+        params, buffers = module_tensors(task.model)
+        loss = task.loss(params, buffers, batch, aux)
+        grads = torch.autograd.grad(loss, list(params.values()))
     update = {k: g.detach().cpu().clone() for k, g in zip(params, grads, strict=True)}
     step = _truth_step(0, images, labels, dataset_indices, pos, aux)
     return LocalResult(update=update, kind="gradient", loss=float(loss.detach()),

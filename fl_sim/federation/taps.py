@@ -87,7 +87,7 @@ def arrays_to_tensors(arrays: ArrayRecord) -> dict[str, Tensor]:
 
 
 def tensors_to_arrays(tensors: Mapping[str, Tensor]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v.detach().cpu().numpy()))
+    return ArrayRecord({k: Array(np.asarray(v.detach().cpu().numpy(), order="C"))
                         for k, v in tensors.items()})
 
 
@@ -181,9 +181,11 @@ class TapStrategy(Strategy):
                 self.store.write_update("aggregate", server_round, None, delta, {
                     "update_kind": "delta", "num_examples": self.log.num_examples,
                     "num_clients_aggregated": len(accepted), "clients": self.log.accepted})
-            self.published = {P.AGG_ROUND_KEY: server_round,
-                              P.AGG_NUM_EXAMPLES_KEY: self.log.num_examples,
-                              P.AGG_NUM_CLIENTS_KEY: len(accepted)}
+        # Published with the next global (an empty round publishes zeros, never stale totals).
+        done = new is not None
+        self.published = {P.AGG_ROUND_KEY: server_round,
+                          P.AGG_NUM_EXAMPLES_KEY: self.log.num_examples if done else 0,
+                          P.AGG_NUM_CLIENTS_KEY: len(accepted) if done else 0}
         return new, metrics
 
     def _record_reply(self, server_round: int, cid: int, msg: Message,
@@ -195,7 +197,7 @@ class TapStrategy(Strategy):
         if kind == "delta":
             update = {k: v - self._global[k] for k, v in update.items()}
         self.store.write_update("server_in", server_round, cid, update, {
-            "update_kind": kind, "num_examples": _num_examples(msg),
+            "update_kind": kind, "num_examples": int(_num_examples(msg)),
             "local_steps": int(meta.get("local-steps", 1)), "lr": float(meta.get("lr", 0.0)),
             "batch_size": int(meta.get("batch-size", 0)), "defenses": []})
 
@@ -211,7 +213,7 @@ class TapStrategy(Strategy):
                 target = ref.numpy().dtype
                 x = np.rint(x).astype(target) if np.issubdtype(target, np.integer) \
                     else x.astype(target)
-                out[k] = Array(np.ascontiguousarray(x))
+                out[k] = Array(np.asarray(x, order="C"))
             else:
                 out[k] = a
         return ArrayRecord(out)

@@ -30,14 +30,21 @@ def case(request: pytest.FixtureRequest):
 def test_idlg_recovers_every_single_label(case) -> None:
     task, spec = case
     images, labels = cifar_images(20), cifar_labels(20)
-    attack = ATTACKS.create("idlg", method="idlg")
     found = []
     for i in range(20):
         record = make_record(task, spec, images[i:i + 1], labels[i:i + 1])
-        result = attack(record, generator=torch.Generator().manual_seed(i))
-        assert result.images.shape == (0, 3, 32, 32)
-        found.append(int(result.labels.item()))
+        found.append(int(recover_labels(record, "idlg", task=task).item()))
     assert found == labels.tolist()
+
+
+def test_idlg_attack_returns_labels_only() -> None:
+    task, spec = make_task("lenet", seed=0)
+    record = make_record(task, spec, cifar_images(1, 4), cifar_labels(1, 4))
+    result = ATTACKS.create("idlg", method="idlg")(record,
+                                                   generator=torch.Generator().manual_seed(0))
+    assert result.images.shape == (0, 3, 32, 32)
+    assert result.labels.tolist() == [6]
+    assert result.extras["label_method"] == "idlg"
 
 
 def test_batch_labels_distinct(case) -> None:

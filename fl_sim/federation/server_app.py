@@ -1,0 +1,298 @@
+"""fl-sim's Flower ServerApp (Message API): one app for every task and strategy.
+
+The round loop mirrors Flower's ``Strategy.start`` (configure_train → send_and_receive →
+aggregate_train → configure/aggregate_evaluate) but may start at any round, which a resume
+needs, and runs fl-sim's per-round work after aggregation: centralised evaluation, one
+``metrics.jsonl`` line, the online attack hook, a checkpoint and a progress event.
+
+Where the settings come from: :func:`fl_sim.federation.simulation.run_experiment` hands a
+:class:`ServerSetup` over in-process (``run_simulation`` gives apps an empty run_config);
+under ``flwr run .`` the ServerApp reads ``context.run_config["config"]`` (a TOML path, see
+``[tool.flwr.app.config]``) and optionally ``run-dir`` / ``resume``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
+
+from fl_sim.config import ExperimentConfig, save_resolved
+from fl_sim.errors import FlSimError
+from fl_sim.federation import protocol as P
+from fl_sim.federation.checkpoint import CheckpointStore, load_strategy_state
+from fl_sim.federation.client_app import load_splits, resolve_device
+from fl_sim.federation.taps import TapStrategy, arrays_to_tensors, tensors_to_arrays
+from fl_sim.registry import STRATEGIES
+from fl_sim.seeding import torch_generator
+from fl_sim.stores import (
+    ObservationStore,
+    append_jsonl,
+    read_jsonl,
+    rewrite_jsonl,
+    truncate_run,
+    write_tensors,
+)
+
+logger = logging.getLogger(__name__)
+
+app = ServerApp()
+
+#: Module the online attack hook imports (``run_round_attacks`` / ``run_final_attacks``).
+ATTACK_RUNNER = "fl_sim.attack_runner"
+#: Test-set examples the server evaluates the global model on after every round.
+MAX_EVAL_EXAMPLES = 1000
+#: Seconds to wait for replies of one round.
+ROUND_TIMEOUT_S = 3600.0
+METRICS_FILE = "metrics.jsonl"
+RUN_FILE = "run.json"
+SPEC_FILE = "spec.json"
+FINAL_MODEL = "final_model.safetensors"
+
+Progress = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class ServerSetup:
+    """What the ServerApp runs: config, run directory, resume flag, progress callback."""
+
+    cfg: ExperimentConfig
+    run_dir: Path
+    resume: bool = False
+    progress: Progress | None = None
+    error: BaseException | None = None
+
+
+#: In-process hand-off from run_experiment (None under ``flwr run``).
+HANDOFF: ServerSetup | None = None
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the experiment of the hand-off, or of ``context.run_config`` (``flwr run``)."""
+    setup = HANDOFF if HANDOFF is not None else setup_from_run_config(context.run_config)
+    try:
+        run_server(grid, setup)
+    except BaseException as exc:
+        setup.error = exc
+        raise
+
+
+def setup_from_run_config(run_config: Mapping[str, Any]) -> ServerSetup:
+    """``flwr run``: ``config`` (TOML path, relative to cwd or the app), ``run-dir``, ``resume``."""
+    from fl_sim.config import load
+    if "config" not in run_config:
+        raise FlSimError("run_config has no 'config' (set it in [tool.flwr.app.config])")
+    path = Path(str(run_config["config"]))
+    if not path.is_absolute() and not path.is_file():
+        path = Path(__file__).resolve().parents[2] / path
+    cfg = load(path)
+    run_dir = run_config.get("run-dir") or default_run_dir(cfg)
+    return ServerSetup(cfg, Path(str(run_dir)), resume=bool(run_config.get("resume", False)))
+
+
+def default_run_dir(cfg: ExperimentConfig) -> Path:
+    """``<output_dir>/<name>-<YYYYmmdd-HHMMSS>`` (a suffix is added if it exists)."""
+    base = Path(cfg.run.output_dir) / f"{cfg.run.name}-{datetime.now():%Y%m%d-%H%M%S}"
+    out, i = base, 1
+    while out.exists():
+        out, i = base.with_name(f"{base.name}-{i}"), i + 1
+    return out
+
+
+# -- set-up ---------------------------------------------------------------------------------
+def build_strategy(cfg: ExperimentConfig) -> Strategy:
+    """The configured strategy (FedSGD's unset ``server_lr`` becomes ``federation.lr``)."""
+    strategy = STRATEGIES.create(cfg.strategy.name, _where="strategy", **cfg.strategy.params)
+    if getattr(strategy, "server_lr", "unset") is None:
+        strategy.server_lr = float(cfg.federation.lr)
+    return strategy
+
+
+def server_task(cfg: ExperimentConfig) -> tuple[Any, Any, Any]:
+    """``(task, spec, splits)``: the initial model (seeded), its spec, and the dataset."""
+    from fl_sim.tasks import task_from_config
+    splits = load_splits(json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True))
+    task, spec = task_from_config(cfg.model, cfg.task, splits.in_channels, splits.num_classes,
+                                  splits.image_size, splits.mean, splits.std,
+                                  seed=cfg.run.seed, device=resolve_device(cfg.run.device))
+    return task, spec, splits
+
+
+def discover_nodes(grid: Grid, num_clients: int, *, timeout_s: float = 600.0
+                   ) -> dict[int, int]:
+    """``node_id -> partition id`` by asking every node (Flower's node ids are random)."""
+    t0 = time.monotonic()
+    while len(nodes := sorted(grid.get_node_ids())) < num_clients:
+        if time.monotonic() - t0 > timeout_s:
+            raise FlSimError(f"only {len(nodes)} of {num_clients} nodes connected after "
+                             f"{timeout_s:.0f} s")
+        time.sleep(0.5)
+    msgs = [Message(RecordDict({P.META: ConfigRecord()}), dst_node_id=n,
+                    message_type=P.QUERY_PARTITION) for n in nodes]
+    mapping: dict[int, int] = {}
+    for reply in grid.send_and_receive(msgs, timeout=ROUND_TIMEOUT_S):
+        if reply.has_error():
+            raise FlSimError(f"node {reply.metadata.src_node_id} failed to report its "
+                             f"partition: {reply.error.reason}")
+        cid = int(reply.content.config_records[P.META][P.PARTITION_ID])  # type: ignore[arg-type]
+        mapping[int(reply.metadata.src_node_id)] = cid
+    if sorted(mapping.values()) != list(range(num_clients)):
+        raise FlSimError(f"nodes report partitions {sorted(mapping.values())}; expected "
+                         f"0..{num_clients - 1} once each")
+    return mapping
+
+
+def prepare_run_dir(setup: ServerSetup, spec: Any) -> None:
+    run_dir = setup.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_resolved(setup.cfg, run_dir)
+    (run_dir / SPEC_FILE).write_text(json.dumps(spec.to_json(), indent=2, sort_keys=True))
+    info = {"run_id": run_dir.name, "status": "running", "fl_sim_version": _version()}
+    (run_dir / RUN_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
+
+
+def _version() -> str:
+    from fl_sim import __version__
+    return __version__
+
+
+# -- the loop ---------------------------------------------------------------------------------
+def run_server(grid: Grid, setup: ServerSetup) -> None:
+    """Run (or resume) every round of ``setup.cfg`` on ``grid``; see the module doc."""
+    cfg, run_dir = setup.cfg, setup.run_dir
+    fed = cfg.federation
+    task, spec, splits = server_task(cfg)
+    prepare_run_dir(setup, spec)
+    node_to_client = discover_nodes(grid, fed.num_clients)
+    inner = build_strategy(cfg)
+    arrays = ArrayRecord({k: v.detach().cpu() for k, v in task.model.state_dict().items()})
+    checkpoints = CheckpointStore(run_dir)
+    start, published = 0, {}
+    if setup.resume and (ck := checkpoints.load()) is not None:
+        start = ck.server_round
+        arrays = tensors_to_arrays(ck.global_state)
+        load_strategy_state(inner, ck.strategy_tensors, ck.strategy_scalars)
+        published = dict(ck.extra.get("published", {}))
+        logger.info("resuming %s after round %d", run_dir, start)
+    if setup.resume or start == 0:
+        # Records of a partially finished round (or of an earlier attempt) are discarded.
+        truncate_run(run_dir, start)
+        rows = [r for r in read_jsonl(run_dir / METRICS_FILE) if int(r["round"]) <= start]
+        rewrite_jsonl(run_dir / METRICS_FILE, rows)
+    tap = TapStrategy(inner, seed=cfg.run.seed, node_to_client=node_to_client,
+                      fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
+                      store=ObservationStore(run_dir) if fed.taps else None)
+    tap.published = published
+    test = (splits.test.images[:MAX_EVAL_EXAMPLES], splits.test.labels[:MAX_EVAL_EXAMPLES])
+    poison = _poison_clients()
+    for r in range(start + 1, fed.num_rounds + 1):
+        t0 = time.perf_counter()
+        arrays, row = run_round(grid, tap, cfg, run_dir, r, arrays, poison)
+        row.update(_central_eval(task, arrays, test, cfg.run.seed, r))
+        row["seconds"] = round(time.perf_counter() - t0, 4)
+        _append_metrics(run_dir, row)
+        if cfg.attacks:
+            _attack_hook("run_round_attacks", run_dir, cfg, r)
+        checkpoints.save(r, arrays_to_tensors(arrays), inner, {"published": tap.published})
+        if setup.progress is not None:
+            setup.progress({"event": "round", **row})
+    write_tensors(run_dir / FINAL_MODEL, arrays_to_tensors(arrays),
+                  {"round": fed.num_rounds})
+    if fed.peer_clients and fed.taps:
+        broadcast_final(grid, cfg, run_dir, node_to_client, arrays, tap.published)
+    if cfg.attacks:
+        _attack_hook("run_final_attacks", run_dir, cfg)
+    from fl_sim.report import plot_metrics
+    plot_metrics(run_dir)
+    info = json.loads((run_dir / RUN_FILE).read_text())
+    (run_dir / RUN_FILE).write_text(json.dumps({**info, "status": "complete"}, indent=2,
+                                               sort_keys=True))
+
+
+def run_round(grid: Grid, tap: TapStrategy, cfg: ExperimentConfig, run_dir: Path, r: int,
+              arrays: ArrayRecord, poison: list[int]) -> tuple[ArrayRecord, dict[str, Any]]:
+    """One training (+ federated evaluation) round; returns the new global and its metrics."""
+    extra = {P.POISON_KEY: poison} if poison else {}
+    messages = list(tap.configure_train(r, arrays, P.config_record(cfg, run_dir, **extra),
+                                        grid))
+    replies = grid.send_and_receive(messages, timeout=ROUND_TIMEOUT_S) if messages else []
+    new, _ = tap.aggregate_train(r, replies)
+    if new is not None:
+        arrays = new
+    log = tap.log
+    row: dict[str, Any] = {"round": r, "train_loss": log.train_loss,
+                           "clients_sampled": log.sampled, "clients_failed": log.failed,
+                           "clients_rejected": log.rejected, "num_examples": log.num_examples,
+                           "aggregated": log.aggregated}
+    ev_msgs = list(tap.configure_evaluate(r, arrays, P.config_record(cfg, run_dir), grid))
+    if ev_msgs:
+        ev = tap.aggregate_evaluate(r, grid.send_and_receive(ev_msgs, timeout=ROUND_TIMEOUT_S))
+        for k, v in (ev or {}).items():
+            row[f"fed_{k.replace('-', '_')}"] = float(v)  # type: ignore[arg-type]
+    return arrays, row
+
+
+def _central_eval(task: Any, arrays: ArrayRecord, test: tuple[Any, Any], seed: int,
+                  r: int) -> dict[str, float]:
+    if len(test[1]) == 0:
+        return {}
+    task.model.load_state_dict(arrays_to_tensors(arrays), strict=True)
+    gen = torch_generator(seed, "round", r, "server_eval")
+    with torch.no_grad():
+        metrics = task.evaluate(test[0], test[1], generator=gen)
+    return {f"eval_{k}": float(v) for k, v in metrics.items()}
+
+
+def _append_metrics(run_dir: Path, row: Mapping[str, Any]) -> None:
+    append_jsonl(run_dir / METRICS_FILE, row)
+
+
+def broadcast_final(grid: Grid, cfg: ExperimentConfig, run_dir: Path,
+                    node_to_client: Mapping[int, int], arrays: ArrayRecord,
+                    published: Mapping[str, Any]) -> None:
+    """Send the final global model to the peer clients (their last peer-view global)."""
+    final_round = cfg.federation.num_rounds + 1
+    nodes = [n for n, c in node_to_client.items() if c in cfg.federation.peer_clients]
+    msgs = [Message(RecordDict({P.ARRAYS: arrays, "config": P.config_record(
+        cfg, run_dir, **{P.ROUND_KEY: final_round}, **published)}), dst_node_id=n,
+        message_type=P.QUERY_FINAL_MODEL) for n in nodes]
+    for reply in grid.send_and_receive(msgs, timeout=ROUND_TIMEOUT_S):
+        if reply.has_error():
+            logger.warning("peer node %s did not store the final model: %s",
+                           reply.metadata.src_node_id, reply.error.reason)
+
+
+def _poison_clients() -> list[int]:
+    """Robustness/test knob: ``FL_SIM_POISON_CLIENTS="1,3"`` makes those clients send NaN."""
+    raw = os.environ.get(P.POISON_ENV, "").strip()
+    return [int(x) for x in raw.split(",") if x.strip()] if raw else []
+
+
+def _attack_runner() -> ModuleType | None:
+    try:
+        return importlib.import_module(ATTACK_RUNNER)
+    except ModuleNotFoundError as exc:
+        if exc.name == ATTACK_RUNNER:
+            logger.warning("attacks configured but %s is missing; skipped", ATTACK_RUNNER)
+            return None
+        raise
+
+
+def _attack_hook(name: str, *args: Any) -> None:
+    runner = _attack_runner()
+    if runner is not None:
+        getattr(runner, name)(*args)

@@ -1,0 +1,104 @@
+"""A recorded run directory, read back: config, metrics, threat-model views, ground truth.
+
+>>> run = load_run("runs/default-...")                                    # doctest: +SKIP
+>>> rec = run.view("server", grant=("labels",)).record(1, 2)              # doctest: +SKIP
+>>> peer = run.view("peer", client=0).record(1)                           # doctest: +SKIP
+>>> truth = run.truth(1, 2)          # metrics only, never an attack      # doctest: +SKIP
+
+Importing this module does not import flwr or ray.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from torch import Tensor
+
+from fl_sim.config import ExperimentConfig, from_dict
+from fl_sim.errors import RunDirError, ThreatModelError
+from fl_sim.records import GroundTruthRecord, ModelSpec
+from fl_sim.stores import ObservationStore, PeerStore, TruthStore, read_jsonl, read_tensors
+from fl_sim.views import PeerView, ServerView
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class Run:
+    """One run directory (see :func:`load_run`)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        for name in ("config.json", "spec.json"):
+            if not (self.path / name).is_file():
+                raise RunDirError(f"{self.path} is not a run directory (no {name})")
+        try:
+            self.config: ExperimentConfig = from_dict(
+                json.loads((self.path / "config.json").read_text()))
+            self.spec = ModelSpec.from_json(json.loads((self.path / "spec.json").read_text()))
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise RunDirError(f"{self.path}: unreadable config.json/spec.json: {exc}") from None
+        info = self.path / "run.json"
+        self.info: dict[str, Any] = json.loads(info.read_text()) if info.is_file() else {}
+        self.run_id: str = str(self.info.get("run_id", self.path.name))
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r})"
+
+    @property
+    def complete(self) -> bool:
+        return self.info.get("status") == "complete"
+
+    def metrics(self) -> list[dict[str, Any]]:
+        """One dict per completed round (``metrics.jsonl``), last line per round."""
+        rows = {int(r["round"]): r for r in read_jsonl(self.path / METRICS_FILE)}
+        return [rows[k] for k in sorted(rows)]
+
+    def view(self, role: Literal["server", "peer"], *, client: int | None = None,
+             grant: tuple[str, ...] | list[str] = ()) -> ServerView | PeerView:
+        """A threat-model view: ``"server"``, or ``"peer"`` of ``client``.
+
+        Raises :class:`~fl_sim.errors.ThreatModelError` for a peer that was not recorded as
+        one (not in ``federation.peer_clients``) or a peer ground-truth grant.
+        """
+        if role == "server":
+            return ServerView(self.run_id, self.spec, ObservationStore(self.path),
+                              TruthStore(self.path), grant=tuple(grant))
+        if role == "peer":
+            peers = tuple(self.config.federation.peer_clients)
+            if client is None or int(client) not in peers:
+                raise ThreatModelError(f"client {client} was not a recorded peer; "
+                                       f"federation.peer_clients = {list(peers)}")
+            strategy = self.config.strategy
+            server_lr = strategy.params.get("server_lr") if strategy.name == "fedsgd" else None
+            if strategy.name == "fedsgd" and server_lr is None:
+                server_lr = self.config.federation.lr
+            return PeerView(self.run_id, self.spec, PeerStore(self.path, int(client)),
+                            strategy=strategy.name, server_lr=server_lr, grant=tuple(grant))
+        raise ValueError(f"unknown view role {role!r}; known: server, peer")
+
+    def clients_in_round(self, server_round: int) -> list[int]:
+        """Clients whose update was aggregated in ``server_round`` (from the server tap,
+        else from the recorded ground truth)."""
+        clients = ServerView(self.run_id, self.spec, ObservationStore(self.path),
+                             TruthStore(self.path)).clients(server_round)
+        if clients:
+            return clients
+        return sorted(c for r, c in TruthStore(self.path).keys() if r == server_round)
+
+    def truth(self, server_round: int, client: int) -> GroundTruthRecord:
+        """What ``client`` really trained on in ``server_round`` (for metrics only)."""
+        return TruthStore(self.path).read(self.run_id, server_round, client)
+
+    def final_model(self) -> dict[str, Tensor]:
+        """The final global model state (params + buffers)."""
+        p = self.path / "final_model.safetensors"
+        if not p.is_file():
+            raise RunDirError(f"{self.path}: no final model (run not complete)")
+        return read_tensors(p)[0]
+
+
+def load_run(path: str | Path) -> Run:
+    """Open a run directory written by :func:`fl_sim.federation.simulation.run_experiment`."""
+    return Run(Path(path))

@@ -1,0 +1,83 @@
+"""DLG (Zhu et al. 2019) on the DLG LeNet (sigmoid) with real CIFAR-10 test images."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from attack_cases import cifar_images, cifar_labels, make_record, make_task
+
+from attacks.dlg import DLG, initial_images
+from fl_sim.errors import ConfigError, ThreatModelError
+from fl_sim.metrics import psnr
+from fl_sim.registry import ATTACKS
+
+
+@pytest.fixture(scope="module")
+def lenet():
+    return make_task("lenet", seed=0)
+
+
+def test_dlg_improves_far_beyond_its_start(lenet) -> None:
+    task, spec = lenet
+    image, label = cifar_images(1), cifar_labels(1)
+    record = make_record(task, spec, image, label)
+    attack = ATTACKS.create("dlg", max_iterations=5)  # <= 100 L-BFGS iterations
+    result = attack(record, generator=torch.Generator().manual_seed(0))
+    start = initial_images((1, 3, 32, 32), "uniform", torch.Generator().manual_seed(0))
+    gain = float(psnr(result.images, image) - psnr(start, image))
+    assert gain >= 6.0, gain
+    assert result.labels.tolist() == label.tolist()
+    assert result.images.shape == (1, 3, 32, 32)
+    assert 0.0 <= float(result.images.min()) and float(result.images.max()) <= 1.0
+    assert 0 < result.iterations <= 100 and result.matching_loss >= 0
+    assert result.assumed == {"labels": "idlg"}
+
+
+def test_dlg_optimised_labels_are_returned(lenet) -> None:
+    task, spec = lenet
+    image, label = cifar_images(1, 1), cifar_labels(1, 1)
+    record = make_record(task, spec, image, label)
+    result = ATTACKS.create("dlg", max_iterations=10, labels="optimize")(
+        record, generator=torch.Generator().manual_seed(1))
+    assert result.labels.tolist() == label.tolist()  # the optimised label, not a random one
+    assert float(psnr(result.images, image)) > 20.0
+    assert result.assumed == {}
+
+
+def test_dlg_granted_labels_need_knowledge(lenet) -> None:
+    task, spec = lenet
+    images, labels = cifar_images(2), cifar_labels(2)
+    attack = ATTACKS.create("dlg", labels="granted", max_iterations=1, inner_iterations=2)
+    assert attack.required_knowledge() == ("labels",)
+    with pytest.raises(ThreatModelError, match="labels"):
+        attack(make_record(task, spec, images, labels))
+    granted = make_record(task, spec, images, labels, knowledge={"labels": labels})
+    result = attack(granted, generator=torch.Generator().manual_seed(0))
+    assert result.labels.tolist() == labels.tolist()
+    assert result.images.shape == (2, 3, 32, 32)
+
+
+def test_dlg_refuses_peer_view_and_bad_config(lenet) -> None:
+    task, spec = lenet
+    peer = make_record(task, spec, cifar_images(1), cifar_labels(1), tap="peer_view")
+    with pytest.raises(ThreatModelError, match="server"):
+        DLG()(peer)
+    with pytest.raises(ConfigError, match="labels"):
+        ATTACKS.create("dlg", labels="bogus")
+    with pytest.raises(ValueError, match="restarts"):
+        DLG(restarts=0)
+
+
+@pytest.mark.slow
+def test_dlg_reference_lenet_batch1(lenet) -> None:
+    """DLG + iDLG labels, 8 single images: >= 30 dB on at least 6 (35.5-38 dB measured)."""
+    task, spec = lenet
+    images, labels = cifar_images(8), cifar_labels(8)
+    attack = ATTACKS.create("dlg", max_iterations=25)  # <= 500 L-BFGS iterations
+    psnrs = []
+    for i in range(8):
+        record = make_record(task, spec, images[i:i + 1], labels[i:i + 1])
+        result = attack(record, generator=torch.Generator().manual_seed(i))
+        assert result.labels.tolist() == [int(labels[i])]
+        psnrs.append(float(psnr(result.images, images[i:i + 1])))
+    assert sum(p >= 30.0 for p in psnrs) >= 6, psnrs
