@@ -33,6 +33,7 @@ from torch import Tensor
 
 from attacks.gradients import parameter_names, split_state
 from fl_sim.records import ObservationRecord
+from fl_sim.tasks.base import Batch
 
 __all__ = ["LastLayer", "find_last_layer", "idlg_label", "batch_labels", "labels_from_counts",
            "recover_labels"]
@@ -145,8 +146,6 @@ def estimate_output_statistics(task: Any, record: ObservationRecord, layer: Last
     device = next(iter(params.values())).device
     dummy = torch.rand(num_dummy, spec.in_channels, spec.image_size, spec.image_size,
                        generator=generator).to(device)
-    from fl_sim.tasks.base import Batch
-
     batch = Batch(dummy, torch.zeros(num_dummy, dtype=torch.int64, device=device))
     seen: dict[str, Tensor] = {}
 

@@ -29,6 +29,7 @@ from fl_sim.records import GroundTruthRecord, ObservationRecord
 from fl_sim.registry import ATTACKS
 from fl_sim.report import RESULTS_FILE, load_results, save_grid
 from fl_sim.seeding import torch_generator
+from fl_sim.stores import append_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -209,8 +210,4 @@ def _key(name: str, view: str, server_round: int, client: int | None,
 
 
 def _append(run_dir: Path, result: Mapping[str, Any]) -> None:
-    path = Path(run_dir) / RESULTS_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as fh:
-        fh.write(json.dumps(result, default=_plain) + "\n")
-        fh.flush()
+    append_jsonl(Path(run_dir) / RESULTS_FILE, json.loads(json.dumps(result, default=_plain)))

@@ -19,24 +19,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fl_sim.stores import read_jsonl
+
 logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "attacks.jsonl"
 METRICS_FILE = "metrics.jsonl"
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """All JSON lines of ``path`` ([] if absent); a torn last line (crash) is skipped."""
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                logger.warning("skipping a torn line in %s", path)
-    return rows
 
 
 def load_results(run_dir: Path) -> list[dict[str, Any]]:

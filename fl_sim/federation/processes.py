@@ -141,6 +141,10 @@ def _reap(tree: Sequence[tuple[int, int]], *, grace_s: float) -> None:
         time.sleep(0.1)
     for p, t in tree:
         _signal(p, t, signal.SIGKILL)
+    # SIGKILL is asynchronous: wait (briefly) until the kernel has really ended them.
+    deadline = time.monotonic() + 2.0
+    while time.monotonic() < deadline and any(_alive(p, t) for p, t in tree):
+        time.sleep(0.02)
 
 
 def start(name: str, argv: Sequence[str], *, log_path: Path, env: Mapping[str, str],

@@ -12,6 +12,16 @@ from fl_sim.metrics import psnr
 from fl_sim.registry import ATTACKS
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """LeNet's ops are tiny: a second intra-op thread only adds sync cost, and on a loaded
+    2-core runner it made the slow test ~20x slower (682 s vs 33 s measured)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def lenet():
     return make_task("lenet", seed=0)

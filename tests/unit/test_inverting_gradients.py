@@ -1,0 +1,264 @@
+"""Inverting Gradients (Geiping et al. 2020) and its shared machinery.
+
+Fast tests use small models on 16x16 CIFAR crops; the reference cases of FACTS.md
+("Reference attack cases", breaching's figures) are marked slow.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from attack_cases import cifar_images, cifar_labels, make_record, make_spec, make_task
+
+from attacks.gradients import parameter_gradients, split_state, target_from_record
+from attacks.inverting_gradients import InvertingGradients
+from attacks.objectives import (
+    BNStatistics,
+    NormalisedImages,
+    bn_prior,
+    cosine_distance,
+    simulated_update,
+    total_variation,
+    unrolled_delta,
+)
+from fl_sim.errors import ConfigError, ThreatModelError
+from fl_sim.metrics import psnr, score_reconstruction
+from fl_sim.records import ObservationRecord
+from fl_sim.registry import ATTACKS
+from fl_sim.tasks import build_task
+from fl_sim.tasks.base import Batch
+
+
+def small_case(model: str = "convnet", n: int = 1, size: int = 16, seed: int = 0,
+               params: dict | None = None):
+    """A seeded eval-mode task on ``size``x``size`` CIFAR images (average-pooled)."""
+    if params is None:
+        params = {"width": 16} if model == "convnet" else {}
+    spec = make_spec(model, params, image_size=size)
+    task = build_task(spec, seed=seed)
+    task.model.eval()
+    images = F.adaptive_avg_pool2d(cifar_images(n), size)
+    return task, spec, images, cifar_labels(n)
+
+
+def delta_record(task, spec, images, labels, *, lr: float, steps: int, batch_size: int,
+                 knowledge=None) -> ObservationRecord:
+    """A FedAvg record: ``new - global`` after ``steps`` torch.optim.SGD steps (eval mode)."""
+    model = copy.deepcopy(task.model).eval()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    n = images.shape[0]
+    for k in range(steps):
+        idx = [(k * batch_size + j) % n for j in range(batch_size)]
+        opt.zero_grad()
+        F.cross_entropy(model(task.normalize(images[idx])), labels[idx]).backward()
+        opt.step()
+    glob = task.model.state_dict()
+    new = model.state_dict()
+    return ObservationRecord(
+        run_id="test", server_round=1, client_id=0, tap="server_in", spec=spec,
+        global_params={k: v.clone() for k, v in glob.items()},
+        update={k: (new[k] - glob[k]).clone() for k in glob if glob[k].is_floating_point()},
+        update_kind="delta", num_examples=n, local_steps=steps, lr=lr, batch_size=batch_size,
+        knowledge=dict(knowledge or {}))
+
+
+def init_psnr(spec, truth: torch.Tensor, seed: int) -> float:
+    """PSNR of the attack's random start (same generator draw as restart 0)."""
+    cand = NormalisedImages((1, *truth.shape), spec.mean, spec.std,
+                            generator=torch.Generator().manual_seed(seed))
+    cand.clamp_()
+    return float(psnr(cand.images()[0].detach(), truth).mean())
+
+
+# -- shared gradient module ---------------------------------------------------------------
+def test_split_state_and_gradients_match_module_autograd():
+    task, spec, x, y = small_case("convnet")
+    params, buffers = split_state(task, task.model.state_dict())
+    assert set(params) == {n for n, _ in task.model.named_parameters()}
+    assert "features.bn0.running_mean" in buffers
+    grads = parameter_gradients(task, params, buffers, Batch(x, y), {})
+    task.model.zero_grad()
+    F.cross_entropy(task.model(task.normalize(x)), y).backward()
+    for name, p in task.model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6)
+        assert not grads[name].requires_grad
+
+
+def test_split_state_names_missing_entry():
+    task, *_ = small_case("lenet")
+    state = dict(task.model.state_dict())
+    state.pop("fc.bias")
+    with pytest.raises(KeyError, match="fc.bias"):
+        split_state(task, state)
+
+
+def test_target_from_record_drops_buffers():
+    task, spec, x, y = small_case("convnet", n=2)
+    rec = delta_record(task, spec, x, y, lr=0.1, steps=1, batch_size=2)
+    assert "features.bn0.running_mean" in rec.update
+    target = target_from_record(rec, task)
+    assert list(target) == [n for n, _ in task.model.named_parameters()]
+
+
+# -- objectives -----------------------------------------------------------------------------
+def test_cosine_distance_matches_flattened_cosine():
+    g = {"a": torch.randn(3, 4, 5), "b": torch.randn(3, 7)}
+    t = {"a": torch.randn(4, 5), "b": torch.randn(7)}
+    flat_g = torch.cat([g["a"].flatten(1), g["b"]], 1)
+    flat_t = torch.cat([t["a"].flatten(), t["b"]])
+    expected = 1 - F.cosine_similarity(flat_g, flat_t.expand_as(flat_g), dim=1)
+    torch.testing.assert_close(cosine_distance(g, t), expected)
+    assert float(cosine_distance({"a": t["a"][None] * 3, "b": t["b"][None] * 3}, t)[0]) < 1e-6
+
+
+def test_total_variation_zero_on_constant_and_per_restart():
+    x = torch.zeros(2, 1, 3, 8, 8)
+    x[1, 0, :, :, 4:] = 1.0
+    tv = total_variation(x)
+    assert tv.shape == (2,) and float(tv[0]) == 0.0 and float(tv[1]) > 0
+
+
+def test_unrolled_delta_matches_torch_sgd():
+    task, spec, x, y = small_case("convnet", n=4)
+    rec = delta_record(task, spec, x, y, lr=0.05, steps=3, batch_size=2)  # wraps around
+    params, buffers = split_state(task, rec.global_params)
+    delta, _ = unrolled_delta(task, params, buffers, x, y, lr=0.05, steps=3, batch_size=2)
+    for name in params:
+        torch.testing.assert_close(delta[name], rec.update[name], rtol=1e-3, atol=1e-6)
+
+
+def test_vmapped_restarts_equal_separate_calls():
+    task, spec, x, y = small_case("convnet", n=2)
+    params, buffers = split_state(task, task.model.state_dict())
+    images = torch.rand(2, 2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    for unroll in (None, (0.1, 2, 1)):
+        batched, _ = simulated_update(task, params, buffers, images, y, unroll=unroll)
+        for r in range(2):
+            single, _ = simulated_update(task, params, buffers, images[r:r + 1], y,
+                                         unroll=unroll)
+            for name in params:
+                torch.testing.assert_close(batched[name][r], single[name][0],
+                                           rtol=1e-4, atol=1e-6)
+
+
+def test_bn_prior_minimal_at_true_batch_larger_at_noise():
+    task, spec, x, y = small_case("convnet", n=8)
+    # running statistics := the true batch's statistics (momentum 1, one train-mode pass)
+    for m in task.model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum, m.track_running_stats = 1.0, True
+    task.model.train()
+    with torch.no_grad():
+        task.model(task.normalize(x))
+    task.model.eval()
+    params, buffers = split_state(task, task.model.state_dict())
+    bn = BNStatistics(task.model)
+
+    def prior(images):
+        _, p = simulated_update(task, params, buffers, images[None], y, unroll=None, bn=bn)
+        return float(p[0])
+
+    noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(0))
+    # not exactly 0: running_var holds the unbiased batch variance, the prior the biased one
+    assert prior(x) < 1e-2 * prior(noise)
+    with pytest.raises(ValueError, match="BatchNorm"):
+        BNStatistics(small_case("lenet")[0].model)
+    stats = [(torch.zeros(4), torch.ones(4))]
+    zero = bn_prior(stats, {"m": torch.zeros(4), "v": torch.ones(4)}, [("m", "v")])
+    assert float(zero) == 0.0
+
+
+# -- the attack -----------------------------------------------------------------------------
+def test_registered_and_config_validated():
+    assert ATTACKS.get("inverting_gradients") is InvertingGradients
+    assert InvertingGradients(labels="granted").required_knowledge() == ("labels",)
+    assert InvertingGradients().required_knowledge() == ()
+    for bad in ({"max_iterations": 0}, {"restarts": 0}, {"lr": 0.0}, {"tv_weight": -1.0},
+                {"labels": "oracle"}, {"multi_step": "twice"}, {"schedule": "exp"}):
+        with pytest.raises(ConfigError, match=next(iter(bad))):
+            InvertingGradients(**bad)
+    with pytest.raises(ConfigError, match="labels"):
+        ATTACKS.create("inverting_gradients", labels="oracle")
+
+
+def test_granted_labels_required_by_threat_model():
+    task, spec, x, y = small_case("lenet")
+    rec = make_record(task, spec, x, y)
+    with pytest.raises(ThreatModelError, match="labels"):
+        InvertingGradients(labels="granted", max_iterations=1)(rec)
+
+
+def test_bn_prior_on_model_without_batchnorm_is_config_error():
+    task, spec, x, y = small_case("lenet")
+    rec = make_record(task, spec, x, y, knowledge={"labels": y})
+    with pytest.raises(ConfigError, match="BatchNorm"):
+        InvertingGradients(labels="granted", bn_prior_weight=0.1, max_iterations=1)(rec)
+
+
+@pytest.mark.parametrize("model", ["lenet", "convnet"])
+def test_small_reconstruction_beats_random_start(model):
+    task, spec, x, y = small_case(model)
+    rec = make_record(task, spec, x, y)  # labels recovered with iDLG
+    attack = InvertingGradients(max_iterations=120, tv_weight=0.05)
+    out = attack(rec, generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == x.shape and out.labels.tolist() == y.tolist()
+    assert out.assumed["labels"] == "idlg"
+    gained = float(psnr(out.images, x).mean()) - init_psnr(spec, x, seed=0)
+    assert gained >= 6.0, gained
+
+
+def test_best_restart_is_returned():
+    task, spec, x, y = small_case("lenet", n=2)
+    rec = make_record(task, spec, x, y, knowledge={"labels": y})
+    last = {}
+    out = InvertingGradients(max_iterations=15, restarts=3, labels="granted").reconstruct(
+        rec, generator=torch.Generator().manual_seed(3),
+        callback=lambda it, imgs: last.update(images=imgs))
+    objectives = out.extras["restart_objectives"]
+    assert len(objectives) == 3 and len(set(objectives)) == 3
+    best = min(range(3), key=objectives.__getitem__)
+    assert out.extras["best_restart"] == best
+    assert out.matching_loss == pytest.approx(objectives[best])
+    torch.testing.assert_close(out.images, last["images"][best].clamp(0, 1))
+
+
+# -- reference cases (FACTS.md), slow ---------------------------------------------------------
+def _reference(model: str, n: int, iterations: int, **kw) -> float:
+    task, spec = make_task(model)
+    x, y = cifar_images(n), cifar_labels(n)
+    rec = make_record(task, spec, x, y, knowledge={"labels": y})
+    out = InvertingGradients(max_iterations=iterations, labels="granted", **kw)(
+        rec, generator=torch.Generator().manual_seed(0))
+    return score_reconstruction(out.images, x)["psnr"]
+
+
+@pytest.mark.slow
+def test_reference_convnet_batch1_600_iterations():
+    assert _reference("convnet", 1, 600) >= 17.5  # breaching: 17.6 dB
+
+
+@pytest.mark.slow
+def test_reference_convnet_batch4_200_iterations():
+    assert _reference("convnet", 4, 200) >= 14.0  # breaching: 14.0 dB
+
+
+@pytest.mark.slow
+def test_reference_resnet18_batch1_600_iterations():
+    assert _reference("resnet18", 1, 600) >= 15.8  # breaching: 15.9 dB
+
+
+@pytest.mark.slow
+def test_unrolled_objective_beats_single_gradient_on_fedavg():
+    task, spec = make_task("convnet", {"width": 16})
+    x, y = cifar_images(8), cifar_labels(8)
+    rec = delta_record(task, spec, x, y, lr=0.1, steps=4, batch_size=2,
+                       knowledge={"labels": y})
+    scores = {}
+    for mode in ("unroll", "single"):
+        out = InvertingGradients(max_iterations=200, labels="granted", multi_step=mode)(
+            rec, generator=torch.Generator().manual_seed(0))
+        scores[mode] = score_reconstruction(out.images, x)["psnr"]
+    assert scores["unroll"] >= scores["single"] + 2.0, scores
