@@ -17,8 +17,9 @@ Import as ``attack_cases`` (``tests/`` is on ``sys.path`` under pytest's rootdir
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,21 @@ REFERENCE_MODELS: dict[str, dict[str, Any]] = {
     "convnet": {"width": 64},
     "resnet18": {},
 }
+
+
+@contextlib.contextmanager
+def torch_threads(n: int = 1) -> Iterator[None]:
+    """Run the block with ``n`` intra-op threads, then restore the previous number.
+
+    The reference models' batch-1 ops are small: on a loaded 2-core runner a second thread
+    made DLG on LeNet ~20x and iDLG on ConvNet ~10x slower (measured), so attack tests use one.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @functools.lru_cache(maxsize=1)

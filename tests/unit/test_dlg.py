@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from attack_cases import cifar_images, cifar_labels, make_record, make_task
+from attack_cases import cifar_images, cifar_labels, make_record, make_task, torch_threads
 
 from attacks.dlg import DLG, initial_images
 from fl_sim.errors import ConfigError, ThreatModelError
@@ -14,12 +14,8 @@ from fl_sim.registry import ATTACKS
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """LeNet's ops are tiny: a second intra-op thread only adds sync cost, and on a loaded
-    2-core runner it made the slow test ~20x slower (682 s vs 33 s measured)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):  # 682 s -> 33 s for the slow test on a loaded 2-core runner
+        yield
 
 
 @pytest.fixture(scope="module")

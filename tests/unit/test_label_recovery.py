@@ -6,7 +6,14 @@ import dataclasses
 
 import pytest
 import torch
-from attack_cases import cifar_distinct, cifar_images, cifar_labels, make_record, make_task
+from attack_cases import (
+    cifar_distinct,
+    cifar_images,
+    cifar_labels,
+    make_record,
+    make_task,
+    torch_threads,
+)
 
 from attacks.label_recovery import (
     batch_labels,
@@ -20,6 +27,12 @@ from fl_sim.metrics import label_accuracy
 from fl_sim.registry import ATTACKS
 
 MODELS = ["lenet", "convnet"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module", params=MODELS)
