@@ -98,9 +98,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+class _ThirdPartyFilter(logging.Filter):
+    """Keep Flower's and Ray's chatter out of the terminal unless it is a warning."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.name.startswith(("flwr", "ray"))
+
+
 def _configure_logging(debug: bool) -> None:
     from rich.logging import RichHandler
     handler = RichHandler(show_path=debug, show_time=False, markup=False)
+    if not debug:
+        handler.addFilter(_ThirdPartyFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.WARNING)
@@ -162,12 +171,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg = config.from_dict(config.apply_overrides(
             cfg.to_json_dict(), [f'federation.ray_address="{args.ray_address}"']))
 
+    _quiet_flower(args.debug)
     from fl_sim.federation.simulation import run_experiment
     with _Progress(enabled=not args.no_progress, total=cfg.federation.num_rounds) as progress:
         out = run_experiment(cfg, run_dir=run_dir, resume=args.resume is not None,
                              progress=progress.update)
     _print_summary(out)
     return 0
+
+
+def _quiet_flower(debug: bool) -> None:
+    """Flower installs its own console handler at import; align it with ``--debug``."""
+    from flwr.common.logger import update_console_handler
+    update_console_handler(level=logging.DEBUG if debug else logging.WARNING)
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
@@ -195,6 +211,7 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
     from fl_sim import config
     from fl_sim.federation.deployment import deploy_local
     cfg = config.load(args.config, args.overrides)
+    _quiet_flower(args.debug)
     out = deploy_local(cfg, run_dir=args.run_dir)
     _print_summary(out)
     return 0
@@ -234,7 +251,7 @@ class _Progress:
             else:
                 self._bar.update(self._task, info=info)
         else:
-            logger.info("%s", " ".join(f"{k}={v}" for k, v in event.items()))
+            logger.info("round %s/%s %s", event.get("round", "?"), self.total, info)
 
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:

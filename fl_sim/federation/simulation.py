@@ -24,7 +24,10 @@ logger = logging.getLogger(__name__)
 def backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
     """Flower's Ray backend config: client resources and (optionally) the cluster address."""
     res = cfg.federation.client_resources
-    init_args: dict[str, Any] = {"ignore_reinit_error": True}
+    # Ray forwards every actor's log lines to the driver's terminal; only with debug logging.
+    init_args: dict[str, Any] = {"ignore_reinit_error": True,
+                                 "log_to_driver": logging.getLogger("fl_sim").isEnabledFor(
+                                     logging.DEBUG)}
     if cfg.federation.ray_address:
         init_args["address"] = cfg.federation.ray_address
     return {"client_resources": {"num_cpus": float(res.num_cpus),
