@@ -20,6 +20,7 @@ come from one :func:`torch.func.vmap` call.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -123,6 +124,7 @@ def invert(problem: InversionProblem, *, max_iterations: int, restarts: int, lr:
     bn = BNStatistics(problem.task.model) if bn_prior_weight > 0 else None
     update_of = _update_fn(problem, bn)
     dist = cosine_distance if distance == "cosine" else l2_distance
+    target_norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in problem.target.values()))
     n = int(problem.labels.shape[0])
     cand = NormalisedImages((restarts, n, *problem.shape), problem.mean, problem.std,
                             generator=generator)
@@ -130,7 +132,7 @@ def invert(problem: InversionProblem, *, max_iterations: int, restarts: int, lr:
     def objective(z: Tensor) -> tuple[Tensor, Tensor]:
         images = z * cand.std + cand.mean
         upd, prior = update_of(images)
-        d = dist(upd, problem.target)
+        d = dist(upd, problem.target, target_norm=target_norm)
         total = d + tv_weight * total_variation(z) if tv_weight else d
         if prior is not None:
             total = total + bn_prior_weight * prior

@@ -34,23 +34,28 @@ __all__ = ["cosine_distance", "l2_distance", "total_variation", "BNStatistics", 
            "SCHEDULES"]
 
 
-def cosine_distance(grads: Mapping[str, Tensor], target: Mapping[str, Tensor]) -> Tensor:
+def cosine_distance(grads: Mapping[str, Tensor], target: Mapping[str, Tensor], *,
+                    target_norm: float | None = None) -> Tensor:
     """``1 - <g, t> / (|g| |t|)`` with all parameters flattened into one vector.
 
     ``grads[name]``: ``[R, *shape]`` (one gradient per restart), ``target[name]``: ``[*shape]``.
-    Returns ``[R]`` in [0, 2]. Only names in ``target`` are compared.
+    Returns ``[R]`` in [0, 2]. Only names in ``target`` are compared. ``target_norm`` (``|t|``)
+    may be passed to skip recomputing it every iteration.
     """
     dot = norm_g = 0.0
     for name, t in target.items():
         g = grads[name].flatten(1)
         dot = dot + g @ t.flatten()
         norm_g = norm_g + g.pow(2).sum(1)
-    norm_t = math.sqrt(sum(float(t.double().pow(2).sum()) for t in target.values()))
+    norm_t = target_norm if target_norm is not None else math.sqrt(
+        sum(float(t.double().pow(2).sum()) for t in target.values()))
     return 1.0 - dot / (torch.sqrt(norm_g).clamp_min(1e-12) * max(norm_t, 1e-12))
 
 
-def l2_distance(grads: Mapping[str, Tensor], target: Mapping[str, Tensor]) -> Tensor:
-    """``sum_name |g - t|^2`` per restart (DLG's objective). Shapes as :func:`cosine_distance`."""
+def l2_distance(grads: Mapping[str, Tensor], target: Mapping[str, Tensor], *,
+                target_norm: float | None = None) -> Tensor:
+    """``sum_name |g - t|^2`` per restart (DLG's objective). Shapes as :func:`cosine_distance`;
+    ``target_norm`` is accepted for interface symmetry and unused."""
     out = 0.0
     for name, t in target.items():
         out = out + (grads[name] - t).flatten(1).pow(2).sum(1)

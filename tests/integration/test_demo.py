@@ -57,14 +57,14 @@ def test_default_demo_end_to_end(tmp_path: Path) -> None:
 
     # Record once, attack many times: replay another attack offline on the same run.
     out = subprocess.run([sys.executable, "-m", "fl_sim.cli", "attack", str(run_dir),
-                          "--attack", "dlg", "--client", "2", "--set", "max_iterations=10"],
+                          "--attack", "dlg", "--client", "2", "--set", "max_iterations=4"],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
                          stdin=subprocess.DEVNULL)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == last
     replayed = json.loads((run_dir / "attacks.jsonl").read_text().splitlines()[-1])
     assert replayed["attack"] == "dlg" and replayed["client"] == 2
-    assert replayed["params"] == {"max_iterations": 10}
+    assert replayed["params"] == {"max_iterations": 4}
     assert replayed["metrics"]["psnr"] >= 25.0, replayed["metrics"]  # DLG on sigmoid LeNet
     assert "dlg" in Path(last).read_text()
     bad = subprocess.run([sys.executable, "-m", "fl_sim.cli", "attack", str(run_dir),

@@ -66,7 +66,8 @@ def _peer_record(task, spec, update, own, *, kind, others: int, num_examples: in
 def fedsgd_peer_record(task, spec, xs, ys) -> ObservationRecord:
     """Peer = client 0; FedSGD with equal batches: others' aggregate = mean of their grads."""
     params, buffers = split_state(task, task.model.state_dict())
-    grads = [parameter_gradients(task, params, buffers, Batch(x, y)) for x, y in zip(xs, ys, strict=True)]
+    grads = [parameter_gradients(task, params, buffers, Batch(x, y))
+             for x, y in zip(xs, ys, strict=True)]
     others = grads[1:]
     update = {k: sum(g[k] for g in others) / len(others) for k in params}
     return _peer_record(task, spec, update, grads[0], kind="gradient", others=len(others),
@@ -120,7 +121,7 @@ def test_fedavg_peer_plan_reproduces_others_aggregate():
 def test_peer_reconstruction_small_beats_random_start(one_thread):
     task, spec, xs, ys = _setup("lenet", {}, 16, 3, 1)
     rec = fedsgd_peer_record(task, spec, xs, ys)
-    out = PeerInversion(max_iterations=150, labels="granted")(
+    out = PeerInversion(max_iterations=300, labels="granted")(
         rec, generator=torch.Generator().manual_seed(0))
     truth = torch.cat(xs[1:])
     assert out.images.shape == truth.shape
