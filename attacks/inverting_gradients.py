@@ -15,7 +15,10 @@ measured in the task's NORMALISED coordinates ``z = (x - mean) / std`` (so ``lr 
 ``tv_weight = 0.2`` mean what they mean there); the model is evaluated at the record's global
 state with BatchNorm in eval mode (running statistics, as in the reference cases).
 All ``R`` restarts are optimised as one ``[R, N, C, H, W]`` tensor; the per-restart updates
-come from one :func:`torch.func.vmap` call.
+come from one :func:`torch.func.vmap` call. By default the batch is pruned by successive
+halving (:func:`pruning_schedule`): the worse half by the matching objective is dropped at
+1/16, 1/8 and 1/4 of the budget (eight restarts), so eight restarts cost about two plain
+runs instead of eight; ``restart_pruning="none"`` is the paper's protocol.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ LabelSource = Literal["granted", "idlg", "batch", "auto"]
 MultiStep = Literal["auto", "unroll", "single"]
 Schedule = Literal["step", "cosine", "linear"]
 Distance = Literal["cosine", "l2"]
+RestartPruning = Literal["halving", "none"]
 #: called as ``callback(iteration, images [R, N, C, H, W])`` after each step (benchmarks)
 Callback = Callable[[int, Tensor], None]
 
@@ -111,15 +115,82 @@ def _update_fn(problem: InversionProblem, bn: BNStatistics | None
     return several
 
 
+def pruning_schedule(restarts: int, max_iterations: int, keep: int = 1
+                     ) -> list[tuple[int, int]]:
+    """Successive halving of restarts: ``[(iteration, survivors after it), ...]``.
+
+    ``m = ceil(log2(restarts / keep))`` halvings (each keeps ``ceil(r / 2)``, at least
+    ``keep``) happen at ``1/4 * 2^-(m-1), ..., 1/8, 1/4`` of the budget (1/16, 1/8, 1/4 for
+    eight restarts and ``keep = 1``), all before the first learning-rate drop of the step
+    schedule (3/8), while every restart still moves at full speed. At a pruning iteration the
+    objective of the current images is the one that iteration computes anyway, so pruning
+    costs nothing extra. Iterations are strictly increasing; halvings that would fall at or
+    after ``max_iterations`` are left out (the final choice then picks among more survivors).
+    With ``restarts <= keep`` the schedule is empty.
+    """
+    sizes: list[int] = []
+    r = restarts
+    while r > keep:
+        r = max(keep, (r + 1) // 2)
+        sizes.append(r)
+    m = len(sizes)
+    out: list[tuple[int, int]] = []
+    last = 0
+    for j, size in enumerate(sizes):
+        it = max(last + 1, round(max_iterations * 2.0 ** (j + 1 - m) / 4))
+        if it >= max_iterations:
+            break
+        out.append((it, size))
+        last = it
+    return out
+
+
+@dataclass
+class Inversion:
+    """Result of :func:`invert`.
+
+    ``images [S, N, C, H, W]`` in [0, 1], ``objective [S]`` and ``distance [S]`` at the final
+    (clamped) images of the ``S`` restarts that ran the whole budget, whose original indices
+    are ``survivors``; ``pruning`` lists each halving (iteration, objective per candidate,
+    kept/dropped original indices); ``evaluations`` counts image-gradient evaluations
+    (restarts x iterations, plus the final scoring pass of the survivors).
+    """
+
+    images: Tensor
+    objective: Tensor
+    distance: Tensor
+    survivors: list[int]
+    pruning: list[dict[str, Any]]
+    evaluations: int
+
+
+def _sliced_adam(opt: torch.optim.Adam, z: Tensor, keep: Tensor) -> tuple[Tensor, torch.optim.Adam]:
+    """A new leaf ``z[keep]`` and an Adam over it that carries the sliced moment estimates."""
+    new_z = z.detach()[keep].clone().requires_grad_(True)
+    new_opt = torch.optim.Adam([new_z], **{k: v for k, v in opt.defaults.items()})
+    old = opt.state.get(z, {})
+    new_opt.state[new_z] = {k: (v[keep].clone() if isinstance(v, Tensor) and v.dim() > 0
+                                and v.shape[0] == z.shape[0] else
+                                (v.clone() if isinstance(v, Tensor) else v))
+                            for k, v in old.items()}
+    for g_new, g_old in zip(new_opt.param_groups, opt.param_groups):
+        g_new["lr"] = g_old["lr"]
+    return new_z, new_opt
+
+
 def invert(problem: InversionProblem, *, max_iterations: int, restarts: int, lr: float,
            tv_weight: float, bn_prior_weight: float = 0.0, schedule: str = "step",
-           distance: str = "cosine", generator: torch.Generator,
-           callback: Callback | None = None) -> tuple[Tensor, Tensor, Tensor]:
+           distance: str = "cosine", restart_pruning: str = "halving", keep: int = 1,
+           generator: torch.Generator, callback: Callback | None = None) -> Inversion:
     """Optimise ``restarts`` candidate batches at once (Geiping et al. 2020, Alg. in sec. 4).
 
-    Returns ``(images [R, N, C, H, W] in [0, 1], objective [R], gradient distance [R])``, the
-    last two evaluated at the final (clamped) images. Raises ``ValueError`` if the BN prior is
-    asked for on a model without BatchNorm.
+    All restarts start together as one ``[R, N, C, H, W]`` batch. With
+    ``restart_pruning="halving"`` the batch is halved at the iterations of
+    :func:`pruning_schedule` (keeping the restarts of lowest current objective, ties to the
+    lower index; the image tensor and Adam's moments are sliced alike) until ``keep`` remain;
+    ``"none"`` runs every restart for the whole budget (the paper's protocol). The callback
+    sees the current survivors only. Raises ``ValueError`` if the BN prior is asked for on a
+    model without BatchNorm.
     """
     bn = BNStatistics(problem.task.model) if bn_prior_weight > 0 else None
     update_of = _update_fn(problem, bn)
@@ -138,12 +209,31 @@ def invert(problem: InversionProblem, *, max_iterations: int, restarts: int, lr:
             total = total + bn_prior_weight * prior
         return total, d
 
+    plan = dict(pruning_schedule(restarts, max_iterations, keep)
+                if restart_pruning == "halving" else [])
+    alive = list(range(restarts))
+    pruning: list[dict[str, Any]] = []
+    evaluations = 0
     opt = torch.optim.Adam([cand.z], lr=lr)
     for it in range(max_iterations):
         for group in opt.param_groups:
             group["lr"] = lr * lr_multiplier(schedule, it, max_iterations)
         total, _ = objective(cand.z)
         (grad,) = torch.autograd.grad(total.sum(), cand.z)
+        evaluations += len(alive)
+        if it in plan:
+            # total = objective of the current (clamped) images: the final choice's criterion
+            scores = total.detach().tolist()
+            order = sorted(range(len(alive)), key=lambda i: (scores[i], i))[:plan[it]]
+            order.sort()
+            pruning.append({"iteration": it, "candidates": list(alive),
+                            "objectives": scores,
+                            "kept": [alive[i] for i in order],
+                            "dropped": [a for i, a in enumerate(alive) if i not in order]})
+            idx = torch.tensor(order)
+            alive = [alive[i] for i in order]
+            cand.z, opt = _sliced_adam(opt, cand.z, idx)
+            grad = grad[idx]
         cand.z.grad = grad.sign_()
         opt.step()
         cand.clamp_()
@@ -151,7 +241,9 @@ def invert(problem: InversionProblem, *, max_iterations: int, restarts: int, lr:
             callback(it, cand.images().detach())
     with torch.no_grad():
         total, d = objective(cand.z)
-    return cand.images().detach().clamp_(0, 1), total.detach(), d.detach()
+    evaluations += len(alive)
+    return Inversion(cand.images().detach().clamp_(0, 1), total.detach(), d.detach(), alive,
+                     pruning, evaluations)
 
 
 def _check(name: str, ok: bool, value: Any, allowed: str) -> None:
@@ -171,7 +263,14 @@ class InvertingGradients(Attack):
     BN-statistics prior, models with BatchNorm only); ``multi_step`` for ``"delta"`` records:
     ``"unroll"`` simulates the local training, ``"single"`` matches ``-delta`` as one
     gradient, ``"auto"`` unrolls when ``local_steps > 1``; ``schedule`` of the learning rate
-    (``"step"`` = the paper's); ``distance`` (``"cosine"``, or DLG's ``"l2"``).
+    (``"step"`` = the paper's); ``distance`` (``"cosine"``, or DLG's ``"l2"``);
+    ``restart_pruning``: ``"halving"`` (default) drops the worse half of the restarts by the
+    current matching objective (the same objective that picks the final winner) at 1/16,
+    1/8 and 1/4 of the budget for eight restarts (:func:`pruning_schedule`) until
+    ``restart_keep`` remain, which run the rest of the budget; ``"none"`` is the paper's
+    protocol (every restart runs the full budget; R times the cost). ``extras`` records the
+    survivors' final objectives (``restart_objectives``, aligned with ``survivors``), the
+    ``pruning`` schedule and the number of image-gradient ``evaluations``.
 
     Unrolling ASSUMES KNOWN: the client's ``lr``, ``local_steps`` and ``batch_size`` (from the
     record), that step ``k`` used images ``k*B .. k*B+B-1`` of its ``num_examples`` images in
@@ -184,7 +283,8 @@ class InvertingGradients(Attack):
     def __init__(self, *, max_iterations: int = 600, restarts: int = 1, lr: float = 0.1,
                  tv_weight: float = 0.2, labels: LabelSource = "auto",
                  bn_prior_weight: float = 0.0, multi_step: MultiStep = "auto",
-                 schedule: Schedule = "step", distance: Distance = "cosine") -> None:
+                 schedule: Schedule = "step", distance: Distance = "cosine",
+                 restart_pruning: RestartPruning = "halving", restart_keep: int = 1) -> None:
         _check("max_iterations", max_iterations >= 1, max_iterations, ">= 1")
         _check("restarts", restarts >= 1, restarts, ">= 1")
         _check("lr", lr > 0, lr, "> 0")
@@ -197,6 +297,10 @@ class InvertingGradients(Attack):
         _check("schedule", schedule in ("step", "cosine", "linear"), schedule,
                "step, cosine, linear")
         _check("distance", distance in ("cosine", "l2"), distance, "cosine, l2")
+        _check("restart_pruning", restart_pruning in ("halving", "none"), restart_pruning,
+               "halving, none")
+        _check("restart_keep", restart_keep >= 1, restart_keep, ">= 1")
+        self.restart_pruning, self.restart_keep = restart_pruning, restart_keep
         self.max_iterations, self.restarts, self.lr = max_iterations, restarts, lr
         self.tv_weight, self.labels, self.bn_prior_weight = tv_weight, labels, bn_prior_weight
         self.multi_step, self.schedule, self.distance = multi_step, schedule, distance
@@ -261,17 +365,23 @@ class InvertingGradients(Attack):
             raise ConfigError("inverting_gradients.bn_prior_weight: got "
                               f"{self.bn_prior_weight}, but model {record.spec.model!r} has no "
                               "BatchNorm layer; allowed: 0")
-        images, total, dist = invert(
+        res = invert(
             problem, max_iterations=self.max_iterations, restarts=self.restarts, lr=self.lr,
             tv_weight=self.tv_weight, bn_prior_weight=self.bn_prior_weight,
-            schedule=self.schedule, distance=self.distance, generator=generator,
-            callback=callback)
-        best = int(torch.argmin(total))
+            schedule=self.schedule, distance=self.distance,
+            restart_pruning=self.restart_pruning, keep=self.restart_keep,
+            generator=generator, callback=callback)
+        total = res.objective
+        pos = int(torch.argmin(total))  # first minimum: ties go to the lower restart index
         return Reconstruction(
-            images=images[best], labels=problem.labels.clone(), matching_loss=float(total[best]),
-            iterations=self.max_iterations, assumed=self._assumed(record, problem, label_source),
-            extras={"restart_objectives": total.tolist(), "restart_distances": dist.tolist(),
-                    "best_restart": best})
+            images=res.images[pos], labels=problem.labels.clone(),
+            matching_loss=float(total[pos]), iterations=self.max_iterations,
+            assumed=self._assumed(record, problem, label_source),
+            extras={"restart_objectives": total.tolist(),
+                    "restart_distances": res.distance.tolist(),
+                    "survivors": res.survivors, "best_restart": res.survivors[pos],
+                    "restart_pruning": self.restart_pruning, "pruning": res.pruning,
+                    "evaluations": res.evaluations})
 
     def _assumed(self, record: ObservationRecord, problem: InversionProblem,
                  label_source: str) -> Mapping[str, Any]:

@@ -4,11 +4,15 @@ Cases of FACTS.md ("Reference attack cases"): ConvNet-64 batch 1 and 4, ResNet-1
 CIFAR-10 test images (index order), seeded untrained models in eval mode, labels granted.
 
     .venv/bin/python benchmarks/attack_speed.py [--threads 2] [--skip-psnr] [--repeats 5]
+        [--restart-iters 100] [--restart-repeats 1] [--skip-restarts]
 
 Prints a table and writes ``benchmarks/out/attack_speed.json``. Times are wall-clock medians
 of interleaved repetitions (the plain step and the attack alternate, so load from other
 processes hits both alike); per-iteration attack time is the difference between runs of
-``2k`` and ``k`` iterations, so set-up costs cancel. Run from the repository root.
+``2k`` and ``k`` iterations, so set-up costs cancel. The restart section times whole runs
+of ``--restart-iters`` iterations: R = 8 with successive halving (the default) and without
+pruning (``"none"``, the paper's protocol) against R = 1, interleaved. Run from the
+repository root.
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ def per_iteration(model: str, batch: int, restarts: tuple[int, ...], repeats: in
     def attack(r: int, iters: int) -> float:
         t = time.perf_counter()
         invert(problem, max_iterations=iters, restarts=r, lr=0.1, tv_weight=0.2,
-               generator=torch.Generator().manual_seed(0))
+               restart_pruning="none", generator=torch.Generator().manual_seed(0))
         return time.perf_counter() - t
 
     plain()
@@ -89,6 +93,37 @@ def per_iteration(model: str, batch: int, restarts: tuple[int, ...], repeats: in
             F.cross_entropy(net(big), ybig).backward()
             tb.append(time.perf_counter() - t)
         out[f"plain_batch_x{r}_ratio"] = statistics.median(tb) / out["plain_fwd_bwd_s"]
+    return out
+
+
+def restart_cost(model: str, batch: int, iterations: int, repeats: int,
+                 restarts: int = 8) -> dict[str, Any]:
+    """Median wall time of whole runs: ``restarts`` with halving / without pruning vs one."""
+    _, record, _, _ = _case(model, batch)
+    problem, _ = InvertingGradients(labels="granted").problem(
+        record, generator=torch.Generator().manual_seed(0))
+    variants = {"R1": (1, "none"), f"R{restarts}_halving": (restarts, "halving"),
+                f"R{restarts}_none": (restarts, "none")}
+
+    def run(r: int, pruning: str) -> tuple[float, int]:
+        t = time.perf_counter()
+        res = invert(problem, max_iterations=iterations, restarts=r, lr=0.1, tv_weight=0.2,
+                     restart_pruning=pruning, generator=torch.Generator().manual_seed(0))
+        return time.perf_counter() - t, res.evaluations
+
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    evals: dict[str, int] = {}
+    for _ in range(repeats):
+        for name, (r, pruning) in variants.items():
+            sec, evals[name] = run(r, pruning)
+            times[name].append(sec)
+    out: dict[str, Any] = {"model": model, "batch": batch, "iterations": iterations,
+                           "repeats": repeats}
+    for name in variants:
+        out[f"{name}_s"] = statistics.median(times[name])
+        out[f"{name}_evaluations"] = evals[name]
+    for name in list(variants)[1:]:
+        out[f"ratio_{name}_to_R1"] = out[f"{name}_s"] / out["R1_s"]
     return out
 
 
@@ -127,13 +162,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iters", type=int, default=3, help="k of the 2k-minus-k difference")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-psnr", action="store_true")
+    ap.add_argument("--skip-restarts", action="store_true")
+    ap.add_argument("--restart-iters", type=int, default=100,
+                    help="budget of the whole-run restart timings (R=8 vs R=1)")
+    ap.add_argument("--restart-repeats", type=int, default=1)
     ap.add_argument("--psnr-runs", default="step:600,cosine:300",
                     help="schedule:iterations pairs for the time-to-PSNR runs")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "attack_speed.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     result: dict[str, Any] = {"threads": args.threads, "torch": torch.__version__,
-                              "speed": [], "time_to_psnr": []}
+                              "speed": [], "restarts": [], "time_to_psnr": []}
     if not args.skip_speed:
         print(f"{'case':16s} {'fwd+bwd s':>10s} {'IG it s':>9s} {'ratio':>6s} "
               f"{'R8/R1':>6s} {'plain x8':>8s}")
@@ -145,6 +184,18 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['ig_iteration_s_R1']:9.4f} {row['ratio_ig_to_plain']:6.2f} "
                   f"{row.get('ratio_R8_to_R1', float('nan')):6.2f} "
                   f"{row.get('plain_batch_x8_ratio', float('nan')):8.2f}", flush=True)
+    if not args.skip_restarts:
+        print(f"{'case':16s} {'iters':>5s} {'R1 s':>7s} {'R8 halv s':>9s} {'ratio':>6s} "
+              f"{'R8 none s':>9s} {'ratio':>6s} {'evals h/n/1':>14s}")
+        for model, batch in (("convnet", 1), ("resnet18", 1)):
+            row = restart_cost(model, batch, args.restart_iters, args.restart_repeats)
+            result["restarts"].append(row)
+            ev = (f"{row['R8_halving_evaluations']}/{row['R8_none_evaluations']}/"
+                  f"{row['R1_evaluations']}")
+            print(f"{model + ' b' + str(batch):16s} {args.restart_iters:5d} {row['R1_s']:7.2f} "
+                  f"{row['R8_halving_s']:9.2f} {row['ratio_R8_halving_to_R1']:6.2f} "
+                  f"{row['R8_none_s']:9.2f} {row['ratio_R8_none_to_R1']:6.2f} {ev:>14s}",
+                  flush=True)
     if not args.skip_psnr:
         for spec in args.psnr_runs.split(","):
             schedule, iters = spec.split(":")

@@ -224,15 +224,64 @@ def test_best_restart_is_returned(one_thread):
     task, spec, x, y = small_case("lenet", n=2)
     rec = make_record(task, spec, x, y, knowledge={"labels": y})
     last = {}
-    out = InvertingGradients(max_iterations=15, restarts=3, labels="granted").reconstruct(
+    out = InvertingGradients(max_iterations=15, restarts=3, labels="granted",
+                             restart_pruning="none").reconstruct(
         rec, generator=torch.Generator().manual_seed(3),
         callback=lambda it, imgs: last.update(images=imgs))
     objectives = out.extras["restart_objectives"]
     assert len(objectives) == 3 and len(set(objectives)) == 3
     best = min(range(3), key=objectives.__getitem__)
-    assert out.extras["best_restart"] == best
+    assert out.extras["best_restart"] == best and out.extras["survivors"] == [0, 1, 2]
+    assert out.extras["pruning"] == [] and out.extras["evaluations"] == 3 * 16
     assert out.matching_loss == pytest.approx(objectives[best])
     torch.testing.assert_close(out.images, last["images"][best].clamp(0, 1))
+
+
+def test_pruning_schedule_halves_before_first_lr_drop():
+    from attacks.inverting_gradients import pruning_schedule
+    assert pruning_schedule(8, 160) == [(10, 4), (20, 2), (40, 1)]  # 1/16, 1/8, 1/4
+    assert pruning_schedule(8, 160, keep=2) == [(20, 4), (40, 2)]
+    assert pruning_schedule(3, 100) == [(12, 2), (25, 1)]
+    assert pruning_schedule(1, 100) == [] and pruning_schedule(8, 2) == [(1, 4)]
+    assert pruning_schedule(8, 4) == [(1, 4), (2, 2), (3, 1)]
+    with pytest.raises(ConfigError, match="restart_pruning"):
+        InvertingGradients(restart_pruning="random")
+    with pytest.raises(ConfigError, match="restart_keep"):
+        InvertingGradients(restart_keep=0)
+
+
+def test_halving_prunes_by_objective_and_returns_best_survivor(one_thread):
+    """R = 8 with halving: pruned restarts scored worse at their pruning point than the kept
+    ones, the winner is the best survivor, and the work is <= 4x one restart."""
+    task, spec, x, y = small_case("lenet", n=1)
+    rec = make_record(task, spec, x, y, knowledge={"labels": y})
+    iters, last = 32, {}
+    out = InvertingGradients(max_iterations=iters, restarts=8, labels="granted",
+                             restart_keep=2).reconstruct(
+        rec, generator=torch.Generator().manual_seed(3),
+        callback=lambda it, imgs: last.update(images=imgs))
+    ex = out.extras
+    assert ex["restart_pruning"] == "halving"
+    assert [p["iteration"] for p in ex["pruning"]] == [4, 8]
+    alive = list(range(8))
+    for p in ex["pruning"]:
+        assert p["candidates"] == alive and len(p["kept"]) == len(alive) // 2
+        score = dict(zip(p["candidates"], p["objectives"]))
+        assert max(score[k] for k in p["kept"]) <= min(score[d] for d in p["dropped"])
+        alive = p["kept"]
+    assert ex["survivors"] == alive and len(alive) == 2
+    objectives = ex["restart_objectives"]
+    pos = min(range(2), key=objectives.__getitem__)
+    assert ex["best_restart"] == alive[pos]
+    assert out.matching_loss == pytest.approx(min(objectives))
+    torch.testing.assert_close(out.images, last["images"][pos].clamp(0, 1))
+    # the default keep=1: 8 restarts cost at most 4x one restart in gradient evaluations
+    one = InvertingGradients(max_iterations=iters, restarts=1, labels="granted")(
+        rec, generator=torch.Generator().manual_seed(3)).extras["evaluations"]
+    eight = InvertingGradients(max_iterations=iters, restarts=8, labels="granted")(
+        rec, generator=torch.Generator().manual_seed(3))
+    assert one == iters + 1 and len(eight.extras["survivors"]) == 1
+    assert eight.extras["evaluations"] <= 4 * one, eight.extras["evaluations"]
 
 
 # -- reference cases (FACTS.md), slow ---------------------------------------------------------
