@@ -24,6 +24,7 @@ from torch import Tensor
 from attacks.base import Attack, Reconstruction
 from attacks.gradients import parameter_gradients, split_state, target_from_record
 from attacks.label_recovery import recover_labels
+from fl_sim.errors import ConfigError
 from fl_sim.records import ObservationRecord
 from fl_sim.registry import ATTACKS
 from fl_sim.tasks.base import Batch
@@ -43,7 +44,7 @@ def gradient_target(record: ObservationRecord, task: Any) -> dict[str, Tensor]:
     target = target_from_record(record, task)
     if record.update_kind == "delta":
         if record.lr <= 0:
-            raise ValueError("DLG needs lr > 0 to read a 'delta' record as a gradient")
+            raise ConfigError("DLG needs lr > 0 to read a 'delta' record as a gradient")
         scale = -1.0 / (record.lr * max(record.local_steps, 1))
         target = {k: v * scale for k, v in target.items()}
     return target
@@ -67,7 +68,7 @@ def initial_images(shape: tuple[int, ...], init: Init, generator: torch.Generato
         return 0.5 + 0.25 * noise
     if init == "gray":
         return 0.5 + 1e-2 * noise
-    raise ValueError(f"unknown init {init!r}; allowed: uniform, normal, gray")
+    raise ConfigError(f"unknown init {init!r}; allowed: uniform, normal, gray")
 
 
 @ATTACKS.register("dlg")
@@ -92,12 +93,12 @@ class DLG(Attack):
                  restarts: int = 1, history_size: int = 100,
                  model_mode: Literal["eval", "train"] = "eval") -> None:
         if max_iterations < 1 or inner_iterations < 1:
-            raise ValueError("max_iterations and inner_iterations must be >= 1, got "
+            raise ConfigError("max_iterations and inner_iterations must be >= 1, got "
                              f"{max_iterations} and {inner_iterations}")
         if lr <= 0:
-            raise ValueError(f"lr must be > 0, got {lr}")
+            raise ConfigError(f"lr must be > 0, got {lr}")
         if restarts < 1:
-            raise ValueError(f"restarts must be >= 1, got {restarts}")
+            raise ConfigError(f"restarts must be >= 1, got {restarts}")
         self.max_iterations = max_iterations
         self.inner_iterations = inner_iterations
         self.lr = lr
@@ -144,7 +145,7 @@ class DLG(Attack):
         if self.labels == "granted":
             labels = torch.as_tensor(record.knowledge["labels"]).long().flatten()
             if labels.numel() != num_images:
-                raise ValueError(f"granted labels hold {labels.numel()} entries for a batch "
+                raise ConfigError(f"granted labels hold {labels.numel()} entries for a batch "
                                  f"of {num_images}")
             return labels
         if self.labels == "idlg":

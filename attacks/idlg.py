@@ -13,6 +13,7 @@ import torch
 
 from attacks.base import Attack, Reconstruction
 from attacks.label_recovery import recover_labels
+from fl_sim.errors import ConfigError
 from fl_sim.records import ObservationRecord
 from fl_sim.registry import ATTACKS
 
@@ -31,7 +32,7 @@ class IDLG(Attack):
     def __init__(self, *, method: Literal["auto", "idlg", "batch"] = "auto",
                  model_mode: Literal["eval", "train"] = "eval", num_dummy: int = 16) -> None:
         if num_dummy < 1:
-            raise ValueError(f"num_dummy must be >= 1, got {num_dummy}")
+            raise ConfigError(f"num_dummy must be >= 1, got {num_dummy}")
         self.method = method
         self.model_mode = model_mode
         self.num_dummy = num_dummy

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from attacks.gradients import parameter_names, split_state
+from fl_sim.errors import ConfigError
 from fl_sim.records import ObservationRecord
 from fl_sim.tasks.base import Batch
 
@@ -67,7 +68,7 @@ def find_last_layer(names: list[str], shapes: Mapping[str, torch.Size],
             bias = f"{prefix}.bias" if prefix else "bias"
             has_bias = bias in shapes and tuple(shapes[bias]) == (num_classes,)
             return LastLayer(name, bias if has_bias else None)
-    raise ValueError(f"no 2-D parameter with first dimension {num_classes} (the number of "
+    raise ConfigError(f"no 2-D parameter with first dimension {num_classes} (the number of "
                      "classes): label recovery needs a final linear layer")
 
 
