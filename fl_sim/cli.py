@@ -23,8 +23,8 @@ EPILOG = """\
 examples:
   fl-sim run configs/default.toml
   fl-sim run configs/default.toml --set federation.num_rounds=5 --set run.seed=3
-  fl-sim run --resume runs/default-0
-  fl-sim attack runs/default-0 --attack inverting_gradients --set max_iterations=300
+  fl-sim run --resume runs/default-20261123-160000
+  fl-sim attack runs/default-20261123-160000 --attack inverting_gradients --set max_iterations=300
   fl-sim list
 """
 
@@ -49,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="override one config value, e.g. federation.num_rounds=5 or "
                           "attacks.0.max_iterations=50 (value parsed as TOML); repeatable")
     run.add_argument("--run-dir", type=Path, default=None,
-                     help="where to write outputs (default: run.output_dir/run.name-seed)")
+                     help="where to write outputs (default: run.output_dir/run.name-TIMESTAMP)")
     run.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                      help="continue an interrupted run from its last completed round")
     run.add_argument("--ray-address", default=None,
