@@ -110,6 +110,8 @@ def run_attack(run_dir: Path, cfg: ExperimentConfig, name: str, params: Mapping[
     seconds = time.perf_counter() - t0
     truth_images, truth_labels = _truth(run, record, view, client, server_round)
     metrics = _score(recon, truth_images, truth_labels)
+    if cfg.metrics.lpips_weights and recon.images.numel():
+        metrics["lpips"] = _lpips(recon.images, truth_images, metrics.get("_matching"), cfg)
     grid = None
     if recon.images.numel():
         grid_path = run_dir / "attacks" / f"{name}_{view}_r{server_round}_c{record.client_id}" \
@@ -188,6 +190,15 @@ def _score(recon: Any, truth_images: torch.Tensor, truth_labels: torch.Tensor,
         return {"label_accuracy": float(label_accuracy(recon.labels, truth_labels)),
                 "labels": recon.labels.tolist(), "true_labels": truth_labels.tolist()}
     return {}
+
+
+def _lpips(images: torch.Tensor, truth: torch.Tensor, order: Any,
+           cfg: ExperimentConfig) -> float:
+    from fl_sim.metrics import lpips
+    matched = images[order] if order is not None else images
+    n = min(len(matched), len(truth))
+    return float(lpips(matched[:n], truth[:n], weights_path=cfg.metrics.lpips_weights,
+                       net=cfg.metrics.lpips_net).mean())
 
 
 def _plain(v: Any) -> Any:

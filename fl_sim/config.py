@@ -115,6 +115,28 @@ class FederationConfig(_Section):
         return self
 
 
+class MetricsConfig(_Section):
+    """How reconstructions are scored (PSNR/SSIM/MSE/label accuracy always).
+
+    ``lpips_weights``: a LOCAL file with the full LPIPS state dict; LPIPS is computed only
+    when it is given (and the optional ``lpips`` package is installed) -- never downloaded.
+    """
+
+    lpips_weights: str | None = None
+    lpips_net: Literal["alex", "vgg", "squeeze"] = "alex"
+
+    @model_validator(mode="after")
+    def _lpips_available(self) -> MetricsConfig:
+        if self.lpips_weights is not None:
+            from fl_sim.metrics import lpips_available
+            if not lpips_available(self.lpips_weights):
+                missing = ("the weights file" if not Path(self.lpips_weights).is_file()
+                           else "the optional 'lpips' package (pip install 'fl-sim[lpips]')")
+                raise ValueError(f"LPIPS needs {missing}; lpips_weights = "
+                                 f"{self.lpips_weights!r} (nothing is downloaded)")
+        return self
+
+
 class AttackConfig(_PluginSection):
     view: Literal["server", "peer"] = "server"
     client: int | None = None
@@ -133,6 +155,7 @@ class ExperimentConfig(_Section):
     task: TaskConfig = TaskConfig()
     federation: FederationConfig = FederationConfig()
     strategy: StrategyConfig = StrategyConfig()
+    metrics: MetricsConfig = MetricsConfig()
     attacks: tuple[AttackConfig, ...] = ()
     defenses: tuple[DefenseConfig, ...] = ()
 
@@ -240,6 +263,7 @@ def _model_for(exc: pydantic.ValidationError) -> type[BaseModel] | None:
     """The section model whose fields an extra-key error should list as allowed."""
     sections: dict[str, type[BaseModel]] = {
         "run": RunConfig, "federation": FederationConfig, "client_resources": ClientResources,
+        "metrics": MetricsConfig,
     }
     for err in exc.errors():
         if err["type"] == "extra_forbidden":

@@ -46,6 +46,9 @@ def test_default_config_validates() -> None:
         ("[[attacks]]\nname = 'magic'\n", "attacks[0].name: unknown attack 'magic'; known:"),
         ("[strategy]\nname = 'fedsgd'\nserver_lr = -1\n", "strategy.server_lr"),
         ("run = [\n", "not valid TOML"),
+        ("[metrics]\nlpips_weights = '/nonexistent/lpips.pth'\n",
+         "metrics: Value error, LPIPS needs the weights file; lpips_weights = "
+         "'/nonexistent/lpips.pth' (nothing is downloaded)"),
     ],
 )
 def test_bad_input_gives_one_clear_line(tmp_path: Path, text: str, expected: str) -> None:
