@@ -110,18 +110,19 @@ def run_attack(run_dir: Path, cfg: ExperimentConfig, name: str, params: Mapping[
     seconds = time.perf_counter() - t0
     truth_images, truth_labels = _truth(run, record, view, client, server_round)
     metrics = _score(recon, truth_images, truth_labels)
-    if cfg.metrics.lpips_weights and recon.images.numel():
-        metrics["lpips"] = _lpips(recon.images, truth_images, metrics.get("_matching"), cfg)
     grid = None
     if recon.images.numel():
+        # Originals over their Hungarian-matched reconstructions (the scoring's matching).
+        r_idx, t_idx = metrics["recon_index"], metrics["truth_index"]
+        recon_m, truth_m = recon.images[r_idx], truth_images[t_idx]
+        if cfg.metrics.lpips_weights:
+            from fl_sim.metrics import lpips
+            metrics["lpips"] = float(lpips(recon_m, truth_m, weights_path=cfg.metrics.lpips_weights,
+                                           net=cfg.metrics.lpips_net).mean())
         grid_path = run_dir / "attacks" / f"{name}_{view}_r{server_round}_c{record.client_id}" \
                                          f"_{key[-6:]}.png"
-        order = metrics.pop("_matching", None)
-        matched = recon.images[order] if order is not None else recon.images
-        save_grid(grid_path, truth_images[: len(matched)], matched)
+        save_grid(grid_path, truth_m, recon_m)
         grid = str(grid_path.relative_to(run_dir))
-    else:
-        metrics.pop("_matching", None)
     result = {
         "key": key, "attack": name, "view": view, "round": server_round,
         "client": record.client_id, "params": dict(params),
@@ -183,22 +184,11 @@ def _score(recon: Any, truth_images: torch.Tensor, truth_labels: torch.Tensor,
     if recon.images.numel():
         s = score_reconstruction(recon.images, truth_images, recon_labels=recon.labels,
                                  truth_labels=truth_labels)
-        out = {k: _plain(v) for k, v in s.items() if k != "matching"}
-        out["_matching"] = s.get("matching")
-        return out
+        return {k: _plain(v) for k, v in s.items()}
     if recon.labels is not None:
         return {"label_accuracy": float(label_accuracy(recon.labels, truth_labels)),
                 "labels": recon.labels.tolist(), "true_labels": truth_labels.tolist()}
     return {}
-
-
-def _lpips(images: torch.Tensor, truth: torch.Tensor, order: Any,
-           cfg: ExperimentConfig) -> float:
-    from fl_sim.metrics import lpips
-    matched = images[order] if order is not None else images
-    n = min(len(matched), len(truth))
-    return float(lpips(matched[:n], truth[:n], weights_path=cfg.metrics.lpips_weights,
-                       net=cfg.metrics.lpips_net).mean())
 
 
 def _plain(v: Any) -> Any:
