@@ -105,3 +105,17 @@ def module_tensors(model: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tenso
     Passing them to a task's ``loss`` gives exactly the module's own loss.
     """
     return dict(model.named_parameters()), dict(model.named_buffers())
+
+
+def sgd_train_step(task: Task, optimizer: torch.optim.Optimizer, batch: Batch,
+                   generator: torch.Generator) -> StepResult:
+    """The shared local step of every task: train mode, draw aux, backward the functional
+    loss at the module's own tensors, step. Returns the loss and the (detached) aux."""
+    task.model.train()
+    aux = task.sample_aux(batch, generator)
+    optimizer.zero_grad(set_to_none=True)
+    params, buffers = module_tensors(task.model)
+    loss = task.loss(params, buffers, batch, aux)
+    loss.backward()
+    optimizer.step()
+    return StepResult(float(loss.detach()), {k: v.detach() for k, v in aux.items()})

@@ -15,7 +15,15 @@ from torch.func import functional_call
 
 from fl_sim.data.transforms import Normalization
 from fl_sim.registry import TASKS
-from fl_sim.tasks.base import Batch, NormalizationLike, Params, StepResult, mean_std, module_tensors
+from fl_sim.tasks.base import (
+    Batch,
+    NormalizationLike,
+    Params,
+    StepResult,
+    mean_std,
+    module_tensors,
+    sgd_train_step,
+)
 
 
 @TASKS.register("classifier")
@@ -65,14 +73,7 @@ class ClassifierTask:
     def train_step(self, optimizer: torch.optim.Optimizer, batch: Batch,
                    generator: torch.Generator) -> StepResult:
         """One optimiser step on ``self.model`` (train mode)."""
-        self.model.train()
-        aux = self.sample_aux(batch, generator)
-        optimizer.zero_grad(set_to_none=True)
-        params, buffers = module_tensors(self.model)
-        loss = self.loss(params, buffers, batch, aux)
-        loss.backward()
-        optimizer.step()
-        return StepResult(float(loss.detach()), aux)
+        return sgd_train_step(self, optimizer, batch, generator)
 
     @torch.no_grad()
     def evaluate(self, images: Tensor, labels: Tensor, *, batch_size: int = 256,

@@ -23,7 +23,15 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from fl_sim.registry import TASKS
-from fl_sim.tasks.base import Batch, NormalizationLike, Params, StepResult, mean_std, module_tensors
+from fl_sim.tasks.base import (
+    Batch,
+    NormalizationLike,
+    Params,
+    StepResult,
+    mean_std,
+    module_tensors,
+    sgd_train_step,
+)
 
 PredictionType = Literal["epsilon", "sample", "v_prediction"]
 
@@ -123,14 +131,7 @@ class DiffusionTask:
     def train_step(self, optimizer: torch.optim.Optimizer, batch: Batch,
                    generator: torch.Generator) -> StepResult:
         """One optimiser step on ``self.model`` (train mode); returns the eps/t it drew."""
-        self.model.train()
-        aux = self.sample_aux(batch, generator)
-        optimizer.zero_grad(set_to_none=True)
-        params, buffers = module_tensors(self.model)
-        loss = self.loss(params, buffers, batch, aux)
-        loss.backward()
-        optimizer.step()
-        return StepResult(float(loss.detach()), {k: v.detach() for k, v in aux.items()})
+        return sgd_train_step(self, optimizer, batch, generator)
 
     @torch.no_grad()
     def evaluate(self, images: Tensor, labels: Tensor | None = None, *, batch_size: int = 256,
