@@ -36,6 +36,7 @@ from attacks.gradients import Params, split_state, target_from_record
 from attacks.objectives import (
     BNStatistics,
     NormalisedImages,
+    bn_prior,
     cosine_distance,
     l2_distance,
     lr_multiplier,
@@ -45,6 +46,7 @@ from attacks.objectives import (
 from fl_sim.errors import ConfigError
 from fl_sim.records import ObservationRecord
 from fl_sim.registry import ATTACKS
+from fl_sim.tasks.base import Batch
 
 LabelSource = Literal["granted", "idlg", "batch", "auto"]
 MultiStep = Literal["auto", "unroll", "single"]
@@ -89,8 +91,10 @@ def _update_fn(problem: InversionProblem, bn: BNStatistics | None
                ) -> Callable[[Tensor], tuple[Params, Tensor | None]]:
     """``images [R, N, C, H, W] -> ({name: [R, ...]}, bn prior [R] | None)`` of the problem."""
     u = problem.unroll
-    if u is None or u.clients == 1:
-        plan = None if u is None else (u.lr, u.steps, u.batch_size)
+    if u is None:
+        return _gradient_fn(problem, bn)
+    if u.clients == 1:
+        plan = (u.lr, u.steps, u.batch_size)
 
         def fn(images: Tensor) -> tuple[Params, Tensor | None]:
             return simulated_update(problem.task, problem.params, problem.buffers, images,
@@ -167,15 +171,47 @@ class Inversion:
 def _sliced_adam(opt: torch.optim.Adam, z: Tensor, keep: Tensor) -> tuple[Tensor, torch.optim.Adam]:
     """A new leaf ``z[keep]`` and an Adam over it that carries the sliced moment estimates."""
     new_z = z.detach()[keep].clone().requires_grad_(True)
-    new_opt = torch.optim.Adam([new_z], **{k: v for k, v in opt.defaults.items()})
+    new_opt = torch.optim.Adam([new_z], **opt.defaults)
     old = opt.state.get(z, {})
     new_opt.state[new_z] = {k: (v[keep].clone() if isinstance(v, Tensor) and v.dim() > 0
                                 and v.shape[0] == z.shape[0] else
                                 (v.clone() if isinstance(v, Tensor) else v))
                             for k, v in old.items()}
-    for g_new, g_old in zip(new_opt.param_groups, opt.param_groups):
+    for g_new, g_old in zip(new_opt.param_groups, opt.param_groups, strict=True):
         g_new["lr"] = g_old["lr"]
     return new_z, new_opt
+
+
+def _gradient_fn(problem: InversionProblem, bn: BNStatistics | None
+                 ) -> Callable[[Tensor], tuple[Params, Tensor | None]]:
+    """The FedSGD gradient of the candidates: vmapped :func:`simulated_update` for ``R > 1``,
+    plain double-backprop autograd for ``R = 1`` (no ``torch.func`` wrappers: the common
+    single-restart case and the tail of successive halving). Same values either way."""
+    leaves = {k: v.detach().requires_grad_(True) for k, v in problem.params.items()}
+    names = list(leaves)
+    order = [leaves[k] for k in names]
+
+    def fn(images: Tensor) -> tuple[Params, Tensor | None]:
+        if images.shape[0] != 1:
+            return simulated_update(problem.task, problem.params, problem.buffers, images,
+                                    problem.labels, unroll=None, bn=bn)
+        outer = torch.is_grad_enabled() and images.requires_grad
+        with torch.enable_grad():
+            batch = Batch(images[0], problem.labels)
+            prior = None
+            if bn is None:
+                loss = problem.task.loss(leaves, problem.buffers, batch, {})
+            else:
+                with bn.recording() as stats:
+                    loss = problem.task.loss(leaves, problem.buffers, batch, {})
+                prior = bn_prior(stats, problem.buffers, bn.running).unsqueeze(0)
+            grads = torch.autograd.grad(loss, order, create_graph=outer)
+        upd = {k: g.unsqueeze(0) for k, g in zip(names, grads, strict=True)}
+        if not outer:
+            upd = {k: g.detach() for k, g in upd.items()}
+            prior = None if prior is None else prior.detach()
+        return upd, prior
+    return fn
 
 
 def invert(problem: InversionProblem, *, max_iterations: int, restarts: int, lr: float,

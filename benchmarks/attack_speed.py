@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                               "speed": [], "restarts": [], "time_to_psnr": []}
     if not args.skip_speed:
         print(f"{'case':16s} {'fwd+bwd s':>10s} {'IG it s':>9s} {'ratio':>6s} "
-              f"{'R8/R1':>6s} {'plain x8':>8s}")
+              f"{'R8/R1*':>6s} {'plain x8':>8s}  (*per iteration, no pruning)")
         for model, batch, restarts in (("convnet", 1, (1, 8)), ("convnet", 4, (1,)),
                                        ("resnet18", 1, (1, 8))):
             row = per_iteration(model, batch, restarts, args.repeats, args.iters)

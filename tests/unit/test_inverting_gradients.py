@@ -266,7 +266,7 @@ def test_halving_prunes_by_objective_and_returns_best_survivor(one_thread):
     alive = list(range(8))
     for p in ex["pruning"]:
         assert p["candidates"] == alive and len(p["kept"]) == len(alive) // 2
-        score = dict(zip(p["candidates"], p["objectives"]))
+        score = dict(zip(p["candidates"], p["objectives"], strict=True))
         assert max(score[k] for k in p["kept"]) <= min(score[d] for d in p["dropped"])
         alive = p["kept"]
     assert ex["survivors"] == alive and len(alive) == 2
@@ -275,6 +275,11 @@ def test_halving_prunes_by_objective_and_returns_best_survivor(one_thread):
     assert ex["best_restart"] == alive[pos]
     assert out.matching_loss == pytest.approx(min(objectives))
     torch.testing.assert_close(out.images, last["images"][pos].clamp(0, 1))
+    # slicing the batch and Adam's moments leaves each survivor's trajectory unchanged
+    full = InvertingGradients(max_iterations=iters, restarts=8, labels="granted",
+                              restart_pruning="none")(
+        rec, generator=torch.Generator().manual_seed(3)).extras["restart_objectives"]
+    assert objectives == pytest.approx([full[i] for i in alive], rel=1e-4)
     # the default keep=1: 8 restarts cost at most 4x one restart in gradient evaluations
     one = InvertingGradients(max_iterations=iters, restarts=1, labels="granted")(
         rec, generator=torch.Generator().manual_seed(3)).extras["evaluations"]
