@@ -18,6 +18,7 @@ Import as ``attack_cases`` (``tests/`` is on ``sys.path`` under pytest's rootdir
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fl_sim.records import ModelSpec, ObservationRecord, Tap
@@ -145,4 +147,25 @@ def make_record(task: Any, spec: ModelSpec, images: Tensor, labels: Tensor, *,
         update={k: v.detach().clone() for k, v in grads.items()}, update_kind="gradient",
         num_examples=int(images.shape[0]), local_steps=1, lr=0.0,
         batch_size=int(images.shape[0]), defenses=tuple(defenses),
+        knowledge=dict(knowledge or {}))
+
+
+def fedavg_delta_record(task, spec, images, labels, *, lr: float, steps: int, batch_size: int,
+                 knowledge=None) -> ObservationRecord:
+    """A FedAvg record: ``new - global`` after ``steps`` torch.optim.SGD steps (eval mode)."""
+    model = copy.deepcopy(task.model).eval()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    n = images.shape[0]
+    for k in range(steps):
+        idx = [(k * batch_size + j) % n for j in range(batch_size)]
+        opt.zero_grad()
+        F.cross_entropy(model(task.normalize(images[idx])), labels[idx]).backward()
+        opt.step()
+    glob = task.model.state_dict()
+    new = model.state_dict()
+    return ObservationRecord(
+        run_id="test", server_round=1, client_id=0, tap="server_in", spec=spec,
+        global_params={k: v.clone() for k, v in glob.items()},
+        update={k: (new[k] - glob[k]).clone() for k in glob if glob[k].is_floating_point()},
+        update_kind="delta", num_examples=n, local_steps=steps, lr=lr, batch_size=batch_size,
         knowledge=dict(knowledge or {}))

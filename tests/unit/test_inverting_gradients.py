@@ -6,12 +6,17 @@ Fast tests use small models on 16x16 CIFAR crops; the reference cases of FACTS.m
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
-from attack_cases import cifar_images, cifar_labels, make_record, make_spec, make_task
+from attack_cases import (
+    cifar_images,
+    cifar_labels,
+    fedavg_delta_record,
+    make_record,
+    make_spec,
+    make_task,
+)
 
 from attacks.gradients import parameter_gradients, split_state, target_from_record
 from attacks.inverting_gradients import InvertingGradients
@@ -26,21 +31,11 @@ from attacks.objectives import (
 )
 from fl_sim.errors import ConfigError, ThreatModelError
 from fl_sim.metrics import psnr, score_reconstruction
-from fl_sim.records import ObservationRecord
 from fl_sim.registry import ATTACKS
 from fl_sim.tasks import build_task
 from fl_sim.tasks.base import Batch
 
 BN_PRIOR_WEIGHT = 1e-3  # BN prior ~12 at a real batch, ~90 at the random start (ConvNet-64)
-
-
-@pytest.fixture
-def one_thread():
-    """Tiny models: one thread avoids OpenMP oversubscription on the shared 2-core runners."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def small_case(model: str = "convnet", n: int = 1, size: int = 16, seed: int = 0,
@@ -53,27 +48,6 @@ def small_case(model: str = "convnet", n: int = 1, size: int = 16, seed: int = 0
     task.model.eval()
     images = F.adaptive_avg_pool2d(cifar_images(n), size)
     return task, spec, images, cifar_labels(n)
-
-
-def delta_record(task, spec, images, labels, *, lr: float, steps: int, batch_size: int,
-                 knowledge=None) -> ObservationRecord:
-    """A FedAvg record: ``new - global`` after ``steps`` torch.optim.SGD steps (eval mode)."""
-    model = copy.deepcopy(task.model).eval()
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    n = images.shape[0]
-    for k in range(steps):
-        idx = [(k * batch_size + j) % n for j in range(batch_size)]
-        opt.zero_grad()
-        F.cross_entropy(model(task.normalize(images[idx])), labels[idx]).backward()
-        opt.step()
-    glob = task.model.state_dict()
-    new = model.state_dict()
-    return ObservationRecord(
-        run_id="test", server_round=1, client_id=0, tap="server_in", spec=spec,
-        global_params={k: v.clone() for k, v in glob.items()},
-        update={k: (new[k] - glob[k]).clone() for k in glob if glob[k].is_floating_point()},
-        update_kind="delta", num_examples=n, local_steps=steps, lr=lr, batch_size=batch_size,
-        knowledge=dict(knowledge or {}))
 
 
 def init_psnr(spec, truth: torch.Tensor, seed: int) -> float:
@@ -108,7 +82,7 @@ def test_split_state_names_missing_entry():
 
 def test_target_from_record_drops_buffers():
     task, spec, x, y = small_case("convnet", n=2)
-    rec = delta_record(task, spec, x, y, lr=0.1, steps=1, batch_size=2)
+    rec = fedavg_delta_record(task, spec, x, y, lr=0.1, steps=1, batch_size=2)
     assert "features.bn0.running_mean" in rec.update
     target = target_from_record(rec, task)
     assert list(target) == [n for n, _ in task.model.named_parameters()]
@@ -134,7 +108,7 @@ def test_total_variation_zero_on_constant_and_per_restart():
 
 def test_unrolled_delta_matches_torch_sgd():
     task, spec, x, y = small_case("convnet", n=4)
-    rec = delta_record(task, spec, x, y, lr=0.05, steps=3, batch_size=2)  # wraps around
+    rec = fedavg_delta_record(task, spec, x, y, lr=0.05, steps=3, batch_size=2)  # wraps around
     params, buffers = split_state(task, rec.global_params)
     delta, _ = unrolled_delta(task, params, buffers, x, y, lr=0.05, steps=3, batch_size=2)
     for name in params:
@@ -318,7 +292,7 @@ def test_unrolled_objective_is_exact_where_single_gradient_is_not(one_thread):
     """At the true images the unrolled FedAvg objective is ~0; one gradient is only close."""
     from attacks.inverting_gradients import _update_fn
     task, spec, x, y = small_case("lenet", n=8)
-    rec = delta_record(task, spec, x, y, lr=1.0, steps=4, batch_size=2,
+    rec = fedavg_delta_record(task, spec, x, y, lr=1.0, steps=4, batch_size=2,
                        knowledge={"labels": y})
     dist = {}
     for mode in ("unroll", "single"):

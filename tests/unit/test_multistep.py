@@ -37,12 +37,10 @@ objective) while "unroll" keeps improving, so the gap grows with the budget.
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
-from attack_cases import cifar_images, cifar_labels, make_spec, make_task
+from attack_cases import cifar_images, cifar_labels, fedavg_delta_record, make_spec, make_task
 
 from attacks.inverting_gradients import InvertingGradients
 from attacks.objectives import NormalisedImages
@@ -53,32 +51,11 @@ from fl_sim.tasks import build_task
 LR, STEPS, BATCH = 0.3, 4, 2
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def fedavg_record(task, spec, images, labels) -> ObservationRecord:
     """``new - global`` after ``STEPS`` torch.optim.SGD steps of ``BATCH`` images (eval mode);
     step ``k`` uses images ``k*BATCH .. k*BATCH+BATCH-1`` (modulo ``n``)."""
-    model = copy.deepcopy(task.model).eval()
-    opt = torch.optim.SGD(model.parameters(), lr=LR)
-    n = images.shape[0]
-    for k in range(STEPS):
-        idx = [(k * BATCH + j) % n for j in range(BATCH)]
-        opt.zero_grad()
-        F.cross_entropy(model(task.normalize(images[idx])), labels[idx]).backward()
-        opt.step()
-    glob, new = task.model.state_dict(), model.state_dict()
-    return ObservationRecord(
-        run_id="test", server_round=1, client_id=0, tap="server_in", spec=spec,
-        global_params={k: v.clone() for k, v in glob.items()},
-        update={k: (new[k] - glob[k]).clone() for k in glob if glob[k].is_floating_point()},
-        update_kind="delta", num_examples=n, local_steps=STEPS, lr=LR, batch_size=BATCH,
-        knowledge={"labels": labels})
+    return fedavg_delta_record(task, spec, images, labels, lr=LR, steps=STEPS, batch_size=BATCH,
+                               knowledge={"labels": labels})
 
 
 def both_modes(rec, truth, iterations: int) -> dict[str, float]:

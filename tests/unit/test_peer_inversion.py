@@ -25,15 +25,6 @@ from fl_sim.tasks import build_task
 from fl_sim.tasks.base import Batch
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models: one thread avoids OpenMP oversubscription on the shared 2-core runners."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def init_psnr(spec, truth: torch.Tensor, seed: int) -> float:
     """PSNR of the attack's random start (same generator draw as restart 0)."""
     cand = NormalisedImages((1, *truth.shape), spec.mean, spec.std,
