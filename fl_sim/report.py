@@ -35,14 +35,14 @@ def image_grid(rows: Sequence[Tensor], *, pad: int = 2, scale: int = 0) -> np.nd
     """Stack rows of [B, C, H, W] images in [0, 1] into one uint8 HWC array.
 
     Rows may have different lengths (missing cells stay white). ``scale`` upsamples by an
-    integer factor (nearest); 0 picks one so that a cell is at least 64 px tall.
+    integer factor (nearest); 0 picks one so that a cell is at least 96 px tall.
     """
     rows = [r.detach().float().cpu().clamp(0, 1) for r in rows if r.numel()]
     if not rows:
         raise ValueError("image_grid: no images")
     c, h, w = rows[0].shape[1:]
     if scale == 0:
-        scale = max(1, -(-64 // h))
+        scale = max(1, -(-96 // h))
     ncol = max(r.shape[0] for r in rows)
     ch, cw = h * scale + pad, w * scale + pad
     grid = np.ones((len(rows) * ch + pad, ncol * cw + pad, 3), dtype=np.float32)
@@ -109,7 +109,7 @@ def _cell(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     if isinstance(v, dict):
-        return ", ".join(f"{k}={_cell(x)}" for k, x in v.items())
+        return ", ".join(f"{k}={_cell(x)}" for k, x in v.items() if x is not None)
     return "" if v is None else str(v)
 
 
