@@ -49,4 +49,8 @@ class IDLG(Attack):
             "idlg" if labels.numel() == 1 else "batch")
         return Reconstruction(
             images=torch.empty(0, spec.in_channels, spec.image_size, spec.image_size),
-            labels=labels, assumed={}, extras={"label_method": method})
+            labels=labels,
+            # What the analytic recovery relies on beyond the transmitted update.
+            assumed={"labels": method, "num_images": int(labels.numel()),
+                     "batchnorm": self.model_mode},
+            extras={"label_method": method})
