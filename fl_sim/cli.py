@@ -180,10 +180,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+class _RunSimulationDeprecation(logging.Filter):
+    """fl-sim drives ``run_simulation`` on purpose (in-process taps and callbacks, see
+    DESIGN.md); Flower's deprecation notice about it says nothing the user can act on."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "The `run_simulation` function is deprecated" not in record.getMessage()
+
+
 def _quiet_flower(debug: bool) -> None:
     """Flower installs its own console handler at import; align it with ``--debug``."""
     from flwr.common.logger import update_console_handler
     update_console_handler(level=logging.DEBUG if debug else logging.WARNING)
+    if not debug:
+        logging.getLogger("flwr").addFilter(_RunSimulationDeprecation())
 
 
 def cmd_attack(args: argparse.Namespace) -> int:

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -61,3 +63,13 @@ def test_validate_prints_resolved_config() -> None:
     out = fl_sim("validate", "configs/default.toml", "--set", "run.seed=4")
     assert out.returncode == 0, out.stderr
     assert '"seed": 4' in out.stdout
+
+
+@pytest.mark.ray
+def test_missing_data_file_fails_with_one_line_not_a_flower_banner(tmp_path: Path) -> None:
+    out = fl_sim("run", "configs/default.toml", "--no-progress", "--run-dir",
+                 str(tmp_path / "run"), "--set", "data.name=npz", "--set",
+                 f"data.path={tmp_path / 'nope.npz'}")
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"fl-sim: error: {tmp_path / 'nope.npz'}: file not found"
+    assert "DEPRECATED" not in out.stdout + out.stderr
