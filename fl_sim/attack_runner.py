@@ -60,14 +60,14 @@ def run_final_attacks(run_dir: Path, cfg: ExperimentConfig) -> list[dict[str, An
 def _run_configured(run_dir: Path, cfg: ExperimentConfig, attacks: Sequence[AttackConfig],
                     server_round: int) -> list[dict[str, Any]]:
     done = {r.get("key") for r in load_results(run_dir)}
+    pending = [(a, key) for a in attacks  # a resumed run may have written some already
+               if (key := _key(a.name, a.view, server_round, a.client, a.params)) not in done]
+    run = _load_run(run_dir) if pending else None
     results = []
-    for a in attacks:
-        key = _key(a.name, a.view, server_round, a.client, a.params)
-        if key in done:  # resumed run: this result was written before the crash
-            continue
+    for a, key in pending:
         try:
             results += run_attack(run_dir, cfg, a.name, a.params, view=a.view,
-                                  client=a.client, server_round=server_round, key=key)
+                                  client=a.client, server_round=server_round, key=key, run=run)
         except FlSimError as exc:
             logger.error("attack %s (round %d) failed: %s", a.name, server_round, exc)
             _append(run_dir, {"key": key, "attack": a.name, "view": a.view,
@@ -101,7 +101,7 @@ def run_attack(run_dir: Path, cfg: ExperimentConfig, name: str, params: Mapping[
                run: Any = None) -> list[dict[str, Any]]:
     """Build the view, run one attack on one record, score it, write grid + result line."""
     run = run or _load_run(run_dir)
-    attack = ATTACKS.create(name, _where=f"attack {name}", **_attack_params(name, params))
+    attack = ATTACKS.create(name, _where=f"attack {name}", **params)
     grant = tuple(attack.required_knowledge())
     record = _record(run, view, client, server_round, grant)
     gen = torch_generator(cfg.run.seed, "attack", name, server_round, record.client_id or 0)
@@ -137,10 +137,6 @@ def run_attack(run_dir: Path, cfg: ExperimentConfig, name: str, params: Mapping[
     logger.info("%s on round %d client %s: %s", name, server_round, record.client_id,
                 {k: v for k, v in metrics.items() if not isinstance(v, list)})
     return [result]
-
-
-def _attack_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in params.items() if k not in {"view", "client", "rounds"}}
 
 
 def _record(run: Any, view: str, client: int | None, server_round: int,

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from fl_sim.stores import read_jsonl
@@ -188,7 +187,3 @@ def _attack_section(run_dir: Path, r: Mapping[str, Any]) -> str:
                         "defenses": ", ".join(r.get("defenses", [])) or "none"}],
                       ["assumed knowledge", "budget", "defenses"]))
     return "".join(out)
-
-
-def tensor_to_uint8(images: Tensor) -> Tensor:
-    return (images.clamp(0, 1) * 255 + 0.5).to(torch.uint8)
