@@ -2,8 +2,8 @@
 
 Design after Opacus' accountant registry: a dict behind a ``register`` decorator that refuses
 duplicates; lookups of unknown names list the known ones. Third-party packages plug in through
-the entry-point group ``fl_sim.<kind>s`` (e.g. ``fl_sim.attacks``), whose entries are imported
-lazily the first time a registry is read.
+the entry-point group of :func:`entry_point_group` (e.g. ``fl_sim.attacks``), whose entries
+are imported lazily the first time a registry is read.
 
 Plug-in parameters are validated from the plug-in's own signature: :meth:`Registry.create`
 builds a pydantic model from the annotated keyword parameters, so a config error names the
@@ -50,6 +50,16 @@ class Entry(Generic[T]):
     description: str
 
 
+def entry_point_group(kind: str) -> str:
+    """The entry-point group third-party plug-ins of ``kind`` register under.
+
+    >>> entry_point_group("attack"), entry_point_group("strategy"), entry_point_group("data source")
+    ('fl_sim.attacks', 'fl_sim.strategies', 'fl_sim.data_sources')
+    """
+    name = kind.replace(" ", "_")
+    return "fl_sim." + (name[:-1] + "ies" if name.endswith("y") else name + "s")
+
+
 def _first_doc_line(obj: Any) -> str:
     doc = inspect.getdoc(obj) or ""
     return doc.strip().splitlines()[0] if doc.strip() else ""
@@ -82,7 +92,7 @@ class Registry(Generic[T]):
             self._entry_points_loaded = True
             for module in BUILTIN_PLUGIN_MODULES.get(self.kind, ()):
                 importlib.import_module(module)
-            group = "fl_sim." + self.kind.replace(" ", "_") + "s"
+            group = entry_point_group(self.kind)
             for ep in metadata.entry_points(group=group):
                 if ep.name not in self._entries:
                     logger.debug("loading %s plug-in %s from %s", self.kind, ep.name, ep.value)
