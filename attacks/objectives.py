@@ -34,22 +34,54 @@ __all__ = ["cosine_distance", "l2_distance", "total_variation", "BNStatistics", 
            "SCHEDULES"]
 
 
+class _Cosine(torch.autograd.Function):
+    """``1 - <g, t> / (|g| |t|)`` per restart with a closed-form backward.
+
+    The backward is ``dD/dg = a t + b g`` per restart (``a = -1/(|g||t|)``,
+    ``b = <g,t>/(|g|^3 |t|)``): one fused pass per parameter instead of autograd's chain of
+    products, squares and broadcasts over every parameter (measured: ~6 ms of a ResNet-18
+    iteration). Only the gradients ``g`` are differentiable; the target is a constant.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, norm_t: float, targets: tuple[Tensor, ...],
+                *grads: Tensor) -> Tensor:
+        dot = norm2 = None
+        for g, t in zip(grads, targets, strict=True):
+            flat = g.flatten(1)
+            d, n2 = flat @ t.flatten(), torch.linalg.vector_norm(flat, dim=1).square()
+            dot, norm2 = (d, n2) if dot is None else (dot + d, norm2 + n2)
+        norm_g = norm2.sqrt().clamp_min(1e-12)  # type: ignore[union-attr]
+        ctx.save_for_backward(dot, norm_g, *grads)
+        ctx.targets, ctx.norm_t = targets, norm_t
+        return 1.0 - dot / (norm_g * norm_t)  # type: ignore[operator]
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        dot, norm_g, *grads = ctx.saved_tensors
+        a = -grad_out / (norm_g * ctx.norm_t)
+        b = grad_out * dot / (norm_g.pow(3) * ctx.norm_t)
+        out = []
+        for g, t in zip(grads, ctx.targets, strict=True):
+            view = (-1, *([1] * (g.dim() - 1)))
+            out.append(torch.addcmul(a.view(view) * t, g, b.view(view)))
+        return (None, None, *out)
+
+
 def cosine_distance(grads: Mapping[str, Tensor], target: Mapping[str, Tensor], *,
                     target_norm: float | None = None) -> Tensor:
     """``1 - <g, t> / (|g| |t|)`` with all parameters flattened into one vector.
 
     ``grads[name]``: ``[R, *shape]`` (one gradient per restart), ``target[name]``: ``[*shape]``.
-    Returns ``[R]`` in [0, 2]. Only names in ``target`` are compared. ``target_norm`` (``|t|``)
-    may be passed to skip recomputing it every iteration.
+    Returns ``[R]`` in [0, 2], differentiable in ``grads`` (closed-form backward). Only names in
+    ``target`` are compared. ``target_norm`` (``|t|``) may be passed to skip recomputing it
+    every iteration.
     """
-    dot = norm_g = 0.0
-    for name, t in target.items():
-        g = grads[name].flatten(1)
-        dot = dot + g @ t.flatten()
-        norm_g = norm_g + g.pow(2).sum(1)
+    names = list(target)
     norm_t = target_norm if target_norm is not None else math.sqrt(
         sum(float(t.double().pow(2).sum()) for t in target.values()))
-    return 1.0 - dot / (torch.sqrt(norm_g).clamp_min(1e-12) * max(norm_t, 1e-12))
+    return _Cosine.apply(max(norm_t, 1e-12), tuple(target[k] for k in names),
+                         *(grads[k] for k in names))
 
 
 def l2_distance(grads: Mapping[str, Tensor], target: Mapping[str, Tensor], *,

@@ -9,10 +9,11 @@ CIFAR-10 test images (index order), seeded untrained models in eval mode, labels
 Prints a table and writes ``benchmarks/out/attack_speed.json``. Times are wall-clock medians
 of interleaved repetitions (the plain step and the attack alternate, so load from other
 processes hits both alike); per-iteration attack time is the difference between runs of
-``2k`` and ``k`` iterations, so set-up costs cancel. The restart section times whole runs
-of ``--restart-iters`` iterations: R = 8 with successive halving (the default) and without
-pruning (``"none"``, the paper's protocol) against R = 1, interleaved. Run from the
-repository root.
+``2k`` and ``k`` iterations, so set-up costs cancel; each case is also timed with stock
+autograd double backward (``double_backward="autograd"``) for comparison. The restart
+section times whole runs of ``--restart-iters`` iterations: R = 8 with successive halving
+(the default) and without pruning (``"none"``, the paper's protocol) against R = 1,
+interleaved. Run from the repository root.
 """
 
 from __future__ import annotations
@@ -57,17 +58,20 @@ def per_iteration(model: str, batch: int, restarts: tuple[int, ...], repeats: in
         net.zero_grad(set_to_none=True)
         F.cross_entropy(net(inputs), y).backward()
 
-    def attack(r: int, iters: int) -> float:
+    def attack(r: int, iters: int, double_backward: str = "lean") -> float:
         t = time.perf_counter()
         invert(problem, max_iterations=iters, restarts=r, lr=0.1, tv_weight=0.2,
-               restart_pruning="none", generator=torch.Generator().manual_seed(0))
+               restart_pruning="none", double_backward=double_backward,
+               generator=torch.Generator().manual_seed(0))
         return time.perf_counter() - t
 
     plain()
     for r in restarts:
         attack(r, 1)
+    attack(1, 1, "autograd")
     fb: list[float] = []
     it: dict[int, list[float]] = {r: [] for r in restarts}
+    stock: list[float] = []
     for _ in range(repeats):
         t = time.perf_counter()
         for _ in range(k):
@@ -75,11 +79,15 @@ def per_iteration(model: str, batch: int, restarts: tuple[int, ...], repeats: in
         fb.append((time.perf_counter() - t) / k)
         for r in restarts:
             it[r].append((attack(r, 2 * k) - attack(r, k)) / k)
+        stock.append((attack(1, 2 * k, "autograd") - attack(1, k, "autograd")) / k)
     out: dict[str, Any] = {"model": model, "batch": batch,
                            "plain_fwd_bwd_s": statistics.median(fb)}
     for r in restarts:
         out[f"ig_iteration_s_R{r}"] = statistics.median(it[r])
     out["ratio_ig_to_plain"] = out["ig_iteration_s_R1"] / out["plain_fwd_bwd_s"]
+    # the same iteration with stock autograd double backward (double_backward="autograd")
+    out["ig_iteration_s_R1_autograd"] = statistics.median(stock)
+    out["ratio_autograd_to_plain"] = out["ig_iteration_s_R1_autograd"] / out["plain_fwd_bwd_s"]
     if len(restarts) > 1:
         r = max(restarts)
         out[f"ratio_R{r}_to_R1"] = out[f"ig_iteration_s_R{r}"] / out["ig_iteration_s_R1"]
@@ -175,13 +183,15 @@ def main(argv: list[str] | None = None) -> int:
                               "speed": [], "restarts": [], "time_to_psnr": []}
     if not args.skip_speed:
         print(f"{'case':16s} {'fwd+bwd s':>10s} {'IG it s':>9s} {'ratio':>6s} "
-              f"{'R8/R1*':>6s} {'plain x8':>8s}  (*per iteration, no pruning)")
+              f"{'stock':>6s} {'R8/R1*':>6s} {'plain x8':>8s}  (*per iteration, no pruning; "
+              "stock: double_backward='autograd')")
         for model, batch, restarts in (("convnet", 1, (1, 8)), ("convnet", 4, (1,)),
                                        ("resnet18", 1, (1, 8))):
             row = per_iteration(model, batch, restarts, args.repeats, args.iters)
             result["speed"].append(row)
             print(f"{model + ' b' + str(batch):16s} {row['plain_fwd_bwd_s']:10.4f} "
                   f"{row['ig_iteration_s_R1']:9.4f} {row['ratio_ig_to_plain']:6.2f} "
+                  f"{row['ratio_autograd_to_plain']:6.2f} "
                   f"{row.get('ratio_R8_to_R1', float('nan')):6.2f} "
                   f"{row.get('plain_batch_x8_ratio', float('nan')):8.2f}", flush=True)
     if not args.skip_restarts:

@@ -1,0 +1,162 @@
+"""A leaner double back-propagation for gradient matching (an engineering step, no paper).
+
+Gradient-matching attacks (DLG, Inverting Gradients) differentiate a PARAMETER gradient
+``g(x) = dL/dtheta`` with respect to the INPUT images ``x``. With stock autograd, two kinds of
+work in that second backward pass are wasted on convolutions, because the parameters require
+grad (they must, for the first pass):
+
+1. PyTorch's ``aten::_convolution_double_backward`` always computes the second-order term with
+   respect to the weights (``conv(ggI, gO)``), whether or not anybody asked for it — measured
+   6.7 ms per 256-channel 32x32 layer at batch 1, more than the layer's forward convolution
+   (2.8 ms), on the 2-core CPU of ``benchmarks/RESULTS.md``;
+2. the engine is correct to skip weight gradients of the forward convolutions, but only because
+   it knows which leaves were requested; the double backward itself has no such knowledge.
+
+Inside :class:`LeanSecondOrder`, ``torch.nn.functional.conv2d`` runs as :class:`_Conv2d`, whose
+backward is the differentiable :class:`_Conv2dGrad`; its own backward (the double backward)
+computes only the input-side terms: ``d/dgy = conv(ggx, W) + conv(x, ggW) + ggb`` and
+``d/dx = conv_input_grad(gy, ggW)``, never the weight term. Parameter gradients are produced
+once, by :meth:`LeanSecondOrder.parameter_grads`; every later derivative through the graph treats
+the parameters as CONSTANTS (weights and biases get no gradient). That is exactly what an
+attack needs and nothing more. Everything else (BatchNorm, activations, linear layers, pooling)
+runs as stock autograd; string ``padding`` ("same"/"valid") falls back to stock autograd too.
+
+Measured on the ConvNet-64 case at batch 1 (``benchmarks/attack_speed.py``): one Inverting
+Gradients iteration drops from ~3.3 to ~2.8 plain forward+backward passes. On tiny models
+(LeNet) the Python dispatch costs more than it saves; see ``inverting_gradients``'s
+``double_backward`` option. Plain autograd only (not ``torch.func`` transforms: the restart
+batch of ``vmap`` and the unrolled multi-step updates keep stock formulas).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+__all__ = ["LeanSecondOrder"]
+
+_CONV_ARGS = ("bias", "stride", "padding", "dilation", "groups")
+_CONV_DEFAULTS = (None, 1, 0, 1, 1)
+
+
+def _pair(v: Any) -> list[int]:
+    return [int(i) for i in v] if isinstance(v, (tuple, list)) else [int(v), int(v)]
+
+
+class _Conv2dGrad(torch.autograd.Function):
+    """``(gy, x, w) -> (gx, gw, gb)`` of a 2-d convolution, with a lean backward.
+
+    ``w`` arrives detached (parameters are constants for second-order work), so the backward
+    never computes a weight term; ``mask`` says which first-order outputs to compute.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, gy: Tensor, x: Tensor, w: Tensor, conf: tuple[Any, ...],
+                mask: list[bool]) -> tuple[Tensor | None, ...]:
+        stride, padding, dilation, groups, has_bias = conf
+        ctx.save_for_backward(gy, x, w)
+        ctx.conf = conf
+        ctx.set_materialize_grads(False)  # an unused output gets None, not a zero tensor
+        return torch.ops.aten.convolution_backward(
+            gy, x, w, [w.shape[0]] if has_bias else None, stride, padding, dilation, False,
+            [0, 0], groups, mask)
+
+    @staticmethod
+    def backward(ctx: Any, ggx: Tensor | None, ggw: Tensor | None,
+                 ggb: Tensor | None) -> tuple[Tensor | None, ...]:
+        gy, x, w = ctx.saved_tensors
+        stride, padding, dilation, groups, _ = ctx.conf
+        need_gy, need_x = ctx.needs_input_grad[:2]
+        d_gy = d_x = None
+        if need_gy:
+            terms = []
+            if ggx is not None:
+                terms.append(F.conv2d(ggx, w, None, stride, padding, dilation, groups))
+            if ggw is not None:
+                terms.append(F.conv2d(x, ggw, None, stride, padding, dilation, groups))
+            if ggb is not None:
+                terms.append(ggb.view(1, -1, *([1] * (gy.dim() - 2))).expand_as(gy))
+            if terms:
+                d_gy = terms[0]
+                for t in terms[1:]:
+                    d_gy = d_gy + t
+        if need_x and ggw is not None:
+            d_x = torch.ops.aten.convolution_backward(
+                gy, x, ggw, None, stride, padding, dilation, False, [0, 0], groups,
+                [True, False, False])[0]
+        return d_gy, d_x, None, None, None
+
+
+class _Conv2d(torch.autograd.Function):
+    """``F.conv2d`` whose backward is the differentiable :class:`_Conv2dGrad`."""
+
+    @staticmethod
+    def forward(ctx: Any, owner: LeanSecondOrder, x: Tensor, w: Tensor, b: Tensor | None,
+                conf: tuple[Any, ...]) -> Tensor:
+        stride, padding, dilation, groups, _ = conf
+        ctx.save_for_backward(x, w)
+        ctx.owner, ctx.conf = owner, conf
+        ctx.set_materialize_grads(False)
+        return F.conv2d(x, w, b, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor | None) -> tuple[Tensor | None, ...]:
+        x, w = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[1:4]
+        if not ctx.owner.parameters_wanted:
+            need_w = need_b = False
+        if gy is None or not (need_x or need_w or need_b):
+            return None, None, None, None, None
+        gx, gw, gb = _Conv2dGrad.apply(gy, x, w.detach(), ctx.conf,
+                                       [need_x, need_w, need_b and ctx.conf[-1]])
+        return None, gx, gw, gb, None
+
+
+class LeanSecondOrder(TorchFunctionMode):
+    """Build a loss whose parameter gradient is cheap to differentiate w.r.t. the inputs.
+
+    Usage (the forward pass inside the mode, the gradients outside)::
+
+        lean = LeanSecondOrder()
+        with lean:
+            loss = task.loss(params, buffers, batch, {})
+        grads = lean.parameter_grads(loss, list(params.values()), create_graph=True)
+        (gx,) = torch.autograd.grad(distance(grads, target), images)   # lean double backward
+
+    ``parameter_grads`` equals ``torch.autograd.grad(loss, params, create_graph=...)``; after
+    it, parameters are constants for any further derivative through this graph.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: True until :meth:`parameter_grads` has run: later passes skip weight gradients
+        self.parameters_wanted = True
+
+    def __torch_function__(self, func: Any, types: Any, args: Sequence[Any] = (),
+                           kwargs: dict[str, Any] | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.conv2d:
+            x, w, *rest = args
+            vals = dict(zip(_CONV_ARGS, _CONV_DEFAULTS, strict=True))
+            vals.update(zip(_CONV_ARGS, rest, strict=False))
+            vals.update(kwargs)
+            if not isinstance(vals["padding"], str):
+                conf = (_pair(vals["stride"]), _pair(vals["padding"]), _pair(vals["dilation"]),
+                        int(vals["groups"]), vals["bias"] is not None)
+                return _Conv2d.apply(self, x, w, vals["bias"], conf)
+        return func(*args, **kwargs)
+
+    def parameter_grads(self, loss: Tensor, params: Sequence[Tensor], *,
+                        create_graph: bool) -> tuple[Tensor, ...]:
+        """``d loss / d params`` (as :func:`torch.autograd.grad`); afterwards parameters are
+        constants for every derivative through the graph built inside this mode."""
+        self.parameters_wanted = True
+        try:
+            return torch.autograd.grad(loss, list(params), create_graph=create_graph)
+        finally:
+            self.parameters_wanted = False
