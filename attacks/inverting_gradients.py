@@ -198,7 +198,10 @@ def invert(problem: InversionProblem, *, max_iterations: int, restarts: int, lr:
     bn = BNStatistics(problem.task.model) if bn_prior_weight > 0 else None
     update_of = _update_fn(problem, bn, double_backward)
     dist = cosine_distance if distance == "cosine" else l2_distance
-    target_norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in problem.target.values()))
+    # contiguous once: the distances flatten the target every iteration (a non-contiguous
+    # gradient, e.g. a strided conv's from a module backward, would be copied each time)
+    target = {k: v.contiguous() for k, v in problem.target.items()}
+    target_norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in target.values()))
     n = int(problem.labels.shape[0])
     cand = NormalisedImages((restarts, n, *problem.shape), problem.mean, problem.std,
                             generator=generator)
@@ -206,7 +209,7 @@ def invert(problem: InversionProblem, *, max_iterations: int, restarts: int, lr:
     def objective(z: Tensor) -> tuple[Tensor, Tensor]:
         images = z * cand.std + cand.mean
         upd, prior = update_of(images)
-        d = dist(upd, problem.target, target_norm=target_norm)
+        d = dist(upd, target, target_norm=target_norm)
         total = d + tv_weight * total_variation(z) if tv_weight else d
         if prior is not None:
             total = total + bn_prior_weight * prior

@@ -130,34 +130,32 @@ def test_cosine_closed_form_backward_matches_autograd_reference():
                              (grads["a"], grads["b"]))
 
 
-def test_inversion_lean_and_autograd_take_the_same_steps(one_thread):
-    spec = make_spec("convnet", {"width": 16}, image_size=16)
-    task = build_task(spec, seed=0)
-    task.model.eval()
-    images, labels = F.adaptive_avg_pool2d(cifar_images(2), 16), cifar_labels(2)
+def _assert_same_steps(task, spec, images, labels, iterations: int) -> None:
+    """``invert`` with the lean and the stock double backward: same images, same objective."""
     record = make_record(task, spec, images, labels, knowledge={"labels": labels})
     problem, _ = InvertingGradients(labels="granted").problem(
         record, generator=torch.Generator().manual_seed(0))
-    runs = {db: invert(problem, max_iterations=8, restarts=1, lr=0.1, tv_weight=0.2,
+    runs = {db: invert(problem, max_iterations=iterations, restarts=1, lr=0.1, tv_weight=0.2,
                        double_backward=db, generator=torch.Generator().manual_seed(0))
             for db in ("autograd", "lean")}
     torch.testing.assert_close(runs["lean"].images, runs["autograd"].images)
     torch.testing.assert_close(runs["lean"].objective, runs["autograd"].objective)
 
 
-def test_double_backward_option_validated():
-    with pytest.raises(ConfigError, match="double_backward"):
-        InvertingGradients(double_backward="fast")
+def test_inversion_lean_and_autograd_take_the_same_steps(one_thread):
+    spec = make_spec("convnet", {"width": 16}, image_size=16)
+    task = build_task(spec, seed=0)
+    task.model.eval()
+    images = F.adaptive_avg_pool2d(cifar_images(2), 16)
+    _assert_same_steps(task, spec, images, cifar_labels(2), iterations=8)
 
 
 def test_reference_convnet_case_lean_equals_autograd_first_iterations(one_thread):
     """The ConvNet-64 reference model (BatchNorm, 2.9 M parameters) on a real image."""
     task, spec = make_task("convnet")
-    x, y = cifar_images(1), cifar_labels(1)
-    record = make_record(task, spec, x, y, knowledge={"labels": y})
-    problem, _ = InvertingGradients(labels="granted").problem(
-        record, generator=torch.Generator().manual_seed(0))
-    runs = {db: invert(problem, max_iterations=3, restarts=1, lr=0.1, tv_weight=0.2,
-                       double_backward=db, generator=torch.Generator().manual_seed(0))
-            for db in ("autograd", "lean")}
-    torch.testing.assert_close(runs["lean"].images, runs["autograd"].images)
+    _assert_same_steps(task, spec, cifar_images(1), cifar_labels(1), iterations=3)
+
+
+def test_double_backward_option_validated():
+    with pytest.raises(ConfigError, match="double_backward"):
+        InvertingGradients(double_backward="fast")
