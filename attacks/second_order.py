@@ -1,16 +1,11 @@
 """A leaner double back-propagation for gradient matching (an engineering step, no paper).
 
 Gradient-matching attacks (DLG, Inverting Gradients) differentiate a PARAMETER gradient
-``g(x) = dL/dtheta`` with respect to the INPUT images ``x``. With stock autograd, two kinds of
-work in that second backward pass are wasted on convolutions, because the parameters require
-grad (they must, for the first pass):
-
-1. PyTorch's ``aten::_convolution_double_backward`` always computes the second-order term with
-   respect to the weights (``conv(ggI, gO)``), whether or not anybody asked for it — measured
-   6.7 ms per 256-channel 32x32 layer at batch 1, more than the layer's forward convolution
-   (2.8 ms), on the 2-core CPU of ``benchmarks/RESULTS.md``;
-2. the engine is correct to skip weight gradients of the forward convolutions, but only because
-   it knows which leaves were requested; the double backward itself has no such knowledge.
+``g(x) = dL/dtheta`` with respect to the INPUT images ``x``. With stock autograd that second
+backward pass wastes work on every convolution: PyTorch's ``aten::_convolution_double_backward``
+always computes the second-order term with respect to the weights (``conv(ggI, gO)``), whether
+or not anybody asked for it — measured 6.7 ms per 256-channel 32x32 layer at batch 1, more than
+the layer's forward convolution (2.8 ms), on the 2-core CPU of ``benchmarks/RESULTS.md``.
 
 Inside :class:`LeanSecondOrder`, ``torch.nn.functional.conv2d`` runs as :class:`_Conv2d`, whose
 backward is the differentiable :class:`_Conv2dGrad`; its own backward (the double backward)
@@ -18,11 +13,14 @@ computes only the input-side terms: ``d/dgy = conv(ggx, W) + conv(x, ggW) + ggb`
 ``d/dx = conv_input_grad(gy, ggW)``, never the weight term. Parameter gradients are produced
 once, by :meth:`LeanSecondOrder.parameter_grads`; every later derivative through the graph treats
 the parameters as CONSTANTS (weights and biases get no gradient). That is exactly what an
-attack needs and nothing more. Everything else (BatchNorm, activations, linear layers, pooling)
-runs as stock autograd; string ``padding`` ("same"/"valid") falls back to stock autograd too.
+attack needs and nothing more. (A Python autograd function only sees which inputs require
+grad, not which ones the current backward call wants, so the switch is explicit: without it
+the second pass would recompute every weight gradient of the forward convolutions.)
+Everything else (BatchNorm, activations, linear layers, pooling) runs as stock autograd;
+string ``padding`` ("same"/"valid") falls back to stock autograd too.
 
 Measured on the ConvNet-64 case at batch 1 (``benchmarks/attack_speed.py``): one Inverting
-Gradients iteration drops from ~3.3 to ~2.8 plain forward+backward passes. On tiny models
+Gradients iteration drops from ~3.1–3.3 to ~2.6 plain forward+backward passes. On tiny models
 (LeNet) the Python dispatch costs more than it saves; see ``inverting_gradients``'s
 ``double_backward`` option. Plain autograd only (not ``torch.func`` transforms: the restart
 batch of ``vmap`` and the unrolled multi-step updates keep stock formulas).
