@@ -161,11 +161,47 @@ def _truncate_rounds(root: Path, after_round: int, dirs: Sequence[str],
         rewrite_jsonl(idx, _dedupe(rows, root, key))
 
 
+class _IndexedStore:
+    """A directory of safetensors files listed in one JSONL index (``root/INDEX``).
+
+    ``KEY`` identifies a row (a re-written row replaces the older one), ``FIELD`` is what
+    :meth:`entries` filters on, ``DIRS`` are the per-round sub-directories :meth:`truncate`
+    prunes.
+    """
+
+    KEY: tuple[str, ...]
+    FIELD: str
+    DIRS: tuple[str, ...]
+    root: Path
+
+    def entries(self, value: str | None = None) -> list[dict[str, Any]]:
+        """Index rows (deduplicated), only those whose ``FIELD`` equals ``value`` if given."""
+        rows = _dedupe(read_jsonl(self.root / INDEX), self.root, self.KEY)
+        return [r for r in rows if value is None or r[self.FIELD] == value]
+
+    def load(self, rel: str) -> dict[str, Tensor]:
+        return read_tensors(self.root / rel)[0]
+
+    def _write(self, rel: str, tensors: Mapping[str, Tensor], row: Mapping[str, Any]) -> None:
+        """The file first, then its index row (a crash in between leaves no dangling row)."""
+        write_tensors(self.root / rel, tensors, row)
+        append_jsonl(self.root / INDEX, row)
+
+    def truncate(self, after_round: int) -> None:
+        """Drop everything recorded for rounds > ``after_round`` (resume)."""
+        _truncate_rounds(self.root, after_round, self.DIRS, self.KEY)
+
+
 # -- observations (written by the server process only) ----------------------------------
-class ObservationStore:
-    """Server-side taps: globals once per round, per-client updates, aggregates."""
+class ObservationStore(_IndexedStore):
+    """Server-side taps: globals once per round, per-client updates, aggregates.
+
+    :meth:`entries` filters on the tap (``global``, ``server_in``, ``aggregate``).
+    """
 
     KEY = ("tap", "round", "client")
+    FIELD = "tap"
+    DIRS = ("globals", "server_in", "aggregate")
 
     def __init__(self, run_dir: Path | str) -> None:
         self.root = Path(run_dir) / "observations"
@@ -190,20 +226,7 @@ class ObservationStore:
             rel = f"{tap}/{_rname(server_round)}/{_cname(int(client_id or 0))}.safetensors"
         row = {**dict(meta), "tap": tap, "round": server_round, "client": client_id,
                "file": rel, "global": self.global_file(server_round)}
-        write_tensors(self.root / rel, update, row)
-        append_jsonl(self.root / INDEX, row)
-
-    def entries(self, tap: str | None = None) -> list[dict[str, Any]]:
-        rows = _dedupe(read_jsonl(self.root / INDEX), self.root, self.KEY)
-        return [r for r in rows if tap is None or r["tap"] == tap]
-
-    def load(self, rel: str) -> dict[str, Tensor]:
-        return read_tensors(self.root / rel)[0]
-
-    def truncate(self, after_round: int) -> None:
-        """Drop everything recorded for rounds > ``after_round`` (resume)."""
-        _truncate_rounds(self.root, after_round, ("globals", "server_in", "aggregate"),
-                         self.KEY)
+        self._write(rel, update, row)
 
 
 # -- ground truth (written concurrently by clients, one file per (round, client)) --------
@@ -278,13 +301,16 @@ def _as_uint8(images: Tensor) -> Tensor | None:
 
 
 # -- peer views (written by ONE client into its own directory) ---------------------------
-class PeerStore:
+class PeerStore(_IndexedStore):
     """What one curious client ``k`` kept: every global it received and its own updates.
 
     Lives entirely in ``run_dir/peer/c{k}``; holds no path to any other store.
+    :meth:`entries` filters on the kind (``global``, ``update``).
     """
 
     KEY = ("kind", "round")
+    FIELD = "kind"
+    DIRS = ("globals", "updates")
 
     def __init__(self, run_dir: Path | str, client_id: int) -> None:
         self.client_id = int(client_id)
@@ -295,27 +321,14 @@ class PeerStore:
         """The global model received at the start of ``server_round`` (+ what came with it)."""
         rel = f"globals/{_rname(server_round)}.safetensors"
         row = {**dict(meta), "kind": "global", "round": server_round, "file": rel}
-        write_tensors(self.root / rel, state, row)
-        append_jsonl(self.root / INDEX, row)
+        self._write(rel, state, row)
 
     def write_update(self, server_round: int, update: Mapping[str, Tensor],
                      meta: Mapping[str, Any]) -> None:
         """The peer's own update of ``server_round``."""
         rel = f"updates/{_rname(server_round)}.safetensors"
         row = {**dict(meta), "kind": "update", "round": server_round, "file": rel}
-        write_tensors(self.root / rel, update, row)
-        append_jsonl(self.root / INDEX, row)
-
-    def entries(self, kind: str | None = None) -> list[dict[str, Any]]:
-        rows = _dedupe(read_jsonl(self.root / INDEX), self.root, self.KEY)
-        return [r for r in rows if kind is None or r["kind"] == kind]
-
-    def load(self, rel: str) -> dict[str, Tensor]:
-        return read_tensors(self.root / rel)[0]
-
-    def truncate(self, after_round: int) -> None:
-        """Drop rounds > ``after_round`` (resume)."""
-        _truncate_rounds(self.root, after_round, ("globals", "updates"), self.KEY)
+        self._write(rel, update, row)
 
 
 def truncate_run(run_dir: Path | str, after_round: int) -> None:
