@@ -29,7 +29,7 @@ batch of ``vmap`` and the unrolled multi-step updates keep stock formulas).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +46,16 @@ def _pair(v: Any) -> list[int]:
     return [int(i) for i in v] if isinstance(v, (tuple, list)) else [int(v), int(v)]
 
 
+class _Conv(NamedTuple):
+    """The hyper-parameters of one ``conv2d`` call, as ``convolution_backward`` takes them."""
+
+    stride: list[int]
+    padding: list[int]
+    dilation: list[int]
+    groups: int
+    has_bias: bool
+
+
 class _Conv2dGrad(torch.autograd.Function):
     """``(gy, x, w) -> (gx, gw, gb)`` of a 2-d convolution, with a lean backward.
 
@@ -54,38 +64,34 @@ class _Conv2dGrad(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, gy: Tensor, x: Tensor, w: Tensor, conf: tuple[Any, ...],
+    def forward(ctx: Any, gy: Tensor, x: Tensor, w: Tensor, c: _Conv,
                 mask: list[bool]) -> tuple[Tensor | None, ...]:
-        stride, padding, dilation, groups, has_bias = conf
         ctx.save_for_backward(gy, x, w)
-        ctx.conf = conf
+        ctx.conv = c
         ctx.set_materialize_grads(False)  # an unused output gets None, not a zero tensor
         return torch.ops.aten.convolution_backward(
-            gy, x, w, [w.shape[0]] if has_bias else None, stride, padding, dilation, False,
-            [0, 0], groups, mask)
+            gy, x, w, [w.shape[0]] if c.has_bias else None, c.stride, c.padding, c.dilation,
+            False, [0, 0], c.groups, mask)
 
     @staticmethod
     def backward(ctx: Any, ggx: Tensor | None, ggw: Tensor | None,
                  ggb: Tensor | None) -> tuple[Tensor | None, ...]:
         gy, x, w = ctx.saved_tensors
-        stride, padding, dilation, groups, _ = ctx.conf
+        c: _Conv = ctx.conv
         need_gy, need_x = ctx.needs_input_grad[:2]
         d_gy = d_x = None
         if need_gy:
             terms = []
             if ggx is not None:
-                terms.append(F.conv2d(ggx, w, None, stride, padding, dilation, groups))
+                terms.append(F.conv2d(ggx, w, None, c.stride, c.padding, c.dilation, c.groups))
             if ggw is not None:
-                terms.append(F.conv2d(x, ggw, None, stride, padding, dilation, groups))
+                terms.append(F.conv2d(x, ggw, None, c.stride, c.padding, c.dilation, c.groups))
             if ggb is not None:
-                terms.append(ggb.view(1, -1, *([1] * (gy.dim() - 2))).expand_as(gy))
-            if terms:
-                d_gy = terms[0]
-                for t in terms[1:]:
-                    d_gy = d_gy + t
+                terms.append(ggb.view(1, -1, 1, 1).expand_as(gy))
+            d_gy = sum(terms[1:], terms[0]) if terms else None
         if need_x and ggw is not None:
             d_x = torch.ops.aten.convolution_backward(
-                gy, x, ggw, None, stride, padding, dilation, False, [0, 0], groups,
+                gy, x, ggw, None, c.stride, c.padding, c.dilation, False, [0, 0], c.groups,
                 [True, False, False])[0]
         return d_gy, d_x, None, None, None
 
@@ -95,12 +101,11 @@ class _Conv2d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, owner: LeanSecondOrder, x: Tensor, w: Tensor, b: Tensor | None,
-                conf: tuple[Any, ...]) -> Tensor:
-        stride, padding, dilation, groups, _ = conf
+                c: _Conv) -> Tensor:
         ctx.save_for_backward(x, w)
-        ctx.owner, ctx.conf = owner, conf
+        ctx.owner, ctx.conv = owner, c
         ctx.set_materialize_grads(False)
-        return F.conv2d(x, w, b, stride, padding, dilation, groups)
+        return F.conv2d(x, w, b, c.stride, c.padding, c.dilation, c.groups)
 
     @staticmethod
     def backward(ctx: Any, gy: Tensor | None) -> tuple[Tensor | None, ...]:
@@ -110,8 +115,8 @@ class _Conv2d(torch.autograd.Function):
             need_w = need_b = False
         if gy is None or not (need_x or need_w or need_b):
             return None, None, None, None, None
-        gx, gw, gb = _Conv2dGrad.apply(gy, x, w.detach(), ctx.conf,
-                                       [need_x, need_w, need_b and ctx.conf[-1]])
+        gx, gw, gb = _Conv2dGrad.apply(gy, x, w.detach(), ctx.conv,
+                                       [need_x, need_w, need_b and ctx.conv.has_bias])
         return None, gx, gw, gb, None
 
 
@@ -144,9 +149,9 @@ class LeanSecondOrder(TorchFunctionMode):
             vals.update(zip(_CONV_ARGS, rest, strict=False))
             vals.update(kwargs)
             if not isinstance(vals["padding"], str):
-                conf = (_pair(vals["stride"]), _pair(vals["padding"]), _pair(vals["dilation"]),
-                        int(vals["groups"]), vals["bias"] is not None)
-                return _Conv2d.apply(self, x, w, vals["bias"], conf)
+                c = _Conv(_pair(vals["stride"]), _pair(vals["padding"]), _pair(vals["dilation"]),
+                          int(vals["groups"]), vals["bias"] is not None)
+                return _Conv2d.apply(self, x, w, vals["bias"], c)
         return func(*args, **kwargs)
 
     def parameter_grads(self, loss: Tensor, params: Sequence[Tensor], *,
