@@ -68,10 +68,14 @@ def _run_configured(run_dir: Path, cfg: ExperimentConfig, attacks: Sequence[Atta
         try:
             results += run_attack(run_dir, cfg, a.name, a.params, view=a.view,
                                   client=a.client, server_round=server_round, key=key, run=run)
-        except FlSimError as exc:
-            logger.error("attack %s (round %d) failed: %s", a.name, server_round, exc)
+        except Exception as exc:  # noqa: BLE001 -- a failing attack must not fail the run
+            if isinstance(exc, FlSimError):
+                logger.error("attack %s (round %d) failed: %s", a.name, server_round, exc)
+            else:  # a bug in a plug-in: keep the traceback in the log
+                logger.exception("attack %s (round %d) crashed", a.name, server_round)
             _append(run_dir, {"key": key, "attack": a.name, "view": a.view,
-                              "round": server_round, "client": a.client, "error": str(exc)})
+                              "round": server_round, "client": a.client,
+                              "error": f"{type(exc).__name__}: {exc}"})
     return results
 
 

@@ -122,12 +122,16 @@ def cmd_list(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from fl_sim.registry import ALL_REGISTRIES
+    from fl_sim.registry import ALL_REGISTRIES, entry_point_group
 
     kinds = list(ALL_REGISTRIES)
     if args.kind:
-        wanted = args.kind.rstrip("s").replace("_", " ")
-        if wanted not in ALL_REGISTRIES:
+        # singular ("strategy", "data_source") or plural as in the entry-point groups
+        # ("strategies", "data_sources")
+        names = {k.replace(" ", "_"): k for k in kinds}
+        names.update({entry_point_group(k).removeprefix("fl_sim."): k for k in kinds})
+        wanted = names.get(args.kind.replace(" ", "_"))
+        if wanted is None:
             raise FlSimError(f"unknown plug-in kind '{args.kind}'; known: {', '.join(kinds)}")
         kinds = [wanted]
     table = Table(show_header=True, header_style="bold")

@@ -232,24 +232,25 @@ class PeerView:
                                      "aggregated_num_clients": num_agg,
                                      "others_num_examples": total - n_k}
         kind = own_e["update_kind"]
+        # the others' update is derived (mean minus own) for FedSGD and mean-of-deltas
+        # strategies; otherwise the peer sees the plain global difference
+        derived = kind == "gradient" or self.strategy in MEAN_OF_DELTAS
+        others = num_agg - 1 if derived else num_agg
+        if others < 1 or total - n_k <= 0:  # checked before the maths divides by it
+            raise RunDirError(f"round {server_round}: no other client was aggregated")
         if kind == "gradient":
             if self.server_lr is None:
                 raise RunDirError("FedSGD peer view needs the server learning rate")
             update = others_mean_gradient(g, g_next, own, server_lr=self.server_lr,
                                           total_examples=total, own_examples=n_k)
             knowledge.update(server_lr=self.server_lr, derivation="weighted_mean_minus_own")
-            others = num_agg - 1
         elif self.strategy in MEAN_OF_DELTAS:
             update = others_mean_delta(g, g_next, own, total_examples=total, own_examples=n_k)
             knowledge["derivation"] = "weighted_mean_minus_own"
-            others = num_agg - 1
         else:
             update = {k: g_next[k] - g[k] for k in g}
             knowledge["derivation"] = "global_difference"
-            others = num_agg
-        if others < 1 or total - n_k <= 0:
-            raise RunDirError(f"round {server_round}: no other client was aggregated")
-        seen = total if knowledge["derivation"] == "global_difference" else total - n_k
+        seen = total - n_k if derived else total
         return _record(run_id=self.run_id, server_round=server_round, client_id=self.client,
                        tap="peer_view", spec=self.spec, global_params=g, update=update,
                        update_kind="gradient" if kind == "gradient" else "delta",

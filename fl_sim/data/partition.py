@@ -157,7 +157,7 @@ def pathological(labels: np.ndarray, num_clients: int, *, rng: np.random.Generat
     counts = _shard_counts(np.array([len(i) for i in by_class]), num_shards)
     shards = [s for idx, k in zip(by_class, counts, strict=True)
               for s in np.array_split(idx, k)]
-    order = rng.permutation(num_shards)
+    order = rng.permutation(len(shards))  # fewer than num_shards when a class is small
     return _sorted([np.concatenate([shards[j] for j in order[c::num_clients]])
                     for c in range(num_clients)])
 

@@ -71,8 +71,8 @@ def channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]
     """Per-channel (mean, std) of [N, C, H, W] images, rounded to 4 digits; std 0 -> 1."""
     x = images.to(torch.float64).transpose(0, 1).reshape(images.shape[1], -1)
     mean = tuple(round(float(m), 4) for m in x.mean(dim=1))
-    std = tuple(round(float(s), 4) if float(s) > 1e-6 else 1.0
-                for s in x.std(dim=1, correction=0))
+    std = tuple(r if r > 0 else 1.0  # rounded first: a std of 3e-5 must not become 0.0
+                for r in (round(float(s), 4) for s in x.std(dim=1, correction=0)))
     return mean, std
 
 

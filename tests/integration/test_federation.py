@@ -373,3 +373,35 @@ def test_diffusion_fedsgd_records_eps_t_and_the_exact_gradient(
     for k, g in grads.items():
         torch.testing.assert_close(rec.update[k], g, atol=1e-5, rtol=1e-4)
     assert run.view("peer", client=0).record(1).knowledge["server_lr"] == cfg.federation.lr
+
+
+def test_a_crashing_attack_plug_in_is_recorded_not_fatal(
+        fedsgd_runs: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bug in an attack (a plain exception, not an FlSimError) must not fail the run: the
+    online/final hooks log it and write an error line; later attacks still run."""
+    import shutil
+
+    from fl_sim.attack_runner import run_round_attacks
+    from fl_sim.config import AttackConfig
+    from fl_sim.registry import ATTACKS, Entry
+    from fl_sim.report import RESULTS_FILE
+
+    class Crash:
+        """Always raises (test double for a buggy third-party plug-in)."""
+
+        def required_knowledge(self) -> tuple[str, ...]:
+            return ()
+
+        def __call__(self, record: Any, *, generator: Any) -> Any:
+            raise ZeroDivisionError("plug-in bug")
+
+    ATTACKS.names()  # load the built-ins before patching the table
+    monkeypatch.setitem(ATTACKS._entries, "crash", Entry("crash", Crash, "test"))
+    run_dir = tmp_path / "run"
+    shutil.copytree(fedsgd_runs["runs"][0].path, run_dir)
+    cfg = fedsgd_runs["cfg"].model_copy(update={"attacks": (
+        AttackConfig(name="crash", client=0), AttackConfig(name="noop", client=0))})
+    run_round_attacks(run_dir, cfg, 1)
+    rows = {r["attack"]: r for r in read_jsonl(run_dir / RESULTS_FILE)}
+    assert rows["crash"]["error"] == "ZeroDivisionError: plug-in bug"
+    assert "error" not in rows["noop"]

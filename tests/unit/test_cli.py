@@ -40,6 +40,15 @@ def test_list_shows_every_kind_with_builtin_names() -> None:
         assert name in out.stdout, name
 
 
+@pytest.mark.parametrize("kind", ["strategy", "strategies", "data_source", "data_sources"])
+def test_list_one_kind_singular_or_plural(kind: str) -> None:
+    out = fl_sim("list", kind)
+    assert out.returncode == 0, out.stderr
+    wanted, other = (("fedsgd", "cifar10") if kind.startswith("strateg")
+                     else ("cifar10", "fedsgd"))
+    assert wanted in out.stdout and other not in out.stdout
+
+
 def test_bad_input_is_one_line_without_traceback(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("[federation]\nnum_clients = 'many'\n")

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from fl_sim.data import DataSplits, ImageData, Normalization, load_data, to_float01, to_uint8
-from fl_sim.data.sources import CIFAR10_STATS, MNIST_STATS
+from fl_sim.data.sources import CIFAR10_STATS, MNIST_STATS, channel_stats
 from fl_sim.data.transforms import convert_channels, resize
 from fl_sim.errors import ConfigError, DataError, PluginError
 from fl_sim.registry import DATA_SOURCES
@@ -35,6 +35,13 @@ def _check_splits(d: DataSplits, *, channels: int, size: int, num_classes: int) 
 
 
 # -- registry and the default source --------------------------------------------------------
+def test_channel_stats_never_report_a_zero_std() -> None:
+    images = torch.full((4, 2, 3, 3), 0.5)
+    images[0, 1, 0, 0] += 3e-4  # channel 1: std ~3e-5, rounds to 0.0 at 4 digits
+    mean, std = channel_stats(images)
+    assert mean == (0.5, 0.5) and std == (1.0, 1.0)
+
+
 def test_registered_names() -> None:
     assert {"digits", "npz", "image_folder", "mnist", "cifar10"} <= set(DATA_SOURCES.names())
 

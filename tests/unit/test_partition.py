@@ -82,6 +82,14 @@ def test_pathological_fewer_shards_than_classes_drops_classes(digits: ImageData)
     assert all(len(np.unique(labels[p])) <= 2 for p in parts)
 
 
+def test_pathological_classes_smaller_than_their_shard_share() -> None:
+    # 10 samples of 10 classes for 10 clients x 2 shards: each class has 1 sample, so only
+    # 10 shards exist (not 20); every sample is still assigned exactly once
+    parts = PARTITIONERS.get("pathological")(np.arange(10), 10, rng=np.random.default_rng(0),
+                                              classes_per_client=2)
+    assert sorted(np.concatenate(parts).tolist()) == list(range(10))
+
+
 def test_by_identity_one_person_per_client(shared_data: Path) -> None:
     faces = load_data("npz", path=shared_data / "olivetti_faces.npz", groups_key="y",
                       image_size=8).train

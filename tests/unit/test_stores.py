@@ -197,3 +197,17 @@ def test_peer_view_is_isolated_and_derives_the_others_mean(tmp_path: Path) -> No
     with pytest.raises(ThreatModelError):
         PeerView("run", SPEC, PeerStore(tmp_path, 0), strategy="fedavg", server_lr=None,
                  grant=("labels",))
+
+
+def test_peer_view_alone_in_the_aggregate_is_a_run_dir_error(tmp_path: Path) -> None:
+    # round 2's global follows an aggregation of the peer's own update only: nothing of the
+    # others to derive (formerly a bare ValueError from the maths, which failed the run)
+    _fake_run(tmp_path)
+    peer = PeerStore(tmp_path, 0)
+    g = peer.load(peer.entries("global")[1]["file"])
+    peer.write_global(2, g, {"aggregated_round": 1, "aggregated_num_examples": 4,
+                             "aggregated_num_clients": 1})
+    for strategy in ("fedavg", "fedadam"):
+        view = PeerView("run", SPEC, peer, strategy=strategy, server_lr=None)
+        with pytest.raises(RunDirError, match="no other client"):
+            view.record(1)
