@@ -22,7 +22,12 @@ import torch
 from torch import Tensor
 
 from attacks.base import Attack, Reconstruction
-from attacks.gradients import parameter_gradients, split_state, target_from_record
+from attacks.gradients import (
+    attack_task,
+    mean_gradient_target,
+    parameter_gradients,
+    split_state,
+)
 from attacks.label_recovery import recover_labels
 from fl_sim.errors import ConfigError
 from fl_sim.records import ObservationRecord
@@ -33,21 +38,6 @@ logger = logging.getLogger(__name__)
 
 LabelSource = Literal["optimize", "idlg", "granted"]
 Init = Literal["uniform", "normal", "gray"]
-
-
-def gradient_target(record: ObservationRecord, task: Any) -> dict[str, Tensor]:
-    """The observed update as a mean batch gradient, per trainable parameter.
-
-    A FedAvg ``"delta"`` (``-lr`` times the sum of the local steps' gradients) is rescaled by
-    ``-1 / (lr * local_steps)``; raises ``ValueError`` for a delta without a positive lr.
-    """
-    target = target_from_record(record, task)
-    if record.update_kind == "delta":
-        if record.lr <= 0:
-            raise ConfigError("DLG needs lr > 0 to read a 'delta' record as a gradient")
-        scale = -1.0 / (record.lr * max(record.local_steps, 1))
-        target = {k: v * scale for k, v in target.items()}
-    return target
 
 
 def l2_gradient_distance(grads: dict[str, Tensor], target: dict[str, Tensor]) -> Tensor:
@@ -114,10 +104,9 @@ class DLG(Attack):
     def reconstruct(self, record: ObservationRecord, *,
                     generator: torch.Generator) -> Reconstruction:
         """Run DLG on one FedSGD record (a delta is read as ``-lr`` x mean gradient)."""
-        task = record.spec.build_task()
-        task.model.train(self.model_mode == "train")
+        task = attack_task(record, self.model_mode)
         params, buffers = split_state(task, record.global_params)
-        target = gradient_target(record, task)
+        target = mean_gradient_target(record, task)
         num_images = record.batch_size if record.update_kind == "gradient" \
             else record.num_examples
         spec = record.spec

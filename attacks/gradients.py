@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fl_sim.errors import ConfigError
 from fl_sim.records import ObservationRecord
 
 Params = dict[str, Tensor]
@@ -88,3 +89,35 @@ def target_from_record(record: ObservationRecord, task: Any | None = None) -> Pa
             raise KeyError(f"record update has no entry for parameter {name!r}")
         out[name] = record.update[name].detach().to(torch.float32)
     return out
+
+
+def mean_gradient_target(record: ObservationRecord, task: Any | None = None) -> Params:
+    """:func:`target_from_record` read as a mean batch gradient, per trainable parameter.
+
+    A FedSGD ``"gradient"`` is returned as is; a FedAvg ``"delta"`` (about ``-lr`` times the
+    sum of the local steps' gradients) is rescaled by ``-1 / (lr * local_steps)``. Raises
+    :class:`~fl_sim.errors.ConfigError` for a delta recorded without a positive lr.
+    """
+    target = target_from_record(record, task)
+    if record.update_kind != "delta":
+        return target
+    if record.lr <= 0:
+        raise ConfigError(f"a 'delta' record needs lr > 0 to be read as a gradient, got "
+                          f"{record.lr}")
+    scale = -1.0 / (record.lr * max(record.local_steps, 1))
+    return {k: v * scale for k, v in target.items()}
+
+
+def attack_task(record: ObservationRecord, model_mode: str = "eval") -> Any:
+    """A fresh task of the record's model spec, with the model in ``model_mode``.
+
+    ``"train"`` means the client's forward pass used BATCH statistics in BatchNorm: the
+    layers are made to stop tracking running statistics
+    (:func:`torch.func.replace_all_batch_norm_modules_`), so a functional call neither
+    mutates the record's buffers nor breaks inside :mod:`torch.func` transforms.
+    """
+    task = record.spec.build_task()
+    task.model.train(model_mode == "train")
+    if model_mode == "train":
+        torch.func.replace_all_batch_norm_modules_(task.model)
+    return task

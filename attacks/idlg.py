@@ -12,6 +12,7 @@ from typing import Literal
 import torch
 
 from attacks.base import Attack, Reconstruction
+from attacks.gradients import attack_task
 from attacks.label_recovery import recover_labels
 from fl_sim.errors import ConfigError
 from fl_sim.records import ObservationRecord
@@ -40,8 +41,7 @@ class IDLG(Attack):
     def reconstruct(self, record: ObservationRecord, *,
                     generator: torch.Generator) -> Reconstruction:
         """Labels ``[B]`` (sorted) of the record's batch; images ``[0, C, H, W]``."""
-        task = record.spec.build_task()
-        task.model.train(self.model_mode == "train")
+        task = attack_task(record, self.model_mode)
         labels = recover_labels(record, self.method, task=task, generator=generator,
                                 num_dummy=self.num_dummy)
         spec = record.spec

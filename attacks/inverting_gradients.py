@@ -33,7 +33,13 @@ import torch
 from torch import Tensor
 
 from attacks.base import Attack, Reconstruction
-from attacks.gradients import Params, split_state, target_from_record
+from attacks.gradients import (
+    Params,
+    attack_task,
+    mean_gradient_target,
+    split_state,
+    target_from_record,
+)
 from attacks.objectives import (
     BNStatistics,
     NormalisedImages,
@@ -343,15 +349,12 @@ class InvertingGradients(Attack):
     def problem(self, record: ObservationRecord, *,
                 generator: torch.Generator) -> tuple[InversionProblem, str]:
         """The :class:`InversionProblem` of ``record`` and where its labels came from."""
-        task = record.spec.build_task()
-        task.model.eval()
+        task = attack_task(record)
         params, buffers = split_state(task, record.global_params)
-        target = target_from_record(record, task)
         unroll = self.unroll_plan(record)
-        if record.update_kind == "delta" and unroll is None:
-            # delta ~ -lr * (sum of gradients): match its negative (scaled for the L2 distance)
-            scale = -1.0 / (record.lr * max(1, record.local_steps)) if record.lr > 0 else -1.0
-            target = {k: v * scale for k, v in target.items()}
+        # an unrolled delta is matched as observed; otherwise as a mean gradient
+        target = (target_from_record(record, task) if unroll is not None
+                  else mean_gradient_target(record, task))
         n = self.num_images(record)
         labels, source = self._labels(record, task, n, generator)
         spec = record.spec
@@ -406,7 +409,11 @@ class InvertingGradients(Attack):
             u = problem.unroll
             out["local_training"] = {"lr": u.lr, "local_steps": u.steps,
                                      "batch_size": u.batch_size, "clients": u.clients,
-                                     "batch_order": "sequential", "optimizer": "sgd"}
+                                     "batch_order": "sequential", "optimizer": "sgd",
+                                     # recovered labels are sorted: image slot k (and so its
+                                     # local step) gets the k-th smallest label
+                                     "label_order": ("as granted" if label_source == "granted"
+                                                     else "sorted by class")}
         elif record.update_kind == "delta":
             out["local_training"] = "delta matched as one gradient"
         return out

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from attacks.gradients import parameter_names, split_state
+from attacks.gradients import attack_task, mean_gradient_target, parameter_names, split_state
 from fl_sim.errors import ConfigError
 from fl_sim.records import ObservationRecord
 from fl_sim.tasks.base import Batch
@@ -123,16 +123,6 @@ def batch_labels(grad_last_weight: Tensor, grad_last_bias: Tensor | None, num_im
     return labels_from_counts(counts, num_images)
 
 
-def _gradient_view(record: ObservationRecord) -> dict[str, Tensor]:
-    """The record's update as a mean gradient (a FedAvg delta is ``-lr * sum of steps``)."""
-    if record.update_kind == "gradient":
-        return {k: v.double() for k, v in record.update.items()}
-    if record.lr <= 0:
-        raise ValueError("a 'delta' record needs lr > 0 to be read as a gradient")
-    scale = -1.0 / (record.lr * max(record.local_steps, 1))
-    return {k: v.double() * scale for k, v in record.update.items()}
-
-
 @torch.no_grad()
 def estimate_output_statistics(task: Any, record: ObservationRecord, layer: LastLayer, *,
                                generator: torch.Generator, num_dummy: int = 16
@@ -174,28 +164,28 @@ def recover_labels(record: ObservationRecord, method: LabelMethod = "auto",
     ``"auto"`` (iDLG for one image, else counts). ``num_images`` defaults to
     ``record.batch_size`` for a gradient and ``record.num_examples`` for a delta. ``task``
     (a task already built from ``record.spec``, in the mode the client used) is built in eval
-    mode when omitted. Raises ``ValueError`` for iDLG on several images or a model without a
-    final ``num_classes``-wide linear layer.
+    mode when omitted. Raises :class:`~fl_sim.errors.ConfigError` for a bad ``method`` or
+    ``num_images`` (iDLG on several images) and ``ValueError`` for a model without a final
+    ``num_classes``-wide linear layer.
     """
     if num_images is None:
         num_images = record.batch_size if record.update_kind == "gradient" \
             else record.num_examples
     if num_images < 1:
-        raise ValueError(f"num_images must be >= 1, got {num_images}")
+        raise ConfigError(f"num_images must be >= 1, got {num_images}")
     if method == "auto":
         method = "idlg" if num_images == 1 else "batch"
     if method not in ("idlg", "batch"):
-        raise ValueError(f"unknown label method {method!r}; allowed: auto, idlg, batch")
+        raise ConfigError(f"unknown label method {method!r}; allowed: auto, idlg, batch")
     if task is None:
-        task = record.spec.build_task()
-        task.model.eval()
+        task = attack_task(record)
     names = parameter_names(task)
-    grads = _gradient_view(record)
+    grads = {k: v.double() for k, v in mean_gradient_target(record, task).items()}
     layer = find_last_layer(names, {n: grads[n].shape for n in names if n in grads},
                             record.spec.num_classes)
     if method == "idlg":
         if num_images != 1:
-            raise ValueError(f"iDLG recovers the label of ONE image, got {num_images}; "
+            raise ConfigError(f"iDLG recovers the label of ONE image, got {num_images}; "
                              "use method='batch'")
         return torch.tensor([idlg_label(grads[layer.weight])], dtype=torch.int64)
     probs, feature_sum = estimate_output_statistics(

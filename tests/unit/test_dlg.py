@@ -87,3 +87,36 @@ def test_dlg_reference_lenet_batch1(lenet) -> None:
         assert result.labels.tolist() == [int(labels[i])]
         psnrs.append(float(psnr(result.images, images[i:i + 1])))
     assert sum(p >= 30.0 for p in psnrs) >= 6, psnrs
+
+
+def test_train_mode_uses_batch_statistics_and_leaves_the_record_alone() -> None:
+    """``model_mode="train"``: BatchNorm on batch statistics, as a training client's forward
+    pass; no attack may mutate the record's running statistics (or crash inside torch.func)."""
+    import copy
+
+    import torch.nn.functional as F
+    from attack_cases import make_spec
+
+    from attacks.gradients import attack_task, parameter_gradients, split_state
+    from attacks.idlg import IDLG
+    from fl_sim.tasks import build_task
+    from fl_sim.tasks.base import Batch
+
+    spec = make_spec("convnet", {"width": 8}, image_size=16)
+    task = build_task(spec, seed=0)
+    x, y = F.adaptive_avg_pool2d(cifar_images(2), 16), cifar_labels(2)
+    task.model.eval()
+    record = make_record(task, spec, x, y)
+    before = {k: v.clone() for k, v in record.global_params.items()}
+    client = copy.deepcopy(task.model).train()  # what a client in train mode computes
+    F.cross_entropy(client(task.normalize(x)), y).backward()
+    lean = attack_task(record, "train")
+    params, buffers = split_state(lean, record.global_params)
+    grads = parameter_gradients(lean, params, buffers, Batch(x, y))
+    for name, p in client.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, atol=1e-6, rtol=1e-4)
+    gen = torch.Generator().manual_seed(0)
+    IDLG(model_mode="train", method="batch")(record, generator=gen)
+    DLG(model_mode="train", max_iterations=1, inner_iterations=2)(record, generator=gen)
+    for k, v in record.global_params.items():
+        assert torch.equal(v, before[k]), k
