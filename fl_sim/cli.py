@@ -172,8 +172,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         cfg = config.load(args.config, args.overrides)
         run_dir = args.run_dir
     if args.ray_address:
-        cfg = config.from_dict(config.apply_overrides(
-            cfg.to_json_dict(), [f'federation.ray_address="{args.ray_address}"']))
+        cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(
+            update={"ray_address": str(args.ray_address)})})
 
     _quiet_flower(args.debug)
     from fl_sim.federation.simulation import run_experiment

@@ -85,8 +85,9 @@ def run_experiment(cfg: ExperimentConfig, *, run_dir: str | Path | None = None,
 def _check_same_config(cfg: ExperimentConfig, run_dir: Path) -> None:
     saved = json.loads((run_dir / "config.json").read_text())
     now = cfg.to_json_dict()
-    saved.get("federation", {}).pop("num_rounds", None)
-    now.get("federation", {}).pop("num_rounds", None)
+    for conf in (saved, now):  # more rounds, or another Ray cluster, is the same experiment
+        for key in ("num_rounds", "ray_address"):
+            conf.get("federation", {}).pop(key, None)
     if saved != now:
         diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         raise RunDirError(f"resume: config differs from {run_dir / 'config.json'} in "

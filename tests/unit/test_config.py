@@ -85,3 +85,17 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
     again = config.load(path)
     assert again == cfg
     assert json.loads(path.read_text())["model"] == {"name": "convnet", "width": 16}
+
+
+def test_resume_accepts_more_rounds_and_another_ray_cluster_only(tmp_path) -> None:
+    from fl_sim.errors import RunDirError
+    from fl_sim.federation.simulation import _check_same_config
+
+    default = ROOT / "configs" / "default.toml"
+    cfg = config.load(default)
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_json_dict()))
+    same = config.load(default, ["federation.num_rounds=9",
+                                 'federation.ray_address="ray://10.0.0.1:10001"'])
+    _check_same_config(same, tmp_path)
+    with pytest.raises(RunDirError, match="federation"):
+        _check_same_config(config.load(default, ["federation.lr=0.5"]), tmp_path)
