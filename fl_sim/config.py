@@ -169,6 +169,12 @@ class ExperimentConfig(_Section):
 _SKIP_POSITIONAL = {"model": 3, "task": 2, "partition": 3}
 
 
+def server_lr(cfg: ExperimentConfig) -> float:
+    """The server learning rate of a strategy that has one (FedSGD's eta): the strategy's
+    ``server_lr``, or ``federation.lr`` when unset. Training and the peer view both use it."""
+    lr = cfg.strategy.params.get("server_lr")
+    return float(cfg.federation.lr if lr is None else lr)
+
 def _check_plugin(section: _PluginSection, registry: Registry[Any], where: str,
                   *, skip: int = 0) -> None:
     obj = _get(registry, section.name, where)

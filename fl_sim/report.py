@@ -30,6 +30,12 @@ def load_results(run_dir: Path) -> list[dict[str, Any]]:
     return read_jsonl(Path(run_dir) / RESULTS_FILE)
 
 
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """One row per round of ``metrics.jsonl`` (the last line written for it), in round order."""
+    rows = {int(r["round"]): r for r in read_jsonl(Path(run_dir) / METRICS_FILE)}
+    return [rows[k] for k in sorted(rows)]
+
+
 def image_grid(rows: Sequence[Tensor], *, pad: int = 2, scale: int = 0) -> np.ndarray:
     """Stack rows of [B, C, H, W] images in [0, 1] into one uint8 HWC array.
 
@@ -64,9 +70,10 @@ def save_grid(path: Path, originals: Tensor, reconstructions: Tensor) -> Path:
     return path
 
 
-def plot_metrics(run_dir: Path) -> Path | None:
-    """``metrics.png``: training loss and evaluation metric per round."""
-    rows = read_jsonl(Path(run_dir) / METRICS_FILE)
+def plot_metrics(run_dir: Path, rows: list[dict[str, Any]] | None = None) -> Path | None:
+    """``metrics.png``: training loss and evaluation metric per round (``rows``: as
+    :func:`read_metrics`, read from ``run_dir`` when omitted)."""
+    rows = read_metrics(run_dir) if rows is None else rows
     if not rows:
         return None
     import matplotlib
@@ -124,7 +131,7 @@ def write_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     cfg = json.loads((run_dir / "config.json").read_text()) if (
         run_dir / "config.json").is_file() else {}
-    metrics = read_jsonl(run_dir / METRICS_FILE)
+    metrics = read_metrics(run_dir)
     results = load_results(run_dir)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>fl-sim report: "
              f"{html.escape(run_dir.name)}</title><style>{_CSS}</style></head><body>",
@@ -132,7 +139,7 @@ def write_report(run_dir: Path) -> Path:
     parts.append("<div class='sec'><h2>Configuration</h2>" + _config_summary(cfg)
                  + "<details><summary>resolved config.json</summary><pre>"
                  + html.escape(json.dumps(cfg, indent=2)) + "</pre></details></div>")
-    plot = plot_metrics(run_dir)
+    plot = plot_metrics(run_dir, metrics)
     parts.append("<div class='sec'><h2>Training</h2>")
     if plot is not None:
         parts.append(_img_tag(plot, "training curves"))

@@ -16,13 +16,12 @@ from typing import Any, Literal
 
 from torch import Tensor
 
-from fl_sim.config import ExperimentConfig, from_dict
+from fl_sim.config import ExperimentConfig, from_dict, server_lr
 from fl_sim.errors import RunDirError, ThreatModelError
 from fl_sim.records import GroundTruthRecord, ModelSpec
-from fl_sim.stores import ObservationStore, PeerStore, TruthStore, read_jsonl, read_tensors
+from fl_sim.report import read_metrics
+from fl_sim.stores import ObservationStore, PeerStore, TruthStore, read_tensors
 from fl_sim.views import PeerView, ServerView
-
-METRICS_FILE = "metrics.jsonl"
 
 
 class Run:
@@ -52,8 +51,7 @@ class Run:
 
     def metrics(self) -> list[dict[str, Any]]:
         """One dict per completed round (``metrics.jsonl``), last line per round."""
-        rows = {int(r["round"]): r for r in read_jsonl(self.path / METRICS_FILE)}
-        return [rows[k] for k in sorted(rows)]
+        return read_metrics(self.path)
 
     def view(self, role: Literal["server", "peer"], *, client: int | None = None,
              grant: tuple[str, ...] | list[str] = ()) -> ServerView | PeerView:
@@ -71,11 +69,9 @@ class Run:
                 raise ThreatModelError(f"client {client} was not a recorded peer; "
                                        f"federation.peer_clients = {list(peers)}")
             strategy = self.config.strategy
-            server_lr = strategy.params.get("server_lr") if strategy.name == "fedsgd" else None
-            if strategy.name == "fedsgd" and server_lr is None:
-                server_lr = self.config.federation.lr
+            eta = server_lr(self.config) if strategy.name == "fedsgd" else None
             return PeerView(self.run_id, self.spec, PeerStore(self.path, int(client)),
-                            strategy=strategy.name, server_lr=server_lr, grant=tuple(grant))
+                            strategy=strategy.name, server_lr=eta, grant=tuple(grant))
         raise ValueError(f"unknown view role {role!r}; known: server, peer")
 
     def clients_in_round(self, server_round: int) -> list[int]:

@@ -2,14 +2,12 @@
 
 ``derive_seed(seed, "client", 3, "round", 2, "batches")`` hashes the seed with a purpose path,
 so streams for different (round, client, purpose) never collide and do not depend on the order
-in which they are created. Nothing uses the global RNGs except :func:`seed_everything`, which
-only pins them for third-party code that we cannot hand a generator.
+in which they are created. Nothing uses the global RNGs.
 """
 
 from __future__ import annotations
 
 import hashlib
-import random
 
 import numpy as np
 import torch
@@ -38,12 +36,3 @@ def torch_generator(seed: int, *path: str | int, device: str | torch.device = "c
 def numpy_rng(seed: int, *path: str | int) -> np.random.Generator:
     """A fresh ``numpy.random.Generator`` seeded from ``derive_seed(seed, *path)``."""
     return np.random.default_rng(derive_seed(seed, *path))
-
-
-def seed_everything(seed: int, *, deterministic: bool = True) -> None:
-    """Pin the global RNGs (for third-party code) and select deterministic CPU kernels."""
-    random.seed(derive_seed(seed, "python"))
-    np.random.seed(derive_seed(seed, "numpy") % 2**32)
-    torch.manual_seed(derive_seed(seed, "torch"))
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)

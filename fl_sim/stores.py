@@ -75,15 +75,6 @@ def read_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
         raise RunDirError(f"cannot read {path}: {exc}") from None
 
 
-def read_metadata(path: Path) -> dict[str, Any]:
-    """Only the JSON metadata of a tensors file (no tensor is loaded)."""
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as fh:
-            return json.loads((fh.metadata() or {}).get("json", "{}"))
-    except Exception as exc:
-        raise RunDirError(f"cannot read {path}: {exc}") from None
-
-
 def append_jsonl(path: Path, row: Mapping[str, Any]) -> None:
     """Append one JSON line with a single ``O_APPEND`` write (atomic between processes)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -20,12 +20,11 @@ from flwr.serverapp.exception import AggregationError
 from flwr.serverapp.strategy import FedAvg
 from pydantic import Field
 
+from fl_sim.federation.protocol import GRADIENT, UPDATE_KIND_KEY
 from fl_sim.registry import STRATEGIES
 from strategies.builtin import SAMPLE_ALL
 
 #: ConfigRecord key/value FedSGD sets so that clients return a gradient instead of weights.
-UPDATE_KIND_KEY = "update-kind"
-GRADIENT = "gradient"
 
 NDArrays = Mapping[str, np.ndarray]
 

@@ -123,11 +123,6 @@ class CheckpointStore:
             if p.name not in (g_rel, s_rel):
                 p.unlink(missing_ok=True)
 
-    def latest_round(self) -> int:
-        """The last complete round (0 if none)."""
-        p = self.root / STATE
-        return int(json.loads(p.read_text())["round"]) if p.is_file() else 0
-
     def load(self) -> Checkpoint | None:
         p = self.root / STATE
         if not p.is_file():

@@ -196,7 +196,7 @@ def train(msg: Message, context: Context) -> Message:
         global_state = {k: v.detach().cpu().clone() for k, v in task.model.state_dict().items()}
     common = {"seed": cfg.run.seed, "server_round": r, "client_id": cid,
               "batch_size": fed.batch_size, "device": device}
-    if config.get(P.UPDATE_KIND_KEY) == "gradient":
+    if config.get(P.UPDATE_KIND_KEY) == P.GRADIENT:
         res = one_gradient(task, data.images, data.labels, data.indices, **common)
     else:
         mu = float(config.get(P.PROXIMAL_MU_KEY, 0.0))  # type: ignore[arg-type]

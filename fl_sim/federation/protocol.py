@@ -21,7 +21,8 @@ from fl_sim.config import ExperimentConfig, from_dict
 CONFIG_KEY = "fl-sim-config"
 RUN_DIR_KEY = "fl-sim-run-dir"
 ROUND_KEY = "server-round"          # set by Flower's FedAvg.configure_train
-UPDATE_KIND_KEY = "update-kind"     # "gradient" (FedSGD) or absent (weights)
+UPDATE_KIND_KEY = "update-kind"     # GRADIENT (FedSGD) or absent (weights)
+GRADIENT = "gradient"
 PROXIMAL_MU_KEY = "proximal-mu"     # set by Flower's FedProx.configure_train
 #: What the server published about the previous round's aggregation (a curious peer uses it).
 AGG_ROUND_KEY = "aggregated-round"

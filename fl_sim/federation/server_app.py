@@ -30,13 +30,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from fl_sim.config import ExperimentConfig, save_resolved
+from fl_sim.config import ExperimentConfig, save_resolved, server_lr
 from fl_sim.errors import FlSimError
 from fl_sim.federation import protocol as P
 from fl_sim.federation.checkpoint import CheckpointStore, load_strategy_state
 from fl_sim.federation.client_app import load_splits, resolve_device
 from fl_sim.federation.taps import TapStrategy, arrays_to_tensors, tensors_to_arrays
 from fl_sim.registry import STRATEGIES
+from fl_sim.report import METRICS_FILE
 from fl_sim.seeding import torch_generator
 from fl_sim.stores import (
     ObservationStore,
@@ -57,7 +58,6 @@ ATTACK_RUNNER = "fl_sim.attack_runner"
 MAX_EVAL_EXAMPLES = 1000
 #: Seconds to wait for replies of one round.
 ROUND_TIMEOUT_S = 3600.0
-METRICS_FILE = "metrics.jsonl"
 RUN_FILE = "run.json"
 SPEC_FILE = "spec.json"
 FINAL_MODEL = "final_model.safetensors"
@@ -118,7 +118,7 @@ def build_strategy(cfg: ExperimentConfig) -> Strategy:
     """The configured strategy (FedSGD's unset ``server_lr`` becomes ``federation.lr``)."""
     strategy = STRATEGIES.create(cfg.strategy.name, _where="strategy", **cfg.strategy.params)
     if getattr(strategy, "server_lr", "unset") is None:
-        strategy.server_lr = float(cfg.federation.lr)
+        strategy.server_lr = server_lr(cfg)
     return strategy
 
 
@@ -188,11 +188,10 @@ def run_server(grid: Grid, setup: ServerSetup) -> None:
         load_strategy_state(inner, ck.strategy_tensors, ck.strategy_scalars)
         published = dict(ck.extra.get("published", {}))
         logger.info("resuming %s after round %d", run_dir, start)
-    if setup.resume or start == 0:
-        # Records of a partially finished round (or of an earlier attempt) are discarded.
-        truncate_run(run_dir, start)
-        rows = [r for r in read_jsonl(run_dir / METRICS_FILE) if int(r["round"]) <= start]
-        rewrite_jsonl(run_dir / METRICS_FILE, rows)
+    # Records of a partially finished round (or of an earlier attempt) are discarded.
+    truncate_run(run_dir, start)
+    rows = [r for r in read_jsonl(run_dir / METRICS_FILE) if int(r["round"]) <= start]
+    rewrite_jsonl(run_dir / METRICS_FILE, rows)
     tap = TapStrategy(inner, seed=cfg.run.seed, node_to_client=node_to_client,
                       fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
                       store=ObservationStore(run_dir) if fed.taps else None)

@@ -193,7 +193,7 @@ class TapStrategy(Strategy):
         if self.store is None:
             return
         meta = _meta(msg)
-        kind = "gradient" if meta.get(P.UPDATE_KIND_KEY) == "gradient" else "delta"
+        kind = "gradient" if meta.get(P.UPDATE_KIND_KEY) == P.GRADIENT else "delta"
         if kind == "delta":
             update = {k: v - self._global[k] for k, v in update.items()}
         self.store.write_update("server_in", server_round, cid, update, {
