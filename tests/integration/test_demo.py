@@ -37,9 +37,12 @@ def test_default_demo_end_to_end(tmp_path: Path) -> None:
     assert last.endswith("report.html") and Path(last).is_file()
     assert "attack results" in out.stdout
 
-    lines = (run_dir / "attacks.jsonl").read_text().splitlines()
-    results = {r["attack"]: r for r in map(json.loads, lines)}
-    assert set(results) == {"idlg", "inverting_gradients", "peer_inversion"}, results
+    rows = [json.loads(line) for line in (run_dir / "attacks.jsonl").read_text().splitlines()]
+    # exactly the configured schedule: server attacks on client 1, the peer is client 0
+    assert [(r["attack"], r["view"], r["round"], r["client"]) for r in rows] == [
+        ("idlg", "server", 1, 1), ("inverting_gradients", "server", 1, 1),
+        ("peer_inversion", "peer", 1, 0)], rows
+    results = {r["attack"]: r for r in rows}
     assert results["idlg"]["metrics"]["label_accuracy"] == 1.0
     ig = results["inverting_gradients"]
     assert ig["view"] == "server" and ig["metrics"]["psnr"] >= 30.0, ig["metrics"]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from fl_sim import config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -33,11 +36,13 @@ def test_version() -> None:
 def test_list_shows_every_kind_with_builtin_names() -> None:
     out = fl_sim("list")
     assert out.returncode == 0, out.stderr
-    for name in ("digits", "npz", "image_folder", "mnist", "cifar10", "iid", "dirichlet",
-                 "pathological", "by_identity", "lenet", "convnet", "resnet18", "mlp", "unet",
-                 "classifier", "diffusion", "fedavg", "fedsgd", "krum", "dlg", "idlg",
-                 "inverting_gradients", "peer_inversion"):
-        assert name in out.stdout, name
+    # the name column, cell by cell ("dlg" must not be found inside "idlg")
+    cells = {line.split("│")[2].strip() for line in out.stdout.splitlines()
+             if line.count("│") >= 3}
+    assert {"digits", "npz", "image_folder", "mnist", "cifar10", "iid", "dirichlet",
+            "pathological", "by_identity", "lenet", "convnet", "resnet18", "mlp", "unet",
+            "classifier", "diffusion", "fedavg", "fedavgm", "fedsgd", "krum", "dlg", "idlg",
+            "inverting_gradients", "peer_inversion", "noop"} <= cells, cells
 
 
 @pytest.mark.parametrize("kind", ["strategy", "strategies", "data_source", "data_sources"])
@@ -71,7 +76,10 @@ def test_bad_input_is_one_line_without_traceback(tmp_path: Path) -> None:
 def test_validate_prints_resolved_config() -> None:
     out = fl_sim("validate", "configs/default.toml", "--set", "run.seed=4")
     assert out.returncode == 0, out.stderr
-    assert '"seed": 4' in out.stdout
+    printed = json.loads(out.stdout)
+    assert printed == config.load(ROOT / "configs" / "default.toml",
+                                  ["run.seed=4"]).to_json_dict()
+    assert printed["run"]["seed"] == 4 and printed["federation"]["fraction_train"] == 1.0
 
 
 @pytest.mark.ray

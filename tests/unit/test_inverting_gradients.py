@@ -149,6 +149,18 @@ def test_bn_prior_minimal_at_true_batch_larger_at_noise():
     noise = torch.rand(x.shape, generator=torch.Generator().manual_seed(0))
     # not exactly 0: running_var holds the unbiased batch variance, the prior the biased one
     assert prior(x) < 1e-2 * prior(noise)
+    # the single-restart path the attack takes (plain autograd, lean or stock) computes the
+    # same prior, and it reaches the images
+    from attacks.inverting_gradients import InversionProblem, _update_fn
+    problem = InversionProblem(task, params, buffers, {}, y, None, tuple(x.shape[1:]),
+                               spec.mean, spec.std)
+    for mode in ("lean", "autograd"):
+        z = x[None].clone().requires_grad_(True)
+        _, p = _update_fn(problem, bn, mode)(z)
+        assert p is not None
+        assert float(p[0].detach()) == pytest.approx(prior(x), rel=1e-4)
+        (g,) = torch.autograd.grad(p.sum(), z)
+        assert g.abs().sum() > 0
     with pytest.raises(ValueError, match="BatchNorm"):
         BNStatistics(small_case("lenet")[0].model)
     stats = [(torch.zeros(4), torch.ones(4))]
@@ -331,9 +343,11 @@ def test_bn_prior_does_not_hurt_batch4_with_real_running_statistics():
     task, spec = _convnet_with_cifar_bn_statistics()
     x, y = cifar_images(4), cifar_labels(4)
     rec = make_record(task, spec, x, y, knowledge={"labels": y})
-    scores = {}
+    scores, images = {}, {}
     for weight in (0.0, BN_PRIOR_WEIGHT):
         out = InvertingGradients(max_iterations=100, labels="granted", bn_prior_weight=weight)(
             rec, generator=torch.Generator().manual_seed(0))
         scores[weight] = score_reconstruction(out.images, x)["psnr"]
+        images[weight] = out.images
+    assert not torch.equal(images[0.0], images[BN_PRIOR_WEIGHT])  # the prior is in use
     assert scores[BN_PRIOR_WEIGHT] >= scores[0.0] - 0.5, scores

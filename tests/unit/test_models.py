@@ -77,6 +77,15 @@ def test_build_model_is_seeded_and_leaves_global_rng_alone() -> None:
     assert not torch.equal(a.fc.weight, c.fc.weight)
 
 
+def test_model_params_take_effect() -> None:
+    relu = build_model("lenet", 3, 10, 32, seed=0, params={"activation": "relu"})
+    kinds = [type(m).__name__ for m in relu.modules()]
+    assert kinds.count("ReLU") == 3 and "Sigmoid" not in kinds
+    assert build_model("convnet", 3, 10, 32, seed=0, params={"width": 4}).fc.in_features == 144
+    mlp = build_model("mlp", 1, 10, 16, seed=0, params={"hidden": [32]})
+    assert next(m for m in mlp.modules() if isinstance(m, torch.nn.Linear)).out_features == 32
+
+
 def test_build_model_errors_name_the_problem() -> None:
     with pytest.raises(PluginError, match="known: .*convnet"):
         build_model("alexnet", 3, 10, 32, seed=0)

@@ -164,6 +164,7 @@ def test_sampling_is_deterministic_per_seed_and_round() -> None:
     b = [sample_clients(7, r, range(10), 0.3) for r in range(1, 6)]
     assert a == b and all(len(s) == 3 and s == sorted(s) for s in a)
     assert len({tuple(s) for s in a}) > 1
+    assert a != [sample_clients(8, r, range(10), 0.3) for r in range(1, 6)]  # seed matters
     tap = _tap(STRATEGIES.create("fedavg"), fraction=0.5)
     msgs = tap.configure_train(2, _record(_global()), ConfigRecord(),
                                FakeGrid([100, 101, 102, 103]))
@@ -261,3 +262,21 @@ def test_strategy_state_round_trip_continues_identically(name: str) -> None:
         assert np.array_equal(ref[k].numpy(), got[k].numpy()), k
     assert any(t.numel() for t in tensors.values())
     assert all(isinstance(v, torch.Tensor) for v in tensors.values())
+
+
+def test_failure_injection_rate_and_seed() -> None:
+    from pathlib import Path
+
+    from fl_sim import config
+    from fl_sim.federation.client_app import should_fail
+
+    default = Path(__file__).resolve().parents[2] / "configs" / "default.toml"
+
+    def pattern(seed: int, rate: float) -> list[bool]:
+        cfg = config.load(default, [f"run.seed={seed}", f"federation.client_failure_rate={rate}"])
+        return [should_fail(cfg, r, c) for r in range(1, 101) for c in range(20)]
+
+    quarter = pattern(0, 0.25)
+    assert abs(sum(quarter) / len(quarter) - 0.25) < 0.03  # 2000 (round, client) draws
+    assert quarter != pattern(1, 0.25)  # derived from the run seed
+    assert not any(pattern(0, 0.0))

@@ -156,6 +156,13 @@ def test_build_task_round_trips_through_model_spec() -> None:
     again = ModelSpec.from_json(spec.to_json())
     a, b = build_task(spec, seed=3), again.build_task()
     assert isinstance(a, ClassifierTask) and a.label_smoothing == 0.1 and a.std == spec.std
+    probe = Batch(torch.rand(2, 3, 16, 16), torch.tensor([1, 2]))
+    params, buffers = dict(a.model.named_parameters()), dict(a.model.named_buffers())
+    logits = a.logits(params, buffers, probe.images)
+    smoothed = a.loss(params, buffers, probe, {})
+    torch.testing.assert_close(smoothed, F.cross_entropy(logits, probe.labels,
+                                                         label_smoothing=0.1))
+    assert not torch.allclose(smoothed, F.cross_entropy(logits, probe.labels))
     b.model.load_state_dict(a.model.state_dict())
     batch = Batch(torch.rand(2, 3, 16, 16), torch.tensor([1, 2]))
     a.model.eval()
