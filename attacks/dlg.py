@@ -123,9 +123,12 @@ class DLG(Attack):
                 best = (loss, images, labels, n_iter)
         assert best is not None
         loss, images, labels, n_iter = best
+        source = self.labels  # "idlg" falls back to the count method for a batch
+        if source == "idlg" and num_images > 1:
+            source = "batch"
         return Reconstruction(
             images=images, labels=labels, matching_loss=loss, iterations=n_iter,
-            assumed={"labels": self.labels} if self.labels != "optimize" else {},
+            assumed={"labels": source} if source != "optimize" else {},
             extras={"box": "unconstrained, clamped to [0, 1] at the end",
                     "label_source": self.labels})
 

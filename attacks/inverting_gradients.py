@@ -285,7 +285,7 @@ class InvertingGradients(Attack):
     ``pruning`` schedule and the number of image-gradient ``evaluations``.
     ``double_backward``: ``"lean"`` (default) differentiates single-restart FedSGD gradients
     without the weight-side work stock autograd does for convolutions
-    (:mod:`attacks.second_order`; same values, ~15 % faster on the ConvNet); ``"autograd"``
+    (:mod:`attacks.second_order`; same values, 15–20 % faster on the ConvNet); ``"autograd"``
     uses the stock formulas.
 
     Unrolling ASSUMES KNOWN: the client's ``lr``, ``local_steps`` and ``batch_size`` (from the

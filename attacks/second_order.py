@@ -20,7 +20,7 @@ Everything else (BatchNorm, activations, linear layers, pooling) runs as stock a
 string ``padding`` ("same"/"valid") falls back to stock autograd too.
 
 Measured on the ConvNet-64 case at batch 1 (``benchmarks/attack_speed.py``): one Inverting
-Gradients iteration drops from ~3.1–3.4 to ~2.6 plain forward+backward passes. On tiny models
+Gradients iteration drops from ~3.1–3.5 to ~2.6 plain forward+backward passes. On tiny models
 (LeNet) the Python dispatch costs more than it saves; see ``inverting_gradients``'s
 ``double_backward`` option. Plain autograd only (not ``torch.func`` transforms: the restart
 batch of ``vmap`` and the unrolled multi-step updates keep stock formulas).

@@ -1,6 +1,7 @@
 """Speed of Inverting Gradients against one plain forward+backward, and time to breaching's PSNR.
 
-Cases of FACTS.md ("Reference attack cases"): ConvNet-64 batch 1 and 4, ResNet-18 batch 1 on
+Cases of FACTS.md ("Reference attack cases"): ConvNet-64 batch 1 and 4, ResNet-18 batch 1 (and
+the tiny LeNet-sigmoid of DLG, where the lean double backward does not pay) on
 CIFAR-10 test images (index order), seeded untrained models in eval mode, labels granted.
 
     .venv/bin/python benchmarks/attack_speed.py [--threads 2] [--skip-psnr] [--repeats 5]
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{'stock':>6s} {'R8/R1*':>6s} {'plain x8':>8s}  (*per iteration, no pruning; "
               "stock: double_backward='autograd')")
         for model, batch, restarts in (("convnet", 1, (1, 8)), ("convnet", 4, (1,)),
-                                       ("resnet18", 1, (1, 8))):
+                                       ("resnet18", 1, (1, 8)), ("lenet", 1, (1,))):
             row = per_iteration(model, batch, restarts, args.repeats, args.iters)
             result["speed"].append(row)
             print(f"{model + ' b' + str(batch):16s} {row['plain_fwd_bwd_s']:10.4f} "
