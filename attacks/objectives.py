@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from attacks.gradients import Params
+from fl_sim.tasks.base import Batch
 
 __all__ = ["cosine_distance", "l2_distance", "total_variation", "BNStatistics", "bn_prior",
            "unrolled_delta", "simulated_update", "NormalisedImages", "lr_multiplier",
@@ -94,18 +95,14 @@ def l2_distance(grads: Mapping[str, Tensor], target: Mapping[str, Tensor], *,
     return out  # type: ignore[return-value]
 
 
-def total_variation(images: Tensor, scale: Tensor | None = None) -> Tensor:
+def total_variation(images: Tensor) -> Tensor:
     """Anisotropic mean total variation ``mean|dx| + mean|dy|`` per restart.
 
-    ``images``: ``[R, N, C, H, W]``; ``scale``: optional per-channel factor ``[C]`` applied to the
-    differences (``1/std`` gives the TV of the task-normalised image, breaching's convention).
-    Returns ``[R]``.
+    ``images``: ``[R, N, C, H, W]`` (Inverting Gradients passes the task-normalised image,
+    breaching's convention). Returns ``[R]``.
     """
     dx = (images[..., :, 1:] - images[..., :, :-1]).abs()
     dy = (images[..., 1:, :] - images[..., :-1, :]).abs()
-    if scale is not None:
-        s = scale.view(-1, 1, 1)
-        dx, dy = dx * s, dy * s
     return dx.flatten(1).mean(1) + dy.flatten(1).mean(1)
 
 
@@ -162,11 +159,6 @@ def bn_prior(stats: Sequence[tuple[Tensor, Tensor]], buffers: Mapping[str, Tenso
     return total / max(1, len(stats) // n_layers)  # type: ignore[return-value]
 
 
-def _batch_of(images: Tensor, labels: Tensor) -> Any:
-    from fl_sim.tasks.base import Batch
-    return Batch(images, labels)
-
-
 def _step_loss(task: Any, buffers: Mapping[str, Tensor], x: Tensor, y: Tensor,
                bn: BNStatistics | None) -> Any:
     """``q -> (loss, bn prior)`` of one step, for ``torch.func.grad(..., has_aux=True)``.
@@ -176,9 +168,9 @@ def _step_loss(task: Any, buffers: Mapping[str, Tensor], x: Tensor, y: Tensor,
     """
     def fn(q: Params) -> tuple[Tensor, Tensor]:
         if bn is None:
-            return task.loss(q, buffers, _batch_of(x, y), {}), x.new_zeros(())
+            return task.loss(q, buffers, Batch(x, y), {}), x.new_zeros(())
         with bn.recording() as stats:
-            loss = task.loss(q, buffers, _batch_of(x, y), {})
+            loss = task.loss(q, buffers, Batch(x, y), {})
         return loss, bn_prior(stats, buffers, bn.running)
     return fn
 

@@ -44,27 +44,27 @@ def _load_run(run_dir: Path) -> Any:
 def run_round_attacks(run_dir: Path, cfg: ExperimentConfig, server_round: int,
                       ) -> list[dict[str, Any]]:
     """Online hook: every configured SERVER attack scheduled for ``server_round``."""
-    todo = [a for a in cfg.attacks if a.view == "server" and server_round in (a.rounds or (1,))]
-    return _run_configured(Path(run_dir), cfg, todo, server_round)
+    todo = [(a, server_round) for a in cfg.attacks
+            if a.view == "server" and server_round in (a.rounds or (1,))]
+    return _run_configured(Path(run_dir), cfg, todo)
 
 
 def run_final_attacks(run_dir: Path, cfg: ExperimentConfig) -> list[dict[str, Any]]:
     """End-of-run hook: PEER attacks on the recorded peer views (they need round r + 1)."""
-    out: list[dict[str, Any]] = []
-    for a in (a for a in cfg.attacks if a.view == "peer"):
-        for r in a.rounds or (1,):
-            out += _run_configured(Path(run_dir), cfg, [a], r)
-    return out
+    todo = [(a, r) for a in cfg.attacks if a.view == "peer" for r in a.rounds or (1,)]
+    return _run_configured(Path(run_dir), cfg, todo)
 
 
-def _run_configured(run_dir: Path, cfg: ExperimentConfig, attacks: Sequence[AttackConfig],
-                    server_round: int) -> list[dict[str, Any]]:
+def _run_configured(run_dir: Path, cfg: ExperimentConfig,
+                    todo: Sequence[tuple[AttackConfig, int]]) -> list[dict[str, Any]]:
+    """Run each ``(attack, round)`` not yet in the results (a resumed run may have written
+    some already); the results file and the run directory are read once."""
     done = {r.get("key") for r in load_results(run_dir)}
-    pending = [(a, key) for a in attacks  # a resumed run may have written some already
+    pending = [(a, server_round, key) for a, server_round in todo
                if (key := _key(a.name, a.view, server_round, a.client, a.params)) not in done]
     run = _load_run(run_dir) if pending else None
     results = []
-    for a, key in pending:
+    for a, server_round, key in pending:
         try:
             results += run_attack(run_dir, cfg, a.name, a.params, view=a.view,
                                   client=a.client, server_round=server_round, key=key, run=run)

@@ -14,6 +14,7 @@ plain string.
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -23,7 +24,7 @@ import pydantic
 import tomllib
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from fl_sim.errors import ConfigError
+from fl_sim.errors import ConfigError, PluginError
 from fl_sim.registry import (
     ATTACKS,
     DATA_SOURCES,
@@ -182,7 +183,6 @@ def _check_plugin(section: _PluginSection, registry: Registry[Any], where: str,
 
 
 def _get(registry: Registry[Any], name: str, where: str) -> Any:
-    from fl_sim.errors import PluginError
     try:
         return registry.get(name)
     except PluginError as exc:
@@ -222,7 +222,7 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Iterable[str]) -> dict[st
 
     A numeric path element indexes a list (``attacks.0.max_iterations=10``).
     """
-    data: dict[str, Any] = json.loads(json.dumps(raw))
+    data: dict[str, Any] = copy.deepcopy(dict(raw))  # TOML dates are not JSON
     for text in overrides:
         path, value = parse_override(text)
         node: Any = data

@@ -106,8 +106,6 @@ def client_data(cfg: ExperimentConfig, client_id: int) -> ClientData:
 
 @lru_cache(maxsize=2)
 def _task_and_spec(cfg_json: str, device: str) -> tuple[Any, ModelSpec]:
-    import json
-
     from fl_sim.config import from_dict
     from fl_sim.tasks import task_from_config
     cfg = from_dict(json.loads(cfg_json))
