@@ -91,9 +91,10 @@ def tensors_to_arrays(tensors: Mapping[str, Tensor]) -> ArrayRecord:
                         for k, v in tensors.items()})
 
 
-def is_finite(tensors: Mapping[str, Tensor]) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors.values()
-               if t.is_floating_point() or t.is_complex())
+def is_finite(arrays: ArrayRecord) -> bool:
+    """No NaN/inf in any floating-point array (checked on the arrays, nothing is copied)."""
+    return all(bool(np.isfinite(x).all()) for x in (a.numpy() for a in arrays.values())
+               if np.issubdtype(x.dtype, np.inexact))
 
 
 class TapStrategy(Strategy):
@@ -156,23 +157,22 @@ class TapStrategy(Strategy):
                 self.log.failed.append(cid)
                 errors.append(msg)
                 continue
-            update = arrays_to_tensors(next(iter(msg.content.array_records.values())))
-            if not is_finite(update):
+            if not is_finite(next(iter(msg.content.array_records.values()))):
                 logger.warning("round %d: rejected non-finite update of client %d",
                                server_round, cid)
                 self.log.rejected.append(cid)
                 continue
-            accepted.append((cid, msg, update))
+            accepted.append((cid, msg))
         accepted.sort(key=lambda item: item[0])
-        for cid, msg, update in accepted:
-            self._record_reply(server_round, cid, msg, update)
+        for cid, msg in accepted:
+            self._record_reply(server_round, cid, msg)
         self.log.failed.sort()
         self.log.rejected.sort()
-        self.log.accepted = [cid for cid, _, _ in accepted]
-        self.log.num_examples = int(sum(_num_examples(m) for _, m, _ in accepted))
-        self.log.train_loss = _weighted_loss([m for _, m, _ in accepted])
+        self.log.accepted = [cid for cid, _ in accepted]
+        self.log.num_examples = int(sum(_num_examples(m) for _, m in accepted))
+        self.log.train_loss = _weighted_loss([m for _, m in accepted])
         new, metrics = self.inner.aggregate_train(
-            server_round, [m for _, m, _ in accepted] + errors)
+            server_round, [m for _, m in accepted] + errors)
         if new is not None:
             new = self._cast_like_global(new)
             self.log.aggregated = True
@@ -188,10 +188,10 @@ class TapStrategy(Strategy):
                           P.AGG_NUM_CLIENTS_KEY: len(accepted) if done else 0}
         return new, metrics
 
-    def _record_reply(self, server_round: int, cid: int, msg: Message,
-                      update: dict[str, Tensor]) -> None:
+    def _record_reply(self, server_round: int, cid: int, msg: Message) -> None:
         if self.store is None:
             return
+        update = arrays_to_tensors(next(iter(msg.content.array_records.values())))
         meta = _meta(msg)
         kind = "gradient" if meta.get(P.UPDATE_KIND_KEY) == P.GRADIENT else "delta"
         if kind == "delta":
