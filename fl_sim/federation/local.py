@@ -7,6 +7,17 @@ so the same seed gives the same batches and the same updates in every run and af
 
 Each step's exact batch is returned as a :class:`~fl_sim.records.TruthStep` (dataset indices,
 images, labels, aux) for the ground-truth store.
+
+**What ``num_examples`` means** (the reply's ``num-examples``, the observation record's
+``num_examples``): the number of DISTINCT images the update was computed from this round —
+``local_steps × batch_size`` when the client holds that many (steps walk one shuffled pass,
+so no image repeats before the pass ends), the whole partition for ``local_epochs``, the batch
+for FedSGD. It is also FedAvg's aggregation weight. Flower's examples weight by the partition
+size; with ``local_epochs`` the two coincide, and with ``local_steps`` every client does the
+same amount of work, so weighting by data it never touched would skew the mean and make the
+records lie about what the update contains (attacks reconstruct ``num_examples`` images, and
+a curious peer's derivation divides by the published total). One number keeps the server
+records, the aggregate, the peer view and the ground truth consistent.
 """
 
 from __future__ import annotations
@@ -29,7 +40,8 @@ class LocalResult:
     """One client-round: the update to send, its loss, and the private steps it took.
 
     ``update`` is the new ``state_dict`` (``kind="weights"``) or the gradient of the
-    parameters (``kind="gradient"``). ``num_examples`` is the FedAvg weight.
+    parameters (``kind="gradient"``). ``num_examples`` is the number of distinct images in
+    ``steps`` (what the update was computed from; also the FedAvg weight, see module doc).
     """
 
     update: dict[str, Tensor]
@@ -56,13 +68,19 @@ def batch_plan(num_examples: int, *, batch_size: int, local_steps: int | None,
     """Local example positions [B] for each step.
 
     ``local_epochs``: each epoch is a fresh permutation cut into ``ceil(n / batch_size)``
-    batches (the last one may be smaller). ``local_steps``: each step draws ``batch_size``
-    distinct examples (fewer if the client holds fewer) with a fresh permutation.
+    batches (the last one may be smaller). ``local_steps``: consecutive batches of
+    ``batch_size`` (``n`` if the client holds fewer) from one permutation — sampling without
+    replacement, so ``local_steps × batch_size ≤ n`` distinct images are used — and a fresh
+    permutation once fewer than ``batch_size`` unused examples remain. Step 0 is the first
+    ``batch_size`` of the first permutation (FedSGD's batch).
 
     >>> g = torch.Generator().manual_seed(0)
     >>> [len(b) for b in batch_plan(5, batch_size=2, local_steps=None, local_epochs=1,
     ...                              generator=g)]
     [2, 2, 1]
+    >>> plan = batch_plan(6, batch_size=2, local_steps=3, local_epochs=None, generator=g)
+    >>> sorted(torch.cat(plan).tolist())  # three steps, six distinct images
+    [0, 1, 2, 3, 4, 5]
 
     Raises ``ValueError`` for an empty client or when neither steps nor epochs are set.
     """
@@ -77,7 +95,19 @@ def batch_plan(num_examples: int, *, batch_size: int, local_steps: int | None,
         return plan
     if local_steps is None:
         raise ValueError("one of local_steps / local_epochs must be set")
-    return [torch.randperm(num_examples, generator=generator)[:bs] for _ in range(local_steps)]
+    steps: list[Tensor] = []
+    perm, pos = torch.randperm(num_examples, generator=generator), 0
+    for _ in range(local_steps):
+        if pos + bs > num_examples:
+            perm, pos = torch.randperm(num_examples, generator=generator), 0
+        steps.append(perm[pos:pos + bs])
+        pos += bs
+    return steps
+
+
+def distinct_examples(steps: tuple[TruthStep, ...] | list[TruthStep]) -> int:
+    """How many distinct dataset images the steps used (the record's ``num_examples``)."""
+    return len({int(i) for s in steps for i in s.indices.tolist()})
 
 
 def make_optimizer(name: str, params: Iterator[torch.nn.Parameter], lr: float
@@ -137,7 +167,7 @@ def local_train(task: Task, images: Tensor, labels: Tensor, dataset_indices: Ten
             h.remove()
     new = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return LocalResult(update=new, kind="weights", loss=_mean(losses),
-                       num_examples=int(len(labels)), steps=tuple(steps))
+                       num_examples=distinct_examples(steps), steps=tuple(steps))
 
 
 def one_gradient(task: Task, images: Tensor, labels: Tensor, dataset_indices: Tensor, *,
