@@ -84,8 +84,11 @@ class StrategyConfig(_PluginSection):
 
 
 class ClientResources(_Section):
+    """What Ray reserves per client actor. ``num_gpus`` unset: 0 on CPU, a share of the GPUs
+    with ``run.device = "cuda"``/``"auto"`` (see :mod:`fl_sim.federation.resources`)."""
+
     num_cpus: float = Field(1.0, gt=0)
-    num_gpus: float = Field(0.0, ge=0)
+    num_gpus: float | None = Field(None, ge=0)
 
 
 class FederationConfig(_Section):

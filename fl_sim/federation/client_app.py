@@ -31,6 +31,7 @@ from fl_sim.config import ExperimentConfig
 from fl_sim.errors import FlSimError
 from fl_sim.federation import protocol as P
 from fl_sim.federation.local import LocalResult, local_train, one_gradient
+from fl_sim.federation.resources import apply_determinism, client_device
 from fl_sim.federation.taps import arrays_to_tensors
 from fl_sim.records import ModelSpec
 from fl_sim.seeding import numpy_rng, torch_generator
@@ -57,13 +58,6 @@ class ClientData:
     indices: Tensor
     test_images: Tensor
     test_labels: Tensor
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"auto"`` -> cuda if available, else cpu."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 @lru_cache(maxsize=2)
@@ -117,7 +111,7 @@ def _task_and_spec(cfg_json: str, device: str) -> tuple[Any, ModelSpec]:
 
 def task_with_global(cfg: ExperimentConfig, arrays: ArrayRecord) -> Any:
     """The (per-process cached) task, its model loaded with the global state in ``arrays``."""
-    device = str(resolve_device(cfg.run.device))
+    device = str(client_device(cfg))
     task, _ = _task_and_spec(json.dumps(cfg.to_json_dict(), sort_keys=True), device)
     state = arrays_to_tensors(arrays)
     task.model.load_state_dict(state, strict=True)
@@ -185,10 +179,10 @@ def train(msg: Message, context: Context) -> Message:
     if should_fail(cfg, r, cid):
         raise InjectedClientFailure(f"client {cid} failed in round {r} (injected, "
                                     f"client_failure_rate={fed.client_failure_rate})")
-    torch.use_deterministic_algorithms(cfg.run.deterministic, warn_only=True)
+    apply_determinism(cfg)
     data = client_data(cfg, cid)
     task = task_with_global(cfg, _arrays(msg))
-    device = resolve_device(cfg.run.device)
+    device = client_device(cfg)
     global_state = None
     if cid in fed.peer_clients and fed.taps:
         global_state = {k: v.detach().cpu().clone() for k, v in task.model.state_dict().items()}

@@ -34,7 +34,8 @@ from fl_sim.config import ExperimentConfig, save_resolved, server_lr
 from fl_sim.errors import FlSimError
 from fl_sim.federation import protocol as P
 from fl_sim.federation.checkpoint import CheckpointStore, load_strategy_state
-from fl_sim.federation.client_app import load_splits, resolve_device
+from fl_sim.federation.client_app import load_splits
+from fl_sim.federation.resources import server_device
 from fl_sim.federation.taps import TapStrategy, arrays_to_tensors, tensors_to_arrays
 from fl_sim.registry import STRATEGIES
 from fl_sim.report import METRICS_FILE
@@ -128,7 +129,7 @@ def server_task(cfg: ExperimentConfig) -> tuple[Any, Any, Any]:
     splits = load_splits(json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True))
     task, spec = task_from_config(cfg.model, cfg.task, splits.in_channels, splits.num_classes,
                                   splits.image_size, splits.mean, splits.std,
-                                  seed=cfg.run.seed, device=resolve_device(cfg.run.device))
+                                  seed=cfg.run.seed, device=server_device(cfg))
     return task, spec, splits
 
 

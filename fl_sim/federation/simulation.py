@@ -22,17 +22,18 @@ logger = logging.getLogger(__name__)
 
 
 def backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
-    """Flower's Ray backend config: client resources and (optionally) the cluster address."""
-    res = cfg.federation.client_resources
+    """Flower's Ray backend config: client resources and (optionally) the cluster address.
+
+    ``cfg`` is resolved by :func:`~fl_sim.federation.resources.prepare_resources` (an unset
+    ``num_gpus`` counts as 0 here)."""
+    from fl_sim.federation.resources import backend_resources
     # Ray forwards every actor's log lines to the driver's terminal; only with debug logging.
     init_args: dict[str, Any] = {"ignore_reinit_error": True,
                                  "log_to_driver": logging.getLogger("fl_sim").isEnabledFor(
                                      logging.DEBUG)}
     if cfg.federation.ray_address:
         init_args["address"] = cfg.federation.ray_address
-    return {"client_resources": {"num_cpus": float(res.num_cpus),
-                                 "num_gpus": float(res.num_gpus)},
-            "init_args": init_args}
+    return {"client_resources": backend_resources(cfg), "init_args": init_args}
 
 
 def run_experiment(cfg: ExperimentConfig, *, run_dir: str | Path | None = None,
@@ -50,7 +51,11 @@ def run_experiment(cfg: ExperimentConfig, *, run_dir: str | Path | None = None,
     """
     from fl_sim.federation import server_app
     from fl_sim.federation.client_app import app as client_app
+    from fl_sim.federation.resources import apply_determinism, prepare_resources
 
+    # client resources the machine (or cluster) cannot satisfy: one line, before Ray starts
+    cfg, _ = prepare_resources(cfg)
+    apply_determinism(cfg)  # CUBLAS_WORKSPACE_CONFIG before Ray's actors inherit the env
     if resume:
         if run_dir is None or not (Path(run_dir) / "config.json").is_file():
             raise RunDirError(f"resume: {run_dir} is not a run directory (no config.json)")
@@ -85,8 +90,9 @@ def run_experiment(cfg: ExperimentConfig, *, run_dir: str | Path | None = None,
 def _check_same_config(cfg: ExperimentConfig, run_dir: Path) -> None:
     saved = json.loads((run_dir / "config.json").read_text())
     now = cfg.to_json_dict()
-    for conf in (saved, now):  # more rounds, or another Ray cluster, is the same experiment
-        for key in ("num_rounds", "ray_address"):
+    # more rounds, another Ray cluster or other client resources: the same experiment
+    for conf in (saved, now):
+        for key in ("num_rounds", "ray_address", "client_resources"):
             conf.get("federation", {}).pop(key, None)
     if saved != now:
         diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
