@@ -26,6 +26,7 @@ examples:
   fl-sim run --resume runs/default-20261123-160000
   fl-sim attack runs/default-20261123-160000 --attack inverting_gradients --set max_iterations=300
   fl-sim list
+  fl-sim train-prior configs/prior_digits.toml --out priors/digits
 """
 
 
@@ -95,6 +96,20 @@ def _parser() -> argparse.ArgumentParser:
     dep.add_argument("--set", dest="overrides", action="append", default=[],
                      metavar="KEY.PATH=VALUE")
     dep.add_argument("--run-dir", type=Path, default=None)
+
+    tp = sub.add_parser(
+        "train-prior", help="train a diffusion prior (DDPM) centrally on public data",
+        description="Train the UNet of CONFIG (see configs/prior_*.toml) on a data source, "
+                    "optionally filtered to some classes or identities, and save it in "
+                    "diffusers' format. Running again with the same --out continues from the "
+                    "last checkpoint. The last line printed is the prior's path.")
+    tp.add_argument("config", help="prior config (TOML): [data] [filter] [model] [task] "
+                                   "[training]")
+    tp.add_argument("--set", dest="overrides", action="append", default=[],
+                    metavar="KEY.PATH=VALUE", help="e.g. training.steps=500; repeatable")
+    tp.add_argument("--out", type=Path, default=None,
+                    help="output directory = the prior (default: priors/<config name>)")
+    tp.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -221,6 +236,20 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_prior(args: argparse.Namespace) -> int:
+    from fl_sim.train_prior import prior_config, train_prior
+    cfg = prior_config(args.config, args.overrides)
+    out = args.out if args.out is not None else Path("priors") / Path(args.config).stem
+    with _Progress(enabled=not args.no_progress, total=cfg.training.steps, label="steps",
+                   key="step") as progress:
+        def report(event: dict[str, Any]) -> None:
+            if progress.enabled or "eval_loss" in event:  # without a bar: checkpoints only
+                progress.update(event)
+        path = train_prior(cfg, out, progress=report)
+    sys.stdout.write(f"samples: {path / 'samples.png'}\n{path}\n")
+    return 0
+
+
 def cmd_deploy_local(args: argparse.Namespace) -> int:
     from fl_sim import config
     from fl_sim.federation.deployment import deploy_local
@@ -234,9 +263,11 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
 class _Progress:
     """A rich progress bar fed by ``run_experiment``'s ``progress(event: dict)`` callback."""
 
-    def __init__(self, *, enabled: bool, total: int) -> None:
+    def __init__(self, *, enabled: bool, total: int, label: str = "rounds",
+                 key: str = "round") -> None:
         self.enabled = enabled and sys.stderr.isatty()
         self.total = total
+        self.label, self.key = label, key
         self._bar: Any = None
         self._task: Any = None
 
@@ -253,19 +284,19 @@ class _Progress:
                                  MofNCompleteColumn(), TimeElapsedColumn(),
                                  TextColumn("{task.fields[info]}"), transient=False)
             self._bar.__enter__()
-            self._task = self._bar.add_task("rounds", total=self.total, info="")
+            self._task = self._bar.add_task(self.label, total=self.total, info="")
         return self
 
     def update(self, event: dict[str, Any]) -> None:
         info = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                        for k, v in event.items() if k not in {"round", "event"})
+                        for k, v in event.items() if k not in {self.key, "event", "total"})
         if self._bar is not None:
-            if "round" in event:
-                self._bar.update(self._task, completed=event["round"], info=info)
+            if self.key in event:
+                self._bar.update(self._task, completed=event[self.key], info=info)
             else:
                 self._bar.update(self._task, info=info)
         else:
-            logger.info("round %s/%s %s", event.get("round", "?"), self.total, info)
+            logger.info("%s %s/%s %s", self.key, event.get(self.key, "?"), self.total, info)
 
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:
@@ -301,7 +332,8 @@ def _print_summary(run_dir: Path) -> None:
 
 
 COMMANDS = {"run": cmd_run, "list": cmd_list, "attack": cmd_attack, "report": cmd_report,
-            "validate": cmd_validate, "deploy-local": cmd_deploy_local}
+            "validate": cmd_validate, "deploy-local": cmd_deploy_local,
+            "train-prior": cmd_train_prior}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

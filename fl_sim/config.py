@@ -37,16 +37,17 @@ from fl_sim.registry import (
     format_validation_error,
     validate_params,
 )
+from fl_sim.strict import StrictNumbers
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _Section(StrictNumbers):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-class _PluginSection(BaseModel):
+class _PluginSection(StrictNumbers):
     """A section that names a plug-in (``name``) and carries its params as extra keys."""
 
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
     name: str
 
     @property
@@ -72,7 +73,11 @@ class PartitionConfig(_PluginSection):
 
 
 class ModelConfig(_PluginSection):
+    """``pretrained``: a prior directory (``fl-sim train-prior``) or a diffusers UNet directory
+    whose weights the federation starts from (checked against the model before Ray starts)."""
+
     name: str = "lenet"
+    pretrained: str | None = None
 
 
 class TaskConfig(_PluginSection):
@@ -142,9 +147,29 @@ class MetricsConfig(_Section):
 
 
 class AttackConfig(_PluginSection):
+    """One ``[[attacks]]`` entry. ``view`` omitted (or null) takes the attack's own declared
+    view (``peer_inversion`` -> ``"peer"``); the resolved value is what ``config.json`` holds."""
+
     view: Literal["server", "peer"] = "server"
     client: int | None = None
     rounds: tuple[int, ...] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _view_of_the_attack(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and data.get("view") is None and "name" in data:
+            data = {**data, "view": declared_view(data["name"])}
+        return data
+
+
+def declared_view(attack: Any) -> str:
+    """The view attack ``attack`` declares (``"server"`` for a name the registry does not
+    know: the plug-in check reports that one)."""
+    try:
+        view = getattr(ATTACKS.get(str(attack)), "view", "server")
+    except PluginError:
+        return "server"
+    return view if view in ("server", "peer") else "server"
 
 
 class DefenseConfig(_PluginSection):
@@ -163,9 +188,47 @@ class ExperimentConfig(_Section):
     attacks: tuple[AttackConfig, ...] = ()
     defenses: tuple[DefenseConfig, ...] = ()
 
+    @model_validator(mode="after")
+    def _attacks_can_run(self) -> ExperimentConfig:
+        for i, a in enumerate(self.attacks):
+            problem = attack_problem(a, self.federation)
+            if problem:
+                raise ValueError(f"attacks[{i}] ({a.name}): {problem}")
+        return self
+
     def to_json_dict(self) -> dict[str, Any]:
         """The fully resolved config as plain JSON data (round-trips through ``from_dict``)."""
         return json.loads(self.model_dump_json())
+
+
+def attack_problem(a: AttackConfig, fed: FederationConfig) -> str | None:
+    """Why attack entry ``a`` cannot run in federation ``fed`` (None if it can).
+
+    Checked when the config is validated, so an impossible entry fails before training
+    instead of after it: a client outside ``0..num_clients-1``, a peer attack without
+    ``peer_clients`` or on a client that is not a peer, rounds outside ``1..num_rounds``,
+    or nothing recorded to attack (``taps``) or to score against (``record_truth``).
+    """
+    n = fed.num_clients
+    if a.client is not None and not 0 <= a.client < n:
+        return f"client {a.client} outside 0..{n - 1} (federation.num_clients = {n})"
+    bad = [r for r in a.rounds or () if not 1 <= r <= fed.num_rounds]
+    if bad:
+        return (f"rounds {bad} do not exist (federation.num_rounds = {fed.num_rounds}; "
+                "rounds count from 1)")
+    if a.rounds is not None and not a.rounds:
+        return "rounds = [] schedules nothing; omit it for round 1"
+    if not fed.taps:
+        return "federation.taps = false records nothing to attack"
+    if not fed.record_truth:
+        return "federation.record_truth = false leaves nothing to score the attack against"
+    if a.view == "peer":
+        if not fed.peer_clients:
+            return "a peer attack needs federation.peer_clients (none recorded)"
+        if a.client is not None and a.client not in fed.peer_clients:
+            return (f"client {a.client} is not a peer; federation.peer_clients = "
+                    f"{list(fed.peer_clients)}")
+    return None
 
 
 # Params injected by the framework rather than written by the user, per plug-in kind.

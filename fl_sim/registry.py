@@ -23,6 +23,7 @@ from typing import Any, Generic, TypeVar
 import pydantic
 
 from fl_sim.errors import ConfigError, PluginError
+from fl_sim.strict import StrictNumbers
 
 logger = logging.getLogger(__name__)
 
@@ -149,11 +150,14 @@ def params_model(obj: Callable[..., Any], *, skip: int = 0) -> type[pydantic.Bas
         default = p.default if p.default is not inspect.Parameter.empty else ...
         fields[p.name] = (ann, default)
     return pydantic.create_model(  # type: ignore[call-overload]
-        f"{getattr(obj, '__name__', 'Plugin')}Params",
-        __config__=pydantic.ConfigDict(extra="forbid", arbitrary_types_allowed=True,
-                                       strict=False),
-        **fields,
-    )
+        f"{getattr(obj, '__name__', 'Plugin')}Params", __base__=_ParamsBase, **fields)
+
+
+class _ParamsBase(StrictNumbers):
+    """Plug-in parameters: finite floats, no booleans for numbers (see fl_sim.strict)."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", arbitrary_types_allowed=True,
+                                       strict=False, allow_inf_nan=False)
 
 
 def _resolve_annotation(target: Callable[..., Any], name: str, ann: str) -> Any:
@@ -186,6 +190,10 @@ def format_validation_error(exc: pydantic.ValidationError, where: str,
             parts.append(f"{loc}: unknown key; allowed: {allowed or '(none)'}")
         elif err["type"] == "missing":
             parts.append(f"{loc}: required value missing")
+        elif err["type"] == "value_error" and isinstance(err.get("input"), Mapping):
+            # a model-level check: its message names the fields; the input is a whole section
+            msg = err["msg"].removeprefix("Value error, ")
+            parts.append(f"{loc}: {msg}" if loc else msg)
         else:
             parts.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
     return "; ".join(parts)

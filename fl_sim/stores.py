@@ -26,6 +26,7 @@ Only :mod:`fl_sim.run_dir` reads these stores; the peer view is built from ONE
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -51,7 +52,7 @@ def write_tensors(path: Path, tensors: Mapping[str, Tensor],
     """Atomically write ``tensors`` (detached, contiguous CPU copies) + JSON ``metadata``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    meta = {"json": json.dumps(dict(metadata or {}), sort_keys=True)}
+    meta = {"json": dumps_strict(dict(metadata or {}))}
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
     os.close(fd)
     try:
@@ -75,10 +76,31 @@ def read_tensors(path: Path) -> tuple[dict[str, Tensor], dict[str, Any]]:
         raise RunDirError(f"cannot read {path}: {exc}") from None
 
 
+def finite_or_none(value: Any) -> Any:
+    """``value`` with every NaN / infinite float (also nested) replaced by None.
+
+    >>> finite_or_none({"loss": float("nan"), "xs": [1.0, float("inf")], "n": 3})
+    {'loss': None, 'xs': [1.0, None], 'n': 3}
+    """
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def dumps_strict(value: Any) -> str:
+    """Strict JSON (RFC 8259): non-finite floats are written as ``null``, never ``NaN``."""
+    return json.dumps(finite_or_none(value), sort_keys=True, allow_nan=False)
+
+
 def append_jsonl(path: Path, row: Mapping[str, Any]) -> None:
-    """Append one JSON line with a single ``O_APPEND`` write (atomic between processes)."""
+    """Append one strict-JSON line with a single ``O_APPEND`` write (atomic between
+    processes); NaN / infinity are written as ``null`` (see :func:`dumps_strict`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(dict(row), sort_keys=True) + "\n").encode()
+    line = (dumps_strict(dict(row)) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, line)
@@ -104,7 +126,7 @@ def rewrite_jsonl(path: Path, rows: Iterable[Mapping[str, Any]]) -> None:
     """Atomically replace ``path`` with ``rows`` (used when truncating after a resume)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{path.name}")
-    tmp.write_text("".join(json.dumps(dict(r), sort_keys=True) + "\n" for r in rows))
+    tmp.write_text("".join(dumps_strict(dict(r)) + "\n" for r in rows))
     os.replace(tmp, path)
 
 
@@ -122,6 +144,64 @@ _ROUND_RE = re.compile(r"^r(\d+)(?:\.safetensors)?$")
 def _round_of(name: str) -> int | None:
     m = _ROUND_RE.match(name)
     return int(m.group(1)) if m else None
+
+
+# -- containment and index rows: a store reads only its own, canonically named files -------
+def resolve_inside(root: Path, rel: Any) -> Path:
+    """``root / rel`` if that path stays inside ``root``, else :class:`RunDirError`.
+
+    ``rel`` must be a relative path without ``..``; after symbolic links are followed the
+    file must still lie under ``root`` (whose own last component must not be a link). This is
+    what keeps a view inside its store: an index row naming ``../../truth/...`` or a link
+    planted in a peer's directory is refused, not read.
+    """
+    if not isinstance(rel, str) or not rel or Path(rel).is_absolute() \
+            or ".." in Path(rel).parts or "\\" in rel:
+        raise RunDirError(f"{root}: refusing path {rel!r} (not a plain path inside the store)")
+    if root.is_symlink():
+        raise RunDirError(f"{root}: refusing a store directory that is a symbolic link")
+    real_root = root.parent.resolve() / root.name
+    path = root / rel
+    if not path.resolve().is_relative_to(real_root):
+        raise RunDirError(f"{root}: refusing {rel!r}, which leads outside the store")
+    return path
+
+
+def _is_count(v: Any) -> bool:
+    """A non-negative int (not a bool)."""
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+#: Row fields the views compute with; each must be a finite number when present.
+_NUMERIC_FIELDS = ("num_examples", "local_steps", "lr", "batch_size", "aggregated_round",
+                   "aggregated_num_examples", "aggregated_num_clients",
+                   "num_clients_aggregated")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_index_row(row: Any, expected: Mapping[str, str], where: Path) -> dict[str, Any]:
+    """``row`` if its ``round`` (and ``client`` when set) are counts and each path field
+    equals the store's canonical file name for that row (``expected``); else RunDirError.
+
+    A row that names any other file -- another round's, another client's, or one outside the
+    store -- is refused, so a forged index line cannot make a store serve foreign data.
+    """
+    if not isinstance(row, dict) or not _is_count(row.get("round")):
+        raise RunDirError(f"{where}: invalid index row {row!r} (round must be an int >= 0)")
+    if row.get("client") is not None and not _is_count(row["client"]):
+        raise RunDirError(f"{where}: invalid index row {row!r} (client must be an int >= 0)")
+    bad = [k for k in _NUMERIC_FIELDS if k in row and not _is_number(row[k])]
+    if bad:
+        raise RunDirError(f"{where}: invalid index row {row!r} ({', '.join(bad)} must be "
+                          "finite numbers)")
+    for field, name in expected.items():
+        if row.get(field) != name:
+            raise RunDirError(f"{where}: refusing index row {row!r}: {field} must be "
+                              f"{name!r}")
+    return row
 
 
 def _dedupe(rows: Iterable[dict[str, Any]], root: Path, key: Sequence[str]
@@ -156,22 +236,44 @@ class _IndexedStore:
     """A directory of safetensors files listed in one JSONL index (``root/INDEX``).
 
     ``KEY`` identifies a row (a re-written row replaces the older one), ``FIELD`` is what
-    :meth:`entries` filters on, ``DIRS`` are the per-round sub-directories :meth:`truncate`
-    prunes.
+    :meth:`entries` filters on (one of ``KINDS``), ``DIRS`` are the per-round
+    sub-directories :meth:`truncate` prunes. Rows are validated (:meth:`check_row`) and
+    files are read only from inside ``root`` (:func:`resolve_inside`).
     """
 
     KEY: tuple[str, ...]
     FIELD: str
+    KINDS: tuple[str, ...]
     DIRS: tuple[str, ...]
     root: Path
 
     def entries(self, value: str | None = None) -> list[dict[str, Any]]:
-        """Index rows (deduplicated), only those whose ``FIELD`` equals ``value`` if given."""
-        rows = _dedupe(read_jsonl(self.root / INDEX), self.root, self.KEY)
+        """Index rows (validated, deduplicated), only those whose ``FIELD`` equals ``value``
+        if given. Raises :class:`RunDirError` for a row that fails :meth:`check_row`."""
+        rows = _dedupe(self.valid_rows(read_jsonl(self.root / INDEX)), self.root, self.KEY)
         return [r for r in rows if value is None or r[self.FIELD] == value]
 
+    def valid_rows(self, rows: Iterable[Any]) -> list[dict[str, Any]]:
+        """Every row through :meth:`check_row` (the first bad one raises)."""
+        return [self.check_row(r) for r in rows]
+
+    def check_row(self, row: Any) -> dict[str, Any]:
+        """``row`` if it is one this store could have written (see :func:`check_index_row`)."""
+        kind = row.get(self.FIELD) if isinstance(row, dict) else None
+        expected = self.expected_files(kind, row.get("round"), row.get("client")) \
+            if kind in self.KINDS and _is_count(row.get("round")) else None
+        if expected is None:
+            raise RunDirError(f"{self.root / INDEX}: invalid index row {row!r} ({self.FIELD} "
+                              f"must be one of {list(self.KINDS)}, round an int >= 0)")
+        return check_index_row(row, expected, self.root / INDEX)
+
+    def expected_files(self, kind: str, server_round: int, client: Any) -> dict[str, str]:
+        """The canonical relative file name(s) of a row of ``kind`` (per store)."""
+        raise NotImplementedError
+
     def load(self, rel: str) -> dict[str, Tensor]:
-        return read_tensors(self.root / rel)[0]
+        """The tensors of ``rel``, which must lie inside this store (:func:`resolve_inside`)."""
+        return read_tensors(resolve_inside(self.root, rel))[0]
 
     def _write(self, rel: str, tensors: Mapping[str, Tensor], row: Mapping[str, Any]) -> None:
         """The file first, then its index row (a crash in between leaves no dangling row)."""
@@ -192,10 +294,21 @@ class ObservationStore(_IndexedStore):
 
     KEY = ("tap", "round", "client")
     FIELD = "tap"
+    KINDS = ("global", "server_in", "aggregate")
     DIRS = ("globals", "server_in", "aggregate")
 
     def __init__(self, run_dir: Path | str) -> None:
         self.root = Path(run_dir) / "observations"
+
+    def expected_files(self, kind: str, server_round: int, client: Any) -> dict[str, str]:
+        if kind == "global":
+            return {"file": self.global_file(server_round)}
+        if kind == "aggregate":
+            rel = f"aggregate/{_rname(server_round)}.safetensors"
+        else:
+            c = client if _is_count(client) else -1  # a server_in row must name its client
+            rel = f"{kind}/{_rname(server_round)}/{_cname(c)}.safetensors"
+        return {"file": rel, "global": self.global_file(server_round)}
 
     def global_file(self, server_round: int) -> str:
         return f"globals/{_rname(server_round)}.safetensors"
@@ -268,7 +381,7 @@ class TruthStore:
         if not p.is_file():
             raise RunDirError(f"no ground truth for round {server_round}, client {client_id} "
                               f"(expected {p})")
-        t, meta = read_tensors(p)
+        t, meta = read_tensors(resolve_inside(self.root, str(p.relative_to(self.root))))
         steps = []
         for i in range(int(meta["num_steps"])):
             img = t[f"s{i}.images"]
@@ -301,11 +414,23 @@ class PeerStore(_IndexedStore):
 
     KEY = ("kind", "round")
     FIELD = "kind"
+    KINDS = ("global", "update")
     DIRS = ("globals", "updates")
 
     def __init__(self, run_dir: Path | str, client_id: int) -> None:
         self.client_id = int(client_id)
         self.root = Path(run_dir) / "peer" / f"c{self.client_id}"
+
+    def expected_files(self, kind: str, server_round: int, client: Any) -> dict[str, str]:
+        return {"file": f"{kind}s/{_rname(server_round)}.safetensors"}
+
+    def check_row(self, row: Any) -> dict[str, Any]:
+        """Also refuses a row that names another client as its owner."""
+        row = super().check_row(row)
+        if row.get("client") is not None and row["client"] != self.client_id:
+            raise RunDirError(f"{self.root / INDEX}: refusing index row {row!r}: this store "
+                              f"holds client {self.client_id}'s records only")
+        return row
 
     def write_global(self, server_round: int, state: Mapping[str, Tensor],
                      meta: Mapping[str, Any]) -> None:

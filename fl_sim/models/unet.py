@@ -39,7 +39,6 @@ def unet(in_channels: int, num_classes: int, image_size: int, *,
     cifar: 8); raises ``ValueError`` otherwise.
     """
     from diffusers import UNet2DModel
-    from diffusers.models.attention_processor import Attention, AttnProcessor
 
     cfg = dict(_PRESETS[preset])
     factor = 2 ** (len(cfg["block_out_channels"]) - 1)
@@ -48,6 +47,14 @@ def unet(in_channels: int, num_classes: int, image_size: int, *,
                          f"got {image_size}")
     model = UNet2DModel(sample_size=image_size, in_channels=in_channels,
                         out_channels=in_channels, **cfg)
+    return use_classic_attention(model)
+
+
+def use_classic_attention(model: nn.Module) -> nn.Module:
+    """Give every diffusers ``Attention`` of ``model`` the classic ``AttnProcessor`` (in place;
+    returns ``model``): the fused SDPA kernel has no double backward on CPU."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor
+
     for module in model.modules():
         if isinstance(module, Attention):
             module.set_processor(AttnProcessor())

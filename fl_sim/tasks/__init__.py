@@ -37,11 +37,15 @@ def build_task(spec: ModelSpec, *, device: str | torch.device = "cpu", seed: int
 
 def task_from_config(cfg_model: Any, cfg_task: Any, in_channels: int, num_classes: int,
                      image_size: int, mean: Sequence[float], std: Sequence[float], *,
-                     seed: int, device: str | torch.device = "cpu") -> tuple[Task, ModelSpec]:
+                     seed: int, device: str | torch.device = "cpu",
+                     pretrained: bool = False) -> tuple[Task, ModelSpec]:
     """Build the task of config sections ``model`` and ``task`` (``.name`` + ``.params``).
 
     The returned spec holds the resolved params (defaults filled in), so it rebuilds the same
-    architecture even if a default later changes.
+    architecture even if a default later changes. With ``pretrained=True`` and
+    ``cfg_model.pretrained`` set, the model starts from those weights (see
+    :func:`fl_sim.tasks.pretrained.load_pretrained`; clients need not: they receive the
+    global model).
     """
     model_params = _resolved(MODELS.get(cfg_model.name), _params(cfg_model), "model", skip=3)
     task_params = _resolved(TASKS.get(cfg_task.name), _params(cfg_task), "task", skip=2)
@@ -49,7 +53,12 @@ def task_from_config(cfg_model: Any, cfg_task: Any, in_channels: int, num_classe
                      task_params=task_params, in_channels=int(in_channels),
                      num_classes=int(num_classes), image_size=int(image_size),
                      mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std))
-    return build_task(spec, device=device, seed=seed), spec
+    task = build_task(spec, device=device, seed=seed)
+    path = getattr(cfg_model, "pretrained", None)
+    if pretrained and path is not None:
+        from fl_sim.tasks.pretrained import load_pretrained
+        load_pretrained(task.model, path)
+    return task, spec
 
 
 def _params(section: Any) -> Mapping[str, Any]:

@@ -47,7 +47,7 @@ def test_default_config_validates() -> None:
         ("[strategy]\nname = 'fedsgd'\nserver_lr = -1\n", "strategy.server_lr"),
         ("run = [\n", "not valid TOML"),
         ("[metrics]\nlpips_weights = '/nonexistent/lpips.pth'\n",
-         "metrics: Value error, LPIPS needs the weights file; lpips_weights = "
+         "metrics: LPIPS needs the weights file; lpips_weights = "
          "'/nonexistent/lpips.pth' (nothing is downloaded)"),
     ],
 )

@@ -1,0 +1,229 @@
+"""Diffusion priors on disk, in diffusers' own format: save, load, check, turn into a task.
+
+A prior directory holds::
+
+    PATH/unet/                 UNet2DModel.save_pretrained (config.json + safetensors)
+    PATH/scheduler/            DDPMScheduler.save_pretrained (scheduler_config.json)
+    PATH/fl_sim_prior.json     metadata: data source + filter, image size, channels, steps,
+                               seed, fl-sim version, and the SHA-256 of every weight file
+
+so a diffusers user loads it with ``UNet2DModel.from_pretrained("PATH/unet")`` and
+``DDPMScheduler.from_pretrained("PATH/scheduler")``. ``fl_sim_prior.json`` is written last
+(atomically): a crash while saving leaves a directory without it, which :func:`load_prior`
+refuses as "not a prior" instead of loading half-written weights; the recorded digests catch
+weights changed or damaged afterwards. Nothing is ever downloaded (``local_files_only``).
+
+Importing this module imports neither flwr nor ray (attacks use it); diffusers is imported
+lazily.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fl_sim.errors import DataError, MissingResourceError
+
+logger = logging.getLogger(__name__)
+
+METADATA_FILE = "fl_sim_prior.json"
+UNET_DIR = "unet"
+SCHEDULER_DIR = "scheduler"
+FORMAT = "fl-sim-prior"
+FORMAT_VERSION = 1
+
+__all__ = ["Prior", "load_prior", "load_unet", "prior_task", "save_prior", "METADATA_FILE"]
+
+
+@dataclass(frozen=True)
+class Prior:
+    """A loaded prior: a frozen ``UNet2DModel`` (eval mode, ``requires_grad`` False, classic
+    attention processor), its ``DDPMScheduler``, the metadata dict, and the scheduler's
+    ``alphas_cumprod`` [T] as float32 on the UNet's device."""
+
+    unet: nn.Module
+    scheduler: Any
+    metadata: dict[str, Any]
+    alphas_cumprod: Tensor
+    path: Path
+
+    @property
+    def image_size(self) -> int:
+        size = self.unet.config.sample_size
+        return int(size if isinstance(size, int) else size[0])
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+
+def _version() -> str:
+    from fl_sim import __version__
+    return __version__
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _digests(root: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``root/unet`` and ``root/scheduler`` (relative paths)."""
+    out = {}
+    for sub in (UNET_DIR, SCHEDULER_DIR):
+        for f in sorted((root / sub).rglob("*")):
+            if f.is_file():
+                out[f.relative_to(root).as_posix()] = _sha256(f)
+    return out
+
+
+def save_prior(path: str | Path, unet: nn.Module, scheduler: Any, *,
+               metadata: Mapping[str, Any]) -> Path:
+    """Write ``unet`` + ``scheduler`` + ``metadata`` as a prior at ``path``; returns ``path``.
+
+    ``unet``: a diffusers ``UNet2DModel``; ``scheduler``: a ``DDPMScheduler``; ``metadata``:
+    JSON-serialisable (data source and params, filter, training steps done, seed, ...).
+    ``image_size``, ``in_channels``, the fl-sim version, the format tag and the weight digests
+    are added. An existing prior at ``path`` is replaced; other files in ``path`` are kept.
+    The metadata file is written last, atomically (see the module doc).
+    """
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{uuid.uuid4().hex}"
+    try:
+        unet.save_pretrained(tmp / UNET_DIR, safe_serialization=True)
+        scheduler.save_pretrained(tmp / SCHEDULER_DIR)
+        meta = dict(metadata)
+        cfg = unet.config
+        size = cfg.sample_size if isinstance(cfg.sample_size, int) else cfg.sample_size[0]
+        meta.update({"format": FORMAT, "format_version": FORMAT_VERSION,
+                     "fl_sim_version": _version(), "image_size": int(size),
+                     "in_channels": int(cfg.in_channels), "digests": _digests(tmp)})
+        text = json.dumps(meta, indent=2, sort_keys=True) + "\n"
+        (root / METADATA_FILE).unlink(missing_ok=True)  # invalid from here until the end
+        for sub in (UNET_DIR, SCHEDULER_DIR):
+            if (root / sub).exists():
+                shutil.rmtree(root / sub)
+            os.replace(tmp / sub, root / sub)
+        (tmp / METADATA_FILE).write_text(text)
+        os.replace(tmp / METADATA_FILE, root / METADATA_FILE)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The metadata of the prior at ``path``.
+
+    Raises :class:`~fl_sim.errors.MissingResourceError` if ``path`` does not exist and
+    :class:`~fl_sim.errors.DataError` if it is not a complete fl-sim prior.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise MissingResourceError(f"prior {root}: no such directory (nothing is downloaded)")
+    meta_file = root / METADATA_FILE
+    if not root.is_dir() or not meta_file.is_file():
+        raise DataError(f"prior {root}: not an fl-sim prior (no {METADATA_FILE}; an "
+                        "interrupted save leaves none)")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"prior {root}: unreadable {METADATA_FILE}: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise DataError(f"prior {root}: {METADATA_FILE} is not fl-sim prior metadata")
+    return meta
+
+
+def _check_digests(root: Path, recorded: Mapping[str, str]) -> None:
+    for rel, digest in sorted(recorded.items()):
+        f = root / rel
+        if not f.is_file():
+            raise DataError(f"prior {root}: {rel} is missing")
+        if _sha256(f) != digest:
+            raise DataError(f"prior {root}: {rel} is corrupt (SHA-256 differs from the one "
+                            "recorded at save time)")
+
+
+def load_unet(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
+    """A diffusers ``UNet2DModel`` from a local directory (``config.json`` + weights), with the
+    classic attention processor, on ``device``, in eval mode.
+
+    Raises :class:`~fl_sim.errors.MissingResourceError` for a missing directory and
+    :class:`~fl_sim.errors.DataError` for one diffusers cannot load (one line).
+    """
+    from diffusers import UNet2DModel
+
+    from fl_sim.models.unet import use_classic_attention
+
+    d = Path(path)
+    if not d.is_dir():
+        raise MissingResourceError(f"UNet directory {d}: not found (nothing is downloaded)")
+    if not (d / "config.json").is_file():
+        raise DataError(f"{d}: not a diffusers model directory (no config.json)")
+    try:
+        unet = UNet2DModel.from_pretrained(str(d), local_files_only=True,
+                                           low_cpu_mem_usage=False)
+    except Exception as exc:  # diffusers/safetensors raise many types for bad files
+        msg = " ".join(str(exc).split())[:300]
+        raise DataError(f"{d}: cannot load the UNet weights: {type(exc).__name__}: "
+                        f"{msg}") from None
+    use_classic_attention(unet)
+    return unet.to(device).eval()
+
+
+def load_prior(path: str | Path, *, device: str | torch.device = "cpu") -> Prior:
+    """Load the prior saved at ``path`` by :func:`save_prior` (or ``fl-sim train-prior``).
+
+    Returns a :class:`Prior` whose UNet is frozen on ``device``. Raises
+    :class:`~fl_sim.errors.MissingResourceError` (missing path) or
+    :class:`~fl_sim.errors.DataError` (not a prior, missing or corrupt weights) with a
+    one-line message.
+    """
+    from diffusers import DDPMScheduler
+
+    root = Path(path)
+    meta = read_metadata(root)
+    _check_digests(root, meta.get("digests", {}))
+    unet = load_unet(root / UNET_DIR, device=device)
+    unet.requires_grad_(False)
+    try:
+        scheduler = DDPMScheduler.from_pretrained(str(root / SCHEDULER_DIR),
+                                                  local_files_only=True)
+    except Exception as exc:
+        raise DataError(f"prior {root}: cannot load the scheduler: {type(exc).__name__}: "
+                        f"{' '.join(str(exc).split())[:300]}") from None
+    abar = scheduler.alphas_cumprod.to(device=device, dtype=torch.float32).clone()
+    return Prior(unet=unet, scheduler=scheduler, metadata=meta, alphas_cumprod=abar,
+                 path=root)
+
+
+def prior_task(prior: Prior) -> Any:
+    """A :class:`~fl_sim.tasks.diffusion.DiffusionTask` around ``prior.unet`` with the prior's
+    own scheduler, so fl-sim's evaluation (``evaluate``) and sampling (``sample``) apply.
+
+    The task shares the prior's (frozen) UNet; copy it first to train it.
+    """
+    from fl_sim.tasks.diffusion import DiffusionTask
+
+    sc = prior.scheduler.config
+    c = prior.in_channels
+    task = DiffusionTask(prior.unet, ((0.5,) * c, (0.5,) * c),
+                         num_train_timesteps=int(sc.num_train_timesteps),
+                         beta_schedule=sc.beta_schedule, prediction_type=sc.prediction_type)
+    task.scheduler = prior.scheduler
+    task.alphas_cumprod = prior.alphas_cumprod.detach().to("cpu", torch.float32).clone()
+    return task

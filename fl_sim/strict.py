@@ -1,0 +1,72 @@
+"""The base of every validated settings model: finite numbers only, no booleans for numbers.
+
+Both the config sections (:mod:`fl_sim.config`) and the plug-in parameter models built from
+signatures (:func:`fl_sim.registry.params_model`) derive from :class:`StrictNumbers`, so one
+rule covers every float and int a user can write:
+
+* ``inf`` / ``nan`` are refused for every float field (pydantic's ``allow_inf_nan=False``);
+  a non-finite learning rate would make every client fail and the run unresumable;
+* ``true`` / ``false`` are refused where a number is expected (pydantic's lax mode would take
+  ``num_clients = true`` as 1), also inside lists (``peer_clients = [true]``).
+
+Everything else stays in pydantic's lax mode (TOML ``lr = 1`` is the float 1.0).
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
+
+_NUMBERS = (int, float)
+
+
+def _leaves(ann: Any) -> list[Any]:
+    """The plain types an annotation admits (through Optional/Union/Annotated)."""
+    origin = typing.get_origin(ann)
+    if origin is typing.Annotated:
+        return _leaves(typing.get_args(ann)[0])
+    if origin in (typing.Union, types.UnionType):
+        return [leaf for a in typing.get_args(ann) for leaf in _leaves(a)]
+    return [ann]
+
+
+def bool_for_number(ann: Any, value: Any) -> bool:
+    """True if ``value`` is (or holds) a bool where ``ann`` wants an int or float.
+
+    >>> bool_for_number(int, True), bool_for_number(int | None, False), bool_for_number(bool, 1)
+    (True, True, False)
+    >>> bool_for_number(tuple[int, ...], [0, True])
+    True
+    """
+    leaves = _leaves(ann)
+    if any(leaf is Any or leaf is bool for leaf in leaves):
+        return False
+    if isinstance(value, bool):
+        return any(leaf in _NUMBERS for leaf in leaves)
+    if isinstance(value, list | tuple):
+        for leaf in leaves:
+            if typing.get_origin(leaf) in (tuple, list):
+                items = [a for a in typing.get_args(leaf) if a is not Ellipsis]
+                if items and any(bool_for_number(items[min(i, len(items) - 1)], v)
+                                 for i, v in enumerate(value)):
+                    return True
+    return False
+
+
+class StrictNumbers(BaseModel):
+    """Refuses non-finite floats and booleans given for numbers (see module doc)."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_number(cls, value: Any, info: ValidationInfo) -> Any:
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None and bool_for_number(field.annotation, value):
+            raise PydanticCustomError("bool_for_number",
+                                      "a boolean where a number is expected")
+        return value
