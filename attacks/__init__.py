@@ -12,7 +12,8 @@ from attacks.base import Attack, Reconstruction
 __all__ = ["Attack", "Reconstruction"]
 
 # Each module registers its attack on import. Listed explicitly: a newcomer sees every attack.
-_MODULES = ("noop", "idlg", "dlg", "inverting_gradients", "peer_inversion")
+_MODULES = ("noop", "idlg", "dlg", "inverting_gradients", "peer_inversion", "gidm",
+            "gidm_plus")
 
 for _name in _MODULES:
     try:

@@ -8,6 +8,12 @@ truth: metrics are computed by fl_sim afterwards from the separate truth store.
 Each attack declares the view it needs (``view``: "server" or "peer") and, through
 ``required_knowledge()``, what it assumes beyond the transmitted data (e.g. ``"labels"``);
 the framework grants exactly that into ``record.knowledge`` and records it in the result.
+
+Devices: ``attack(record, device="cuda")`` runs the attack on that device (``"cpu"``, the
+tested default; ``"cuda"``/``"cuda:N"``; ``"auto"`` = CUDA when available). The attack reads
+``self.device`` while ``reconstruct`` runs and puts its task and tensors there; random draws
+still come from the CPU ``generator`` (the same numbers on every device). The returned
+:class:`Reconstruction` is always on CPU.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from fl_sim.errors import ThreatModelError
+from fl_sim.errors import ConfigError, ThreatModelError
 from fl_sim.records import ObservationRecord
 
 
@@ -41,19 +47,50 @@ class Reconstruction:
     assumed: Mapping[str, Any] = field(default_factory=dict)
     extras: Mapping[str, Any] = field(default_factory=dict)
 
+    def cpu(self) -> Reconstruction:
+        """The same reconstruction with every tensor (also in ``extras``) on CPU."""
+        def move(v: Any) -> Any:
+            return v.detach().cpu() if isinstance(v, Tensor) else v
+        return Reconstruction(move(self.images), move(self.labels), self.matching_loss,
+                              self.iterations, dict(self.assumed),
+                              {k: move(v) for k, v in self.extras.items()})
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``"cpu"``, ``"cuda"``/``"cuda:N"`` or ``"auto"`` (CUDA if available, else CPU).
+
+    Raises :class:`~fl_sim.errors.ConfigError` (one line) for CUDA on a machine without it or
+    for an unknown device name.
+    """
+    name = "cpu" if device is None else str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"unknown device {name!r}; allowed: cpu, cuda, cuda:N, auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available on this "
+                          "machine; use device = \"cpu\" or \"auto\"")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"unsupported device {name!r}; allowed: cpu, cuda, cuda:N, auto")
+    return dev
+
 
 class Attack(ABC):
     """Base of every attack plug-in: threat-model checks only, no algorithm."""
 
     #: the view this attack needs: "server" (per-client updates) or "peer" (global models)
     view: ClassVar[str] = "server"
+    #: where ``reconstruct`` computes (set by ``__call__``; CPU when called directly)
+    device: torch.device = torch.device("cpu")
 
     def required_knowledge(self) -> tuple[str, ...]:
         """Knowledge beyond the transmitted data this configuration needs granted."""
         return ()
 
-    def __call__(self, record: ObservationRecord, *,
-                 generator: torch.Generator | None = None) -> Reconstruction:
+    def __call__(self, record: ObservationRecord, *, generator: torch.Generator | None = None,
+                 device: str | torch.device | None = None) -> Reconstruction:
         if record.role != self.view:
             raise ThreatModelError(f"{type(self).__name__} needs a '{self.view}' view, "
                                    f"got a '{record.role}' record")
@@ -61,7 +98,8 @@ class Attack(ABC):
         if missing:
             raise ThreatModelError(f"{type(self).__name__} needs knowledge {missing} that "
                                    "the threat model did not grant")
-        return self.reconstruct(record, generator=generator or torch.Generator())
+        self.device = resolve_device(device)
+        return self.reconstruct(record, generator=generator or torch.Generator()).cpu()
 
     @abstractmethod
     def reconstruct(self, record: ObservationRecord, *,

@@ -108,15 +108,16 @@ def mean_gradient_target(record: ObservationRecord, task: Any | None = None) -> 
     return {k: v * scale for k, v in target.items()}
 
 
-def attack_task(record: ObservationRecord, model_mode: str = "eval") -> Any:
-    """A fresh task of the record's model spec, with the model in ``model_mode``.
+def attack_task(record: ObservationRecord, model_mode: str = "eval", *,
+                device: str | torch.device = "cpu") -> Any:
+    """A fresh task of the record's model spec on ``device``, with the model in ``model_mode``.
 
     ``"train"`` means the client's forward pass used BATCH statistics in BatchNorm: the
     layers are made to stop tracking running statistics
     (:func:`torch.func.replace_all_batch_norm_modules_`), so a functional call neither
     mutates the record's buffers nor breaks inside :mod:`torch.func` transforms.
     """
-    task = record.spec.build_task()
+    task = record.spec.build_task(device=device)
     task.model.train(model_mode == "train")
     if model_mode == "train":
         torch.func.replace_all_batch_norm_modules_(task.model)

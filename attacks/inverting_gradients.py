@@ -26,13 +26,14 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from attacks.base import Attack, Reconstruction
+from attacks.diffusion_matching import granted_aux, is_diffusion
 from attacks.gradients import (
     Params,
     attack_task,
@@ -52,7 +53,7 @@ from attacks.objectives import (
 )
 from attacks.restarts import pruning_schedule, sliced_adam
 from attacks.second_order import LeanSecondOrder
-from fl_sim.errors import ConfigError
+from fl_sim.errors import ConfigError, ThreatModelError
 from fl_sim.records import ObservationRecord
 from fl_sim.registry import ATTACKS
 from fl_sim.tasks.base import Batch
@@ -63,6 +64,7 @@ Schedule = Literal["step", "cosine", "linear"]
 Distance = Literal["cosine", "l2"]
 RestartPruning = Literal["halving", "none"]
 DoubleBackward = Literal["lean", "autograd"]
+AuxSource = Literal["none", "granted"]
 #: called as ``callback(iteration, images [R, N, C, H, W])`` after each step (benchmarks)
 Callback = Callable[[int, Tensor], None]
 
@@ -83,7 +85,9 @@ class InversionProblem:
     """Everything the optimisation needs, built from one record (no ground truth).
 
     ``target``: the observed update per parameter (sign-flipped, scaled delta when a delta is
-    matched as one gradient); ``labels``: ``[N]``; ``unroll``: None for gradient matching.
+    matched as one gradient); ``labels``: ``[N]``; ``unroll``: None for gradient matching;
+    ``aux``: the client's private randomness the loss needs (diffusion ``eps [S, C, H, W]``
+    and ``t [S]``, all local steps' rows; ``{}`` for a classifier).
     """
 
     task: Any
@@ -95,6 +99,7 @@ class InversionProblem:
     shape: tuple[int, int, int]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    aux: Mapping[str, Tensor] = field(default_factory=dict)
 
 
 def _update_fn(problem: InversionProblem, bn: BNStatistics | None, double_backward: str = "lean"
@@ -108,7 +113,7 @@ def _update_fn(problem: InversionProblem, bn: BNStatistics | None, double_backwa
 
         def fn(images: Tensor) -> tuple[Params, Tensor | None]:
             return simulated_update(problem.task, problem.params, problem.buffers, images,
-                                    problem.labels, unroll=plan, bn=bn)
+                                    problem.labels, unroll=plan, bn=bn, aux=problem.aux)
         return fn
 
     def several(images: Tensor) -> tuple[Params, Tensor | None]:
@@ -162,17 +167,17 @@ def _gradient_fn(problem: InversionProblem, bn: BNStatistics | None, double_back
     def fn(images: Tensor) -> tuple[Params, Tensor | None]:
         if images.shape[0] != 1:
             return simulated_update(problem.task, problem.params, problem.buffers, images,
-                                    problem.labels, unroll=None, bn=bn)
+                                    problem.labels, unroll=None, bn=bn, aux=problem.aux)
         outer = torch.is_grad_enabled() and images.requires_grad
         lean = LeanSecondOrder() if outer and double_backward == "lean" else None
         with torch.enable_grad(), lean or contextlib.nullcontext():
             batch = Batch(images[0], problem.labels)
             prior = None
             if bn is None:
-                loss = problem.task.loss(leaves, problem.buffers, batch, {})
+                loss = problem.task.loss(leaves, problem.buffers, batch, problem.aux)
             else:
                 with bn.recording() as stats:
-                    loss = problem.task.loss(leaves, problem.buffers, batch, {})
+                    loss = problem.task.loss(leaves, problem.buffers, batch, problem.aux)
                 prior = bn_prior(stats, problem.buffers, bn.running).unsqueeze(0)
         with torch.enable_grad():
             grads = (lean.parameter_grads(loss, order, create_graph=True) if lean is not None
@@ -209,8 +214,9 @@ def invert(problem: InversionProblem, *, max_iterations: int, restarts: int, lr:
     target = {k: v.contiguous() for k, v in problem.target.items()}
     target_norm = math.sqrt(sum(float(t.double().pow(2).sum()) for t in target.values()))
     n = int(problem.labels.shape[0])
+    device = next(iter(problem.params.values())).device
     cand = NormalisedImages((restarts, n, *problem.shape), problem.mean, problem.std,
-                            generator=generator)
+                            generator=generator, device=device)
 
     def objective(z: Tensor) -> tuple[Tensor, Tensor]:
         images = z * cand.std + cand.mean
@@ -242,7 +248,7 @@ def invert(problem: InversionProblem, *, max_iterations: int, restarts: int, lr:
                             "objectives": scores,
                             "kept": [alive[i] for i in order],
                             "dropped": [a for i, a in enumerate(alive) if i not in order]})
-            idx = torch.tensor(order)
+            idx = torch.tensor(order, device=device)
             alive = [alive[i] for i in order]
             cand.z, opt = sliced_adam(opt, cand.z, idx)
             grad = grad[idx]
@@ -287,6 +293,11 @@ class InvertingGradients(Attack):
     without the weight-side work stock autograd does for convolutions
     (:mod:`attacks.second_order`; same values, 15–20 % faster on the ConvNet); ``"autograd"``
     uses the stock formulas.
+    ``aux``: on a DIFFUSION update (task ``diffusion``), ``"granted"`` asks the threat model
+    for the client's noise and timesteps (knowledge ``eps``, ``t``) and recomputes the
+    diffusion loss with them, per local step when unrolling (:mod:`attacks.diffusion_matching`);
+    ``"none"`` (default) on a diffusion record raises :class:`~fl_sim.errors.ThreatModelError`
+    naming that knowledge. Labels do not exist there (unconditional UNet): none are recovered.
 
     Unrolling ASSUMES KNOWN: the client's ``lr``, ``local_steps`` and ``batch_size`` (from the
     record), that step ``k`` used images ``k*B .. k*B+B-1`` of its ``num_examples`` images in
@@ -301,7 +312,7 @@ class InvertingGradients(Attack):
                  bn_prior_weight: float = 0.0, multi_step: MultiStep = "auto",
                  schedule: Schedule = "step", distance: Distance = "cosine",
                  restart_pruning: RestartPruning = "halving", restart_keep: int = 1,
-                 double_backward: DoubleBackward = "lean") -> None:
+                 double_backward: DoubleBackward = "lean", aux: AuxSource = "none") -> None:
         _check("max_iterations", max_iterations >= 1, max_iterations, ">= 1")
         _check("restarts", restarts >= 1, restarts, ">= 1")
         _check("lr", lr > 0, lr, "> 0")
@@ -319,14 +330,16 @@ class InvertingGradients(Attack):
         _check("restart_keep", restart_keep >= 1, restart_keep, ">= 1")
         _check("double_backward", double_backward in ("lean", "autograd"), double_backward,
                "lean, autograd")
-        self.double_backward = double_backward
+        _check("aux", aux in ("none", "granted"), aux, "none, granted")
+        self.double_backward, self.aux = double_backward, aux
         self.restart_pruning, self.restart_keep = restart_pruning, restart_keep
         self.max_iterations, self.restarts, self.lr = max_iterations, restarts, lr
         self.tv_weight, self.labels, self.bn_prior_weight = tv_weight, labels, bn_prior_weight
         self.multi_step, self.schedule, self.distance = multi_step, schedule, distance
 
     def required_knowledge(self) -> tuple[str, ...]:
-        return ("labels",) if self.labels == "granted" else ()
+        labels = ("labels",) if self.labels == "granted" else ()
+        return labels + (("eps", "t") if self.aux == "granted" else ())
 
     # -- building the problem from a record (overridden by peer_inversion) -----------------
     def num_images(self, record: ObservationRecord) -> int:
@@ -349,18 +362,49 @@ class InvertingGradients(Attack):
     def problem(self, record: ObservationRecord, *,
                 generator: torch.Generator) -> tuple[InversionProblem, str]:
         """The :class:`InversionProblem` of ``record`` and where its labels came from."""
-        task = attack_task(record)
+        task = attack_task(record, device=self.device)
         params, buffers = split_state(task, record.global_params)
         unroll = self.unroll_plan(record)
         # an unrolled delta is matched as observed; otherwise as a mean gradient
         target = (target_from_record(record, task) if unroll is not None
                   else mean_gradient_target(record, task))
         n = self.num_images(record)
-        labels, source = self._labels(record, task, n, generator)
+        aux = self._aux(record, task, n, unroll)
+        if is_diffusion(task):  # an unconditional UNet's loss takes no labels
+            labels, source = torch.zeros(n, dtype=torch.int64), "none (unconditional model)"
+        else:
+            labels, source = self._labels(record, task, n, generator)
         spec = record.spec
-        return InversionProblem(task, params, buffers, target, labels, unroll,
-                                (spec.in_channels, spec.image_size, spec.image_size),
-                                tuple(spec.mean), tuple(spec.std)), source
+        dev = self.device
+        return InversionProblem(task, params, buffers,
+                                {k: v.to(dev) for k, v in target.items()}, labels.to(dev),
+                                unroll, (spec.in_channels, spec.image_size, spec.image_size),
+                                tuple(spec.mean), tuple(spec.std),
+                                {k: v.to(dev) for k, v in aux.items()}), source
+
+    def _aux(self, record: ObservationRecord, task: Any, n: int,
+             unroll: Unroll | None) -> dict[str, Tensor]:
+        """The granted diffusion eps/t (``{}`` for a classifier), rows checked against the
+        images (FedSGD) or the unrolled steps x batch size (FedAvg)."""
+        if not is_diffusion(task):
+            return {}
+        name = type(self).__name__
+        if self.aux != "granted":
+            raise ThreatModelError(f"{name} on a diffusion update needs the client's noise and "
+                                   "timesteps: set aux = \"granted\" (knowledge ['eps', 't']), "
+                                   "or use gidm_plus, which searches for them")
+        aux = granted_aux(record, task, attack=name)
+        rows = n if unroll is None else unroll.steps * unroll.batch_size * unroll.clients
+        if unroll is None and record.update_kind == "delta":
+            rows = int(aux["t"].shape[0])  # a delta matched as one gradient: all steps' rows
+            if rows != n:
+                raise ConfigError(f"{name}: a delta matched as one gradient needs one eps/t "
+                                  f"row per image; got {rows} rows for {n} images (use "
+                                  "multi_step = \"unroll\")")
+        if int(aux["t"].shape[0]) != rows:
+            raise ConfigError(f"{name}: granted eps/t hold {aux['t'].shape[0]} rows; the "
+                              f"update needs {rows} (images x local steps)")
+        return aux
 
     def _labels(self, record: ObservationRecord, task: Any, n: int,
                 generator: torch.Generator) -> tuple[Tensor, str]:

@@ -165,9 +165,13 @@ def recover_labels(record: ObservationRecord, method: LabelMethod = "auto",
     ``record.batch_size`` for a gradient and ``record.num_examples`` for a delta. ``task``
     (a task already built from ``record.spec``, in the mode the client used) is built in eval
     mode when omitted. Raises :class:`~fl_sim.errors.ConfigError` for a bad ``method`` or
-    ``num_images`` (iDLG on several images) and ``ValueError`` for a model without a final
+    ``num_images`` (iDLG on several images) or a diffusion record (an unconditional UNet has
+    no labels) and ``ValueError`` for a model without a final
     ``num_classes``-wide linear layer.
     """
+    if record.spec.task == "diffusion":
+        raise ConfigError("label recovery does not apply to an unconditional diffusion model "
+                          "(task 'diffusion'): its loss uses no labels")
     if num_images is None:
         num_images = record.batch_size if record.update_kind == "gradient" \
             else record.num_examples

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from attacks.diffusion_matching import step_aux
 from attacks.gradients import Params
 from fl_sim.tasks.base import Batch
 
@@ -160,24 +161,28 @@ def bn_prior(stats: Sequence[tuple[Tensor, Tensor]], buffers: Mapping[str, Tenso
 
 
 def _step_loss(task: Any, buffers: Mapping[str, Tensor], x: Tensor, y: Tensor,
-               bn: BNStatistics | None) -> Any:
+               bn: BNStatistics | None, aux: Mapping[str, Tensor] | None = None) -> Any:
     """``q -> (loss, bn prior)`` of one step, for ``torch.func.grad(..., has_aux=True)``.
 
     The prior is computed INSIDE the differentiated function so that no tensor leaks out of
-    the transform (a hook's output read after ``grad`` returned would be invalid).
+    the transform (a hook's output read after ``grad`` returned would be invalid). ``aux`` is
+    the step's private randomness (diffusion ``eps``/``t``; ``{}`` for a classifier).
     """
+    aux = {} if aux is None else aux
+
     def fn(q: Params) -> tuple[Tensor, Tensor]:
         if bn is None:
-            return task.loss(q, buffers, Batch(x, y), {}), x.new_zeros(())
+            return task.loss(q, buffers, Batch(x, y), aux), x.new_zeros(())
         with bn.recording() as stats:
-            loss = task.loss(q, buffers, Batch(x, y), {})
+            loss = task.loss(q, buffers, Batch(x, y), aux)
         return loss, bn_prior(stats, buffers, bn.running)
     return fn
 
 
 def unrolled_delta(task: Any, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
                    images: Tensor, labels: Tensor, lr: float, steps: int, batch_size: int,
-                   *, bn: BNStatistics | None = None) -> tuple[Params, Tensor]:
+                   *, bn: BNStatistics | None = None, aux: Mapping[str, Tensor] | None = None
+                   ) -> tuple[Params, Tensor]:
     """Differentiable ``new - global`` of ``steps`` plain SGD steps (Geiping et al. 2020 sec. 5).
 
     ``images`` ``[n, C, H, W]`` in [0, 1] and ``labels`` ``[n]`` are the client's data in the
@@ -185,9 +190,12 @@ def unrolled_delta(task: Any, params: Mapping[str, Tensor], buffers: Mapping[str
     (indices modulo ``n``, i.e. further epochs repeat the same order). No momentum, no weight
     decay, constant ``lr``, buffers fixed (eval-mode BatchNorm). Differentiable with respect to
     ``images`` (torch.func, composes with ``vmap``). Returns ``(delta keyed like params, BN
-    prior averaged over steps (0 without ``bn``))``. Raises ``ValueError`` for ``steps < 1``
+    prior averaged over steps (0 without ``bn``))``. ``aux`` (diffusion ``eps``/``t`` of ALL
+    steps, concatenated) is sliced per step: step ``k`` gets rows ``k*batch_size ..``
+    (:func:`attacks.diffusion_matching.step_aux`). Raises ``ValueError`` for ``steps < 1``
     or ``batch_size < 1``.
     """
+
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1, got {steps}, {batch_size}")
     n = images.shape[0]
@@ -199,7 +207,8 @@ def unrolled_delta(task: Any, params: Mapping[str, Tensor], buffers: Mapping[str
             x, y = images[idx[0]:idx[0] + batch_size], labels[idx[0]:idx[0] + batch_size]
         else:
             x, y = images[idx], labels[idx]
-        g, pk = torch.func.grad(_step_loss(task, buffers, x, y, bn), has_aux=True)(p)
+        ak = step_aux(aux, k, batch_size) if aux else None
+        g, pk = torch.func.grad(_step_loss(task, buffers, x, y, bn, ak), has_aux=True)(p)
         prior = prior + pk / steps
         p = {name: p[name] - lr * g[name] for name in p}
     return {name: p[name] - params[name] for name in params}, prior
@@ -207,22 +216,24 @@ def unrolled_delta(task: Any, params: Mapping[str, Tensor], buffers: Mapping[str
 
 def simulated_update(task: Any, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
                      images: Tensor, labels: Tensor, *, unroll: tuple[float, int, int] | None,
-                     bn: BNStatistics | None = None) -> tuple[Params, Tensor | None]:
+                     bn: BNStatistics | None = None, aux: Mapping[str, Tensor] | None = None
+                     ) -> tuple[Params, Tensor | None]:
     """The update candidate ``images`` would produce, batched over restarts.
 
     ``images``: ``[R, N, C, H, W]``; ``labels``: ``[N]``. ``unroll=None`` gives one gradient
     of the mean loss over the N images (FedSGD); ``unroll=(lr, steps, batch_size)`` gives
     :func:`unrolled_delta`. Returns ``({name: [R, *shape]}, bn_prior [R] or None)``. With
     ``R > 1`` the per-restart updates come from ONE :func:`torch.func.vmap` call; ``R = 1``
-    skips vmap (cheaper batching rules).
+    skips vmap (cheaper batching rules). ``aux``: the step(s)' private randomness, shared by
+    all restarts (diffusion ``eps``/``t``; see :func:`unrolled_delta` for the per-step rows).
     """
 
     def one(x: Tensor) -> tuple[Params, Tensor]:
         if unroll is None:
-            return torch.func.grad(_step_loss(task, buffers, x, labels, bn),
+            return torch.func.grad(_step_loss(task, buffers, x, labels, bn, aux),
                                    has_aux=True)(dict(params))
         lr, steps, bs = unroll
-        return unrolled_delta(task, params, buffers, x, labels, lr, steps, bs, bn=bn)
+        return unrolled_delta(task, params, buffers, x, labels, lr, steps, bs, bn=bn, aux=aux)
 
     if images.shape[0] == 1:
         upd, prior = one(images[0])

@@ -33,7 +33,8 @@ from fl_sim.stores import append_jsonl
 
 logger = logging.getLogger(__name__)
 
-_BUDGET_KEYS = ("max_iterations", "restarts", "iterations", "steps")
+_BUDGET_KEYS = ("max_iterations", "restarts", "iterations", "steps", "phase1_iterations",
+                "phase2_iterations", "sampler_steps")
 
 
 def _load_run(run_dir: Path) -> Any:
@@ -81,8 +82,10 @@ def _run_configured(run_dir: Path, cfg: ExperimentConfig,
 
 def replay(run_dir: Path, name: str, *, params: Mapping[str, Any] | None = None,
            view: str | None = None, client: int | None = None,
-           rounds: Sequence[int] | None = None) -> list[dict[str, Any]]:
-    """Offline: run attack ``name`` on a recorded run (``fl-sim attack``)."""
+           rounds: Sequence[int] | None = None, device: str | None = None
+           ) -> list[dict[str, Any]]:
+    """Offline: run attack ``name`` on a recorded run (``fl-sim attack``); ``device``
+    (cpu / cuda / auto) overrides the run's ``run.device``."""
     run = _load_run(run_dir)
     params = dict(params or {})
     attack_cls = ATTACKS.get(name)
@@ -96,24 +99,32 @@ def replay(run_dir: Path, name: str, *, params: Mapping[str, Any] | None = None,
     out = []
     for r in rounds or (1,):
         out += run_attack(Path(run_dir), run.config, name, params, view=view, client=client,
-                          server_round=r, key=_key(name, view, r, client, params), run=run)
+                          server_round=r, key=_key(name, view, r, client, params), run=run,
+                          device=device)
     return out
 
 
 def run_attack(run_dir: Path, cfg: ExperimentConfig, name: str, params: Mapping[str, Any],
                *, view: str, client: int | None, server_round: int, key: str,
-               run: Any = None) -> list[dict[str, Any]]:
-    """Build the view, run one attack on one record, score it, write grid + result line."""
+               run: Any = None, device: str | None = None) -> list[dict[str, Any]]:
+    """Build the view, run one attack on one record, score it, write grid + result line.
+
+    The attack computes on ``device`` (default: the run's ``run.device``; results come back
+    on CPU). Images an attack returns per phase (``extras["phase1_images"]`` ...) are scored
+    too: ``metrics["phase1_psnr"]``, ``["phase1_ssim"]``.
+    """
     run = run or _load_run(run_dir)
+    device = device or getattr(cfg.run, "device", "cpu")
     attack = ATTACKS.create(name, _where=f"attack {name}", **params)
     grant = tuple(attack.required_knowledge())
     record = _record(run, view, client, server_round, grant)
     gen = torch_generator(cfg.run.seed, "attack", name, server_round, record.client_id or 0)
     t0 = time.perf_counter()
-    recon = attack(record, generator=gen)
+    recon = attack(record, generator=gen, device=device)
     seconds = time.perf_counter() - t0
     truth_images, truth_labels = _truth(run, record, view, client, server_round)
     metrics = _score(recon, truth_images, truth_labels)
+    metrics.update(_score_phases(recon.extras, truth_images))
     grid = None
     if recon.images.numel():
         # Originals over their Hungarian-matched reconstructions (the scoring's matching).
@@ -189,6 +200,18 @@ def _score(recon: Any, truth_images: torch.Tensor, truth_labels: torch.Tensor,
         return {"label_accuracy": float(label_accuracy(recon.labels, truth_labels)),
                 "labels": recon.labels.tolist(), "true_labels": truth_labels.tolist()}
     return {}
+
+
+def _score_phases(extras: Mapping[str, Any], truth_images: torch.Tensor) -> dict[str, float]:
+    """Mean PSNR / SSIM of every ``extras["<phase>_images"]`` tensor (e.g. GIDM's phase 1)."""
+    from fl_sim.metrics import score_reconstruction
+    out: dict[str, float] = {}
+    for key, images in extras.items():
+        if key.endswith("_images") and isinstance(images, torch.Tensor) and images.numel():
+            s = score_reconstruction(images, truth_images)
+            phase = key[:-len("_images")]
+            out[f"{phase}_psnr"], out[f"{phase}_ssim"] = float(s["psnr"]), float(s["ssim"])
+    return out
 
 
 def _plain(v: Any) -> Any:

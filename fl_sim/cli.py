@@ -78,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="target client (server view) or the peer itself (peer view)")
     att.add_argument("--round", dest="rounds", type=int, action="append", default=None,
                      help="round to attack (repeatable; default: the first round)")
+    att.add_argument("--device", choices=("cpu", "cuda", "auto"), default=None,
+                     help="where the attack computes (default: the run's run.device; auto = "
+                          "CUDA when available)")
 
     rep = sub.add_parser("report", help="(re)write RUN_DIR/report.html from recorded results")
     rep.add_argument("run_dir", type=Path)
@@ -216,14 +219,17 @@ def _quiet_flower(debug: bool) -> None:
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
+    from attacks.base import resolve_device
     from fl_sim import attack_runner, config
+    if args.device is not None:
+        resolve_device(args.device)  # a CUDA request without CUDA: one line, exit 2
     params: dict[str, Any] = {}
     for text in args.overrides:
         path, value = config.parse_override(text)
         params[".".join(path)] = value
     out = Path(args.run_dir)
     results = attack_runner.replay(out, args.attack, params=params, view=args.view,
-                                   client=args.client, rounds=args.rounds)
+                                   client=args.client, rounds=args.rounds, device=args.device)
     _print_results(results)
     from fl_sim.report import write_report
     sys.stdout.write(f"{write_report(out)}\n")

@@ -1,0 +1,186 @@
+"""Gradient matching on diffusion updates: the client's noise and timesteps, step by step.
+
+A DDPM client's loss (:class:`~fl_sim.tasks.diffusion.DiffusionTask`) depends on its private
+per-example noise ``eps`` and timestep ``t`` as much as on its images, so an attack can only
+recompute the client's update when it is given (or searches for) them. Under the server's
+threat model they can be granted from ground truth: ``record.knowledge["eps"]`` ``[S, C, H, W]``
+and ``["t"]`` ``[S]``, concatenated over the client's local steps along dim 0 (step ``k`` of
+batch size ``B`` owns rows ``k*B .. k*B+B-1``; :func:`fl_sim.views._grant_from_truth`).
+
+Shared by every attack on diffusion updates (Inverting Gradients / DLG with ``aux="granted"``,
+``gidm``, ``gidm_plus``):
+
+- :func:`is_diffusion`, :func:`granted_aux` (the knowledge check, one clear error) and
+  :func:`step_aux` (one local step's rows);
+- :func:`diffusion_update`: the differentiable update candidate images would produce (one
+  FedSGD gradient, or the unrolled FedAvg delta with each step's own eps/t);
+- :class:`DiffusionMatching`: ``images [N, C, H, W] -> distance to the observed update`` (the
+  objective GIDM's two phases minimise), with an optional ``aux`` override so that GIDM+ can
+  make eps (and a relaxed t) variables of the same objective.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from attacks.gradients import Params
+from attacks.second_order import LeanSecondOrder
+from fl_sim.errors import ConfigError, ThreatModelError
+from fl_sim.records import ObservationRecord
+from fl_sim.tasks.base import Batch
+
+__all__ = ["AUX_KEYS", "is_diffusion", "granted_aux", "step_aux", "diffusion_update",
+           "gradient_distance", "DiffusionMatching"]
+
+#: the knowledge a diffusion update's loss needs beyond the images
+AUX_KEYS = ("eps", "t")
+
+
+def is_diffusion(task: Any) -> bool:
+    """True for a task whose loss needs the per-example ``eps``/``t`` (DDPM)."""
+    return getattr(task, "name", None) == "diffusion"
+
+
+def granted_aux(record: ObservationRecord, task: Any, *, attack: str, hint: str = ""
+                ) -> dict[str, Tensor]:
+    """The granted ``{"eps": [S, C, H, W] float32, "t": [S] int64}`` of a diffusion record.
+
+    Returns ``{}`` for a task that needs no aux (classifiers). Raises
+    :class:`~fl_sim.errors.ThreatModelError` naming the knowledge to grant when ``eps`` or
+    ``t`` is missing (``hint`` says how, e.g. the attack option that asks for it), and
+    :class:`~fl_sim.errors.ConfigError` when their shapes disagree with each other or with the
+    model's image shape.
+    """
+    if not is_diffusion(task):
+        return {}
+    missing = [k for k in AUX_KEYS if k not in record.knowledge]
+    if missing:
+        raise ThreatModelError(
+            f"{attack}: a diffusion update's loss needs the client's noise and timesteps; "
+            f"knowledge {missing} was not granted" + (f" ({hint})" if hint else ""))
+    eps = torch.as_tensor(record.knowledge["eps"]).to(torch.float32)
+    t = torch.as_tensor(record.knowledge["t"]).long().flatten()
+    spec = record.spec
+    shape = (spec.in_channels, spec.image_size, spec.image_size)
+    if eps.dim() != 4 or tuple(eps.shape[1:]) != shape or eps.shape[0] != t.shape[0]:
+        raise ConfigError(f"{attack}: granted eps {tuple(eps.shape)} and t {tuple(t.shape)} "
+                          f"do not describe [S, {shape}] noise and [S] timesteps")
+    return {"eps": eps, "t": t}
+
+
+def step_aux(aux: Mapping[str, Tensor], step: int, batch_size: int) -> dict[str, Tensor]:
+    """Rows ``step*batch_size .. (step+1)*batch_size - 1`` of every aux tensor (``{}`` stays
+    ``{}``): the eps/t local step ``step`` drew. Raises ``ConfigError`` if there are fewer."""
+    lo, hi = step * batch_size, (step + 1) * batch_size
+    out = {}
+    for k, v in aux.items():
+        if v.shape[0] < hi:
+            raise ConfigError(f"aux {k!r} holds {v.shape[0]} rows; local step {step} of "
+                              f"batch size {batch_size} needs rows {lo}..{hi - 1}")
+        out[k] = v[lo:hi]
+    return out
+
+
+def diffusion_update(task: Any, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
+                     images: Tensor, aux: Mapping[str, Tensor], *,
+                     unroll: tuple[float, int, int] | None = None, lean: bool = False) -> Params:
+    """The update ``images [N, C, H, W]`` (in [0, 1]) would produce, differentiably.
+
+    ``unroll=None``: the gradient of the mean diffusion loss with ``aux`` (``eps [N, ...]``,
+    ``t [N]``) at ``params`` (FedSGD). ``unroll=(lr, steps, batch_size)``: ``new - params``
+    after ``steps`` plain SGD steps, step ``k`` on images ``k*B .. k*B+B-1`` (modulo N) with
+    aux rows :func:`step_aux` ``(aux, k, B)`` (FedAvg; the client's order of steps). The result
+    is connected to ``images`` (and to ``aux`` where it requires grad): double
+    back-propagation. Keys as ``params``. ``lean`` (FedSGD only) builds the gradient inside
+    :class:`~attacks.second_order.LeanSecondOrder` (same values; the double backward skips the
+    convolutions' weight-side work), so the result may only be differentiated with respect
+    to ``images`` / ``aux``, not the parameters. Off by default: on the tiny UNet the mode's
+    Python dispatch over every op cost more than it saved (measured 4.1-4.8 vs 2.7 plain steps
+    per matching evaluation at batch 1).
+    """
+    leaves = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    names = list(leaves)
+    order = [leaves[k] for k in names]
+    if unroll is None:
+        mode = LeanSecondOrder() if lean else None
+        with torch.enable_grad():
+            with mode or contextlib.nullcontext():
+                loss = task.loss(leaves, buffers, Batch(images, _dummy_labels(images)), aux)
+            grads = (mode.parameter_grads(loss, order, create_graph=True) if mode is not None
+                     else torch.autograd.grad(loss, order, create_graph=True))
+        return dict(zip(names, grads, strict=True))
+    lr, steps, bs = unroll
+    n = images.shape[0]
+    p: dict[str, Tensor] = dict(leaves)
+    with torch.enable_grad():
+        for k in range(steps):
+            idx = [(k * bs + j) % n for j in range(bs)]
+            x = images[idx]
+            loss = task.loss(p, buffers, Batch(x, _dummy_labels(x)), step_aux(aux, k, bs))
+            g = torch.autograd.grad(loss, [p[m] for m in names], create_graph=True)
+            p = {m: p[m] - lr * gm for m, gm in zip(names, g, strict=True)}
+    return {m: p[m] - leaves[m] for m in names}
+
+
+def _dummy_labels(images: Tensor) -> Tensor:
+    return torch.zeros(images.shape[0], dtype=torch.int64, device=images.device)
+
+
+def gradient_distance(update: Mapping[str, Tensor], target: Mapping[str, Tensor], *,
+                      distance: str, target_norm: float) -> Tensor:
+    """Scalar distance over all parameters: ``"l2"`` = ``sum |u - t|^2 / |t|^2`` (squared
+    Euclidean, scaled by the target so that its size does not set the step size), or
+    ``"cosine"`` = ``1 - <u, t> / (|u| |t|)``. Raises ``ValueError`` for another name."""
+    if distance == "l2":
+        total = sum((update[k] - t).pow(2).sum() for k, t in target.items())
+        return total / max(target_norm, 1e-12) ** 2  # type: ignore[operator]
+    if distance == "cosine":
+        dot = sum((update[k] * t).sum() for k, t in target.items())
+        norm = torch.sqrt(sum(update[k].pow(2).sum() for k in target))  # type: ignore[arg-type]
+        return 1 - dot / (norm.clamp_min(1e-12) * max(target_norm, 1e-12))  # type: ignore
+    raise ValueError(f"unknown distance {distance!r}; allowed: l2, cosine")
+
+
+@dataclass
+class DiffusionMatching:
+    """``images [N, C, H, W] -> distance(update(images), observed update)`` of one record.
+
+    ``target``: the observed update (a FedSGD gradient, or the FedAvg delta when ``unroll``
+    is set); ``aux``: the granted ``eps``/``t`` (all local steps' rows); ``distance``: see
+    :func:`gradient_distance`; ``lean``: see :func:`diffusion_update`. Calling it with
+    ``aux=`` overrides the granted aux (GIDM+ passes its eps / t variables). Everything must
+    sit on one device.
+    """
+
+    task: Any
+    params: Params
+    buffers: Params
+    target: Params
+    aux: Mapping[str, Tensor]
+    unroll: tuple[float, int, int] | None = None
+    distance: str = "l2"
+    lean: bool = False
+    target_norm: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.target = {k: v.contiguous() for k, v in self.target.items()}
+        self.target_norm = math.sqrt(sum(float(t.double().pow(2).sum())
+                                         for t in self.target.values()))
+
+    def update(self, images: Tensor, aux: Mapping[str, Tensor] | None = None) -> Params:
+        """The update ``images`` would produce (:func:`diffusion_update`)."""
+        return diffusion_update(self.task, self.params, self.buffers, images,
+                                self.aux if aux is None else aux, unroll=self.unroll,
+                                lean=self.lean)
+
+    def __call__(self, images: Tensor, aux: Mapping[str, Tensor] | None = None) -> Tensor:
+        """Scalar matching distance, differentiable in ``images`` (and ``aux`` tensors)."""
+        return gradient_distance(self.update(images, aux), self.target,
+                                 distance=self.distance, target_norm=self.target_norm)

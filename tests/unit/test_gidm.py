@@ -1,0 +1,143 @@
+"""Attacks on diffusion updates: eps/t per local step, GIDM's phases, devices, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusion_cases import (
+    diffusion_delta_record,
+    diffusion_record,
+    digits_victims,
+    draw_aux,
+    global_task,
+)
+
+from attacks.base import resolve_device
+from attacks.diffusion_matching import DiffusionMatching, granted_aux, step_aux
+from attacks.gidm import GIDM
+from attacks.gradients import split_state, target_from_record
+from attacks.idlg import IDLG
+from attacks.inverting_gradients import InvertingGradients, _update_fn
+from fl_sim.errors import ConfigError, ThreatModelError
+
+
+@pytest.fixture(scope="module")
+def untrained():
+    torch.set_num_threads(1)
+    return global_task(None, seed=0)
+
+
+def _distance(problem_update, target):
+    num = sum(float((problem_update[k][0] - t).pow(2).sum()) for k, t in target.items())
+    return num / sum(float(t.pow(2).sum()) for t in target.values())
+
+
+def test_fedavg_delta_is_recomputed_with_each_steps_own_eps_t(untrained):
+    task, spec = untrained
+    x = digits_victims(2)
+    rec = diffusion_delta_record(task, spec, x, lr=0.05, steps=2, batch_size=2, seed=1)
+    assert rec.knowledge["eps"].shape == (4, 1, 16, 16)
+    params, buffers = split_state(task, rec.global_params)
+    aux = granted_aux(rec, task, attack="test")
+    match = DiffusionMatching(task, params, buffers, target_from_record(rec, task), aux,
+                              unroll=(0.05, 2, 2))
+    assert float(match(x).detach()) < 1e-8
+    # the same eps/t rows for both steps (not sliced per step) no longer explain the delta
+    wrong = {k: torch.cat([v[:2], v[:2]]) for k, v in aux.items()}
+    assert float(match(x, aux=wrong).detach()) > 1e-3
+    # Inverting Gradients' unrolling (torch.func path) slices the rows the same way
+    ig = InvertingGradients(aux="granted", multi_step="unroll")
+    problem, source = ig.problem(rec, generator=torch.Generator().manual_seed(0))
+    assert source.startswith("none") and problem.aux["t"].shape == (4,)
+    upd, _ = _update_fn(problem, None)(x[None])
+    assert _distance(upd, problem.target) < 1e-8
+
+
+@pytest.mark.parametrize("restarts", [1, 2])
+def test_inverting_gradients_recomputes_diffusion_loss_with_granted_aux(untrained, restarts):
+    task, spec = untrained
+    x = digits_victims(2)
+    rec = diffusion_record(task, spec, x, t=[30, 400])
+    problem, _ = InvertingGradients(aux="granted").problem(rec, generator=torch.Generator())
+    images = x[None].expand(restarts, *x.shape)  # R = 2 takes the vmapped path
+    upd, _ = _update_fn(problem, None, "autograd")(images)
+    assert _distance(upd, problem.target) < 1e-8
+    # other timesteps give another gradient: the granted t is really used
+    other = diffusion_record(task, spec, x, t=[31, 401])
+    assert _distance(upd, target_from_record(other, task)) > 1e-4
+
+
+def test_attacks_without_eps_t_name_the_knowledge(untrained):
+    task, spec = untrained
+    rec = diffusion_record(task, spec, digits_victims(1), grant=False)
+    with pytest.raises(ThreatModelError, match=r"aux = \"granted\".*'eps', 't'"):
+        InvertingGradients().problem(rec, generator=torch.Generator())
+    with pytest.raises(ThreatModelError, match="eps"):
+        GIDM(phase1_iterations=1, phase2_iterations=1)(rec)
+    with pytest.raises(ThreatModelError, match=r"\['eps', 't'\] was not granted"):
+        granted_aux(rec, task, attack="dlg")
+    assert GIDM().required_knowledge() == ("eps", "t")
+    assert InvertingGradients(aux="granted").required_knowledge() == ("eps", "t")
+    assert InvertingGradients().required_knowledge() == ()
+
+
+def test_label_recovery_refuses_an_unconditional_diffusion_model(untrained):
+    task, spec = untrained
+    rec = diffusion_record(task, spec, digits_victims(1))
+    with pytest.raises(ConfigError, match="does not apply to an unconditional diffusion"):
+        IDLG()(rec)
+
+
+def test_step_aux_slices_rows_and_refuses_too_few():
+    aux = draw_aux(6, seed=0)
+    assert torch.equal(step_aux(aux, 2, 2)["t"], aux["t"][4:6])
+    with pytest.raises(ConfigError, match="rows 6..7"):
+        step_aux(aux, 3, 2)
+
+
+@pytest.mark.slow
+def test_gidm_phases_recorded_and_phase2_never_worse(untrained):
+    task, spec = untrained
+    x = digits_victims(1)
+    rec = diffusion_record(task, spec, x, t=[60])
+    attack = GIDM(phase1_iterations=3, phase2_iterations=3, sampler_steps=2)
+    seen = []
+    out = attack.reconstruct(rec, generator=torch.Generator().manual_seed(0),
+                             callback=lambda phase, it, im: seen.append((phase, it)))
+    assert seen == [(1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2)]
+    e = out.extras
+    assert e["phase1_images"].shape == x.shape == out.images.shape
+    assert e["phase2_matching_loss"] <= e["phase1_matching_loss"]
+    assert out.matching_loss == e["phase2_matching_loss"] and out.iterations == 6
+    assert (e["phase1_iterations"], e["phase2_iterations"], e["prior"]) == (3, 3, "global model")
+    assert out.labels is None and 0 <= float(out.images.min()) <= float(out.images.max()) <= 1
+    # the returned images do have the recorded matching loss
+    params, buffers = split_state(task, rec.global_params)
+    match = DiffusionMatching(task, params, buffers, target_from_record(rec, task),
+                              granted_aux(rec, task, attack="test"))
+    assert float(match(out.images).detach()) == pytest.approx(out.matching_loss, rel=1e-4)
+
+
+def test_gidm_bad_values():
+    with pytest.raises(ConfigError, match="gidm.sampler_steps"):
+        GIDM(sampler_steps=0)
+    with pytest.raises(ConfigError, match="gidm.distance"):
+        GIDM(distance="l1")  # type: ignore[arg-type]
+
+
+def test_devices_resolve_and_cuda_without_cuda_is_one_line(untrained, monkeypatch):
+    assert resolve_device("cpu") == torch.device("cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="CUDA is not available") as err:
+        resolve_device("cuda")
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="unknown device"):
+        resolve_device("tpu0")
+    task, spec = untrained
+    rec = diffusion_record(task, spec, digits_victims(1), t=[10])
+    attack = GIDM(phase1_iterations=0, phase2_iterations=1)
+    with pytest.raises(ConfigError, match="CUDA"):
+        attack(rec, device="cuda")
+    out = attack(rec, device="cpu", generator=torch.Generator().manual_seed(0))
+    assert out.images.device.type == "cpu" and attack.device == torch.device("cpu")
