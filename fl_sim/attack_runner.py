@@ -25,6 +25,7 @@ import torch
 
 from fl_sim.config import AttackConfig, ExperimentConfig
 from fl_sim.errors import ConfigError, FlSimError
+from fl_sim.extras import extras_to_json
 from fl_sim.records import GroundTruthRecord, ObservationRecord
 from fl_sim.registry import ATTACKS
 from fl_sim.report import RESULTS_FILE, load_results, save_grid
@@ -147,6 +148,9 @@ def run_attack(run_dir: Path, cfg: ExperimentConfig, name: str, params: Mapping[
         "defenses": list(record.defenses), "seconds": round(seconds, 3),
         "iterations": recon.iterations, "matching_loss": _finite(recon.matching_loss),
         "num_images": int(truth_images.shape[0]), "metrics": metrics, "grid": grid,
+        # JSON-safe; large tensors (e.g. phase images) saved beside the grid, path in the row
+        "extras": extras_to_json(recon.extras, run_dir, f"attacks/{name}_{view}_r{server_round}"
+                                                        f"_c{record.client_id}_{key[-6:]}"),
     }
     _append(run_dir, result)
     logger.info("%s on round %d client %s: %s", name, server_round, record.client_id,

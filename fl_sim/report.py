@@ -123,7 +123,7 @@ _CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;
 font-size:13px;text-align:right}th{background:#f3f3f3}h2{border-bottom:1px solid #ddd}
 img{image-rendering:pixelated;max-width:100%}pre{background:#f7f7f7;padding:8px;
-font-size:12px;overflow:auto}.sec{margin-bottom:2em}"""
+font-size:12px;overflow:auto}.sec{margin-bottom:2em}.error{color:#a00}"""
 
 
 def write_report(run_dir: Path) -> Path:
@@ -185,6 +185,10 @@ def _attack_section(run_dir: Path, r: Mapping[str, Any]) -> str:
                if m.get(k) is not None}
     summary["seconds"] = r.get("seconds")
     out = [f"<h3>{html.escape(title)}</h3>"]
+    if r.get("error"):  # the attack raised: say so, with its error text
+        out.append("<p class='error'><strong>This attack failed:</strong></p><pre>"
+                   + html.escape(str(r["error"])) + "</pre>")
+        return "".join(out)
     if r.get("grid"):
         out.append("<p>top: private images · bottom: reconstructions (matched)</p>")
         out.append(_img_tag(run_dir / r["grid"], title))
@@ -193,4 +197,11 @@ def _attack_section(run_dir: Path, r: Mapping[str, Any]) -> str:
                         "budget": _cell(r.get("budget", {})),
                         "defenses": ", ".join(r.get("defenses", [])) or "none"}],
                       ["assumed knowledge", "budget", "defenses"]))
+    out += _extras_figures(run_dir, r.get("extras") or {})
     return "".join(out)
+
+
+def _extras_figures(run_dir: Path, extras: Mapping[str, Any]) -> list[str]:
+    """Image-like extras the runner saved as PNG (e.g. a phase-1 reconstruction)."""
+    return [f"<p>extras: {html.escape(key)}</p>" + _img_tag(run_dir / v["png"], key)
+            for key, v in extras.items() if isinstance(v, Mapping) and v.get("png")]

@@ -1,9 +1,11 @@
 """A recorded run directory, read back: config, metrics, threat-model views, ground truth.
 
->>> run = load_run("runs/default-...")                                    # doctest: +SKIP
->>> rec = run.view("server", grant=("labels",)).record(1, 2)              # doctest: +SKIP
->>> peer = run.view("peer", client=0).record(1)                           # doctest: +SKIP
->>> truth = run.truth(1, 2)          # metrics only, never an attack      # doctest: +SKIP
+Usage (a recorded run is needed, so this is not a doctest)::
+
+    run = load_run("runs/default-...")
+    rec = run.view("server", grant=("labels",)).record(1, 2)
+    peer = run.view("peer", client=0).record(1)
+    truth = run.truth(1, 2)          # metrics only, never an attack
 
 Importing this module does not import flwr or ray.
 """

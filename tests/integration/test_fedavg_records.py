@@ -83,3 +83,6 @@ def test_unrolled_attack_on_the_fedavg_record_reconstructs_them(run: Any) -> Non
     assert unroll["knowledge"]["local_training"]["local_steps"] == STEPS
     assert unroll["metrics"]["psnr"] >= 30.0, unroll["metrics"]
     assert unroll["metrics"]["psnr"] >= single["metrics"]["psnr"] + 10.0, (unroll, single)
+    # the attack's extras reach attacks.jsonl (JSON-safe): one restart, its final objective
+    assert unroll["extras"]["restart_objectives"] == pytest.approx([unroll["matching_loss"]])
+    assert unroll["extras"]["survivors"] == [0]
