@@ -157,12 +157,12 @@ def run_case(num_clients: int, num_rounds: int, *, taps: bool, workdir: Path
         "rss_mb_each": [round(p / 2**20, 1) for p in peaks],
         "rss_growth_mb_r2_r5": round((peaks[-1] - peaks[1]) / 2**20, 1) if len(peaks) > 2
         else None,
-        "observations_mb": round(_dir_mb(run_dir / "observations"), 2),
+        "observations_mb": round(dir_mb(run_dir / "observations"), 2),
         "eval_accuracy": rows[-1].get("eval_accuracy"),
     }
 
 
-def _dir_mb(path: Path) -> float:
+def dir_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20 \
         if path.is_dir() else 0.0
 

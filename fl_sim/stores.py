@@ -41,6 +41,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from fl_sim.errors import RunDirError
+from fl_sim.index_cache import cached_index
 from fl_sim.records import GroundTruthRecord, TruthStep
 
 INDEX = "index.jsonl"
@@ -250,8 +251,11 @@ class _IndexedStore:
     def entries(self, value: str | None = None) -> list[dict[str, Any]]:
         """Index rows (validated, deduplicated), only those whose ``FIELD`` equals ``value``
         if given. Raises :class:`RunDirError` for a row that fails :meth:`check_row`."""
-        rows = _dedupe(self.valid_rows(read_jsonl(self.root / INDEX)), self.root, self.KEY)
+        rows = cached_index(self.root / INDEX, self._index_rows, tag=type(self).__name__)
         return [r for r in rows if value is None or r[self.FIELD] == value]
+
+    def _index_rows(self, index: Path) -> list[dict[str, Any]]:
+        return _dedupe(self.valid_rows(read_jsonl(index)), self.root, self.KEY)
 
     def valid_rows(self, rows: Iterable[Any]) -> list[dict[str, Any]]:
         """Every row through :meth:`check_row` (the first bad one raises)."""

@@ -71,6 +71,25 @@ def partition_dataset(data: ImageData, name: str, num_clients: int, *, seed: int
     return parts
 
 
+def evaluation_share(num_test: int, num_clients: int, client_id: int, *, cap: int
+                     ) -> np.ndarray:
+    """Indices of the test split that ``client_id`` evaluates on (federated evaluation).
+
+    Every ``num_clients``-th test example starting at ``client_id`` (disjoint shares), at
+    most ``cap``. When clients outnumber the test examples the share starts at ``client_id
+    mod num_test`` instead, so every client evaluates on one example (shared with others)
+    rather than on none. Empty only for an empty test split.
+
+    >>> evaluation_share(10, 3, 1, cap=100).tolist()
+    [1, 4, 7]
+    >>> evaluation_share(4, 1000, 999, cap=100).tolist()    # 999 mod 4
+    [3]
+    """
+    if num_test <= 0:
+        return np.zeros(0, dtype=np.int64)
+    return np.arange(client_id % num_test, num_test, num_clients, dtype=np.int64)[:cap]
+
+
 def _check_num_clients(labels: np.ndarray, num_clients: int) -> None:
     if num_clients < 1:
         raise ConfigError(f"federation.num_clients: must be >= 1 (got {num_clients})")

@@ -28,6 +28,7 @@ from flwr.clientapp import ClientApp
 from torch import Tensor
 
 from fl_sim.config import ExperimentConfig
+from fl_sim.data.partition import evaluation_share
 from fl_sim.errors import FlSimError
 from fl_sim.federation import protocol as P
 from fl_sim.federation.local import LocalResult, local_train, one_gradient
@@ -91,8 +92,8 @@ def client_data(cfg: ExperimentConfig, client_id: int) -> ClientData:
     parts = load_partitions(data_json, _section_json(cfg.partition),
                             cfg.federation.num_clients, cfg.run.seed)
     idx = torch.as_tensor(parts[client_id], dtype=torch.int64)
-    test_idx = torch.arange(client_id, len(splits.test), cfg.federation.num_clients)
-    test_idx = test_idx[:MAX_EVAL_EXAMPLES]
+    test_idx = torch.from_numpy(evaluation_share(len(splits.test), cfg.federation.num_clients,
+                                                 client_id, cap=MAX_EVAL_EXAMPLES))
     return ClientData(images=splits.train.images[idx], labels=splits.train.labels[idx],
                       indices=idx, test_images=splits.test.images[test_idx],
                       test_labels=splits.test.labels[test_idx])

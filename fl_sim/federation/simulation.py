@@ -49,13 +49,14 @@ def run_experiment(cfg: ExperimentConfig, *, run_dir: str | Path | None = None,
     fresh run into a directory that already holds a run; :class:`~fl_sim.errors.FlSimError`
     if the simulation did not complete.
     """
-    from fl_sim.federation import server_app
+    from fl_sim.federation import flower_patches, server_app
     from fl_sim.federation.client_app import app as client_app
     from fl_sim.federation.resources import apply_determinism, prepare_resources
 
     # client resources the machine (or cluster) cannot satisfy: one line, before Ray starts
     cfg, _ = prepare_resources(cfg)
     apply_determinism(cfg)  # CUBLAS_WORKSPACE_CONFIG before Ray's actors inherit the env
+    flower_patches.install()  # message dispatch costs the sampled clients, not the population
     if resume:
         if run_dir is None or not (Path(run_dir) / "config.json").is_file():
             raise RunDirError(f"resume: {run_dir} is not a run directory (no config.json)")

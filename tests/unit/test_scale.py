@@ -1,0 +1,116 @@
+"""What the 1,000-client benchmark (benchmarks/scale.py) showed, fixed and pinned down.
+
+* view lookups re-read the whole JSONL index each time (now parsed once per index version);
+* clients outnumbering the test images got an empty evaluation share and failed (train too,
+  which builds the same client data);
+* Flower's dispatch thread asked every node for a message every 0.1 s (now only the nodes
+  with a pending message).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from queue import Queue
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+from fl_sim import index_cache, stores
+from fl_sim.data.partition import evaluation_share
+from fl_sim.records import ModelSpec
+from fl_sim.stores import ObservationStore, TruthStore, truncate_run
+from fl_sim.views import ServerView
+
+
+def _spec() -> ModelSpec:
+    return ModelSpec(model="mlp", model_params={}, task="classifier", task_params={},
+                     in_channels=1, num_classes=2, image_size=2, mean=(0.5,), std=(0.5,))
+
+
+def _store(tmp_path: Path, rounds: int, clients: int) -> ObservationStore:
+    obs = ObservationStore(tmp_path)
+    for r in range(1, rounds + 1):
+        obs.write_global(r, {"w": torch.zeros(2)})
+        for c in range(clients):
+            obs.write_update("server_in", r, c, {"w": torch.full((2,), float(c))}, {
+                "update_kind": "delta", "num_examples": 1, "local_steps": 1, "lr": 0.1,
+                "batch_size": 1, "defenses": []})
+    return obs
+
+
+def test_view_lookups_parse_the_index_once_per_version(tmp_path, monkeypatch) -> None:
+    index_cache.clear()
+    obs = _store(tmp_path, rounds=2, clients=30)
+    reads: list[Path] = []
+    real = stores.read_jsonl
+    monkeypatch.setattr(stores, "read_jsonl", lambda p: reads.append(p) or real(p))
+    view = ServerView("run", _spec(), obs, TruthStore(tmp_path))
+    got = [view.record(2, c).update["w"][0].item() for c in range(30)]
+    assert got == [float(c) for c in range(30)]
+    assert view.clients(1) == list(range(30)) and view.rounds() == [1, 2]
+    assert len(reads) == 1                      # 32 lookups, one parse
+    obs.write_update("server_in", 3, 7, {"w": torch.ones(2)}, {
+        "update_kind": "delta", "num_examples": 1, "local_steps": 1, "lr": 0.1,
+        "batch_size": 1, "defenses": []})
+    assert view.clients(3) == [7] and len(reads) == 2   # an append is seen at once
+    truncate_run(tmp_path, 1)                            # a resume rewrites the index
+    reads.clear()
+    assert view.rounds() == [1] and len(reads) == 1
+
+
+def test_every_client_gets_evaluation_data_when_clients_outnumber_test_images() -> None:
+    shares = [evaluation_share(60, 1000, c, cap=512) for c in range(1000)]
+    assert all(len(s) == 1 for s in shares)
+    assert {int(s[0]) for s in shares} == set(range(60))      # spread over the whole split
+    few = [evaluation_share(100, 3, c, cap=512) for c in range(3)]
+    assert sorted(np.concatenate(few).tolist()) == list(range(100))  # disjoint, complete
+    assert len(evaluation_share(10_000, 2, 0, cap=512)) == 512
+    assert len(evaluation_share(0, 5, 3, cap=512)) == 0
+
+
+class _FakeState:
+    """Flower's in-memory LinkState as far as the dispatch loop uses it."""
+
+    def __init__(self, dsts: list[int]) -> None:
+        self.lock = threading.RLock()
+        self.message_ins_store = {
+            f"m{i}": SimpleNamespace(metadata=SimpleNamespace(dst_node_id=d, delivered_at=""))
+            for i, d in enumerate(dsts)}
+        self.asked: list[int] = []
+
+    def get_message_ins(self, *, node_id: int, limit: int) -> list[SimpleNamespace]:
+        self.asked.append(node_id)
+        out = [m for m in self.message_ins_store.values()
+               if m.metadata.dst_node_id == node_id and m.metadata.delivered_at == ""][:limit]
+        for m in out:
+            m.metadata.delivered_at = "now"
+        return out
+
+
+def test_dispatch_asks_only_nodes_with_pending_messages() -> None:
+    from fl_sim.federation.flower_patches import add_messages_to_queue
+    nodes = {n: i for i, n in enumerate(range(100, 1100))}   # 1,000 nodes
+    state = _FakeState([905, 101, 333])
+    queue: Queue = Queue()
+    stop = threading.Event()
+    th = threading.Thread(target=add_messages_to_queue,
+                          args=(state, queue, nodes, stop))
+    th.start()
+    deadline = time.monotonic() + 5
+    while queue.qsize() < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stop.set()
+    th.join(timeout=5)
+    got = [queue.get().metadata.dst_node_id for _ in range(queue.qsize())]
+    assert got == [101, 333, 905]                  # Flower's node order
+    assert state.asked == [101, 333, 905]          # not 1,000 calls per sweep
+
+
+def test_the_dispatch_patch_replaces_flowers_loop() -> None:
+    from fl_sim.federation import flower_patches
+    assert flower_patches.install() and flower_patches.install()   # idempotent
+    from flwr.server.superlink.fleet.vce import vce_api
+    assert vce_api.add_messages_to_queue is flower_patches.add_messages_to_queue
