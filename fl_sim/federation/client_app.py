@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import socket
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -33,6 +34,7 @@ from fl_sim.errors import FlSimError
 from fl_sim.federation import protocol as P
 from fl_sim.federation.local import LocalResult, local_train, one_gradient
 from fl_sim.federation.resources import apply_determinism, client_device
+from fl_sim.federation.shared_dir import check_probe
 from fl_sim.federation.taps import arrays_to_tensors
 from fl_sim.records import ModelSpec
 from fl_sim.seeding import numpy_rng, torch_generator
@@ -146,7 +148,10 @@ def _config(msg: Message) -> ConfigRecord:
 
 @app.query("partition")
 def query_partition(msg: Message, context: Context) -> Message:
-    """Tell the server which partition this node holds (node ids are random)."""
+    """Tell the server which partition this node holds (node ids are random), after checking
+    that this node sees the run directory (:mod:`fl_sim.federation.shared_dir`)."""
+    check_probe(_config(msg), where=f"client {partition_id(context)}'s node "
+                f"({socket.gethostname()})")
     reply = RecordDict({P.META: ConfigRecord({P.PARTITION_ID: partition_id(context)})})
     return Message(reply, reply_to=msg)
 

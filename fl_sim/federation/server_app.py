@@ -36,6 +36,7 @@ from fl_sim.federation import protocol as P
 from fl_sim.federation.checkpoint import CheckpointStore, load_strategy_state
 from fl_sim.federation.client_app import load_splits
 from fl_sim.federation.resources import server_device
+from fl_sim.federation.shared_dir import write_probe
 from fl_sim.federation.taps import TapStrategy, arrays_to_tensors, tensors_to_arrays
 from fl_sim.registry import STRATEGIES
 from fl_sim.report import METRICS_FILE
@@ -133,16 +134,19 @@ def server_task(cfg: ExperimentConfig) -> tuple[Any, Any, Any]:
     return task, spec, splits
 
 
-def discover_nodes(grid: Grid, num_clients: int, *, timeout_s: float = 600.0
-                   ) -> dict[int, int]:
-    """``node_id -> partition id`` by asking every node (Flower's node ids are random)."""
+def discover_nodes(grid: Grid, num_clients: int, *, timeout_s: float = 600.0,
+                   probe: Mapping[str, Any] | None = None) -> dict[int, int]:
+    """``node_id -> partition id`` by asking every node (Flower's node ids are random).
+
+    ``probe`` (:func:`~fl_sim.federation.shared_dir.write_probe`) travels with the query:
+    each node checks that it sees the run directory, else discovery fails (one line)."""
     t0 = time.monotonic()
     while len(nodes := sorted(grid.get_node_ids())) < num_clients:
         if time.monotonic() - t0 > timeout_s:
             raise FlSimError(f"only {len(nodes)} of {num_clients} nodes connected after "
                              f"{timeout_s:.0f} s")
         time.sleep(0.5)
-    msgs = [Message(RecordDict({P.META: ConfigRecord()}), dst_node_id=n,
+    msgs = [Message(RecordDict({P.META: ConfigRecord(dict(probe or {}))}), dst_node_id=n,
                     message_type=P.QUERY_PARTITION) for n in nodes]
     mapping: dict[int, int] = {}
     for reply in grid.send_and_receive(msgs, timeout=ROUND_TIMEOUT_S):
@@ -178,7 +182,7 @@ def run_server(grid: Grid, setup: ServerSetup) -> None:
     fed = cfg.federation
     task, spec, splits = server_task(cfg)
     prepare_run_dir(setup, spec)
-    node_to_client = discover_nodes(grid, fed.num_clients)
+    node_to_client = discover_nodes(grid, fed.num_clients, probe=write_probe(run_dir))
     inner = build_strategy(cfg)
     arrays = ArrayRecord({k: v.detach().cpu() for k, v in task.model.state_dict().items()})
     checkpoints = CheckpointStore(run_dir)

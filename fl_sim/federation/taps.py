@@ -74,6 +74,8 @@ class RoundLog:
 
     sampled: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
+    #: client -> the reason of its error reply (summary line, then traceback)
+    errors: dict[int, str] = field(default_factory=dict)
     rejected: list[int] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
     num_examples: int = 0
@@ -155,6 +157,7 @@ class TapStrategy(Strategy):
             cid = self.client_of(msg)
             if msg.has_error():
                 self.log.failed.append(cid)
+                self.log.errors[cid] = str(msg.error.reason or "")
                 errors.append(msg)
                 continue
             if not is_finite(next(iter(msg.content.array_records.values()))):
