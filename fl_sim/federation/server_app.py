@@ -30,12 +30,14 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from fl_sim.config import ExperimentConfig, save_resolved, server_lr
+from fl_sim.config import ExperimentConfig, server_lr
 from fl_sim.errors import FlSimError
 from fl_sim.federation import protocol as P
 from fl_sim.federation.checkpoint import CheckpointStore, load_strategy_state
 from fl_sim.federation.client_app import load_splits
+from fl_sim.federation.failures import check_something_aggregated, log_failures
 from fl_sim.federation.resources import server_device
+from fl_sim.federation.resume import write_json_atomic
 from fl_sim.federation.shared_dir import write_probe
 from fl_sim.federation.taps import TapStrategy, arrays_to_tensors, tensors_to_arrays
 from fl_sim.registry import STRATEGIES
@@ -164,10 +166,11 @@ def discover_nodes(grid: Grid, num_clients: int, *, timeout_s: float = 600.0,
 def prepare_run_dir(setup: ServerSetup, spec: Any) -> None:
     run_dir = setup.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_resolved(setup.cfg, run_dir)
-    (run_dir / SPEC_FILE).write_text(json.dumps(spec.to_json(), indent=2, sort_keys=True))
+    # atomic writes: a kill at any moment leaves the old or the new file, never a torn one
+    write_json_atomic(run_dir / "config.json", setup.cfg.to_json_dict())
+    write_json_atomic(run_dir / SPEC_FILE, spec.to_json())
     info = {"run_id": run_dir.name, "status": "running", "fl_sim_version": _version()}
-    (run_dir / RUN_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
+    write_json_atomic(run_dir / RUN_FILE, info)
 
 
 def _version() -> str:
@@ -216,6 +219,7 @@ def run_server(grid: Grid, setup: ServerSetup) -> None:
             setup.progress({"event": "round", **row})
     write_tensors(run_dir / FINAL_MODEL, arrays_to_tensors(arrays),
                   {"round": fed.num_rounds})
+    check_something_aggregated(run_dir, fed.num_rounds)
     if fed.peer_clients and fed.taps:
         broadcast_final(grid, cfg, run_dir, node_to_client, arrays, tap.published)
     if cfg.attacks:
@@ -223,8 +227,7 @@ def run_server(grid: Grid, setup: ServerSetup) -> None:
     from fl_sim.report import plot_metrics
     plot_metrics(run_dir)
     info = json.loads((run_dir / RUN_FILE).read_text())
-    (run_dir / RUN_FILE).write_text(json.dumps({**info, "status": "complete"}, indent=2,
-                                               sort_keys=True))
+    write_json_atomic(run_dir / RUN_FILE, {**info, "status": "complete"})
 
 
 def run_round(grid: Grid, tap: TapStrategy, cfg: ExperimentConfig, run_dir: Path, r: int,
@@ -241,10 +244,14 @@ def run_round(grid: Grid, tap: TapStrategy, cfg: ExperimentConfig, run_dir: Path
     row: dict[str, Any] = {"round": r, "train_loss": log.train_loss,
                            "clients_sampled": log.sampled, "clients_failed": log.failed,
                            "clients_rejected": log.rejected, "num_examples": log.num_examples,
-                           "aggregated": log.aggregated}
+                           "aggregated": log.aggregated,
+                           "client_errors": log_failures(r, log.errors)}
     ev_msgs = list(tap.configure_evaluate(r, arrays, P.config_record(cfg, run_dir), grid))
     if ev_msgs:
-        ev = tap.aggregate_evaluate(r, grid.send_and_receive(ev_msgs, timeout=ROUND_TIMEOUT_S))
+        ev_replies = list(grid.send_and_receive(ev_msgs, timeout=ROUND_TIMEOUT_S))
+        log_failures(r, {tap.client_of(m): str(m.error.reason) for m in ev_replies
+                         if m.has_error()}, what="evaluate")
+        ev = tap.aggregate_evaluate(r, ev_replies)
         for k, v in (ev or {}).items():
             row[f"fed_{k.replace('-', '_')}"] = float(v)  # type: ignore[arg-type]
     return arrays, row
