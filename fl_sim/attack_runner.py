@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from fl_sim.config import AttackConfig, ExperimentConfig
-from fl_sim.errors import ConfigError, FlSimError
+from fl_sim.config import AttackConfig, ExperimentConfig, attack_problem
+from fl_sim.errors import ConfigError, FlSimError, InvalidRecordError
 from fl_sim.extras import extras_to_json
 from fl_sim.records import GroundTruthRecord, ObservationRecord
 from fl_sim.registry import ATTACKS
@@ -97,12 +97,45 @@ def replay(run_dir: Path, name: str, *, params: Mapping[str, Any] | None = None,
             raise ConfigError("this run recorded no peer views (federation.peer_clients is "
                               "empty); a peer attack has nothing to read")
         client = peers[0]
+    entry = AttackConfig(name=name, view=view, client=client,  # type: ignore[arg-type]
+                         rounds=tuple(rounds) if rounds else None)
+    if (problem := attack_problem(entry, run.config.federation)) is not None:
+        raise ConfigError(f"attack {name}: {problem}")
+    done = {r["key"]: r for r in load_results(run_dir) if "error" not in r}
     out = []
     for r in rounds or (1,):
-        out += run_attack(Path(run_dir), run.config, name, params, view=view, client=client,
-                          server_round=r, key=_key(name, view, r, client, params), run=run,
-                          device=device)
+        key = _key(name, view, r, client, params)
+        if key in done:  # same run, attack, params, view, round, client: same seeded result
+            logger.info("%s (round %d) is already in %s (key %s); not re-run", name, r,
+                        RESULTS_FILE, key)
+            out.append(done[key])
+            continue
+        try:
+            out += run_attack(Path(run_dir), run.config, name, params, view=view,
+                              client=client, server_round=r, key=key, run=run, device=device)
+        except InvalidRecordError as exc:  # recorded, then one line at the CLI
+            _append(run_dir, {"key": key, "attack": name, "view": view, "round": r,
+                              "client": client, "error": f"{type(exc).__name__}: {exc}"})
+            raise
     return out
+
+
+def check_finite_record(record: ObservationRecord) -> None:
+    """Raise :class:`~fl_sim.errors.InvalidRecordError` if any floating-point tensor of the
+    record (global model, update, a peer's own update) holds NaN or inf: an attack on it
+    would score garbage as a result."""
+    parts = {"global model": record.global_params, "own update": record.own_update or {},
+             "update": record.update}
+    for what, tensors in parts.items():
+        bad = [k for k, t in tensors.items()
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            hint = (" (the others' update derived from it would be NaN too)"
+                    if what == "own update" else "")
+            raise InvalidRecordError(
+                f"round {record.server_round}, client {record.client_id} ({record.tap}): the "
+                f"recorded {what} holds NaN/inf in {', '.join(bad[:3])}"
+                f"{' ...' if len(bad) > 3 else ''}{hint}; refusing to attack invalid data")
 
 
 def run_attack(run_dir: Path, cfg: ExperimentConfig, name: str, params: Mapping[str, Any],
@@ -119,6 +152,7 @@ def run_attack(run_dir: Path, cfg: ExperimentConfig, name: str, params: Mapping[
     attack = ATTACKS.create(name, _where=f"attack {name}", **params)
     grant = tuple(attack.required_knowledge())
     record = _record(run, view, client, server_round, grant)
+    check_finite_record(record)
     gen = torch_generator(cfg.run.seed, "attack", name, server_round, record.client_id or 0)
     t0 = time.perf_counter()
     recon = attack(record, generator=gen, device=device)

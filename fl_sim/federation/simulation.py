@@ -56,6 +56,7 @@ def run_experiment(cfg: ExperimentConfig, *, run_dir: str | Path | None = None,
     from fl_sim.federation.lifecycle import RunInterrupted, ray_session
     from fl_sim.federation.resources import apply_determinism, prepare_resources
     from fl_sim.federation.resume import remove_partial_files
+    from fl_sim.preflight import check_before_start
 
     # client resources the machine (or cluster) cannot satisfy: one line, before Ray starts
     cfg, _ = prepare_resources(cfg)
@@ -68,8 +69,12 @@ def run_experiment(cfg: ExperimentConfig, *, run_dir: str | Path | None = None,
         if plan.nothing_to_do:
             logger.info("%s is complete (%d rounds); nothing to do", run_dir, plan.done)
             return Path(run_dir)
-        remove_partial_files(run_dir)
     out = Path(run_dir) if run_dir is not None else server_app.default_run_dir(cfg)
+    # impossible run dirs, bad data, clients left without data: one line, before any
+    # directory is created (or cleaned) and before Ray starts
+    check_before_start(cfg, run_dir=out, resume=resume)
+    if resume:
+        remove_partial_files(out)
     if not resume and (out / server_app.RUN_FILE).exists():
         raise RunDirError(f"{out} already holds a run; pass resume=True or another run_dir")
     out.mkdir(parents=True, exist_ok=True)
