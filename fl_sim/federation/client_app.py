@@ -150,6 +150,7 @@ def _config(msg: Message) -> ConfigRecord:
 
 
 @app.query("partition")
+@failures_as_replies
 def query_partition(msg: Message, context: Context) -> Message:
     """Tell the server which partition this node holds (node ids are random), after checking
     that this node sees the run directory (:mod:`fl_sim.federation.shared_dir`)."""

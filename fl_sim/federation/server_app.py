@@ -35,7 +35,7 @@ from fl_sim.errors import FlSimError
 from fl_sim.federation import protocol as P
 from fl_sim.federation.checkpoint import CheckpointStore, load_strategy_state
 from fl_sim.federation.client_app import load_splits
-from fl_sim.federation.failures import check_something_aggregated, log_failures
+from fl_sim.federation.failures import check_something_aggregated, log_failures, summary
 from fl_sim.federation.resources import server_device
 from fl_sim.federation.resume import write_json_atomic
 from fl_sim.federation.shared_dir import write_probe
@@ -154,7 +154,7 @@ def discover_nodes(grid: Grid, num_clients: int, *, timeout_s: float = 600.0,
     for reply in grid.send_and_receive(msgs, timeout=ROUND_TIMEOUT_S):
         if reply.has_error():
             raise FlSimError(f"node {reply.metadata.src_node_id} failed to report its "
-                             f"partition: {reply.error.reason}")
+                             f"partition: {summary(reply.error.reason)}")
         cid = int(reply.content.config_records[P.META][P.PARTITION_ID])  # type: ignore[arg-type]
         mapping[int(reply.metadata.src_node_id)] = cid
     if sorted(mapping.values()) != list(range(num_clients)):
@@ -244,7 +244,7 @@ def run_round(grid: Grid, tap: TapStrategy, cfg: ExperimentConfig, run_dir: Path
     row: dict[str, Any] = {"round": r, "train_loss": log.train_loss,
                            "clients_sampled": log.sampled, "clients_failed": log.failed,
                            "clients_rejected": log.rejected, "num_examples": log.num_examples,
-                           "aggregated": log.aggregated,
+                           "aggregated": log.aggregated, "taps_seconds": round(log.tap_seconds, 6),
                            "client_errors": log_failures(r, log.errors)}
     ev_msgs = list(tap.configure_evaluate(r, arrays, P.config_record(cfg, run_dir), grid))
     if ev_msgs:
