@@ -156,7 +156,8 @@ def check_npy_headers(path: Path) -> None:
                                     f"({type(exc).__name__}: {exc})") from None
                 header_bytes = fh.tell()
             if dtype.hasobject:
-                raise DataError(f"{where}: object array (needs pickle, which is refused)")
+                raise DataError(f"{where}: unreadable array: an object array needs pickle, "
+                               "which is refused")
             declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
             stored = info.file_size - header_bytes
             if declared != stored:

@@ -427,3 +427,18 @@ def test_the_real_entry_point_exits_2_with_one_line(tmp_path: Path) -> None:
         "fl-sim: error: partition 'iid': clients [5, 6, 7] received no samples (5 samples "
         "over 8 clients); use fewer clients or other partition parameters"]
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("state", "match"), [
+    ({"round": 1, "global": "../config.json", "strategy": "x"}, "refusing"),
+    ({"round": 1, "strategy": "x"}, "corrupt checkpoint"),
+    ({"round": "one", "global": "a", "strategy": "b"}, "corrupt checkpoint"),
+])
+def test_checkpoint_state_is_validated_when_loaded(tmp_path: Path, state: dict[str, object],
+                                                   match: str) -> None:
+    from fl_sim.errors import RunDirError
+    from fl_sim.federation.checkpoint import CheckpointStore
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "state.json").write_text(json.dumps(state))
+    with pytest.raises(RunDirError, match=match):
+        CheckpointStore(tmp_path).load()
