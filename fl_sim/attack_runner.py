@@ -160,6 +160,9 @@ def run_attack(run_dir: Path, cfg: ExperimentConfig, name: str, params: Mapping[
     truth_images, truth_labels = _truth(run, record, view, client, server_round)
     metrics = _score(recon, truth_images, truth_labels)
     metrics.update(_score_phases(recon.extras, truth_images))
+    if view == "server" and "t" in recon.extras:  # attacks that search eps/t (gidm_plus)
+        metrics.update(score_diffusion_aux(recon.extras, run.truth(server_round,
+                                                                   record.client_id), metrics))
     grid = None
     if recon.images.numel():
         # Originals over their Hungarian-matched reconstructions (the scoring's matching).
@@ -238,6 +241,43 @@ def _score(recon: Any, truth_images: torch.Tensor, truth_labels: torch.Tensor,
         return {"label_accuracy": float(label_accuracy(recon.labels, truth_labels)),
                 "labels": recon.labels.tolist(), "true_labels": truth_labels.tolist()}
     return {}
+
+
+def score_diffusion_aux(extras: Mapping[str, Any], truth: GroundTruthRecord,
+                        metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Recovered timesteps and noise of a diffusion attack against the client's true ones.
+
+    ``extras["t"]``: ``[B]`` recovered timesteps, ``extras.get("eps")``: ``[B, C, H, W]``
+    recovered noise, in reconstruction order; the truth's per-step ``aux`` holds ``eps``/``t``
+    in the order of its images. Pairs follow the image scoring's matching (``recon_index`` /
+    ``truth_index``). Returns ``t_recovered``, ``t_true``, ``t_abs_error`` (lists in matched
+    order), ``t_abs_error_mean`` and, with eps, ``eps_rel_error`` (mean over pairs of
+    ``|eps_hat - eps| / |eps|``) and ``eps_rel_error_per_image``; ``{}`` without true aux.
+    """
+    steps = [s for s in truth.steps if "t" in s.aux]
+    if not steps:
+        return {}
+    t_true = torch.cat([s.aux["t"].flatten() for s in steps]).double()
+    t_hat = torch.as_tensor(extras["t"], dtype=torch.float64).flatten()
+    r_idx = list(metrics.get("recon_index") or range(min(len(t_hat), len(t_true))))
+    t_idx = list(metrics.get("truth_index") or range(len(r_idx)))
+    pairs = [(r, t) for r, t in zip(r_idx, t_idx, strict=True)
+             if r < len(t_hat) and t < len(t_true)]
+    if not pairs:
+        return {}
+    rec = [float(t_hat[r]) for r, _ in pairs]
+    tru = [float(t_true[t]) for _, t in pairs]
+    err = [abs(a - b) for a, b in zip(rec, tru, strict=True)]
+    out: dict[str, Any] = {"t_recovered": rec, "t_true": tru, "t_abs_error": err,
+                           "t_abs_error_mean": sum(err) / len(err)}
+    eps_hat = extras.get("eps")
+    if isinstance(eps_hat, torch.Tensor) and all("eps" in s.aux for s in steps):
+        eps = torch.cat([s.aux["eps"] for s in steps]).double()
+        e = eps_hat.double()
+        rel = [float((e[r] - eps[t]).norm() / eps[t].norm().clamp_min(1e-12))
+               for r, t in pairs]
+        out["eps_rel_error"], out["eps_rel_error_per_image"] = sum(rel) / len(rel), rel
+    return out
 
 
 def _score_phases(extras: Mapping[str, Any], truth_images: torch.Tensor) -> dict[str, float]:
