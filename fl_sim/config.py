@@ -176,6 +176,16 @@ class DefenseConfig(_PluginSection):
     pass
 
 
+class SamplesConfig(_Section):
+    """Per-round DDIM samples of the global model, for diffusion tasks only
+    (``RUN_DIR/samples/r0003.png``, same noise every round): ``num_images`` (0 = none),
+    ``num_inference_steps``, ``every`` (rounds; the last round always gets a grid)."""
+
+    num_images: int = Field(16, ge=0)
+    num_inference_steps: int = Field(25, ge=1)
+    every: int = Field(1, ge=1)
+
+
 class ExperimentConfig(_Section):
     run: RunConfig = RunConfig()
     data: DataConfig = DataConfig()
@@ -185,6 +195,7 @@ class ExperimentConfig(_Section):
     federation: FederationConfig = FederationConfig()
     strategy: StrategyConfig = StrategyConfig()
     metrics: MetricsConfig = MetricsConfig()
+    samples: SamplesConfig = SamplesConfig()
     attacks: tuple[AttackConfig, ...] = ()
     defenses: tuple[DefenseConfig, ...] = ()
 
@@ -335,7 +346,7 @@ def _model_for(exc: pydantic.ValidationError) -> type[BaseModel] | None:
     """The section model whose fields an extra-key error should list as allowed."""
     sections: dict[str, type[BaseModel]] = {
         "run": RunConfig, "federation": FederationConfig, "client_resources": ClientResources,
-        "metrics": MetricsConfig,
+        "metrics": MetricsConfig, "samples": SamplesConfig,
     }
     for err in exc.errors():
         if err["type"] == "extra_forbidden":

@@ -27,20 +27,12 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def load_results(run_dir: Path) -> list[dict[str, Any]]:
-    """The rows of ``attacks.jsonl``, one per result ``key`` (the last line written for it,
-    at the place of the first): a replay that re-ran an attack after an error replaces it."""
-    rows: dict[Any, dict[str, Any]] = {}
-    for i, r in enumerate(read_jsonl(Path(run_dir) / RESULTS_FILE)):
-        if isinstance(r, dict):
-            rows[r.get("key") or ("#", i)] = r
-    return list(rows.values())
+    return read_jsonl(Path(run_dir) / RESULTS_FILE)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """One row per round of ``metrics.jsonl`` (the last line written for it), in round order;
-    lines without an integer ``round`` are ignored."""
-    rows = {r["round"]: r for r in read_jsonl(Path(run_dir) / METRICS_FILE)
-            if isinstance(r, dict) and isinstance(r.get("round"), int)}
+    """One row per round of ``metrics.jsonl`` (the last line written for it), in round order."""
+    rows = {int(r["round"]): r for r in read_jsonl(Path(run_dir) / METRICS_FILE)}
     return [rows[k] for k in sorted(rows)]
 
 
@@ -135,14 +127,10 @@ font-size:12px;overflow:auto}.sec{margin-bottom:2em}.error{color:#a00}"""
 
 
 def write_report(run_dir: Path) -> Path:
-    """(Re)write ``run_dir/report.html``; returns its absolute path.
-
-    Raises :class:`~fl_sim.errors.RunDirError` unless ``run_dir`` is a run directory (a
-    directory with a readable ``config.json``): nothing is written anywhere else.
-    """
-    from fl_sim.run_dir import read_json_object, require_run_dir
-    run_dir = require_run_dir(Path(run_dir))
-    cfg = read_json_object(run_dir / "config.json")
+    """(Re)write ``run_dir/report.html``; returns its absolute path."""
+    run_dir = Path(run_dir)
+    cfg = json.loads((run_dir / "config.json").read_text()) if (
+        run_dir / "config.json").is_file() else {}
     metrics = read_metrics(run_dir)
     results = load_results(run_dir)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>fl-sim report: "
@@ -161,6 +149,7 @@ def write_report(run_dir: Path) -> Path:
         parts.append(_table(metrics, cols))
     else:
         parts.append("<p>No training metrics recorded.</p>")
+    parts.append(_samples_section(run_dir, cfg))
     parts.append("</div><div class='sec'><h2>Attacks</h2>")
     if not results:
         parts.append("<p>No attack results.</p>")
@@ -173,6 +162,29 @@ def write_report(run_dir: Path) -> Path:
     out = run_dir / "report.html"
     out.write_text("\n".join(parts))
     return out.resolve()
+
+
+#: At most this many per-round sample grids are embedded (evenly spaced, last included).
+MAX_SAMPLE_GRIDS = 12
+
+
+def _samples_section(run_dir: Path, cfg: Mapping[str, Any]) -> str:
+    """Diffusion runs: the per-round DDIM sample grids of the global model."""
+    from fl_sim.samples import round_sample_files
+    files = round_sample_files(run_dir)
+    if not files:
+        return ""
+    if len(files) > MAX_SAMPLE_GRIDS:
+        step = (len(files) - 1) / (MAX_SAMPLE_GRIDS - 1)
+        files = [files[round(i * step)] for i in range(MAX_SAMPLE_GRIDS)]
+    s = cfg.get("samples", {})
+    out = ["<h3>Samples of the global model</h3>",
+           f"<p>DDIM, {html.escape(str(s.get('num_inference_steps', '?')))} steps, the same "
+           "noise every round (seeded by run.seed); eval loss above is the held-out "
+           "diffusion loss.</p>"]
+    for r, f in files:
+        out.append(f"<p>round {r}</p>" + _img_tag(f, f"samples after round {r}"))
+    return "".join(out)
 
 
 def _config_summary(cfg: Mapping[str, Any]) -> str:

@@ -37,6 +37,7 @@ from torch import Tensor
 from fl_sim.config import DataConfig, ModelConfig, TaskConfig, _Section, apply_overrides
 from fl_sim.errors import ConfigError, DataError, PluginError
 from fl_sim.registry import DATA_SOURCES, MODELS, TASKS, format_validation_error, validate_params
+from fl_sim.samples import save_sample_grid
 from fl_sim.seeding import derive_seed, torch_generator
 from fl_sim.stores import append_jsonl, read_jsonl, read_tensors, rewrite_jsonl, write_tensors
 from fl_sim.tasks.base import Batch
@@ -272,21 +273,6 @@ def heldout_loss(task: Any, images: Tensor, seed: int) -> float | None:
         return None
     gen = torch_generator(seed, "prior", "heldout")
     return float(task.evaluate(images, None, generator=gen)["loss"])
-
-
-def save_sample_grid(task: Any, path: Path, *, num_images: int, num_steps: int,
-                     seed: int, per_row: int = 8) -> Path:
-    """DDIM samples of ``task``'s model (fixed generator) as one PNG grid."""
-    from PIL import Image
-
-    from fl_sim.report import image_grid
-
-    steps = min(num_steps, task.num_train_timesteps)
-    imgs = task.sample(num_images, torch_generator(seed, "samples"),
-                       num_inference_steps=steps).cpu()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(image_grid(list(imgs.split(per_row)))).save(path)
-    return path
 
 
 def train_prior(cfg: PriorConfig | Mapping[str, Any] | str | Path, out_dir: str | Path, *,

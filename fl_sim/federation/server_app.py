@@ -30,15 +30,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from fl_sim.config import ExperimentConfig, server_lr
+from fl_sim.config import ExperimentConfig, save_resolved, server_lr
 from fl_sim.errors import FlSimError
 from fl_sim.federation import protocol as P
 from fl_sim.federation.checkpoint import CheckpointStore, load_strategy_state
 from fl_sim.federation.client_app import load_splits
-from fl_sim.federation.failures import check_something_aggregated, log_failures, summary
 from fl_sim.federation.resources import server_device
-from fl_sim.federation.resume import write_json_atomic
-from fl_sim.federation.shared_dir import write_probe
 from fl_sim.federation.taps import TapStrategy, arrays_to_tensors, tensors_to_arrays
 from fl_sim.registry import STRATEGIES
 from fl_sim.report import METRICS_FILE
@@ -132,29 +129,27 @@ def server_task(cfg: ExperimentConfig) -> tuple[Any, Any, Any]:
     splits = load_splits(json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True))
     task, spec = task_from_config(cfg.model, cfg.task, splits.in_channels, splits.num_classes,
                                   splits.image_size, splits.mean, splits.std,
-                                  seed=cfg.run.seed, device=server_device(cfg))
+                                  seed=cfg.run.seed, device=server_device(cfg),
+                                  pretrained=True)
     return task, spec, splits
 
 
-def discover_nodes(grid: Grid, num_clients: int, *, timeout_s: float = 600.0,
-                   probe: Mapping[str, Any] | None = None) -> dict[int, int]:
-    """``node_id -> partition id`` by asking every node (Flower's node ids are random).
-
-    ``probe`` (:func:`~fl_sim.federation.shared_dir.write_probe`) travels with the query:
-    each node checks that it sees the run directory, else discovery fails (one line)."""
+def discover_nodes(grid: Grid, num_clients: int, *, timeout_s: float = 600.0
+                   ) -> dict[int, int]:
+    """``node_id -> partition id`` by asking every node (Flower's node ids are random)."""
     t0 = time.monotonic()
     while len(nodes := sorted(grid.get_node_ids())) < num_clients:
         if time.monotonic() - t0 > timeout_s:
             raise FlSimError(f"only {len(nodes)} of {num_clients} nodes connected after "
                              f"{timeout_s:.0f} s")
         time.sleep(0.5)
-    msgs = [Message(RecordDict({P.META: ConfigRecord(dict(probe or {}))}), dst_node_id=n,
+    msgs = [Message(RecordDict({P.META: ConfigRecord()}), dst_node_id=n,
                     message_type=P.QUERY_PARTITION) for n in nodes]
     mapping: dict[int, int] = {}
     for reply in grid.send_and_receive(msgs, timeout=ROUND_TIMEOUT_S):
         if reply.has_error():
             raise FlSimError(f"node {reply.metadata.src_node_id} failed to report its "
-                             f"partition: {summary(reply.error.reason)}")
+                             f"partition: {reply.error.reason}")
         cid = int(reply.content.config_records[P.META][P.PARTITION_ID])  # type: ignore[arg-type]
         mapping[int(reply.metadata.src_node_id)] = cid
     if sorted(mapping.values()) != list(range(num_clients)):
@@ -166,11 +161,10 @@ def discover_nodes(grid: Grid, num_clients: int, *, timeout_s: float = 600.0,
 def prepare_run_dir(setup: ServerSetup, spec: Any) -> None:
     run_dir = setup.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    # atomic writes: a kill at any moment leaves the old or the new file, never a torn one
-    write_json_atomic(run_dir / "config.json", setup.cfg.to_json_dict())
-    write_json_atomic(run_dir / SPEC_FILE, spec.to_json())
+    save_resolved(setup.cfg, run_dir)
+    (run_dir / SPEC_FILE).write_text(json.dumps(spec.to_json(), indent=2, sort_keys=True))
     info = {"run_id": run_dir.name, "status": "running", "fl_sim_version": _version()}
-    write_json_atomic(run_dir / RUN_FILE, info)
+    (run_dir / RUN_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
 
 
 def _version() -> str:
@@ -185,7 +179,7 @@ def run_server(grid: Grid, setup: ServerSetup) -> None:
     fed = cfg.federation
     task, spec, splits = server_task(cfg)
     prepare_run_dir(setup, spec)
-    node_to_client = discover_nodes(grid, fed.num_clients, probe=write_probe(run_dir))
+    node_to_client = discover_nodes(grid, fed.num_clients)
     inner = build_strategy(cfg)
     arrays = ArrayRecord({k: v.detach().cpu() for k, v in task.model.state_dict().items()})
     checkpoints = CheckpointStore(run_dir)
@@ -210,6 +204,7 @@ def run_server(grid: Grid, setup: ServerSetup) -> None:
         t0 = time.perf_counter()
         arrays, row = run_round(grid, tap, cfg, run_dir, r, arrays, poison)
         row.update(_central_eval(task, arrays, test, cfg.run.seed, r))
+        _round_samples(task, arrays, cfg, run_dir, r)
         row["seconds"] = round(time.perf_counter() - t0, 4)
         _append_metrics(run_dir, row)
         if cfg.attacks:
@@ -219,7 +214,6 @@ def run_server(grid: Grid, setup: ServerSetup) -> None:
             setup.progress({"event": "round", **row})
     write_tensors(run_dir / FINAL_MODEL, arrays_to_tensors(arrays),
                   {"round": fed.num_rounds})
-    check_something_aggregated(run_dir, fed.num_rounds)
     if fed.peer_clients and fed.taps:
         broadcast_final(grid, cfg, run_dir, node_to_client, arrays, tap.published)
     if cfg.attacks:
@@ -227,7 +221,8 @@ def run_server(grid: Grid, setup: ServerSetup) -> None:
     from fl_sim.report import plot_metrics
     plot_metrics(run_dir)
     info = json.loads((run_dir / RUN_FILE).read_text())
-    write_json_atomic(run_dir / RUN_FILE, {**info, "status": "complete"})
+    (run_dir / RUN_FILE).write_text(json.dumps({**info, "status": "complete"}, indent=2,
+                                               sort_keys=True))
 
 
 def run_round(grid: Grid, tap: TapStrategy, cfg: ExperimentConfig, run_dir: Path, r: int,
@@ -244,14 +239,10 @@ def run_round(grid: Grid, tap: TapStrategy, cfg: ExperimentConfig, run_dir: Path
     row: dict[str, Any] = {"round": r, "train_loss": log.train_loss,
                            "clients_sampled": log.sampled, "clients_failed": log.failed,
                            "clients_rejected": log.rejected, "num_examples": log.num_examples,
-                           "aggregated": log.aggregated, "taps_seconds": round(log.tap_seconds, 6),
-                           "client_errors": log_failures(r, log.errors)}
+                           "aggregated": log.aggregated}
     ev_msgs = list(tap.configure_evaluate(r, arrays, P.config_record(cfg, run_dir), grid))
     if ev_msgs:
-        ev_replies = list(grid.send_and_receive(ev_msgs, timeout=ROUND_TIMEOUT_S))
-        log_failures(r, {tap.client_of(m): str(m.error.reason) for m in ev_replies
-                         if m.has_error()}, what="evaluate")
-        ev = tap.aggregate_evaluate(r, ev_replies)
+        ev = tap.aggregate_evaluate(r, grid.send_and_receive(ev_msgs, timeout=ROUND_TIMEOUT_S))
         for k, v in (ev or {}).items():
             row[f"fed_{k.replace('-', '_')}"] = float(v)  # type: ignore[arg-type]
     return arrays, row
@@ -259,13 +250,28 @@ def run_round(grid: Grid, tap: TapStrategy, cfg: ExperimentConfig, run_dir: Path
 
 def _central_eval(task: Any, arrays: ArrayRecord, test: tuple[Any, Any], seed: int,
                   r: int) -> dict[str, float]:
+    """Held-out metrics of the new global (diffusion: the loss with the same eps/t every
+    round, so the curve shows the model, not the noise draw)."""
     if len(test[1]) == 0:
         return {}
     task.model.load_state_dict(arrays_to_tensors(arrays), strict=True)
-    gen = torch_generator(seed, "round", r, "server_eval")
+    gen = torch_generator(seed, "server_eval")
     with torch.no_grad():
         metrics = task.evaluate(test[0], test[1], generator=gen)
     return {f"eval_{k}": float(v) for k, v in metrics.items()}
+
+
+def _round_samples(task: Any, arrays: ArrayRecord, cfg: ExperimentConfig, run_dir: Path,
+                   r: int) -> None:
+    """Diffusion tasks: DDIM samples of round ``r``'s global in ``samples/r{r:04d}.png``."""
+    s = cfg.samples
+    if getattr(task, "name", "") != "diffusion" or s.num_images == 0 or (
+            r % s.every and r != cfg.federation.num_rounds):
+        return
+    from fl_sim.samples import round_samples_path, save_sample_grid
+    task.model.load_state_dict(arrays_to_tensors(arrays), strict=True)
+    save_sample_grid(task, round_samples_path(run_dir, r), num_images=s.num_images,
+                     num_steps=s.num_inference_steps, seed=cfg.run.seed)
 
 
 def _append_metrics(run_dir: Path, row: Mapping[str, Any]) -> None:

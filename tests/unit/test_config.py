@@ -84,7 +84,8 @@ def test_resolved_config_round_trips(tmp_path: Path) -> None:
     path = config.save_resolved(cfg, tmp_path)
     again = config.load(path)
     assert again == cfg
-    assert json.loads(path.read_text())["model"] == {"name": "convnet", "width": 16}
+    assert json.loads(path.read_text())["model"] == {"name": "convnet", "width": 16,
+                                                     "pretrained": None}
 
 
 def test_resume_accepts_more_rounds_and_another_ray_cluster_only(tmp_path) -> None:

@@ -136,6 +136,7 @@ def _cli(*args: str, **kw) -> subprocess.Popen | subprocess.CompletedProcess:
                           timeout=300, stdin=subprocess.DEVNULL)
 
 
+@pytest.mark.slow
 def test_cli_errors_are_one_line(tmp_path: Path) -> None:
     cfg = tmp_path / "p.toml"
     cfg.write_text('[data]\nname = "digits"\nimage_size = 8\n[model]\nname = "unet"\n'
