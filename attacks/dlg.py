@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from attacks.base import Attack, Reconstruction
+from attacks.diffusion_matching import granted_aux, is_diffusion
 from attacks.gradients import (
     attack_task,
     mean_gradient_target,
@@ -29,7 +30,7 @@ from attacks.gradients import (
     split_state,
 )
 from attacks.label_recovery import recover_labels
-from fl_sim.errors import ConfigError
+from fl_sim.errors import ConfigError, ThreatModelError
 from fl_sim.records import ObservationRecord
 from fl_sim.registry import ATTACKS
 from fl_sim.tasks.base import Batch
@@ -73,7 +74,11 @@ class DLG(Attack):
     ``Reconstruction.iterations`` counts the inner iterations really made. The restart with
     the lowest matching loss wins.
     ``model_mode`` is the train/eval mode assumed for the client's forward pass (BatchNorm).
-    Returns images ``[B, C, H, W]`` clamped to [0, 1] and labels ``[B]``.
+    ``aux = "granted"``: on a DIFFUSION update, ask for the client's noise and timesteps
+    (knowledge ``eps``, ``t``) and match the gradient of the diffusion loss recomputed with
+    them (no labels there: an unconditional UNet has none); without it a diffusion record
+    raises :class:`~fl_sim.errors.ThreatModelError` naming that knowledge.
+    Returns images ``[B, C, H, W]`` clamped to [0, 1] and labels ``[B]`` (None for diffusion).
     """
 
     view = "server"
@@ -81,7 +86,8 @@ class DLG(Attack):
     def __init__(self, *, max_iterations: int = 100, inner_iterations: int = 20,
                  lr: float = 1.0, labels: LabelSource = "idlg", init: Init = "uniform",
                  restarts: int = 1, history_size: int = 100,
-                 model_mode: Literal["eval", "train"] = "eval") -> None:
+                 model_mode: Literal["eval", "train"] = "eval",
+                 aux: Literal["none", "granted"] = "none") -> None:
         if max_iterations < 1 or inner_iterations < 1:
             raise ConfigError("max_iterations and inner_iterations must be >= 1, got "
                              f"{max_iterations} and {inner_iterations}")
@@ -97,26 +103,33 @@ class DLG(Attack):
         self.restarts = restarts
         self.history_size = history_size
         self.model_mode = model_mode
+        if aux not in ("none", "granted"):
+            raise ConfigError(f"aux must be 'none' or 'granted', got {aux!r}")
+        self.aux = aux
 
     def required_knowledge(self) -> tuple[str, ...]:
-        return ("labels",) if self.labels == "granted" else ()
+        labels = ("labels",) if self.labels == "granted" else ()
+        return labels + (("eps", "t") if self.aux == "granted" else ())
 
     def reconstruct(self, record: ObservationRecord, *,
                     generator: torch.Generator) -> Reconstruction:
         """Run DLG on one FedSGD record (a delta is read as ``-lr`` x mean gradient)."""
-        task = attack_task(record, self.model_mode)
+        task = attack_task(record, self.model_mode, device=self.device)
         params, buffers = split_state(task, record.global_params)
-        target = mean_gradient_target(record, task)
+        target = {k: v.to(self.device) for k, v in mean_gradient_target(record, task).items()}
         num_images = record.batch_size if record.update_kind == "gradient" \
             else record.num_examples
         spec = record.spec
         shape = (num_images, spec.in_channels, spec.image_size, spec.image_size)
-        fixed_labels = self._fixed_labels(record, task, num_images, generator)
+        aux = self._aux(record, task, num_images)
+        fixed_labels = (torch.zeros(num_images, dtype=torch.int64) if aux
+                        else self._fixed_labels(record, task, num_images, generator))
 
         best: tuple[float, Tensor, Tensor, int] | None = None
         for restart in range(self.restarts):
             loss, images, labels, n_iter = self._run(task, params, buffers, target, shape,
-                                                     spec.num_classes, fixed_labels, generator)
+                                                     spec.num_classes, fixed_labels, generator,
+                                                     aux)
             logger.debug("DLG restart %d: matching loss %.3e after %d iterations",
                          restart, loss, n_iter)
             if best is None or loss < best[0] or not math.isfinite(best[0]):
@@ -126,11 +139,28 @@ class DLG(Attack):
         source = self.labels  # "idlg" falls back to the count method for a batch
         if source == "idlg" and num_images > 1:
             source = "batch"
+        if aux:
+            return Reconstruction(images=images, labels=None, matching_loss=loss,
+                                  iterations=n_iter, assumed={"eps": "granted", "t": "granted"},
+                                  extras={"box": "unconstrained, clamped to [0, 1] at the end"})
         return Reconstruction(
             images=images, labels=labels, matching_loss=loss, iterations=n_iter,
             assumed={"labels": source} if source != "optimize" else {},
             extras={"box": "unconstrained, clamped to [0, 1] at the end",
                     "label_source": self.labels})
+
+    def _aux(self, record: ObservationRecord, task: Any, num_images: int) -> dict[str, Tensor]:
+        """Granted diffusion eps/t on the attack's device, one row per image ({} otherwise)."""
+        if not is_diffusion(task):
+            return {}
+        if self.aux != "granted":
+            raise ThreatModelError("DLG on a diffusion update needs the client's noise and "
+                                   "timesteps: set aux = \"granted\" (knowledge ['eps', 't'])")
+        aux = granted_aux(record, task, attack="dlg")
+        if int(aux["t"].shape[0]) != num_images:
+            raise ConfigError(f"dlg: granted eps/t hold {aux['t'].shape[0]} rows for "
+                              f"{num_images} images (DLG matches one mean gradient)")
+        return {k: v.to(self.device) for k, v in aux.items()}
 
     def _fixed_labels(self, record: ObservationRecord, task: Any, num_images: int,
                       generator: torch.Generator) -> Tensor | None:
@@ -146,23 +176,26 @@ class DLG(Attack):
 
     def _run(self, task: Any, params: dict[str, Tensor], buffers: dict[str, Tensor],
              target: dict[str, Tensor], shape: tuple[int, ...], num_classes: int,
-             fixed_labels: Tensor | None, generator: torch.Generator
-             ) -> tuple[float, Tensor, Tensor, int]:
+             fixed_labels: Tensor | None, generator: torch.Generator,
+             aux: dict[str, Tensor] | None = None) -> tuple[float, Tensor, Tensor, int]:
         """One restart -> (matching loss at the clamped images, images, labels, iterations)."""
-        x = initial_images(shape, self.init, generator).requires_grad_(True)
+        dev = self.device
+        x = initial_images(shape, self.init, generator).to(dev).requires_grad_(True)
         variables = [x]
         label_logits: Tensor | None = None
         if fixed_labels is None:
-            label_logits = torch.randn(shape[0], num_classes, generator=generator)
+            label_logits = torch.randn(shape[0], num_classes, generator=generator).to(dev)
             label_logits.requires_grad_(True)
             variables.append(label_logits)
+        else:
+            fixed_labels = fixed_labels.to(dev)
 
         def labels_now() -> Tensor:
             return fixed_labels if label_logits is None else label_logits.softmax(-1)
 
         def objective(images: Tensor, create_graph: bool) -> Tensor:
             batch = Batch(images, labels_now())
-            grads = parameter_gradients(task, params, buffers, batch, {},
+            grads = parameter_gradients(task, params, buffers, batch, aux or {},
                                         create_graph=create_graph)
             return l2_gradient_distance(grads, target)
 

@@ -41,7 +41,7 @@ class IDLG(Attack):
     def reconstruct(self, record: ObservationRecord, *,
                     generator: torch.Generator) -> Reconstruction:
         """Labels ``[B]`` (sorted) of the record's batch; images ``[0, C, H, W]``."""
-        task = attack_task(record, self.model_mode)
+        task = attack_task(record, self.model_mode, device=self.device)
         labels = recover_labels(record, self.method, task=task, generator=generator,
                                 num_dummy=self.num_dummy)
         spec = record.spec

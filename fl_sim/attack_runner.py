@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from fl_sim.config import AttackConfig, ExperimentConfig
-from fl_sim.errors import ConfigError, FlSimError
+from fl_sim.config import AttackConfig, ExperimentConfig, attack_problem
+from fl_sim.errors import ConfigError, FlSimError, InvalidRecordError
 from fl_sim.extras import extras_to_json
 from fl_sim.records import GroundTruthRecord, ObservationRecord
 from fl_sim.registry import ATTACKS
@@ -97,12 +97,45 @@ def replay(run_dir: Path, name: str, *, params: Mapping[str, Any] | None = None,
             raise ConfigError("this run recorded no peer views (federation.peer_clients is "
                               "empty); a peer attack has nothing to read")
         client = peers[0]
+    entry = AttackConfig(name=name, view=view, client=client,  # type: ignore[arg-type]
+                         rounds=tuple(rounds) if rounds else None)
+    if (problem := attack_problem(entry, run.config.federation)) is not None:
+        raise ConfigError(f"attack {name}: {problem}")
+    done = {r["key"]: r for r in load_results(run_dir) if "error" not in r}
     out = []
     for r in rounds or (1,):
-        out += run_attack(Path(run_dir), run.config, name, params, view=view, client=client,
-                          server_round=r, key=_key(name, view, r, client, params), run=run,
-                          device=device)
+        key = _key(name, view, r, client, params)
+        if key in done:  # same run, attack, params, view, round, client: same seeded result
+            logger.info("%s (round %d) is already in %s (key %s); not re-run", name, r,
+                        RESULTS_FILE, key)
+            out.append(done[key])
+            continue
+        try:
+            out += run_attack(Path(run_dir), run.config, name, params, view=view,
+                              client=client, server_round=r, key=key, run=run, device=device)
+        except InvalidRecordError as exc:  # recorded, then one line at the CLI
+            _append(run_dir, {"key": key, "attack": name, "view": view, "round": r,
+                              "client": client, "error": f"{type(exc).__name__}: {exc}"})
+            raise
     return out
+
+
+def check_finite_record(record: ObservationRecord) -> None:
+    """Raise :class:`~fl_sim.errors.InvalidRecordError` if any floating-point tensor of the
+    record (global model, update, a peer's own update) holds NaN or inf: an attack on it
+    would score garbage as a result."""
+    parts = {"global model": record.global_params, "own update": record.own_update or {},
+             "update": record.update}
+    for what, tensors in parts.items():
+        bad = [k for k, t in tensors.items()
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            hint = (" (the others' update derived from it would be NaN too)"
+                    if what == "own update" else "")
+            raise InvalidRecordError(
+                f"round {record.server_round}, client {record.client_id} ({record.tap}): the "
+                f"recorded {what} holds NaN/inf in {', '.join(bad[:3])}"
+                f"{' ...' if len(bad) > 3 else ''}{hint}; refusing to attack invalid data")
 
 
 def run_attack(run_dir: Path, cfg: ExperimentConfig, name: str, params: Mapping[str, Any],
@@ -119,6 +152,7 @@ def run_attack(run_dir: Path, cfg: ExperimentConfig, name: str, params: Mapping[
     attack = ATTACKS.create(name, _where=f"attack {name}", **params)
     grant = tuple(attack.required_knowledge())
     record = _record(run, view, client, server_round, grant)
+    check_finite_record(record)
     gen = torch_generator(cfg.run.seed, "attack", name, server_round, record.client_id or 0)
     t0 = time.perf_counter()
     recon = attack(record, generator=gen, device=device)
@@ -126,6 +160,9 @@ def run_attack(run_dir: Path, cfg: ExperimentConfig, name: str, params: Mapping[
     truth_images, truth_labels = _truth(run, record, view, client, server_round)
     metrics = _score(recon, truth_images, truth_labels)
     metrics.update(_score_phases(recon.extras, truth_images))
+    if view == "server" and "t" in recon.extras:  # attacks that search eps/t (gidm_plus)
+        metrics.update(score_diffusion_aux(recon.extras, run.truth(server_round,
+                                                                   record.client_id), metrics))
     grid = None
     if recon.images.numel():
         # Originals over their Hungarian-matched reconstructions (the scoring's matching).
@@ -204,6 +241,43 @@ def _score(recon: Any, truth_images: torch.Tensor, truth_labels: torch.Tensor,
         return {"label_accuracy": float(label_accuracy(recon.labels, truth_labels)),
                 "labels": recon.labels.tolist(), "true_labels": truth_labels.tolist()}
     return {}
+
+
+def score_diffusion_aux(extras: Mapping[str, Any], truth: GroundTruthRecord,
+                        metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """Recovered timesteps and noise of a diffusion attack against the client's true ones.
+
+    ``extras["t"]``: ``[B]`` recovered timesteps, ``extras.get("eps")``: ``[B, C, H, W]``
+    recovered noise, in reconstruction order; the truth's per-step ``aux`` holds ``eps``/``t``
+    in the order of its images. Pairs follow the image scoring's matching (``recon_index`` /
+    ``truth_index``). Returns ``t_recovered``, ``t_true``, ``t_abs_error`` (lists in matched
+    order), ``t_abs_error_mean`` and, with eps, ``eps_rel_error`` (mean over pairs of
+    ``|eps_hat - eps| / |eps|``) and ``eps_rel_error_per_image``; ``{}`` without true aux.
+    """
+    steps = [s for s in truth.steps if "t" in s.aux]
+    if not steps:
+        return {}
+    t_true = torch.cat([s.aux["t"].flatten() for s in steps]).double()
+    t_hat = torch.as_tensor(extras["t"], dtype=torch.float64).flatten()
+    r_idx = list(metrics.get("recon_index") or range(min(len(t_hat), len(t_true))))
+    t_idx = list(metrics.get("truth_index") or range(len(r_idx)))
+    pairs = [(r, t) for r, t in zip(r_idx, t_idx, strict=True)
+             if r < len(t_hat) and t < len(t_true)]
+    if not pairs:
+        return {}
+    rec = [float(t_hat[r]) for r, _ in pairs]
+    tru = [float(t_true[t]) for _, t in pairs]
+    err = [abs(a - b) for a, b in zip(rec, tru, strict=True)]
+    out: dict[str, Any] = {"t_recovered": rec, "t_true": tru, "t_abs_error": err,
+                           "t_abs_error_mean": sum(err) / len(err)}
+    eps_hat = extras.get("eps")
+    if isinstance(eps_hat, torch.Tensor) and all("eps" in s.aux for s in steps):
+        eps = torch.cat([s.aux["eps"] for s in steps]).double()
+        e = eps_hat.double()
+        rel = [float((e[r] - eps[t]).norm() / eps[t].norm().clamp_min(1e-12))
+               for r, t in pairs]
+        out["eps_rel_error"], out["eps_rel_error_per_image"] = sum(rel) / len(rel), rel
+    return out
 
 
 def _score_phases(extras: Mapping[str, Any], truth_images: torch.Tensor) -> dict[str, float]:

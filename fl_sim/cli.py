@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_sim import __version__
-from fl_sim.errors import FlSimError
+from fl_sim.errors import FlSimError, RunFailedError
 
 logger = logging.getLogger("fl_sim")
 
@@ -194,12 +194,41 @@ def cmd_run(args: argparse.Namespace) -> int:
             update={"ray_address": str(args.ray_address)})})
 
     _quiet_flower(args.debug)
-    from fl_sim.federation.simulation import run_experiment
-    with _Progress(enabled=not args.no_progress, total=cfg.federation.num_rounds) as progress:
-        out = run_experiment(cfg, run_dir=run_dir, resume=args.resume is not None,
-                             progress=progress.update)
+    from fl_sim.federation import lifecycle
+    from fl_sim.federation.simulation import check_resume, run_experiment
+    if run_dir is not None and args.resume is not None:
+        plan = check_resume(cfg, run_dir)
+        if plan.nothing_to_do:  # touches nothing on disk, not even report.html
+            sys.stdout.write(f"{run_dir} is complete ({plan.done} rounds); nothing to do "
+                             "(raise federation.num_rounds with --set to extend it)\n")
+            return 0
+    lifecycle.exit_on_interrupt(hard_exit_s=HARD_EXIT_S)
+    try:
+        with _Progress(enabled=not args.no_progress,
+                       total=cfg.federation.num_rounds) as progress:
+            out = run_experiment(cfg, run_dir=run_dir, resume=args.resume is not None,
+                                 progress=progress.update)
+    except lifecycle.RunInterrupted as exc:
+        _interrupted(exc)
     _print_summary(out)
     return 0
+
+
+#: Seconds an interrupted run may spend stopping Ray before the process ends regardless.
+HARD_EXIT_S = 8.0
+
+
+def _interrupted(exc: Any) -> None:
+    """SIGINT / SIGTERM during ``run``: Ray is stopped; print the resume hint and leave with
+    128 + signal (130 / 143) at once (Flower's ServerApp thread would keep the process)."""
+    from fl_sim.federation import lifecycle
+    out = exc.run_dir
+    if out is not None and (Path(out) / "config.json").is_file():
+        hint = f"resume with `fl-sim run --resume {out}`"
+    else:
+        hint = "nothing was recorded yet"
+    sys.stderr.write(f"fl-sim: {exc}; {hint}\n")
+    lifecycle.hard_exit(exc.exit_code)
 
 
 class _RunSimulationDeprecation(logging.Filter):
@@ -295,7 +324,8 @@ class _Progress:
 
     def update(self, event: dict[str, Any]) -> None:
         info = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                        for k, v in event.items() if k not in {self.key, "event", "total"})
+                        for k, v in event.items()
+                        if k not in {self.key, "event", "total", "client_errors"})
         if self._bar is not None:
             if self.key in event:
                 self._bar.update(self._task, completed=event[self.key], info=info)
@@ -351,7 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         sys.stderr.write(f"fl-sim: error: {exc}\n")
-        return 2
+        return 1 if isinstance(exc, RunFailedError) else 2
     except KeyboardInterrupt:
         sys.stderr.write("fl-sim: interrupted (resume with `fl-sim run --resume RUN_DIR`)\n")
         return 130

@@ -31,6 +31,16 @@ class RunDirError(FlSimError):
     """A run directory is missing, incomplete or from an incompatible version."""
 
 
+class RunFailedError(FlSimError):
+    """A run ended without a usable result (e.g. no client update was aggregated in any
+    round); the CLI exits with status 1."""
+
+
+class InvalidRecordError(RunDirError):
+    """A recorded observation is unusable (NaN / infinite tensors): an attack on it would
+    report a valid-looking score for garbage, so it is refused."""
+
+
 class ThreatModelError(FlSimError, PermissionError):
     """An attacker asked for something its view does not grant."""
 

@@ -19,7 +19,7 @@ from typing import Any, Literal
 from torch import Tensor
 
 from fl_sim.config import ExperimentConfig, from_dict, server_lr
-from fl_sim.errors import RunDirError, ThreatModelError
+from fl_sim.errors import ConfigError, RunDirError, ThreatModelError
 from fl_sim.records import GroundTruthRecord, ModelSpec
 from fl_sim.report import read_metrics
 from fl_sim.stores import ObservationStore, PeerStore, TruthStore, read_tensors
@@ -31,17 +31,21 @@ class Run:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        for name in ("config.json", "spec.json"):
-            if not (self.path / name).is_file():
-                raise RunDirError(f"{self.path} is not a run directory (no {name})")
+        require_run_dir(self.path)
+        if not (self.path / "spec.json").is_file():
+            raise RunDirError(f"{self.path} is not a run directory (no spec.json)")
         try:
             self.config: ExperimentConfig = from_dict(
-                json.loads((self.path / "config.json").read_text()))
-            self.spec = ModelSpec.from_json(json.loads((self.path / "spec.json").read_text()))
-        except (json.JSONDecodeError, KeyError) as exc:
-            raise RunDirError(f"{self.path}: unreadable config.json/spec.json: {exc}") from None
+                read_json_object(self.path / "config.json"))
+        except ConfigError as exc:
+            raise RunDirError(f"{self.path / 'config.json'}: {exc}") from None
+        try:
+            self.spec = ModelSpec.from_json(read_json_object(self.path / "spec.json"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RunDirError(f"{self.path / 'spec.json'}: corrupt ({type(exc).__name__}: "
+                              f"{exc})") from None
         info = self.path / "run.json"
-        self.info: dict[str, Any] = json.loads(info.read_text()) if info.is_file() else {}
+        self.info: dict[str, Any] = read_json_object(info) if info.is_file() else {}
         self.run_id: str = str(self.info.get("run_id", self.path.name))
 
     def __repr__(self) -> str:
@@ -95,6 +99,29 @@ class Run:
         if not p.is_file():
             raise RunDirError(f"{self.path}: no final model (run not complete)")
         return read_tensors(p)[0]
+
+
+def require_run_dir(path: Path) -> Path:
+    """``path`` if it is a directory holding ``config.json``; else one-line RunDirError."""
+    if not path.exists():
+        raise RunDirError(f"{path}: no such run directory")
+    if not path.is_dir():
+        raise RunDirError(f"{path}: not a directory (expected a run directory)")
+    if not (path / "config.json").is_file():
+        raise RunDirError(f"{path} is not a run directory (no config.json)")
+    return path
+
+
+def read_json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; :class:`RunDirError` if it is unreadable or not one."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunDirError(f"{path}: corrupt ({exc})") from None
+    if not isinstance(data, dict):
+        raise RunDirError(f"{path}: corrupt (a JSON {type(data).__name__}, expected an "
+                          "object)")
+    return data
 
 
 def load_run(path: str | Path) -> Run:

@@ -217,19 +217,24 @@ def _dedupe(rows: Iterable[dict[str, Any]], root: Path, key: Sequence[str]
 
 
 def _truncate_rounds(root: Path, after_round: int, dirs: Sequence[str],
-                     key: Sequence[str]) -> None:
-    """Delete files of rounds > ``after_round`` under ``root/<dir>`` and rewrite the index."""
+                     key: Sequence[str], *, keep: Mapping[str, int] | None = None) -> None:
+    """Delete files of rounds > ``after_round`` under ``root/<dir>`` and rewrite the index.
+
+    ``keep`` maps a dir to a later last round kept there (a row counts as in the dir its
+    ``file`` starts with)."""
+    keep = dict(keep or {})
     for d in dirs:
         base = root / d
         if not base.is_dir():
             continue
         for p in base.iterdir():
             r = _round_of(p.name)
-            if p.name.startswith(".tmp-") or (r is not None and r > after_round):
+            if p.name.startswith(".tmp-") or (r is not None and r > keep.get(d, after_round)):
                 shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     idx = root / INDEX
     if idx.exists():
-        rows = [r for r in read_jsonl(idx) if int(r.get("round", 0)) <= after_round]
+        rows = [r for r in read_jsonl(idx) if int(r.get("round", 0)) <= keep.get(
+            str(r.get("file", "")).split("/", 1)[0], after_round)]
         rewrite_jsonl(idx, _dedupe(rows, root, key))
 
 
@@ -449,6 +454,14 @@ class PeerStore(_IndexedStore):
         rel = f"updates/{_rname(server_round)}.safetensors"
         row = {**dict(meta), "kind": "update", "round": server_round, "file": rel}
         self._write(rel, update, row)
+
+    def truncate(self, after_round: int) -> None:
+        """Drop rounds > ``after_round`` but KEEP the global of round ``after_round + 1``: it
+        is the output of the last finished round (a finished run's final model, broadcast to
+        the peers), identical to what a re-run would store, and a peer attack on round
+        ``after_round`` needs it even when this peer is not sampled, or fails, next round."""
+        _truncate_rounds(self.root, after_round, self.DIRS, self.KEY,
+                         keep={"globals": after_round + 1})
 
 
 def truncate_run(run_dir: Path | str, after_round: int) -> None:

@@ -11,6 +11,7 @@ import logging
 import pickle
 import struct
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,9 @@ from fl_sim.errors import DataError
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+#: Most classes a label array may imply (ImageNet-21k has ~22 k); one corrupt label of 1e9
+#: must fail here, not size a model head with a billion outputs.
+MAX_CLASSES = 100_000
 _IMAGES_EXPECTED = "expected uint8 [N, H, W, C] / [N, H, W] or float [N, C, H, W] in [0, 1]"
 
 
@@ -81,7 +85,8 @@ def check_images(x: np.ndarray, where: str) -> np.ndarray:
 def check_labels(y: np.ndarray, where: str) -> np.ndarray:
     """Validate integer class labels of shape [N] (or [N, 1]); return int64 [N].
 
-    Raises :class:`DataError` for a non-integer dtype, another rank, negatives, or no labels.
+    Raises :class:`DataError` for a non-integer dtype, another rank, negatives, a label of
+    ``MAX_CLASSES`` or more, or no labels.
     """
     if y.dtype.kind not in "iu":
         raise DataError(f"{where}: labels of dtype {y.dtype}; expected integers")
@@ -93,6 +98,9 @@ def check_labels(y: np.ndarray, where: str) -> np.ndarray:
         raise DataError(f"{where}: empty (no labels)")
     if y.min() < 0:
         raise DataError(f"{where}: negative label {int(y.min())}")
+    if int(y.max()) >= MAX_CLASSES:
+        raise DataError(f"{where}: label {int(y.max())} would mean {int(y.max()) + 1} classes; "
+                        f"labels must be 0..K-1 with K <= {MAX_CLASSES}")
     return y.astype(np.int64, copy=False)
 
 
@@ -104,17 +112,57 @@ def check_pair(x: np.ndarray, y: np.ndarray, where: str) -> None:
 
 # -- npz ------------------------------------------------------------------------------------
 def read_npz(path: Path) -> dict[str, np.ndarray]:
-    """All arrays of an ``.npz`` file, loaded without pickle (object arrays are refused)."""
+    """All arrays of an ``.npz`` file, loaded without pickle (object arrays are refused).
+
+    Every member's ``.npy`` header is checked first (:func:`check_npy_headers`), so a header
+    that claims more data than the member holds fails here instead of allocating it. Raises
+    :class:`DataError` for anything unreadable: not a zip, a corrupt compressed stream, a
+    malformed header, an object array.
+    """
     require_file(path)
     if not zipfile.is_zipfile(path):
         raise DataError(f"{path}: not a valid .npz file (not a zip archive)")
     try:
+        check_npy_headers(path)
         with np.load(path, allow_pickle=False) as f:
             return {k: f[k] for k in f.files}
+    except DataError:
+        raise
     except ValueError as exc:  # object arrays need pickle, which is refused
         raise DataError(f"{path}: unreadable array ({exc})") from None
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+    except (OSError, zipfile.BadZipFile, EOFError, zlib.error, SyntaxError) as exc:
         raise DataError(f"{path}: not a valid .npz file ({exc})") from None
+
+
+def check_npy_headers(path: Path) -> None:
+    """Raise :class:`DataError` unless each ``.npy`` member of the zip ``path`` has a valid
+    header whose shape x dtype matches the member's stored (uncompressed) size.
+
+    Only the headers are read (a few hundred bytes each), never the arrays.
+    """
+    with zipfile.ZipFile(path) as zf:
+        for info in zf.infolist():
+            if not info.filename.endswith(".npy"):
+                continue
+            where = f"{path} [{info.filename[:-4]}]"
+            with zf.open(info) as fh:
+                try:
+                    version = np.lib.format.read_magic(fh)
+                    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                            else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read(fh)
+                except Exception as exc:  # noqa: BLE001 -- numpy's parser raises many kinds
+                    raise DataError(f"{where}: unreadable .npy header "
+                                    f"({type(exc).__name__}: {exc})") from None
+                header_bytes = fh.tell()
+            if dtype.hasobject:
+                raise DataError(f"{where}: unreadable array: an object array needs pickle, "
+                               "which is refused")
+            declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            stored = info.file_size - header_bytes
+            if declared != stored:
+                raise DataError(f"{where}: header says shape {shape} of {dtype} "
+                                f"({declared} bytes) but the file holds {stored} bytes")
 
 
 # -- idx (MNIST) ----------------------------------------------------------------------------
@@ -248,7 +296,7 @@ def read_image_folder(root: Path, class_names: list[str], *, channels: int | Non
             with Image.open(p) as im:
                 im.load()
                 images.append(im.copy())
-        except (UnidentifiedImageError, OSError) as exc:
+        except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as exc:
             raise DataError(f"{p}: unreadable image ({exc})") from None
     if channels is None:
         channels = 1 if all(im.mode in ("1", "L", "I", "I;16", "F") for im in images) else 3

@@ -29,7 +29,7 @@ from flwr.serverapp.strategy import Strategy
 from torch import Tensor
 
 from fl_sim.errors import RunDirError
-from fl_sim.stores import read_tensors, write_tensors
+from fl_sim.stores import read_tensors, resolve_inside, write_tensors
 
 STATE = "state.json"
 _SCALARS = (bool, int, float, str, type(None))
@@ -129,10 +129,12 @@ class CheckpointStore:
             return None
         try:
             state = json.loads(p.read_text())
-        except json.JSONDecodeError as exc:
-            raise RunDirError(f"corrupt checkpoint {p}: {exc}") from None
-        g, _ = read_tensors(self.root / state["global"])
-        s, meta = read_tensors(self.root / state["strategy"])
-        return Checkpoint(server_round=int(state["round"]), global_state=g,
+            g_rel, s_rel, server_round = state["global"], state["strategy"], int(state["round"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise RunDirError(f"corrupt checkpoint {p}: {type(exc).__name__}: {exc}") from None
+        # only files inside checkpoint/ (a state.json naming ../truth/... is refused)
+        g, _ = read_tensors(resolve_inside(self.root, g_rel))
+        s, meta = read_tensors(resolve_inside(self.root, s_rel))
+        return Checkpoint(server_round=server_round, global_state=g,
                           strategy_tensors=s, strategy_scalars=dict(meta.get("scalars", {})),
                           extra=dict(state.get("extra", {})))

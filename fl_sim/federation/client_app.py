@@ -10,7 +10,9 @@ and partitioning are cached per process, so the app works the same under the Ray
 :func:`~fl_sim.federation.local.local_train` (or :func:`~fl_sim.federation.local.one_gradient`
 when the strategy asks for a gradient), write the ground truth of every step and, for a
 client listed in ``federation.peer_clients``, the global it received and its own update into
-``run_dir/peer/c{k}``.
+``run_dir/peer/c{k}``. A ``train`` or ``evaluate`` that raises answers with an error reply
+(:func:`~fl_sim.federation.failures.failures_as_replies`): one log line per failure on the
+server, no traceback crossing Ray.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import socket
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -31,8 +34,10 @@ from fl_sim.config import ExperimentConfig
 from fl_sim.data.partition import evaluation_share
 from fl_sim.errors import FlSimError
 from fl_sim.federation import protocol as P
+from fl_sim.federation.failures import failures_as_replies
 from fl_sim.federation.local import LocalResult, local_train, one_gradient
 from fl_sim.federation.resources import apply_determinism, client_device
+from fl_sim.federation.shared_dir import check_probe
 from fl_sim.federation.taps import arrays_to_tensors
 from fl_sim.records import ModelSpec
 from fl_sim.seeding import numpy_rng, torch_generator
@@ -145,8 +150,12 @@ def _config(msg: Message) -> ConfigRecord:
 
 
 @app.query("partition")
+@failures_as_replies
 def query_partition(msg: Message, context: Context) -> Message:
-    """Tell the server which partition this node holds (node ids are random)."""
+    """Tell the server which partition this node holds (node ids are random), after checking
+    that this node sees the run directory (:mod:`fl_sim.federation.shared_dir`)."""
+    check_probe(_config(msg), where=f"client {partition_id(context)}'s node "
+                f"({socket.gethostname()})")
     reply = RecordDict({P.META: ConfigRecord({P.PARTITION_ID: partition_id(context)})})
     return Message(reply, reply_to=msg)
 
@@ -170,6 +179,7 @@ def _published(config: ConfigRecord) -> dict[str, Any]:
 
 
 @app.train()
+@failures_as_replies
 def train(msg: Message, context: Context) -> Message:
     """One round of local work; replies with new weights or a gradient (see module doc)."""
     config = _config(msg)
@@ -178,8 +188,8 @@ def train(msg: Message, context: Context) -> Message:
     cid = partition_id(context)
     r = int(config[P.ROUND_KEY])  # type: ignore[arg-type]
     if should_fail(cfg, r, cid):
-        raise InjectedClientFailure(f"client {cid} failed in round {r} (injected, "
-                                    f"client_failure_rate={fed.client_failure_rate})")
+        raise InjectedClientFailure(f"injected (client_failure_rate="
+                                    f"{fed.client_failure_rate})")
     apply_determinism(cfg)
     data = client_data(cfg, cid)
     task = task_with_global(cfg, _arrays(msg))
@@ -238,6 +248,7 @@ def _record_peer(run_dir: Any, cid: int, r: int, global_state: dict[str, Tensor]
 
 
 @app.evaluate()
+@failures_as_replies
 def evaluate(msg: Message, context: Context) -> Message:
     """Evaluate the global model on this client's share of the test split."""
     config = _config(msg)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,11 +75,17 @@ class RoundLog:
 
     sampled: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
+    #: client -> the reason of its error reply (summary line, then traceback)
+    errors: dict[int, str] = field(default_factory=dict)
     rejected: list[int] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
     num_examples: int = 0
     train_loss: float | None = None
     aggregated: bool = False
+    #: seconds the tap itself spent this round (global snapshot + store, reply checks and
+    #: records, the aggregate's cast + record), by ``time.perf_counter``; excludes the
+    #: wrapped strategy and the clients
+    tap_seconds: float = 0.0
 
 
 def arrays_to_tensors(arrays: ArrayRecord) -> dict[str, Tensor]:
@@ -137,24 +144,28 @@ class TapStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         """Snapshot + store the global, publish last round's totals, sample, delegate."""
+        t0 = time.perf_counter()
         self._global = arrays_to_tensors(arrays)
         if self.store is not None:
             self.store.write_global(server_round, self._global)
+        spent = time.perf_counter() - t0
         for k, v in self.published.items():
             config[k] = v
         sampled_grid, clients = self._sampled_grid(grid, server_round, self.fraction_train,
                                                    "train")
-        self.log = RoundLog(sampled=clients)
+        self.log = RoundLog(sampled=clients, tap_seconds=spent)
         return self.inner.configure_train(server_round, arrays, config, sampled_grid)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """Record each reply, reject non-finite ones, delegate the rest in client order."""
+        t0 = time.perf_counter()
         errors, accepted = [], []
         for msg in replies:
             cid = self.client_of(msg)
             if msg.has_error():
                 self.log.failed.append(cid)
+                self.log.errors[cid] = str(msg.error.reason or "")
                 errors.append(msg)
                 continue
             if not is_finite(next(iter(msg.content.array_records.values()))):
@@ -166,6 +177,7 @@ class TapStrategy(Strategy):
         accepted.sort(key=lambda item: item[0])
         for cid, msg in accepted:
             self._record_reply(server_round, cid, msg)
+        self.log.tap_seconds += time.perf_counter() - t0
         self.log.failed.sort()
         self.log.rejected.sort()
         self.log.accepted = [cid for cid, _ in accepted]
@@ -174,6 +186,7 @@ class TapStrategy(Strategy):
         new, metrics = self.inner.aggregate_train(
             server_round, [m for _, m in accepted] + errors)
         if new is not None:
+            t0 = time.perf_counter()
             new = self._cast_like_global(new)
             self.log.aggregated = True
             if self.store is not None:
@@ -181,6 +194,7 @@ class TapStrategy(Strategy):
                 self.store.write_update("aggregate", server_round, None, delta, {
                     "update_kind": "delta", "num_examples": self.log.num_examples,
                     "num_clients_aggregated": len(accepted), "clients": self.log.accepted})
+            self.log.tap_seconds += time.perf_counter() - t0
         # Published with the next global (an empty round publishes zeros, never stale totals).
         done = new is not None
         self.published = {P.AGG_ROUND_KEY: server_round,

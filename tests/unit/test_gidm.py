@@ -14,6 +14,7 @@ from diffusion_cases import (
 
 from attacks.base import resolve_device
 from attacks.diffusion_matching import DiffusionMatching, granted_aux, step_aux
+from attacks.dlg import DLG
 from attacks.gidm import GIDM
 from attacks.gradients import split_state, target_from_record
 from attacks.idlg import IDLG
@@ -74,11 +75,28 @@ def test_attacks_without_eps_t_name_the_knowledge(untrained):
         InvertingGradients().problem(rec, generator=torch.Generator())
     with pytest.raises(ThreatModelError, match="eps"):
         GIDM(phase1_iterations=1, phase2_iterations=1)(rec)
+    with pytest.raises(ThreatModelError, match=r"aux = \"granted\""):
+        DLG().reconstruct(rec, generator=torch.Generator())
     with pytest.raises(ThreatModelError, match=r"\['eps', 't'\] was not granted"):
         granted_aux(rec, task, attack="dlg")
     assert GIDM().required_knowledge() == ("eps", "t")
     assert InvertingGradients(aux="granted").required_knowledge() == ("eps", "t")
     assert InvertingGradients().required_knowledge() == ()
+
+
+def test_dlg_matches_the_diffusion_gradient_with_granted_aux(untrained):
+    task, spec = untrained
+    x = digits_victims(1)
+    rec = diffusion_record(task, spec, x, t=[80])
+    attack = DLG(max_iterations=1, inner_iterations=3, aux="granted")
+    assert attack.required_knowledge() == ("eps", "t")
+    out = attack.reconstruct(rec, generator=torch.Generator().manual_seed(0))
+    assert out.labels is None and out.images.shape == x.shape
+    params, buffers = split_state(task, rec.global_params)
+    match = DiffusionMatching(task, params, buffers, target_from_record(rec, task),
+                              granted_aux(rec, task, attack="test"))
+    start = torch.rand(x.shape, generator=torch.Generator().manual_seed(0))  # DLG's start
+    assert float(match(out.images).detach()) < float(match(start).detach())
 
 
 def test_label_recovery_refuses_an_unconditional_diffusion_model(untrained):

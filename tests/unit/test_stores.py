@@ -94,14 +94,19 @@ def test_truncate_discards_later_rounds_and_duplicates(tmp_path: Path) -> None:
     TruthStore(tmp_path).write(3, 0, [TruthStep(0, torch.zeros(1, 1, 2, 2),
                                                 torch.tensor([0]), torch.tensor([0]))])
     peer = PeerStore(tmp_path, 0)
-    for r in (1, 2, 3):
+    for r in (1, 2, 3, 4):
         peer.write_global(r, _state(r), {})
+        peer.write_update(r, _state(20 + r), {})
     truncate_run(tmp_path, 2)
     rows = obs.entries("server_in")
     assert [(e["round"], e["num_examples"]) for e in rows] == [(1, 1), (2, 2)]
     assert not (tmp_path / "observations" / "server_in" / "r0003").exists()
     assert TruthStore(tmp_path).keys() == []
-    assert [e["round"] for e in peer.entries("global")] == [1, 2]
+    # the global of round 3 is the OUTPUT of finished round 2: kept (resume never deletes it)
+    assert [e["round"] for e in peer.entries("global")] == [1, 2, 3]
+    assert [e["round"] for e in peer.entries("update")] == [1, 2]
+    assert sorted(p.name for p in (peer.root / "globals").iterdir()) == [
+        "r0001.safetensors", "r0002.safetensors", "r0003.safetensors"]
     lines = (tmp_path / "observations" / "index.jsonl").read_text().splitlines()
     keys = [(d["tap"], d["round"], d["client"]) for d in map(json.loads, lines)]
     assert len(keys) == len(set(keys))

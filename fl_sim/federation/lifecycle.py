@@ -1,0 +1,188 @@
+"""Process lifecycle of a run: Ray started by the driver, interrupts that end the process.
+
+What went wrong before (ray 2.55, flwr 1.42, measured): Ctrl-C printed the resume hint and
+then hung forever, because ``run_simulation`` runs the ServerApp in a NON-daemon thread that
+waits up to an hour for replies that never come once Ray is gone; SIGTERM hit Ray's C++
+failure handler (installed by ``ray.init``) and aborted with a stack dump; after SIGKILL of the
+driver, Ray's dashboard and runtime-env agents lived on.
+
+* :func:`ray_session` starts Ray itself, in the main thread, BEFORE ``run_simulation`` (Flower
+  then reuses it): the driver is the parent of ``gcs_server`` / ``raylet`` (the kernel kills
+  them with the driver), a :mod:`~fl_sim.federation.watchdog` process kills the rest if the
+  driver is SIGKILLed, and the SIGINT / SIGTERM handlers in force before ``ray.init`` are put
+  back afterwards (Ray must not take over the process's signals). On any exception — an
+  interrupt included — it shuts Ray down within :data:`SHUTDOWN_S` and kills what Ray left.
+* :func:`exit_on_interrupt` (the CLI's policy) makes SIGINT and SIGTERM raise
+  :class:`RunInterrupted` once in the main thread, so the run unwinds through Ray's shutdown,
+  and arms a timer that ends the process with :func:`hard_exit` if unwinding takes longer
+  than ``hard_exit_s``. The CLI ends with ``os._exit`` too: the stranded ServerApp thread
+  must not keep the process alive. Exit status 128 + signal number (130 SIGINT, 143 SIGTERM).
+
+The run directory stays resumable whatever point the interrupt hits: every store write is
+atomic and a resume discards the unfinished round (:mod:`fl_sim.federation.resume`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from fl_sim.federation.processes import PROC, _signal, _stat, descendants
+
+logger = logging.getLogger(__name__)
+
+#: Seconds ``ray.shutdown`` may take on an interrupt before its leftovers are killed.
+SHUTDOWN_S = 4.0
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM reached the driver; ``exit_code`` is 128 + the signal number.
+
+    A ``KeyboardInterrupt`` so that it unwinds through Flower's ``except Exception`` blocks.
+    ``run_dir`` is set by the simulation driver once the run directory is known.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"interrupted by {signal.Signals(signum).name}")
+        self.signum = int(signum)
+        self.run_dir: Path | None = None
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+_state: dict[str, Any] = {"interrupted": None, "baseline": set()}
+
+
+def _handler(signum: int, frame: FrameType | None) -> None:
+    if _state["interrupted"] is not None:
+        return  # already unwinding: a second Ctrl-C must not abort the clean-up half-way
+    _state["interrupted"] = signum
+    # Ray's workers are re-parented once the raylet stops: remember them while we can.
+    _state["seen"] = set(descendants(os.getpid()))
+    hard_exit_s = _state.get("hard_exit_s")
+    if hard_exit_s is not None:
+        timer = threading.Timer(hard_exit_s, hard_exit, args=(128 + signum,))
+        timer.daemon = True
+        timer.start()
+    raise RunInterrupted(signum)
+
+
+def exit_on_interrupt(*, hard_exit_s: float | None = 8.0) -> None:
+    """Install the interrupt policy (main thread only): SIGINT / SIGTERM raise
+    :class:`RunInterrupted` once; after ``hard_exit_s`` seconds :func:`hard_exit` ends the
+    process whatever the clean-up is doing (None: never)."""
+    _state.update(interrupted=None, hard_exit_s=hard_exit_s,
+                  baseline=set(descendants(os.getpid())))
+    for sig in SIGNALS:
+        signal.signal(sig, _handler)
+
+
+def hard_exit(code: int) -> None:
+    """Kill the processes this driver started since :func:`exit_on_interrupt` (Ray's, the
+    watchdog's) and leave NOW with ``code``: no interpreter shutdown, which would wait for
+    Flower's stranded ServerApp thread forever."""
+    kill_new_descendants(_state["baseline"], also=_state.get("seen", set()))
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed pipe must not stop the exit
+            pass
+    os._exit(code)
+
+
+def kill_new_descendants(baseline: set[tuple[int, int]], *,
+                         also: set[tuple[int, int]] | None = None) -> None:
+    """SIGKILL every live descendant of this process, and every live ``also`` process, that
+    is not in ``baseline`` (``(pid, start time)`` pairs: a recycled pid is never hit)."""
+    for pid, start in set(descendants(os.getpid())) | set(also or ()):
+        if (pid, start) not in baseline:
+            _signal(pid, start, signal.SIGKILL)
+
+
+def _start_watchdog() -> subprocess.Popen[bytes] | None:
+    st = _stat(os.getpid())
+    if not PROC.is_dir() or st is None:
+        return None
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "fl_sim.federation.watchdog", str(os.getpid()), str(st[1])],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True, cwd=str(Path(__file__).resolve().parents[2]))
+    except OSError as exc:
+        logger.warning("no Ray watchdog (%s); after a SIGKILL Ray helpers may outlive the run",
+                       exc)
+        return None
+
+
+def _stop(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is not None and proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _ray_init(init_args: Mapping[str, Any]) -> None:
+    """``ray.init`` as Flower's RayBackend would call it (same runtime env), keeping the
+    process's own SIGINT / SIGTERM handlers."""
+    import ray
+    if ray.is_initialized():
+        return
+    saved = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    args = {"include_dashboard": False, "logging_level": logging.WARNING, **init_args}
+    try:
+        with warnings.catch_warnings():  # Ray's FutureWarning about accelerator env vars
+            warnings.simplefilter("ignore", FutureWarning)
+            ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **args)
+    finally:
+        for sig, handler in saved.items():
+            if handler is not None:
+                signal.signal(sig, handler)
+
+
+def _shutdown_ray(timeout_s: float) -> None:
+    import ray
+    t = threading.Thread(target=ray.shutdown, daemon=True, name="fl-sim-ray-shutdown")
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        logger.warning("ray.shutdown() took over %.0f s; killing Ray's processes", timeout_s)
+
+
+@contextmanager
+def ray_session(init_args: Mapping[str, Any]) -> Iterator[None]:
+    """Ray for one run (see the module doc); a no-op wrapper outside the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    baseline = set(descendants(os.getpid()))
+    watchdog = _start_watchdog()
+    if watchdog is not None:
+        baseline.add((watchdog.pid, (_stat(watchdog.pid) or (0, 0))[1]))
+    try:
+        _ray_init(init_args)
+        yield
+    except BaseException:
+        seen = set(descendants(os.getpid()))  # before the raylet's children are re-parented
+        _shutdown_ray(SHUTDOWN_S)
+        kill_new_descendants(baseline, also=seen)
+        raise
+    finally:
+        _stop(watchdog)

@@ -1,0 +1,84 @@
+"""Checks that run before any work starts: no Ray, no run directory, one line on failure.
+
+:func:`check_before_start` is what :func:`fl_sim.federation.simulation.run_experiment` calls
+before it creates the run directory or starts Ray (~15 s): the config itself was already
+validated (types, finite numbers, attack entries: :mod:`fl_sim.config`), so what is left is
+what needs the disk:
+
+* the run directory: a fresh run needs a path that is not a file and holds no run; a resume
+  needs a readable ``config.json`` and checkpoint state naming files that exist;
+* the data: the dataset is loaded (in-process cache, the ServerApp reuses it) and partitioned
+  exactly as the clients will, so a malformed file or a client left without samples fails
+  here instead of in every Ray actor.
+
+Everything raises a :class:`~fl_sim.errors.FlSimError` subclass.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fl_sim.config import ExperimentConfig
+from fl_sim.errors import RunDirError
+from fl_sim.run_dir import read_json_object
+
+
+def check_before_start(cfg: ExperimentConfig, *, run_dir: Path, resume: bool) -> None:
+    """Raise before anything is created if ``cfg`` cannot run into ``run_dir``."""
+    if resume:
+        check_resumable(run_dir)
+    else:
+        check_fresh_run_dir(run_dir)
+    check_data(cfg)
+
+
+def check_fresh_run_dir(run_dir: Path) -> None:
+    """A new run may go to ``run_dir``: no file on its way, and no run already there."""
+    for p in (run_dir, *run_dir.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "--run-dir" if p == run_dir else "its parent"
+                raise RunDirError(f"{run_dir}: {what} {p} is a file, not a directory")
+            break
+    if (run_dir / "run.json").exists():
+        raise RunDirError(f"{run_dir} already holds a run; resume it with --resume or choose "
+                          "another --run-dir")
+
+
+def check_resumable(run_dir: Path) -> None:
+    """``run_dir`` holds a run whose JSON files and checkpoint state are readable."""
+    if not run_dir.is_dir():
+        raise RunDirError(f"resume: {run_dir} is not a directory")
+    if not (run_dir / "config.json").is_file():
+        raise RunDirError(f"resume: {run_dir} is not a run directory (no config.json)")
+    read_json_object(run_dir / "config.json")
+    # run.json is not required: a kill while it was written leaves it torn, and the resume
+    # rewrites it
+    state = run_dir / "checkpoint" / "state.json"
+    if state.is_file():
+        check_checkpoint_state(read_json_object(state), state.parent)
+
+
+def check_checkpoint_state(state: dict[str, Any], root: Path) -> None:
+    """``checkpoint/state.json`` names a round and two files inside ``root`` that exist."""
+    from fl_sim.stores import resolve_inside
+    r = state.get("round")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 0:
+        raise RunDirError(f"{root / 'state.json'}: corrupt (round {r!r})")
+    for key in ("global", "strategy"):
+        rel = state.get(key)
+        if not isinstance(rel, str):
+            raise RunDirError(f"{root / 'state.json'}: corrupt (no '{key}' file)")
+        if not resolve_inside(root, rel).is_file():
+            raise RunDirError(f"{root / 'state.json'}: names a missing file {rel}")
+
+
+def check_data(cfg: ExperimentConfig) -> None:
+    """Load and partition the data as the clients will (DataError / ConfigError if not)."""
+    from fl_sim.federation.client_app import load_partitions, load_splits
+    data_json = json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True)
+    partition_json = json.dumps(cfg.partition.model_dump(mode="json"), sort_keys=True)
+    load_splits(data_json)
+    load_partitions(data_json, partition_json, cfg.federation.num_clients, cfg.run.seed)

@@ -1,0 +1,444 @@
+"""A table of bad inputs: each ends with exit 2 and ONE line on stderr, before any work.
+
+Config values, data files, run directories and attack entries, run as a user runs them but
+in-process (``fl_sim.cli.main``; one subprocess case checks the real entry point). Every case
+asserts: exit status 2, exactly one stderr line starting ``fl-sim: error:``, no traceback, no
+run directory created (nothing new under the output directory) and Ray never started
+(``run_simulation`` and ``ray.init`` fail the test if reached).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fl_sim import cli, config
+from fl_sim.records import ModelSpec, TruthStep
+from fl_sim.report import RESULTS_FILE, load_results
+from fl_sim.stores import ObservationStore, PeerStore, TruthStore
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT = str(ROOT / "configs" / "default.toml")
+SPEC = ModelSpec(model="mlp", model_params={"hidden": (4,)}, task="classifier",
+                 task_params={}, in_channels=1, num_classes=3, image_size=2, mean=(0.5,),
+                 std=(0.5,))
+#: Seconds the whole table may take in-process (imports included; it never starts Ray).
+TABLE_BUDGET_S = 120.0
+_elapsed: list[float] = []
+
+
+# -- files the cases are built from ----------------------------------------------------------
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def _images(n: int = 40) -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, (n, 8, 8), dtype=np.uint8)
+
+
+def _labels(n: int = 40) -> np.ndarray:
+    return np.arange(n) % 4
+
+
+def _npz(tmp: Path, **arrays: np.ndarray) -> Path:
+    p = tmp / "data.npz"
+    np.savez_compressed(p, **arrays)
+    return p
+
+
+def _npz_members(tmp: Path, members: dict[str, bytes]) -> Path:
+    p = tmp / "data.npz"
+    with zipfile.ZipFile(p, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, raw in members.items():
+            z.writestr(name, raw)
+    return p
+
+
+def corrupt_stream(tmp: Path) -> Path:
+    """Valid zip directory and .npy header, garbage in the middle of x's deflate stream."""
+    p = _npz(tmp, x=np.random.default_rng(1).integers(0, 256, (400, 16, 16), np.uint8),
+             y=np.arange(400) % 4)
+    raw = bytearray(p.read_bytes())
+    with zipfile.ZipFile(p) as z:
+        info = z.getinfo("x.npy")
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+    mid = start + info.compress_size // 2
+    raw[mid:mid + 64] = bytes(b ^ 0x5A for b in raw[mid:mid + 64])
+    p.write_bytes(bytes(raw))
+    return p
+
+
+def malformed_header(tmp: Path) -> Path:
+    x = bytearray(_npy(_images()))
+    x[10:30] = b"{'descr': ((((((((((("[:20]
+    return _npz_members(tmp, {"x.npy": bytes(x), "y.npy": _npy(_labels())})
+
+
+def huge_header(tmp: Path) -> Path:
+    hdr = "{'descr': '|u1', 'fortran_order': False, 'shape': (100000000000, 8, 8), }"
+    hdr = hdr.ljust(117) + "\n"
+    x = b"\x93NUMPY\x01\x00" + len(hdr).to_bytes(2, "little") + hdr.encode() + bytes(64)
+    return _npz_members(tmp, {"x.npy": x, "y.npy": _npy(_labels())})
+
+
+def huge_label(tmp: Path) -> Path:
+    y = _labels()
+    y[-1] = 10**9
+    return _npz(tmp, x=_images(), y=y)
+
+
+def negative_label(tmp: Path) -> Path:
+    y = _labels()
+    y[3] = -1
+    return _npz(tmp, x=_images(), y=y)
+
+
+def nan_images(tmp: Path) -> Path:
+    x = np.random.default_rng(0).random((40, 1, 8, 8)).astype(np.float32)
+    x[0, 0, 0, 0] = np.nan
+    return _npz(tmp, x=x, y=_labels())
+
+
+def truncated_zip(tmp: Path) -> Path:
+    p = _npz(tmp, x=_images(), y=_labels())
+    p.write_bytes(p.read_bytes()[:300])
+    return p
+
+
+def wrong_keys(tmp: Path) -> Path:
+    return _npz(tmp, images=_images(), targets=_labels())
+
+
+def object_array(tmp: Path) -> Path:
+    p = tmp / "data.npz"
+    np.savez(p, x=np.array([{"a": 1}] * 4, dtype=object), y=np.arange(4))
+    return p
+
+
+def corrupt_png(tmp: Path) -> Path:
+    for cls in ("a", "b"):
+        (tmp / "imgs" / cls).mkdir(parents=True)
+        (tmp / "imgs" / cls / "0.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 9)
+    return tmp / "imgs"
+
+
+def bad_idx(tmp: Path) -> Path:
+    root = tmp / "mnist"
+    root.mkdir()
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+        (root / name).write_bytes(b"\x00\x00\x08\x03" + (10**6).to_bytes(4, "big") * 3)
+    return root
+
+
+# -- a recorded run, written by hand (no Ray) -------------------------------------------------
+def make_run(tmp: Path, *, peers: tuple[int, ...] = (0,), nan_update: bool = False,
+             nan_own: bool = False) -> Path:
+    """Round 1 of a 3-client, 2-round FedAvg run as the stores record it."""
+    run = tmp / "run"
+    cfg = config.load(DEFAULT, ["federation.num_rounds=2", "attacks=[]",
+                                f"federation.peer_clients={list(peers)}",
+                                'strategy={name="fedavg"}'])
+    config.save_resolved(cfg, run)
+    (run / "spec.json").write_text(json.dumps(SPEC.to_json()))
+    (run / "run.json").write_text(json.dumps({"run_id": "run", "status": "complete"}))
+    obs, truth = ObservationStore(run), TruthStore(run)
+    g = {"w": torch.zeros(3, 4)}
+    obs.write_global(1, g)
+    meta = {"update_kind": "delta", "num_examples": 2, "local_steps": 1, "lr": 0.1,
+            "batch_size": 2, "defenses": []}
+    for c in range(3):
+        w = torch.full((3, 4), float(c + 1))
+        if nan_update and c == 1:
+            w[0, 0] = float("nan")
+        obs.write_update("server_in", 1, c, {"w": w}, meta)
+        truth.write(1, c, [TruthStep(0, torch.rand(2, 1, 2, 2), torch.tensor([c, 2]),
+                                     torch.tensor([2 * c, 2 * c + 1]))])
+    for p in peers:
+        own = torch.full((3, 4), float(p + 1))
+        if nan_own:
+            own[1, 1] = float("inf")
+        store = PeerStore(run, p)
+        store.write_global(1, g, {})
+        store.write_update(1, {"w": own}, meta)
+        store.write_global(2, {"w": torch.full((3, 4), 2.0)}, {
+            "aggregated_round": 1, "aggregated_num_examples": 6, "aggregated_num_clients": 3})
+    return run
+
+
+def resume_state(tmp: Path, state: str) -> Path:
+    run = make_run(tmp)
+    (run / "checkpoint").mkdir()
+    (run / "checkpoint" / "state.json").write_text(state)
+    return run
+
+
+# -- the table ---------------------------------------------------------------------------------
+Case = Callable[[Path], list[str]]
+
+
+def run_with(*sets: str) -> Case:
+    return lambda tmp: ["run", DEFAULT, *(a for s in sets for a in ("--set", s))]
+
+
+def run_data(name: str, make: Callable[[Path], Path], *extra: str) -> Case:
+    def case(tmp: Path) -> list[str]:
+        return run_with(f'data={{name="{name}", path="{make(tmp)}"}}', *extra)(tmp)
+    return case
+
+
+def attack_on(make: Callable[[Path], Path], *args: str) -> Case:
+    return lambda tmp: ["attack", str(make(tmp)), *args]
+
+
+def _write(tmp: Path, name: str, text: str) -> Path:
+    p = tmp / name
+    p.write_text(text)
+    return p
+
+
+def _run_file(name: str, text: str) -> Callable[[Path], Path]:
+    def make(tmp: Path) -> Path:
+        run = make_run(tmp)
+        (run / name).write_text(text)
+        return run
+    return make
+
+
+CASES: dict[str, tuple[Case, str]] = {
+    # config: non-finite numbers anywhere (sections and plug-in parameters)
+    "lr inf": (run_with("federation.lr=inf"), "federation.lr: Input should be a finite"),
+    "lr nan": (run_with("federation.lr=nan"), "federation.lr: Input should be a finite"),
+    "lr -inf": (run_with("federation.lr=-inf"), "finite number"),
+    "fraction nan": (run_with("federation.fraction_train=nan"), "fraction_train"),
+    "num_cpus inf": (run_with("federation.client_resources.num_cpus=inf"), "num_cpus"),
+    "server_lr inf": (run_with("strategy.server_lr=inf"), "strategy.server_lr: Input should"),
+    "test_fraction nan": (run_with("data.test_fraction=nan"), "data.test_fraction"),
+    "attack tv nan": (run_with("attacks.1.tv_weight=nan"), "attacks[1].tv_weight"),
+    # config: booleans where numbers are expected
+    "num_clients true": (run_with("federation.num_clients=true"),
+                         "federation.num_clients: a boolean where a number is expected"),
+    "num_rounds false": (run_with("federation.num_rounds=false"), "federation.num_rounds"),
+    "batch_size true": (run_with("federation.batch_size=true"), "federation.batch_size"),
+    "lr true": (run_with("federation.lr=true"), "federation.lr: a boolean"),
+    "seed true": (run_with("run.seed=true"), "run.seed"),
+    "peer_clients [true]": (run_with("federation.peer_clients=[true]"), "peer_clients"),
+    "attack iterations true": (run_with("attacks.1.max_iterations=true"),
+                               "attacks[1].max_iterations: a boolean"),
+    "num_clients string": (run_with('federation.num_clients="many"'), "num_clients"),
+    "unknown key": (run_with("federation.bogus=1"), "federation.bogus: unknown key"),
+    # config: clients that would receive no data (found by loading + partitioning the data)
+    "max_train 5, 8 clients": (run_with("data.max_train=5", "federation.num_clients=8",
+                                        "federation.peer_clients=[]", "attacks=[]"),
+                               "clients [5, 6, 7] received no samples"),
+    "dirichlet starves clients": (run_with("data.max_train=12", "federation.num_clients=12",
+                                           'partition={name="dirichlet", alpha=0.01}',
+                                           "attacks=[]"), "fewer than min_size=1 samples"),
+    # config: attack entries that cannot run
+    "attack client 99": (run_with("attacks.0.client=99"), "client 99 outside 0..2"),
+    "attack client -1": (run_with("attacks.0.client=-1"), "client -1 outside 0..2"),
+    "peer attack, no peers": (run_with("federation.peer_clients=[]"),
+                              "peer attack needs federation.peer_clients"),
+    "peer attack on non-peer": (run_with("attacks.2.client=2"), "client 2 is not a peer"),
+    "attack round 9": (run_with("attacks.0.rounds=[9]"), "rounds [9] do not exist"),
+    "attack round 0": (run_with("attacks.0.rounds=[0]"), "rounds [0] do not exist"),
+    "attack rounds []": (run_with("attacks.0.rounds=[]"), "schedules nothing"),
+    "attack without taps": (run_with("federation.taps=false"), "records nothing to attack"),
+    "attack without truth": (run_with("federation.record_truth=false"),
+                             "nothing to score the attack against"),
+    # data files
+    "npz corrupt stream": (run_data("npz", corrupt_stream), "not a valid .npz file"),
+    "npz malformed header": (run_data("npz", malformed_header), "unreadable .npy header"),
+    "npz header claims 6 TB": (run_data("npz", huge_header),
+                               "header says shape (100000000000, 8, 8)"),
+    "npz label 1e9": (run_data("npz", huge_label), "label 1000000000 would mean"),
+    "npz negative label": (run_data("npz", negative_label), "negative label -1"),
+    "npz NaN images": (run_data("npz", nan_images), "NaN or infinite"),
+    "npz truncated": (run_data("npz", truncated_zip), "not a zip archive"),
+    "npz wrong keys": (run_data("npz", wrong_keys), "wrong keys"),
+    "npz object array": (run_data("npz", object_array), "pickle"),
+    "npz missing": (run_data("npz", lambda t: t / "nope.npz"), "file not found"),
+    "image_folder corrupt png": (run_data("image_folder", corrupt_png), "unreadable image"),
+    "mnist idx size": (run_data("mnist", bad_idx), "header says"),
+    # run directories
+    "--run-dir is a file": (lambda t: ["run", DEFAULT, "--run-dir",
+                                       str(_write(t, "f", "x"))], "is a file"),
+    "--run-dir under a file": (lambda t: ["run", DEFAULT, "--run-dir",
+                                          str(_write(t, "f", "x") / "sub")], "is a file"),
+    "--run-dir holds a run": (lambda t: ["run", DEFAULT, "--run-dir", str(make_run(t))],
+                              "already holds a run"),
+    "output_dir is a file": (lambda t: run_with(f'run.output_dir="{_write(t, "o", "x")}"')(t),
+                             "is a file"),
+    "--resume missing": (lambda t: ["run", "--resume", str(t / "nope")], "nope"),
+    "--resume corrupt checkpoint": (lambda t: ["run", "--resume",
+                                               str(resume_state(t, "{not json"))],
+                                    "checkpoint"),
+    "--resume checkpoint names missing file": (
+        lambda t: ["run", "--resume", str(resume_state(t, json.dumps(
+            {"round": 1, "global": "r0001.global.safetensors",
+             "strategy": "r0001.strategy.safetensors", "extra": {}})))],
+        "missing file"),
+    "--resume checkpoint escapes": (
+        lambda t: ["run", "--resume", str(resume_state(t, json.dumps(
+            {"round": 1, "global": "../config.json", "strategy": "x", "extra": {}})))],
+        "refusing"),
+    "report missing dir": (lambda t: ["report", str(t / "nope")], "no such run directory"),
+    "report non-run dir": (lambda t: ["report", str(t)], "not a run directory"),
+    "report on a file": (lambda t: ["report", str(_write(t, "f", "x"))], "not a directory"),
+    "report corrupt config.json": (lambda t: ["report", str(_run_file("config.json", "{")(t))],
+                                   "config.json: corrupt"),
+    "attack corrupt run.json": (attack_on(_run_file("run.json", "[1"), "--attack", "noop"),
+                                "run.json: corrupt"),
+    "attack corrupt spec.json": (attack_on(_run_file("spec.json", '{"model": 1}'), "--attack",
+                                           "noop"), "spec.json: corrupt"),
+    "attack invalid config.json": (attack_on(_run_file("config.json", '{"run": {"seed": -1}}'),
+                                             "--attack", "noop"), "run.seed"),
+    # attack entries on a recorded run
+    "replay client 99": (attack_on(make_run, "--attack", "noop", "--client", "99"),
+                         "client 99 outside 0..2"),
+    "replay client -1": (attack_on(make_run, "--attack", "noop", "--client", "-1"),
+                         "client -1 outside"),
+    "replay round 9": (attack_on(make_run, "--attack", "noop", "--round", "9"),
+                       "rounds [9] do not exist"),
+    "replay peer, no peers": (attack_on(lambda t: make_run(t, peers=()), "--attack", "noop",
+                                        "--view", "peer"), "no peer views"),
+    "replay peer on non-peer": (attack_on(make_run, "--attack", "noop", "--view", "peer",
+                                          "--client", "1"), "client 1 is not a peer"),
+    "replay unknown attack": (attack_on(make_run, "--attack", "nope"), "unknown attack"),
+    "replay bad param": (attack_on(make_run, "--attack", "dlg", "--set",
+                                   "max_iterations=true"), "max_iterations: a boolean"),
+    "replay NaN update": (attack_on(lambda t: make_run(t, nan_update=True), "--attack",
+                                    "noop", "--client", "1"), "holds NaN/inf"),
+    "replay NaN own update": (attack_on(lambda t: make_run(t, nan_own=True), "--attack",
+                                        "noop", "--view", "peer"), "own update holds NaN/inf"),
+}
+
+
+#: Cases that refuse invalid recorded data: they write one error row to attacks.jsonl.
+ERROR_ROW_CASES = {"replay NaN update", "replay NaN own update"}
+
+
+@pytest.fixture
+def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reaching Ray at all fails the case: everything here must fail before it."""
+    import flwr.simulation
+    import ray
+
+    def refuse(*_: object, **__: object) -> None:
+        raise AssertionError("Ray was started for a bad input")
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", refuse)
+    monkeypatch.setattr(ray, "init", refuse)
+
+
+@pytest.fixture
+def keep_logging():
+    """cli.main configures the root logger; give pytest its handlers back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def _tree(path: Path) -> set[Path]:
+    return set(path.rglob("*"))
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_one_line_exit_2_before_any_work(
+        name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], no_ray: None, keep_logging: None) -> None:
+    make, expected = CASES[name]
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # the default run.output_dir ("runs") lands here
+    argv = make(tmp_path)
+    before = _tree(tmp_path)
+    t0 = time.perf_counter()
+    rc = cli.main(argv)
+    _elapsed.append(time.perf_counter() - t0)
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert rc == 2, err
+    assert len(lines) == 1 and lines[0].startswith("fl-sim: error: "), err
+    assert "Traceback" not in err
+    assert expected in lines[0], lines[0]
+    created = {p for p in _tree(tmp_path) - before if "__pycache__" not in p.parts}
+    if name in ERROR_ROW_CASES:  # the refusal is recorded as a result row with the error
+        results = {p for p in created if p.name == RESULTS_FILE}
+        assert len(results) == 1 and "error" in load_results(results.pop().parent)[0]
+        created = {p for p in created if p.name != RESULTS_FILE}
+    assert not created, f"{name} created {sorted(map(str, created))}"
+
+
+def test_table_is_large_and_ran_without_ray_in_bounded_time() -> None:
+    assert len(CASES) >= 40
+    assert sum(_elapsed) < TABLE_BUDGET_S, (len(_elapsed), sum(_elapsed))
+
+
+# -- what the refusals leave behind ----------------------------------------------------------
+def test_nan_record_refusal_is_recorded_once_as_an_error(tmp_path: Path,
+                                                         keep_logging: None) -> None:
+    run = make_run(tmp_path, nan_update=True)
+    for _ in range(2):
+        assert cli.main(["attack", str(run), "--attack", "noop", "--client", "1"]) == 2
+    rows = load_results(run)
+    assert len(rows) == 1 and "InvalidRecordError" in rows[0]["error"]
+    assert "psnr" not in json.dumps(rows[0])
+    assert not (run / "report.html").exists()
+
+
+def test_replaying_the_same_attack_adds_no_duplicate_row(tmp_path: Path,
+                                                         keep_logging: None) -> None:
+    run = make_run(tmp_path)
+    args = ["attack", str(run), "--attack", "noop", "--client", "2"]
+    assert cli.main(args) == 0
+    first = (run / RESULTS_FILE).read_text()
+    assert cli.main(args) == 0
+    assert (run / RESULTS_FILE).read_text() == first  # not re-run, not appended
+    assert cli.main([*args, "--round", "1", "--set", "view=server"]) == 0  # other params
+    assert len(load_results(run)) == 2
+
+
+@pytest.mark.slow
+def test_the_real_entry_point_exits_2_with_one_line(tmp_path: Path) -> None:
+    # clients without data: formerly ~1,200 traceback lines after Ray started
+    out = subprocess.run(
+        [sys.executable, "-m", "fl_sim.cli", "run", DEFAULT, "--set", "data.max_train=5",
+         "--set", "federation.num_clients=8", "--set", "federation.peer_clients=[]",
+         "--set", "attacks=[]", "--set", f'run.output_dir="{tmp_path / "runs"}"'],
+        capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL, cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "fl-sim: error: partition 'iid': clients [5, 6, 7] received no samples (5 samples "
+        "over 8 clients); use fewer clients or other partition parameters"]
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("state", "match"), [
+    ({"round": 1, "global": "../config.json", "strategy": "x"}, "refusing"),
+    ({"round": 1, "strategy": "x"}, "corrupt checkpoint"),
+    ({"round": "one", "global": "a", "strategy": "b"}, "corrupt checkpoint"),
+])
+def test_checkpoint_state_is_validated_when_loaded(tmp_path: Path, state: dict[str, object],
+                                                   match: str) -> None:
+    from fl_sim.errors import RunDirError
+    from fl_sim.federation.checkpoint import CheckpointStore
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "state.json").write_text(json.dumps(state))
+    with pytest.raises(RunDirError, match=match):
+        CheckpointStore(tmp_path).load()
