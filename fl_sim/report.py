@@ -27,12 +27,20 @@ METRICS_FILE = "metrics.jsonl"
 
 
 def load_results(run_dir: Path) -> list[dict[str, Any]]:
-    return read_jsonl(Path(run_dir) / RESULTS_FILE)
+    """The rows of ``attacks.jsonl``, one per result ``key`` (the last line written for it,
+    at the place of the first): a replay that re-ran an attack after an error replaces it."""
+    rows: dict[Any, dict[str, Any]] = {}
+    for i, r in enumerate(read_jsonl(Path(run_dir) / RESULTS_FILE)):
+        if isinstance(r, dict):
+            rows[r.get("key") or ("#", i)] = r
+    return list(rows.values())
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """One row per round of ``metrics.jsonl`` (the last line written for it), in round order."""
-    rows = {int(r["round"]): r for r in read_jsonl(Path(run_dir) / METRICS_FILE)}
+    """One row per round of ``metrics.jsonl`` (the last line written for it), in round order;
+    lines without an integer ``round`` are ignored."""
+    rows = {r["round"]: r for r in read_jsonl(Path(run_dir) / METRICS_FILE)
+            if isinstance(r, dict) and isinstance(r.get("round"), int)}
     return [rows[k] for k in sorted(rows)]
 
 
@@ -127,10 +135,14 @@ font-size:12px;overflow:auto}.sec{margin-bottom:2em}.error{color:#a00}"""
 
 
 def write_report(run_dir: Path) -> Path:
-    """(Re)write ``run_dir/report.html``; returns its absolute path."""
-    run_dir = Path(run_dir)
-    cfg = json.loads((run_dir / "config.json").read_text()) if (
-        run_dir / "config.json").is_file() else {}
+    """(Re)write ``run_dir/report.html``; returns its absolute path.
+
+    Raises :class:`~fl_sim.errors.RunDirError` unless ``run_dir`` is a run directory (a
+    directory with a readable ``config.json``): nothing is written anywhere else.
+    """
+    from fl_sim.run_dir import read_json_object, require_run_dir
+    run_dir = require_run_dir(Path(run_dir))
+    cfg = read_json_object(run_dir / "config.json")
     metrics = read_metrics(run_dir)
     results = load_results(run_dir)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>fl-sim report: "

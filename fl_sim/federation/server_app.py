@@ -30,12 +30,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from fl_sim.config import ExperimentConfig, save_resolved, server_lr
+from fl_sim.config import ExperimentConfig, server_lr
 from fl_sim.errors import FlSimError
 from fl_sim.federation import protocol as P
 from fl_sim.federation.checkpoint import CheckpointStore, load_strategy_state
 from fl_sim.federation.client_app import load_splits
+from fl_sim.federation.failures import check_something_aggregated, log_failures, summary
 from fl_sim.federation.resources import server_device
+from fl_sim.federation.resume import write_json_atomic
+from fl_sim.federation.shared_dir import write_probe
 from fl_sim.federation.taps import TapStrategy, arrays_to_tensors, tensors_to_arrays
 from fl_sim.registry import STRATEGIES
 from fl_sim.report import METRICS_FILE
@@ -134,22 +137,25 @@ def server_task(cfg: ExperimentConfig) -> tuple[Any, Any, Any]:
     return task, spec, splits
 
 
-def discover_nodes(grid: Grid, num_clients: int, *, timeout_s: float = 600.0
-                   ) -> dict[int, int]:
-    """``node_id -> partition id`` by asking every node (Flower's node ids are random)."""
+def discover_nodes(grid: Grid, num_clients: int, *, timeout_s: float = 600.0,
+                   probe: Mapping[str, Any] | None = None) -> dict[int, int]:
+    """``node_id -> partition id`` by asking every node (Flower's node ids are random).
+
+    ``probe`` (:func:`~fl_sim.federation.shared_dir.write_probe`) travels with the query:
+    each node checks that it sees the run directory, else discovery fails (one line)."""
     t0 = time.monotonic()
     while len(nodes := sorted(grid.get_node_ids())) < num_clients:
         if time.monotonic() - t0 > timeout_s:
             raise FlSimError(f"only {len(nodes)} of {num_clients} nodes connected after "
                              f"{timeout_s:.0f} s")
         time.sleep(0.5)
-    msgs = [Message(RecordDict({P.META: ConfigRecord()}), dst_node_id=n,
+    msgs = [Message(RecordDict({P.META: ConfigRecord(dict(probe or {}))}), dst_node_id=n,
                     message_type=P.QUERY_PARTITION) for n in nodes]
     mapping: dict[int, int] = {}
     for reply in grid.send_and_receive(msgs, timeout=ROUND_TIMEOUT_S):
         if reply.has_error():
             raise FlSimError(f"node {reply.metadata.src_node_id} failed to report its "
-                             f"partition: {reply.error.reason}")
+                             f"partition: {summary(reply.error.reason)}")
         cid = int(reply.content.config_records[P.META][P.PARTITION_ID])  # type: ignore[arg-type]
         mapping[int(reply.metadata.src_node_id)] = cid
     if sorted(mapping.values()) != list(range(num_clients)):
@@ -161,10 +167,11 @@ def discover_nodes(grid: Grid, num_clients: int, *, timeout_s: float = 600.0
 def prepare_run_dir(setup: ServerSetup, spec: Any) -> None:
     run_dir = setup.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_resolved(setup.cfg, run_dir)
-    (run_dir / SPEC_FILE).write_text(json.dumps(spec.to_json(), indent=2, sort_keys=True))
+    # atomic writes: a kill at any moment leaves the old or the new file, never a torn one
+    write_json_atomic(run_dir / "config.json", setup.cfg.to_json_dict())
+    write_json_atomic(run_dir / SPEC_FILE, spec.to_json())
     info = {"run_id": run_dir.name, "status": "running", "fl_sim_version": _version()}
-    (run_dir / RUN_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
+    write_json_atomic(run_dir / RUN_FILE, info)
 
 
 def _version() -> str:
@@ -179,7 +186,7 @@ def run_server(grid: Grid, setup: ServerSetup) -> None:
     fed = cfg.federation
     task, spec, splits = server_task(cfg)
     prepare_run_dir(setup, spec)
-    node_to_client = discover_nodes(grid, fed.num_clients)
+    node_to_client = discover_nodes(grid, fed.num_clients, probe=write_probe(run_dir))
     inner = build_strategy(cfg)
     arrays = ArrayRecord({k: v.detach().cpu() for k, v in task.model.state_dict().items()})
     checkpoints = CheckpointStore(run_dir)
@@ -214,6 +221,7 @@ def run_server(grid: Grid, setup: ServerSetup) -> None:
             setup.progress({"event": "round", **row})
     write_tensors(run_dir / FINAL_MODEL, arrays_to_tensors(arrays),
                   {"round": fed.num_rounds})
+    check_something_aggregated(run_dir, fed.num_rounds)
     if fed.peer_clients and fed.taps:
         broadcast_final(grid, cfg, run_dir, node_to_client, arrays, tap.published)
     if cfg.attacks:
@@ -221,8 +229,7 @@ def run_server(grid: Grid, setup: ServerSetup) -> None:
     from fl_sim.report import plot_metrics
     plot_metrics(run_dir)
     info = json.loads((run_dir / RUN_FILE).read_text())
-    (run_dir / RUN_FILE).write_text(json.dumps({**info, "status": "complete"}, indent=2,
-                                               sort_keys=True))
+    write_json_atomic(run_dir / RUN_FILE, {**info, "status": "complete"})
 
 
 def run_round(grid: Grid, tap: TapStrategy, cfg: ExperimentConfig, run_dir: Path, r: int,
@@ -239,10 +246,14 @@ def run_round(grid: Grid, tap: TapStrategy, cfg: ExperimentConfig, run_dir: Path
     row: dict[str, Any] = {"round": r, "train_loss": log.train_loss,
                            "clients_sampled": log.sampled, "clients_failed": log.failed,
                            "clients_rejected": log.rejected, "num_examples": log.num_examples,
-                           "aggregated": log.aggregated}
+                           "aggregated": log.aggregated, "taps_seconds": round(log.tap_seconds, 6),
+                           "client_errors": log_failures(r, log.errors)}
     ev_msgs = list(tap.configure_evaluate(r, arrays, P.config_record(cfg, run_dir), grid))
     if ev_msgs:
-        ev = tap.aggregate_evaluate(r, grid.send_and_receive(ev_msgs, timeout=ROUND_TIMEOUT_S))
+        ev_replies = list(grid.send_and_receive(ev_msgs, timeout=ROUND_TIMEOUT_S))
+        log_failures(r, {tap.client_of(m): str(m.error.reason) for m in ev_replies
+                         if m.has_error()}, what="evaluate")
+        ev = tap.aggregate_evaluate(r, ev_replies)
         for k, v in (ev or {}).items():
             row[f"fed_{k.replace('-', '_')}"] = float(v)  # type: ignore[arg-type]
     return arrays, row

@@ -3,8 +3,10 @@
 :func:`run_experiment` resolves the run directory, hands the config to the ServerApp
 in-process (``run_simulation`` gives apps an empty run_config) and drives
 ``flwr.simulation.run_simulation`` with one SuperNode per client. ``federation.ray_address``
-joins an existing Ray cluster instead of starting a local one. The library never prints:
-progress goes to the ``progress`` callback, logs to ``logging``.
+joins an existing Ray cluster instead of starting a local one; Ray is started and stopped
+by :func:`fl_sim.federation.lifecycle.ray_session` (signals, watchdog) and what a resume may
+do is decided by :func:`fl_sim.federation.resume.plan_resume` before Ray starts. The library
+never prints: progress goes to the ``progress`` callback, logs to ``logging``.
 """
 
 from __future__ import annotations
@@ -51,32 +53,47 @@ def run_experiment(cfg: ExperimentConfig, *, run_dir: str | Path | None = None,
     """
     from fl_sim.federation import flower_patches, server_app
     from fl_sim.federation.client_app import app as client_app
+    from fl_sim.federation.lifecycle import RunInterrupted, ray_session
     from fl_sim.federation.resources import apply_determinism, prepare_resources
+    from fl_sim.federation.resume import remove_partial_files
+    from fl_sim.preflight import check_before_start
 
     # client resources the machine (or cluster) cannot satisfy: one line, before Ray starts
     cfg, _ = prepare_resources(cfg)
     apply_determinism(cfg)  # CUBLAS_WORKSPACE_CONFIG before Ray's actors inherit the env
     flower_patches.install()  # message dispatch costs the sampled clients, not the population
     if resume:
-        if run_dir is None or not (Path(run_dir) / "config.json").is_file():
-            raise RunDirError(f"resume: {run_dir} is not a run directory (no config.json)")
-        _check_same_config(cfg, Path(run_dir))
+        if run_dir is None:
+            raise RunDirError("resume: no run directory given")
+        plan = check_resume(cfg, run_dir)
+        if plan.nothing_to_do:
+            logger.info("%s is complete (%d rounds); nothing to do", run_dir, plan.done)
+            return Path(run_dir)
     out = Path(run_dir) if run_dir is not None else server_app.default_run_dir(cfg)
     if cfg.model.pretrained is not None:  # missing or mismatched weights: one line, no Ray
         server_app.server_task(cfg)
+    # impossible run dirs, bad data, clients left without data: one line, before any
+    # directory is created (or cleaned) and before Ray starts
+    check_before_start(cfg, run_dir=out, resume=resume)
+    if resume:
+        remove_partial_files(out)
     if not resume and (out / server_app.RUN_FILE).exists():
         raise RunDirError(f"{out} already holds a run; pass resume=True or another run_dir")
     out.mkdir(parents=True, exist_ok=True)
     setup = server_app.ServerSetup(cfg=cfg, run_dir=out.resolve(), resume=resume,
                                    progress=progress)
     server_app.HANDOFF = setup
+    backend = backend_config(cfg)
     try:
         from flwr.simulation import run_simulation
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), ray_session(backend["init_args"]):
             warnings.simplefilter("ignore")
             run_simulation(server_app=server_app.app, client_app=client_app,
                            num_supernodes=cfg.federation.num_clients,
-                           backend_config=backend_config(cfg))  # type: ignore[arg-type]
+                           backend_config=backend)  # type: ignore[arg-type]
+    except RunInterrupted as exc:
+        exc.run_dir = out
+        raise
     finally:
         server_app.HANDOFF = None
     if setup.error is not None:
@@ -88,6 +105,16 @@ def run_experiment(cfg: ExperimentConfig, *, run_dir: str | Path | None = None,
     if status != "complete":
         raise FlSimError(f"simulation of {out} did not complete (status {status!r})")
     return out
+
+
+def check_resume(cfg: ExperimentConfig, run_dir: str | Path) -> Any:
+    """The :class:`~fl_sim.federation.resume.ResumePlan` of resuming ``run_dir`` with ``cfg``;
+    :class:`~fl_sim.errors.RunDirError` (one line) if it holds no run, ``cfg`` is another
+    experiment, or ``num_rounds`` is below the rounds already done."""
+    from fl_sim.federation.resume import plan_resume
+    plan = plan_resume(cfg, run_dir)
+    _check_same_config(cfg, Path(run_dir))
+    return plan
 
 
 def _check_same_config(cfg: ExperimentConfig, run_dir: Path) -> None:
