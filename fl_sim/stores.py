@@ -381,7 +381,8 @@ class TruthStore:
             if r is None or not d.is_dir():
                 continue
             for f in sorted(d.glob("c*.safetensors")):
-                out.append((r, int(f.stem[1:])))
+                if f.stem[1:].isdigit():  # only names the store writes (c0002), no strays
+                    out.append((r, int(f.stem[1:])))
         return out
 
     def read(self, run_id: str, server_round: int, client_id: int) -> GroundTruthRecord:

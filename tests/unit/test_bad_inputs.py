@@ -412,6 +412,9 @@ def test_replaying_the_same_attack_adds_no_duplicate_row(tmp_path: Path,
     assert (run / RESULTS_FILE).read_text() == first  # not re-run, not appended
     assert cli.main([*args, "--round", "1", "--set", "view=server"]) == 0  # other params
     assert len(load_results(run)) == 2
+    assert cli.main(["attack", str(run), "--attack", "noop", "--client", "0", "--round", "1",
+                     "--round", "1"]) == 0  # one new result, run once
+    assert len((run / RESULTS_FILE).read_text().splitlines()) == 3
 
 
 @pytest.mark.slow

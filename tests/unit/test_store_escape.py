@@ -172,3 +172,9 @@ def test_jsonl_is_strict_json(tmp_path: Path) -> None:
     row = json.loads(path.read_text(), parse_constant=no_constants)
     assert row == {"round": 1, "train_loss": None, "m": {"psnr": None, "xs": [1.0, None]}}
     assert read_jsonl(path) == [row]
+
+
+def test_truth_keys_ignore_files_the_store_did_not_name(run: Path) -> None:
+    for stray in ("c-001.safetensors", "cabc.safetensors", "c.safetensors"):
+        (run / "truth" / "r0001" / stray).write_bytes(b"x")
+    assert TruthStore(run).keys() == [(1, 0), (1, 1), (1, 2)]
