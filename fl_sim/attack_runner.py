@@ -114,7 +114,8 @@ def replay(run_dir: Path, name: str, *, params: Mapping[str, Any] | None = None,
             res = run_attack(Path(run_dir), run.config, name, params, view=view,
                              client=client, server_round=r, key=key, run=run, device=device)
             out += res
-            done.update({key: row for row in res})  # `--round 1 --round 1` runs it once
+            if res:  # `--round 1 --round 1` runs it once
+                done[key] = res[-1]
         except InvalidRecordError as exc:  # recorded, then one line at the CLI
             _append(run_dir, {"key": key, "attack": name, "view": view, "round": r,
                               "client": client, "error": f"{type(exc).__name__}: {exc}"})
