@@ -1,0 +1,86 @@
+"""The taps time their own work (``RoundLog.tap_seconds`` → ``metrics.jsonl`` taps_seconds).
+
+What benchmarks/federation.py divides by the round time: it must count the recording and
+nothing the wrapped strategy or the clients do.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.supercore.task_identity import TaskIdentity
+
+from fl_sim.federation.taps import TapStrategy
+from fl_sim.registry import STRATEGIES
+from fl_sim.stores import ObservationStore
+
+NODES = [100, 101, 102]
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> Iterator[None]:
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+class _Grid:
+    def get_node_ids(self) -> list[int]:
+        return list(NODES)
+
+
+def _arrays(value: float) -> ArrayRecord:
+    return ArrayRecord({"w": Array(np.full((4, 3), value, np.float32))})
+
+
+def _reply(node: int) -> Message:
+    ins = Message(RecordDict({"config": ConfigRecord()}), dst_node_id=node,
+                  message_type=MessageType.TRAIN)
+    return Message(RecordDict({
+        "arrays": _arrays(float(node)),
+        "metrics": MetricRecord({"num-examples": 2, "train-loss": 1.0}),
+        "meta": ConfigRecord({"partition-id": node - 100, "local-steps": 1,
+                              "batch-size": 2, "lr": 0.1})}), reply_to=ins)
+
+
+def _slow(fn, seconds: float):  # type: ignore[no-untyped-def]
+    def wrapped(*args, **kwargs):  # type: ignore[no-untyped-def]
+        time.sleep(seconds)
+        return fn(*args, **kwargs)
+    return wrapped
+
+
+def test_tap_seconds_count_the_recording_and_not_the_strategy(tmp_path, monkeypatch) -> None:
+    store = ObservationStore(tmp_path)
+    inner = STRATEGIES.create("fedavg")
+    monkeypatch.setattr(inner, "aggregate_train", _slow(inner.aggregate_train, 0.5))
+    monkeypatch.setattr(store, "write_update", _slow(store.write_update, 0.02))
+    monkeypatch.setattr(store, "write_global", _slow(store.write_global, 0.02))
+    tap = TapStrategy(inner, seed=0, node_to_client={n: n - 100 for n in NODES},
+                      fraction_train=1.0, fraction_evaluate=0.0, store=store)
+    list(tap.configure_train(1, _arrays(0.0), ConfigRecord(), _Grid()))
+    assert 0.02 <= tap.log.tap_seconds < 0.5
+    new, _ = tap.aggregate_train(1, [_reply(n) for n in NODES])
+    assert new is not None and tap.log.aggregated
+    # 1 global + 3 server_in + 1 aggregate records at >= 20 ms each; the 0.5 s the wrapped
+    # strategy spent aggregating is not the tap's
+    assert 5 * 0.02 <= tap.log.tap_seconds < 0.5
+    untapped = TapStrategy(STRATEGIES.create("fedavg"), seed=0,
+                           node_to_client={n: n - 100 for n in NODES}, fraction_train=1.0,
+                           fraction_evaluate=0.0, store=None)
+    list(untapped.configure_train(1, _arrays(0.0), ConfigRecord(), _Grid()))
+    untapped.aggregate_train(1, [_reply(n) for n in NODES])
+    assert untapped.log.tap_seconds < 5 * 0.02      # no store: checks only
