@@ -17,6 +17,7 @@ Everything raises a :class:`~fl_sim.errors.FlSimError` subclass.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,8 @@ def check_fresh_run_dir(run_dir: Path) -> None:
             if not p.is_dir():
                 what = "--run-dir" if p == run_dir else "its parent"
                 raise RunDirError(f"{run_dir}: {what} {p} is a file, not a directory")
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise RunDirError(f"{run_dir}: cannot write into {p} (permission denied)")
             break
     if (run_dir / "run.json").exists():
         raise RunDirError(f"{run_dir} already holds a run; resume it with --resume or choose "

@@ -15,6 +15,7 @@ other case computes per-channel mean/std from the final (capped, resized) train 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -122,6 +123,26 @@ def _image_data(s: _Split, num_classes: int, *, image_size: int | None,
                      num_classes, groups)
 
 
+def _check_memory(train: _Split, test: _Split, *, image_size: int | None,
+                  channels: int | None, where: str) -> None:
+    """ConfigError if the float32 [N, C, S, S] images would need more than half of this
+    machine's memory (every client process holds its own copy): e.g. ``image_size = 100000``
+    fails here in one line instead of being killed while resizing."""
+    x = train.x
+    c = channels or (x.shape[-1] if x.dtype == np.uint8 else x.shape[1])
+    side = image_size or min(x.shape[-3:-1] if x.dtype == np.uint8 else x.shape[-2:])
+    need = (len(train.y) + len(test.y)) * c * side * side * 4
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: no bound
+        return
+    if need > have // 2:
+        raise ConfigError(f"{where}: {len(train.y) + len(test.y)} images of {c}x{side}x{side} "
+                          f"need {need / 2**30:.1f} GiB as float32, more than half of this "
+                          f"machine's {have / 2**30:.0f} GiB; lower data.image_size or cap "
+                          "max_train / max_test")
+
+
 def _finish(name: str, train: _Split, test: _Split, *, where: str, image_size: int | None,
             channels: int | None, max_train: int | None, max_test: int | None,
             published: tuple[tuple[float, ...], tuple[float, ...]] | None = None
@@ -129,6 +150,7 @@ def _finish(name: str, train: _Split, test: _Split, *, where: str, image_size: i
     """Cap, convert to [0, 1] NCHW tensors, set channels/size, attach normalisation stats."""
     train, test = train.head(max_train), test.head(max_test)
     num_classes = int(max(train.y.max(), test.y.max())) + 1
+    _check_memory(train, test, image_size=image_size, channels=channels, where=where)
     kw: dict[str, Any] = {"image_size": image_size, "channels": channels, "where": where}
     tr, te = _image_data(train, num_classes, **kw), _image_data(test, num_classes, **kw)
     if published is not None and len(published[0]) == tr.images.shape[1]:

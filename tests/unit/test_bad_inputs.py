@@ -210,6 +210,12 @@ def _write(tmp: Path, name: str, text: str) -> Path:
     return p
 
 
+def _write_bytes(tmp: Path, name: str, raw: bytes) -> Path:
+    p = tmp / name
+    p.write_bytes(raw)
+    return p
+
+
 def _run_file(name: str, text: str) -> Callable[[Path], Path]:
     def make(tmp: Path) -> Path:
         run = make_run(tmp)
@@ -240,6 +246,12 @@ CASES: dict[str, tuple[Case, str]] = {
                                "attacks[1].max_iterations: a boolean"),
     "num_clients string": (run_with('federation.num_clients="many"'), "num_clients"),
     "unknown key": (run_with("federation.bogus=1"), "federation.bogus: unknown key"),
+    "json config with NaN": (lambda t: ["run", str(_write(t, "c.json",
+                                                          '{"federation": {"lr": NaN}}'))],
+                             "federation.lr: Input should be a finite number"),
+    "config not UTF-8": (lambda t: ["run", str(_write_bytes(t, "c.toml", b"\xff\xfe[run]"))],
+                         "unreadable config file"),
+    "image_size 100000": (run_with("data.image_size=100000"), "GiB as float32"),
     # config: clients that would receive no data (found by loading + partitioning the data)
     "max_train 5, 8 clients": (run_with("data.max_train=5", "federation.num_clients=8",
                                         "federation.peer_clients=[]", "attacks=[]"),
