@@ -9,7 +9,8 @@ what needs the disk:
   needs a readable ``config.json`` and checkpoint state naming files that exist;
 * the data: the dataset is loaded (in-process cache, the ServerApp reuses it) and partitioned
   exactly as the clients will, so a malformed file or a client left without samples fails
-  here instead of in every Ray actor.
+  here instead of in every Ray actor;
+* ``[model] pretrained``: the weights exist and have the configured architecture.
 
 Everything raises a :class:`~fl_sim.errors.FlSimError` subclass.
 """
@@ -33,6 +34,7 @@ def check_before_start(cfg: ExperimentConfig, *, run_dir: Path, resume: bool) ->
     else:
         check_fresh_run_dir(run_dir)
     check_data(cfg)
+    check_pretrained(cfg)
 
 
 def check_fresh_run_dir(run_dir: Path) -> None:
@@ -76,6 +78,15 @@ def check_checkpoint_state(state: dict[str, Any], root: Path) -> None:
             raise RunDirError(f"{root / 'state.json'}: corrupt (no '{key}' file)")
         if not resolve_inside(root, rel).is_file():
             raise RunDirError(f"{root / 'state.json'}: names a missing file {rel}")
+
+
+def check_pretrained(cfg: ExperimentConfig) -> None:
+    """``[model] pretrained``: the weights exist and fit the configured model -- the server's
+    initial model is built here exactly as the ServerApp will build it (one-line
+    MissingResourceError / DataError / ConfigError naming each architecture difference)."""
+    if cfg.model.pretrained is not None:
+        from fl_sim.federation.server_app import server_task
+        server_task(cfg)
 
 
 def check_data(cfg: ExperimentConfig) -> None:

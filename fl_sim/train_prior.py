@@ -324,17 +324,19 @@ def train_prior(cfg: PriorConfig | Mapping[str, Any] | str | Path, out_dir: str 
             progress(event)
     save_sample_grid(task, out / SAMPLES_FILE, num_images=tr.sample_images,
                      num_steps=tr.sample_steps, seed=tr.seed)
-    log = read_jsonl(out / LOG_FILE)
-    meta = {"source": "fl-sim train-prior", "data": cfg.data.model_dump(mode="json"),
-            "filter": cfg.filter.model_dump(mode="json"), "num_examples": len(indices),
-            "classes_present": sorted({int(c) for c in _labels(splits, cfg)[indices]}),
-            "model": cfg.model.model_dump(mode="json"), "task": dict(spec.task_params),
-            "spec": spec.to_json(), "training": tr.model_dump(mode="json"),
-            "steps_done": tr.steps, "seed": tr.seed,
-            "heldout_loss": log[-1]["eval_loss"] if log else None}
-    save_prior(out, task.model, task.scheduler, metadata=meta)
+    save_prior(out, task.model, task.scheduler,
+               metadata=_metadata(cfg, splits, spec, indices, read_jsonl(out / LOG_FILE)))
     return out
 
 
-def _labels(splits: Any, cfg: PriorConfig) -> Tensor:
-    return (splits.train if cfg.filter.split == "train" else splits.test).labels
+def _metadata(cfg: PriorConfig, splits: Any, spec: Any, indices: Tensor,
+              log: list[dict[str, Any]]) -> dict[str, Any]:
+    """What ``fl_sim_prior.json`` records about how the prior was trained."""
+    labels = (splits.train if cfg.filter.split == "train" else splits.test).labels
+    return {"source": "fl-sim train-prior", "data": cfg.data.model_dump(mode="json"),
+            "filter": cfg.filter.model_dump(mode="json"), "num_examples": len(indices),
+            "classes_present": sorted({int(c) for c in labels[indices]}),
+            "model": cfg.model.model_dump(mode="json"), "task": dict(spec.task_params),
+            "spec": spec.to_json(), "training": cfg.training.model_dump(mode="json"),
+            "steps_done": cfg.training.steps, "seed": cfg.training.seed,
+            "heldout_loss": log[-1]["eval_loss"] if log else None}

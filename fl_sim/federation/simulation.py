@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from fl_sim.config import ExperimentConfig
+from fl_sim.config import ExperimentConfig, data_seed_from_run_seed, from_dict
 from fl_sim.errors import FlSimError, RunDirError
 
 logger = logging.getLogger(__name__)
@@ -70,8 +70,6 @@ def run_experiment(cfg: ExperimentConfig, *, run_dir: str | Path | None = None,
             logger.info("%s is complete (%d rounds); nothing to do", run_dir, plan.done)
             return Path(run_dir)
     out = Path(run_dir) if run_dir is not None else server_app.default_run_dir(cfg)
-    if cfg.model.pretrained is not None:  # missing or mismatched weights: one line, no Ray
-        server_app.server_task(cfg)
     # impossible run dirs, bad data, clients left without data: one line, before any
     # directory is created (or cleaned) and before Ray starts
     check_before_start(cfg, run_dir=out, resume=resume)
@@ -119,6 +117,13 @@ def check_resume(cfg: ExperimentConfig, run_dir: str | Path) -> Any:
 
 def _check_same_config(cfg: ExperimentConfig, run_dir: Path) -> None:
     saved = json.loads((run_dir / "config.json").read_text())
+    if isinstance(saved.get("data"), dict) and "seed" not in saved["data"] and \
+            "seed" in data_seed_from_run_seed(saved).get("data", {}):
+        saved["data"]["seed"] = 0  # written before data.seed followed run.seed: split seed 0
+    try:  # keys added since the run was written take their defaults
+        saved = from_dict(saved, check_plugins=False).to_json_dict()
+    except FlSimError:
+        pass
     now = cfg.to_json_dict()
     # more rounds, another Ray cluster or other client resources: the same experiment
     for conf in (saved, now):
