@@ -10,7 +10,8 @@ what needs the disk:
 * the data: the dataset is loaded (in-process cache, the ServerApp reuses it) and partitioned
   exactly as the clients will, so a malformed file or a client left without samples fails
   here instead of in every Ray actor;
-* ``[model] pretrained``: the weights exist and have the configured architecture.
+* the model: built as the server will build it, so it must fit the data, and ``[model]
+  pretrained`` weights must exist and have the configured architecture.
 
 Everything raises a :class:`~fl_sim.errors.FlSimError` subclass.
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_sim.config import ExperimentConfig
-from fl_sim.errors import RunDirError
+from fl_sim.errors import ConfigError, FlSimError, RunDirError
 from fl_sim.run_dir import read_json_object
 
 
@@ -34,7 +35,7 @@ def check_before_start(cfg: ExperimentConfig, *, run_dir: Path, resume: bool) ->
     else:
         check_fresh_run_dir(run_dir)
     check_data(cfg)
-    check_pretrained(cfg)
+    check_model(cfg)
 
 
 def check_fresh_run_dir(run_dir: Path) -> None:
@@ -80,13 +81,19 @@ def check_checkpoint_state(state: dict[str, Any], root: Path) -> None:
             raise RunDirError(f"{root / 'state.json'}: names a missing file {rel}")
 
 
-def check_pretrained(cfg: ExperimentConfig) -> None:
-    """``[model] pretrained``: the weights exist and fit the configured model -- the server's
-    initial model is built here exactly as the ServerApp will build it (one-line
-    MissingResourceError / DataError / ConfigError naming each architecture difference)."""
-    if cfg.model.pretrained is not None:
-        from fl_sim.federation.server_app import server_task
+def check_model(cfg: ExperimentConfig) -> None:
+    """The server's initial model is built here exactly as the ServerApp will build it (after
+    :func:`check_data`: the dataset is cached): a model that cannot take the data (ConvNet on
+    4-pixel images) is a one-line ConfigError, and ``[model] pretrained`` weights that are
+    missing or of another architecture a one-line MissingResourceError / DataError /
+    ConfigError naming each difference."""
+    from fl_sim.federation.server_app import server_task
+    try:
         server_task(cfg)
+    except FlSimError:
+        raise
+    except ValueError as exc:  # a model's own argument check
+        raise ConfigError(f"model ({cfg.model.name}): {exc}") from None
 
 
 def check_data(cfg: ExperimentConfig) -> None:

@@ -252,6 +252,8 @@ CASES: dict[str, tuple[Case, str]] = {
     "config not UTF-8": (lambda t: ["run", str(_write_bytes(t, "c.toml", b"\xff\xfe[run]"))],
                          "unreadable config file"),
     "image_size 100000": (run_with("data.image_size=100000"), "GiB as float32"),
+    "convnet on 4 px images": (run_with('model={name="convnet"}', "data.image_size=4"),
+                               "model (convnet): image_size 4 is too small"),
     # config: clients that would receive no data (found by loading + partitioning the data)
     "max_train 5, 8 clients": (run_with("data.max_train=5", "federation.num_clients=8",
                                         "federation.peer_clients=[]", "attacks=[]"),
