@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import tempfile
+import typing
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ from torch import Tensor
 
 from fl_sim.errors import RunDirError
 from fl_sim.index_cache import cached_index
-from fl_sim.records import GroundTruthRecord, TruthStep
+from fl_sim.records import GroundTruthRecord, TruthStep, UpdateKind
 
 INDEX = "index.jsonl"
 
@@ -201,6 +202,9 @@ def check_index_row(row: Any, expected: Mapping[str, str], where: Path) -> dict[
         raise RunDirError(f"{where}: invalid index row {row!r} (round must be an int >= 0)")
     if row.get("client") is not None and not _is_count(row["client"]):
         raise RunDirError(f"{where}: invalid index row {row!r} (client must be an int >= 0)")
+    if "update_kind" in row and row["update_kind"] not in typing.get_args(UpdateKind):
+        raise RunDirError(f"{where}: invalid index row {row!r} (update_kind must be one of "
+                          f"{list(typing.get_args(UpdateKind))})")
     bad = [k for k in _NUMERIC_FIELDS if k in row and not _is_number(row[k])]
     if bad:
         raise RunDirError(f"{where}: invalid index row {row!r} ({', '.join(bad)} must be "

@@ -100,7 +100,8 @@ def test_peer_row_claiming_another_client_is_refused(run: Path) -> None:
 
 @pytest.mark.parametrize("changes", [{"round": "1"}, {"round": True}, {"round": -1},
                                      {"round": 1.0}, {"kind": "truth"},
-                                     {"num_examples": "many"}, {"lr": None}])
+                                     {"num_examples": "many"}, {"lr": None},
+                                     {"update_kind": "weights"}])
 def test_peer_rows_of_wrong_types_are_refused(run: Path, changes: dict[str, object]) -> None:
     _forge(run / "peer" / "c0" / INDEX, **changes)
     with pytest.raises(RunDirError, match="index row"):
