@@ -15,6 +15,7 @@ plain string.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -110,8 +111,24 @@ class FederationConfig(_Section):
     peer_clients: tuple[int, ...] = ()
     record_truth: bool = True
     taps: bool = True
+    #: retention: record (taps, ground truth, peer records) only these rounds / clients
+    #: (None: all); see fl_sim/federation/retention.py
+    record_rounds: tuple[int, ...] | None = None
+    record_clients: tuple[int, ...] | None = None
     client_resources: ClientResources = ClientResources()
     ray_address: str | None = None
+
+    @model_validator(mode="after")
+    def _retention(self) -> FederationConfig:
+        if self.record_rounds is not None and (not self.record_rounds or min(
+                self.record_rounds) < 1):
+            raise ValueError(f"record_rounds {list(self.record_rounds)}: rounds count from 1 "
+                             "(omit record_rounds to record every round)")
+        bad = [c for c in self.record_clients or () if not 0 <= c < self.num_clients]
+        if bad or self.record_clients == ():
+            raise ValueError(f"record_clients {bad or []} outside 0..{self.num_clients - 1} "
+                             "(omit record_clients to record every client)")
+        return self
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> FederationConfig:
@@ -212,6 +229,28 @@ class ExperimentConfig(_Section):
         return json.loads(self.model_dump_json())
 
 
+def retention_problem(a: AttackConfig, fed: FederationConfig) -> str | None:
+    """Why attack ``a`` would find nothing recorded under ``federation.record_rounds`` /
+    ``record_clients`` (None if its rounds and client are recorded)."""
+    rounds = a.rounds or (1,)
+    if fed.record_rounds is not None:
+        missing = [r for r in rounds if r not in fed.record_rounds]
+        if missing:
+            return (f"round(s) {missing} not recorded (federation.record_rounds = "
+                    f"{list(fed.record_rounds)})")
+    if fed.record_clients is None:
+        return None
+    kept = list(fed.record_clients)
+    if a.view == "peer":
+        return ("a peer attack is scored against every other client's ground truth; "
+                f"federation.record_clients = {kept} records only those (omit it)")
+    if a.client is None:
+        return f"name its client: federation.record_clients = {kept} records only those"
+    if a.client not in fed.record_clients:
+        return f"client {a.client} not recorded (federation.record_clients = {kept})"
+    return None
+
+
 def attack_problem(a: AttackConfig, fed: FederationConfig) -> str | None:
     """Why attack entry ``a`` cannot run in federation ``fed`` (None if it can).
 
@@ -233,9 +272,13 @@ def attack_problem(a: AttackConfig, fed: FederationConfig) -> str | None:
         return "federation.taps = false records nothing to attack"
     if not fed.record_truth:
         return "federation.record_truth = false leaves nothing to score the attack against"
+    if (problem := retention_problem(a, fed)) is not None:
+        return problem
     if a.view == "peer":
         if not fed.peer_clients:
             return "a peer attack needs federation.peer_clients (none recorded)"
+        if fed.num_clients < 2:
+            return "a peer attack needs at least 2 clients (the others' update)"
         if a.client is not None and a.client not in fed.peer_clients:
             return (f"client {a.client} is not a peer; federation.peer_clients = "
                     f"{list(fed.peer_clients)}")
@@ -331,10 +374,44 @@ def _list_item(node: list[Any], part: str, text: str) -> Any:
     return node[_list_index(node, part, text)]
 
 
-def from_dict(raw: Mapping[str, Any], *, check_plugins: bool = True) -> ExperimentConfig:
-    """Validate a raw dict into an :class:`ExperimentConfig` or raise one-line ConfigError."""
+def data_seed_from_run_seed(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """``raw`` with ``data.seed = run.seed`` when the data source takes a ``seed`` (its
+    train/test split: ``digits``, ``npz``, ``image_folder``) and ``data.seed`` is not set.
+
+    ``run.seed`` thus drives every random number, the split included; an explicit
+    ``data.seed`` keeps one split fixed while ``run.seed`` varies. The resolved value is
+    written to ``config.json``. (Run directories written before this rule have no
+    ``data.seed`` there; their split used 0, see ``simulation._check_same_config``.)
+
+    >>> data_seed_from_run_seed({"run": {"seed": 3}})["data"]
+    {'name': 'digits', 'seed': 3}
+    >>> data_seed_from_run_seed({"run": {"seed": 3}, "data": {"seed": 0}})["data"]
+    {'seed': 0}
+    """
+    out = dict(raw)
+    data, run = out.get("data", {}), out.get("run", {})
+    if not isinstance(data, Mapping) or not isinstance(run, Mapping) or "seed" in data:
+        return out
+    seed = run.get("seed", RunConfig.model_fields["seed"].default)
+    name = data.get("name", DataConfig.model_fields["name"].default)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not isinstance(name, str):
+        return out  # the validation error names the bad value
     try:
-        cfg = ExperimentConfig.model_validate(dict(raw))
+        takes_seed = "seed" in inspect.signature(DATA_SOURCES.get(name)).parameters
+    except (PluginError, TypeError, ValueError):
+        return out  # an unknown source is reported by validate_plugins
+    if takes_seed:
+        out["data"] = {**data, "name": name, "seed": seed}
+    return out
+
+
+def from_dict(raw: Mapping[str, Any], *, check_plugins: bool = True) -> ExperimentConfig:
+    """Validate a raw dict into an :class:`ExperimentConfig` or raise one-line ConfigError.
+
+    ``data.seed`` (the train/test split of a source that splits) defaults to ``run.seed``
+    (:func:`data_seed_from_run_seed`)."""
+    try:
+        cfg = ExperimentConfig.model_validate(data_seed_from_run_seed(raw))
     except pydantic.ValidationError as exc:
         raise ConfigError(format_validation_error(exc, "", _model_for(exc))) from None
     if check_plugins:

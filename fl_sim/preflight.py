@@ -10,6 +10,7 @@ what needs the disk:
 * the data: the dataset is loaded (in-process cache, the ServerApp reuses it) and partitioned
   exactly as the clients will, so a malformed file or a client left without samples fails
   here instead of in every Ray actor;
+* the attack schedule: each attack's client is sampled in its rounds (sampling is seeded);
 * the model: built as the server will build it, so it must fit the data, and ``[model]
   pretrained`` weights must exist and have the configured architecture.
 
@@ -34,6 +35,7 @@ def check_before_start(cfg: ExperimentConfig, *, run_dir: Path, resume: bool) ->
         check_resumable(run_dir)
     else:
         check_fresh_run_dir(run_dir)
+    check_attack_schedule(cfg)
     check_data(cfg)
     check_model(cfg)
 
@@ -94,6 +96,40 @@ def check_model(cfg: ExperimentConfig) -> None:
         raise
     except ValueError as exc:  # a model's own argument check
         raise ConfigError(f"model ({cfg.model.name}): {exc}") from None
+
+
+def check_attack_schedule(cfg: ExperimentConfig) -> None:
+    """ConfigError for an attack whose client is never sampled when it is scheduled.
+
+    Client sampling is a pure function of (run.seed, round, fraction_train), so it is known
+    now: a server attack on client k in round r needs k sampled in r; a peer attack on round
+    r needs the peer sampled in r with at least one other client, and the peer sampled again
+    in r + 1 (the next global; the last round's comes with the final broadcast). Injected
+    client failures are random per run and not predicted.
+    """
+    from fl_sim.federation.taps import sample_clients
+    fed = cfg.federation
+    clients = list(range(fed.num_clients))
+
+    def sampled(r: int) -> list[int]:
+        return sample_clients(cfg.run.seed, r, clients, fed.fraction_train)
+
+    for i, a in enumerate(cfg.attacks):
+        client = a.client if a.client is not None or a.view == "server" \
+            else (fed.peer_clients or (None,))[0]
+        if client is None:
+            continue
+        for r in a.rounds or (1,):
+            now = sampled(r)
+            missing = (client not in now or (a.view == "peer" and (
+                len(now) < 2 or (r < fed.num_rounds and client not in sampled(r + 1)))))
+            if missing:
+                need = (f"sampled in rounds {r} and {r + 1} with another client"
+                        if a.view == "peer" else f"sampled in round {r}")
+                raise ConfigError(
+                    f"attacks[{i}] ({a.name}): client {client} is not {need} "
+                    f"(fraction_train = {fed.fraction_train}, run.seed = {cfg.run.seed}: "
+                    f"round {r} samples {now}); pick a sampled client or other rounds")
 
 
 def check_data(cfg: ExperimentConfig) -> None:

@@ -37,6 +37,7 @@ from fl_sim.federation import protocol as P
 from fl_sim.federation.failures import failures_as_replies
 from fl_sim.federation.local import LocalResult, local_train, one_gradient
 from fl_sim.federation.resources import apply_determinism, client_device
+from fl_sim.federation.retention import Retention
 from fl_sim.federation.shared_dir import check_probe
 from fl_sim.federation.taps import arrays_to_tensors
 from fl_sim.records import ModelSpec
@@ -166,8 +167,9 @@ def query_final_model(msg: Message, context: Context) -> Message:
     cfg, run_dir = P.read_config(_config(msg))
     cid = partition_id(context)
     config = _config(msg)
-    if cid in cfg.federation.peer_clients and cfg.federation.taps:
-        r = int(config[P.ROUND_KEY])  # type: ignore[arg-type]
+    r = int(config[P.ROUND_KEY])  # type: ignore[arg-type]
+    if cid in cfg.federation.peer_clients and cfg.federation.taps and \
+            Retention.of(cfg.federation).peer_global(r):
         PeerStore(run_dir, cid).write_global(r, arrays_to_tensors(_arrays(msg)),
                                              _published(config))
     return Message(RecordDict({P.META: ConfigRecord({P.PARTITION_ID: cid})}), reply_to=msg)
@@ -210,11 +212,12 @@ def train(msg: Message, context: Context) -> Message:
     if cid in _poisoned(config):
         update = {k: torch.full_like(v, math.nan) if v.is_floating_point() else v
                   for k, v in update.items()}
-    if fed.record_truth:
+    keep = Retention.of(fed)
+    if fed.record_truth and keep.client_round(r, cid):
         TruthStore(run_dir).write(r, cid, res.steps)
     if global_state is not None:
         _record_peer(run_dir, cid, r, global_state, res, update, config,
-                     lr=fed.lr, batch_size=fed.batch_size)
+                     lr=fed.lr, batch_size=fed.batch_size, keep=keep)
     meta = ConfigRecord({P.PARTITION_ID: cid, P.UPDATE_KIND_KEY: res.kind,
                          "local-steps": len(res.steps), "batch-size": fed.batch_size,
                          "lr": float(fed.lr)})
@@ -233,10 +236,14 @@ def _poisoned(config: ConfigRecord) -> set[int]:
 
 def _record_peer(run_dir: Any, cid: int, r: int, global_state: dict[str, Tensor],
                  res: LocalResult, update: dict[str, Tensor], config: ConfigRecord, *,
-                 lr: float, batch_size: int) -> None:
-    """Peer tap: the global received this round + the client's own update (delta/gradient)."""
+                 lr: float, batch_size: int, keep: Retention) -> None:
+    """Peer tap: the global received this round + the client's own update (delta/gradient),
+    as far as ``keep`` retains them."""
     store = PeerStore(run_dir, cid)
-    store.write_global(r, global_state, _published(config))
+    if keep.peer_global(r):
+        store.write_global(r, global_state, _published(config))
+    if not keep.round(r):
+        return
     if res.kind == "weights":
         own = {k: v - global_state[k] for k, v in update.items()}
         kind = "delta"

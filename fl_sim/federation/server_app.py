@@ -38,6 +38,7 @@ from fl_sim.federation.client_app import load_splits
 from fl_sim.federation.failures import check_something_aggregated, log_failures, summary
 from fl_sim.federation.resources import server_device
 from fl_sim.federation.resume import write_json_atomic
+from fl_sim.federation.retention import Retention
 from fl_sim.federation.shared_dir import write_probe
 from fl_sim.federation.taps import TapStrategy, arrays_to_tensors, tensors_to_arrays
 from fl_sim.registry import STRATEGIES
@@ -203,7 +204,8 @@ def run_server(grid: Grid, setup: ServerSetup) -> None:
     rewrite_jsonl(run_dir / METRICS_FILE, rows)
     tap = TapStrategy(inner, seed=cfg.run.seed, node_to_client=node_to_client,
                       fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
-                      store=ObservationStore(run_dir) if fed.taps else None)
+                      store=ObservationStore(run_dir) if fed.taps else None,
+                      retention=Retention.of(fed))
     tap.published = published
     test = (splits.test.images[:MAX_EVAL_EXAMPLES], splits.test.labels[:MAX_EVAL_EXAMPLES])
     poison = _poison_clients()

@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from fl_sim.config import ExperimentConfig
+from fl_sim.config import ExperimentConfig, data_seed_from_run_seed, from_dict
 from fl_sim.errors import FlSimError, RunDirError
 
 logger = logging.getLogger(__name__)
@@ -117,6 +117,13 @@ def check_resume(cfg: ExperimentConfig, run_dir: str | Path) -> Any:
 
 def _check_same_config(cfg: ExperimentConfig, run_dir: Path) -> None:
     saved = json.loads((run_dir / "config.json").read_text())
+    if isinstance(saved.get("data"), dict) and "seed" not in saved["data"] and \
+            "seed" in data_seed_from_run_seed(saved).get("data", {}):
+        saved["data"]["seed"] = 0  # written before data.seed followed run.seed: split seed 0
+    try:  # keys added since the run was written take their defaults
+        saved = from_dict(saved, check_plugins=False).to_json_dict()
+    except FlSimError:
+        pass
     now = cfg.to_json_dict()
     # more rounds, another Ray cluster or other client resources: the same experiment
     for conf in (saved, now):

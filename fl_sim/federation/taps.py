@@ -31,6 +31,7 @@ from flwr.serverapp.strategy import Strategy
 from torch import Tensor
 
 from fl_sim.federation import protocol as P
+from fl_sim.federation.retention import Retention
 from fl_sim.seeding import numpy_rng
 from fl_sim.stores import ObservationStore
 
@@ -108,12 +109,14 @@ class TapStrategy(Strategy):
     """Outermost wrapper: deterministic sampling, recording, NaN rejection (see module doc).
 
     ``node_to_client`` maps Flower node ids to partition ids (discovered by the server app);
-    ``store`` is None when taps are disabled (sampling and rejection still apply).
+    ``store`` is None when taps are disabled (sampling and rejection still apply);
+    ``retention`` limits what is stored (:mod:`fl_sim.federation.retention`).
     """
 
     def __init__(self, inner: Strategy, *, seed: int, node_to_client: Mapping[int, int],
                  fraction_train: float, fraction_evaluate: float,
-                 store: ObservationStore | None) -> None:
+                 store: ObservationStore | None,
+                 retention: Retention | None = None) -> None:
         self.inner = inner
         self.seed = int(seed)
         self.node_to_client = {int(n): int(c) for n, c in node_to_client.items()}
@@ -121,6 +124,7 @@ class TapStrategy(Strategy):
         self.fraction_train = fraction_train
         self.fraction_evaluate = fraction_evaluate
         self.store = store
+        self.retention = retention or Retention()
         self.published: dict[str, int] = {}
         self.log = RoundLog()
         self._global: dict[str, Tensor] = {}
@@ -146,7 +150,7 @@ class TapStrategy(Strategy):
         """Snapshot + store the global, publish last round's totals, sample, delegate."""
         t0 = time.perf_counter()
         self._global = arrays_to_tensors(arrays)
-        if self.store is not None:
+        if self.store is not None and self.retention.round(server_round):
             self.store.write_global(server_round, self._global)
         spent = time.perf_counter() - t0
         for k, v in self.published.items():
@@ -189,7 +193,7 @@ class TapStrategy(Strategy):
             t0 = time.perf_counter()
             new = self._cast_like_global(new)
             self.log.aggregated = True
-            if self.store is not None:
+            if self.store is not None and self.retention.round(server_round):
                 delta = {k: v - self._global[k] for k, v in arrays_to_tensors(new).items()}
                 self.store.write_update("aggregate", server_round, None, delta, {
                     "update_kind": "delta", "num_examples": self.log.num_examples,
@@ -203,7 +207,7 @@ class TapStrategy(Strategy):
         return new, metrics
 
     def _record_reply(self, server_round: int, cid: int, msg: Message) -> None:
-        if self.store is None:
+        if self.store is None or not self.retention.client_round(server_round, cid):
             return
         update = arrays_to_tensors(next(iter(msg.content.array_records.values())))
         meta = _meta(msg)
