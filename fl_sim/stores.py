@@ -19,7 +19,8 @@ Layout under the run directory::
     peer/c0/updates/r0001.safetensors              peer 0's own update
     peer/c0/index.jsonl
 
-Only :mod:`fl_sim.run_dir` reads these stores; the peer view is built from ONE
+Every read stays inside its store and every index row is validated
+(:mod:`fl_sim.store_guard`). Only :mod:`fl_sim.run_dir` reads these stores; the peer view is built from ONE
 ``peer/c{k}`` directory (see :class:`PeerStore`).
 """
 
@@ -31,7 +32,6 @@ import os
 import re
 import shutil
 import tempfile
-import typing
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,7 +44,8 @@ from torch import Tensor
 
 from fl_sim.errors import RunDirError
 from fl_sim.index_cache import cached_index
-from fl_sim.records import GroundTruthRecord, TruthStep, UpdateKind
+from fl_sim.records import GroundTruthRecord, TruthStep
+from fl_sim.store_guard import check_index_row, is_count, resolve_inside
 
 INDEX = "index.jsonl"
 
@@ -169,67 +170,6 @@ def _round_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-# -- containment and index rows: a store reads only its own, canonically named files -------
-def resolve_inside(root: Path, rel: Any) -> Path:
-    """``root / rel`` if that path stays inside ``root``, else :class:`RunDirError`.
-
-    ``rel`` must be a relative path without ``..``; after symbolic links are followed the
-    file must still lie under ``root`` (whose own last component must not be a link). This is
-    what keeps a view inside its store: an index row naming ``../../truth/...`` or a link
-    planted in a peer's directory is refused, not read.
-    """
-    if not isinstance(rel, str) or not rel or Path(rel).is_absolute() \
-            or ".." in Path(rel).parts or "\\" in rel:
-        raise RunDirError(f"{root}: refusing path {rel!r} (not a plain path inside the store)")
-    if root.is_symlink():
-        raise RunDirError(f"{root}: refusing a store directory that is a symbolic link")
-    real_root = root.parent.resolve() / root.name
-    path = root / rel
-    if not path.resolve().is_relative_to(real_root):
-        raise RunDirError(f"{root}: refusing {rel!r}, which leads outside the store")
-    return path
-
-
-def _is_count(v: Any) -> bool:
-    """A non-negative int (not a bool)."""
-    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
-
-
-#: Row fields the views compute with; each must be a finite number when present.
-_NUMERIC_FIELDS = ("num_examples", "local_steps", "lr", "batch_size", "aggregated_round",
-                   "aggregated_num_examples", "aggregated_num_clients",
-                   "num_clients_aggregated")
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def check_index_row(row: Any, expected: Mapping[str, str], where: Path) -> dict[str, Any]:
-    """``row`` if its ``round`` (and ``client`` when set) are counts and each path field
-    equals the store's canonical file name for that row (``expected``); else RunDirError.
-
-    A row that names any other file -- another round's, another client's, or one outside the
-    store -- is refused, so a forged index line cannot make a store serve foreign data.
-    """
-    if not isinstance(row, dict) or not _is_count(row.get("round")):
-        raise RunDirError(f"{where}: invalid index row {row!r} (round must be an int >= 0)")
-    if row.get("client") is not None and not _is_count(row["client"]):
-        raise RunDirError(f"{where}: invalid index row {row!r} (client must be an int >= 0)")
-    if "update_kind" in row and row["update_kind"] not in typing.get_args(UpdateKind):
-        raise RunDirError(f"{where}: invalid index row {row!r} (update_kind must be one of "
-                          f"{list(typing.get_args(UpdateKind))})")
-    bad = [k for k in _NUMERIC_FIELDS if k in row and not _is_number(row[k])]
-    if bad:
-        raise RunDirError(f"{where}: invalid index row {row!r} ({', '.join(bad)} must be "
-                          "finite numbers)")
-    for field, name in expected.items():
-        if row.get(field) != name:
-            raise RunDirError(f"{where}: refusing index row {row!r}: {field} must be "
-                              f"{name!r}")
-    return row
-
-
 def _dedupe(rows: Iterable[dict[str, Any]], root: Path, key: Sequence[str]
             ) -> list[dict[str, Any]]:
     """Last line per key whose file exists, in first-seen key order."""
@@ -295,7 +235,7 @@ class _IndexedStore:
         """``row`` if it is one this store could have written (see :func:`check_index_row`)."""
         kind = row.get(self.FIELD) if isinstance(row, dict) else None
         expected = self.expected_files(kind, row.get("round"), row.get("client")) \
-            if kind in self.KINDS and _is_count(row.get("round")) else None
+            if kind in self.KINDS and is_count(row.get("round")) else None
         if expected is None:
             raise RunDirError(f"{self.root / INDEX}: invalid index row {row!r} ({self.FIELD} "
                               f"must be one of {list(self.KINDS)}, round an int >= 0)")
@@ -340,7 +280,7 @@ class ObservationStore(_IndexedStore):
         if kind == "aggregate":
             rel = f"aggregate/{_rname(server_round)}.safetensors"
         else:
-            c = client if _is_count(client) else -1  # a server_in row must name its client
+            c = client if is_count(client) else -1  # a server_in row must name its client
             rel = f"{kind}/{_rname(server_round)}/{_cname(c)}.safetensors"
         return {"file": rel, "global": self.global_file(server_round)}
 
