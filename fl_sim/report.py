@@ -105,6 +105,17 @@ def plot_metrics(run_dir: Path, rows: list[dict[str, Any]] | None = None) -> Pat
     return out
 
 
+def _run_img_tag(run_dir: Path, rel: Any, alt: str) -> str:
+    """:func:`_img_tag` of a path named in a result row, only if it lies inside the run
+    directory (a tampered ``attacks.jsonl`` cannot embed other files into the report)."""
+    from fl_sim.errors import RunDirError
+    from fl_sim.store_guard import resolve_inside
+    try:
+        return _img_tag(resolve_inside(run_dir, rel), alt)
+    except RunDirError:
+        return f"<p><em>refused image path {html.escape(str(rel))}</em></p>"
+
+
 def _img_tag(path: Path, alt: str) -> str:
     if not path.is_file():
         return f"<p><em>missing image {html.escape(path.name)}</em></p>"
@@ -227,7 +238,7 @@ def _attack_section(run_dir: Path, r: Mapping[str, Any]) -> str:
         return "".join(out)
     if r.get("grid"):
         out.append("<p>top: private images · bottom: reconstructions (matched)</p>")
-        out.append(_img_tag(run_dir / r["grid"], title))
+        out.append(_run_img_tag(run_dir, r["grid"], title))
     out.append(_table([summary], list(summary)))
     out.append(_table([{"assumed knowledge": _cell(r.get("knowledge", {})),
                         "budget": _cell(r.get("budget", {})),
@@ -239,5 +250,5 @@ def _attack_section(run_dir: Path, r: Mapping[str, Any]) -> str:
 
 def _extras_figures(run_dir: Path, extras: Mapping[str, Any]) -> list[str]:
     """Image-like extras the runner saved as PNG (e.g. a phase-1 reconstruction)."""
-    return [f"<p>extras: {html.escape(key)}</p>" + _img_tag(run_dir / v["png"], key)
+    return [f"<p>extras: {html.escape(key)}</p>" + _run_img_tag(run_dir, v["png"], key)
             for key, v in extras.items() if isinstance(v, Mapping) and v.get("png")]

@@ -7,6 +7,7 @@ index row must name the one file the store itself would have written for that ro
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from pathlib import Path
@@ -179,3 +180,18 @@ def test_truth_keys_ignore_files_the_store_did_not_name(run: Path) -> None:
     for stray in ("c-001.safetensors", "cabc.safetensors", "c.safetensors"):
         (run / "truth" / "r0001" / stray).write_bytes(b"x")
     assert TruthStore(run).keys() == [(1, 0), (1, 1), (1, 2)]
+
+
+def test_report_embeds_only_images_inside_the_run_dir(run: Path, tmp_path_factory) -> None:
+    from fl_sim import config
+    from fl_sim.report import write_report
+    secret = tmp_path_factory.mktemp("outside") / "secret.png"
+    secret.write_bytes(b"PRIVATE-BYTES")
+    config.save_resolved(config.from_dict({}), run)
+    rel = os.path.relpath(secret, run)
+    append_jsonl(run / "attacks.jsonl", {"key": "k", "attack": "x", "view": "server",
+                                          "round": 1, "client": 0, "metrics": {},
+                                          "grid": rel, "extras": {"e": {"png": str(secret)}}})
+    html = write_report(run).read_text()
+    assert html.count("refused image path") == 2
+    assert base64.b64encode(b"PRIVATE-BYTES").decode() not in html
