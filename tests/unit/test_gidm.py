@@ -159,3 +159,23 @@ def test_devices_resolve_and_cuda_without_cuda_is_one_line(untrained, monkeypatc
         attack(rec, device="cuda")
     out = attack(rec, device="cpu", generator=torch.Generator().manual_seed(0))
     assert out.images.device.type == "cpu" and attack.device == torch.device("cpu")
+
+
+@pytest.mark.parametrize("distance", ["l2", "cosine"])
+def test_gradient_distance_values_and_gradients(distance):
+    from attacks.diffusion_matching import gradient_distance
+
+    g = torch.Generator().manual_seed(0)
+    target = {"a": torch.randn(3, 4, generator=g, dtype=torch.float64),
+              "b": torch.randn(5, generator=g, dtype=torch.float64)}
+    upd = {k: torch.randn(v.shape, generator=g, dtype=torch.float64).requires_grad_(True)
+           for k, v in target.items()}
+    norm = float(torch.cat([v.flatten() for v in target.values()]).norm())
+    u, t = (torch.cat([d[k].flatten() for k in "ab"]) for d in (upd, target))
+    ref = ((u - t).square().sum() / norm**2 if distance == "l2"
+           else 1 - (u @ t) / (u.norm() * norm))
+    got = gradient_distance(upd, target, distance=distance, target_norm=norm)
+    assert float(got) == pytest.approx(float(ref), rel=1e-12)
+    assert torch.autograd.gradcheck(
+        lambda a, b: gradient_distance({"a": a, "b": b}, target, distance=distance,
+                                       target_norm=norm), (upd["a"], upd["b"]))
