@@ -31,9 +31,19 @@ def load_results(run_dir: Path) -> list[dict[str, Any]]:
     at the place of the first): a replay that re-ran an attack after an error replaces it."""
     rows: dict[Any, dict[str, Any]] = {}
     for i, r in enumerate(read_jsonl(Path(run_dir) / RESULTS_FILE)):
-        if isinstance(r, dict):
+        if _well_formed_result(r):
             rows[r.get("key") or ("#", i)] = r
+        else:
+            logger.warning("%s line %d: not a result row; ignored", RESULTS_FILE, i + 1)
     return list(rows.values())
+
+
+def _well_formed_result(r: Any) -> bool:
+    """A JSON object whose sections have the types the report reads."""
+    return isinstance(r, dict) and all(
+        isinstance(r.get(k, {}), dict) for k in ("metrics", "knowledge", "budget")) and (
+        isinstance(r.get("extras") or {}, dict)) and isinstance(r.get("defenses", []), list) \
+        and all(isinstance(d, str) for d in r.get("defenses", []))
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

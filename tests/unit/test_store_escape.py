@@ -195,3 +195,16 @@ def test_report_embeds_only_images_inside_the_run_dir(run: Path, tmp_path_factor
     html = write_report(run).read_text()
     assert html.count("refused image path") == 2
     assert base64.b64encode(b"PRIVATE-BYTES").decode() not in html
+
+
+def test_report_ignores_result_rows_of_the_wrong_shape(run: Path) -> None:
+    from fl_sim import config
+    from fl_sim.report import load_results, write_report
+    config.save_resolved(config.from_dict({}), run)
+    (run / "attacks.jsonl").write_text("[1, 2]\n")
+    for bad in ({"key": "a", "metrics": "high"}, {"key": "b", "defenses": "dp"},
+                {"key": "c", "extras": [1]}):
+        append_jsonl(run / "attacks.jsonl", bad)
+    append_jsonl(run / "attacks.jsonl", {"key": "ok", "attack": "noop", "metrics": {}})
+    assert [r["key"] for r in load_results(run)] == ["ok"]
+    assert "noop" in write_report(run).read_text()
