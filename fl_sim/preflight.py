@@ -71,7 +71,7 @@ def check_resumable(run_dir: Path) -> None:
 
 def check_checkpoint_state(state: dict[str, Any], root: Path) -> None:
     """``checkpoint/state.json`` names a round and two files inside ``root`` that exist."""
-    from fl_sim.stores import resolve_inside
+    from fl_sim.store_guard import resolve_inside
     r = state.get("round")
     if not isinstance(r, int) or isinstance(r, bool) or r < 0:
         raise RunDirError(f"{root / 'state.json'}: corrupt (round {r!r})")
