@@ -179,6 +179,12 @@ def make_run(tmp: Path, *, peers: tuple[int, ...] = (0,), nan_update: bool = Fal
     return run
 
 
+def corrupt_update(tmp: Path) -> Path:
+    run = make_run(tmp)
+    (run / "observations" / "server_in" / "r0001" / "c0001.safetensors").write_bytes(b"\0" * 64)
+    return run
+
+
 def resume_state(tmp: Path, state: str) -> Path:
     run = make_run(tmp)
     (run / "checkpoint").mkdir()
@@ -344,6 +350,10 @@ CASES: dict[str, tuple[Case, str]] = {
     "replay unknown attack": (attack_on(make_run, "--attack", "nope"), "unknown attack"),
     "replay bad param": (attack_on(make_run, "--attack", "dlg", "--set",
                                    "max_iterations=true"), "max_iterations: a boolean"),
+    "replay lr nan": (attack_on(make_run, "--attack", "inverting_gradients", "--set",
+                                "lr=nan"), "lr: Input should be a finite number"),
+    "replay corrupt update file": (attack_on(corrupt_update, "--attack", "noop", "--client",
+                                             "1"), "cannot read"),
     "replay NaN update": (attack_on(lambda t: make_run(t, nan_update=True), "--attack",
                                     "noop", "--client", "1"), "holds NaN/inf"),
     "replay NaN own update": (attack_on(lambda t: make_run(t, nan_own=True), "--attack",
