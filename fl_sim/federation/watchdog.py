@@ -3,7 +3,8 @@
 Ray shares the fate of the processes a driver starts directly (``gcs_server``, ``raylet``: the
 kernel SIGKILLs them when the driver dies, ``PR_SET_PDEATHSIG``), but not of what the raylet
 starts in turn: after ``kill -9`` of the driver, ``ray::DashboardAgent`` and
-``ray::RuntimeEnvAgent`` were still running minutes later (ray 2.55, measured). This watchdog,
+``ray::RuntimeEnvAgent`` were still running minutes later (ray 2.55, measured; Ray's own
+reports: ray-project/ray#2005, #39092). This watchdog,
 started by :func:`fl_sim.federation.lifecycle.ray_session` in its own session (so a Ctrl-C to
 the terminal's process group does not stop it first), polls the driver every
 :data:`POLL_S` seconds, remembers every process that became the driver's descendant after the
