@@ -292,8 +292,9 @@ def train_prior(cfg: PriorConfig | Mapping[str, Any] | str | Path, out_dir: str 
     out.mkdir(parents=True, exist_ok=True)
     _check_resumable(out, cfg)
     tr = cfg.training
-    if (out / METADATA_FILE).is_file() and read_metadata(out).get("steps_done") == tr.steps:
-        return out
+    if ((out / CONFIG_FILE).is_file() and (out / METADATA_FILE).is_file()
+            and read_metadata(out).get("steps_done") == tr.steps):
+        return out  # already trained with this config (checked above)
     splits, images, indices, held = _load_data(cfg)
     task, spec, opt = _build(cfg, splits)
     (out / CONFIG_FILE).write_text(json.dumps(cfg.to_json_dict(), indent=2, sort_keys=True))

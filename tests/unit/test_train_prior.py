@@ -169,3 +169,10 @@ def test_cli_sigkill_then_rerun_is_bit_identical(trained: Path, tmp_path: Path) 
     assert done.stdout.strip().splitlines()[-1] == str(out)
     a, b = _state(trained), _state(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_finished_prior_is_returned_untouched(trained: Path) -> None:
+    weights = trained / "unet" / "diffusion_pytorch_model.safetensors"
+    before = (weights.stat().st_mtime_ns, (trained / "train_log.jsonl").read_text())
+    assert train_prior(BASE, trained) == trained
+    assert (weights.stat().st_mtime_ns, (trained / "train_log.jsonl").read_text()) == before
