@@ -409,9 +409,15 @@ class PeerStore(_IndexedStore):
 
     def write_global(self, server_round: int, state: Mapping[str, Tensor],
                      meta: Mapping[str, Any]) -> None:
-        """The global model received at the start of ``server_round`` (+ what came with it)."""
+        """The global model received at the start of ``server_round`` (+ what came with it).
+
+        Already recorded with the same row (a resume re-runs the round after the last
+        finished one, whose global a resume keeps, see :meth:`truncate`): nothing is
+        rewritten."""
         rel = f"globals/{_rname(server_round)}.safetensors"
         row = {**dict(meta), "kind": "global", "round": server_round, "file": rel}
+        if json.loads(dumps_strict(row)) in self.entries("global"):
+            return
         self._write(rel, state, row)
 
     def write_update(self, server_round: int, update: Mapping[str, Tensor],

@@ -225,3 +225,24 @@ def test_watchdog_kills_what_a_sigkilled_driver_started(tmp_path: Path) -> None:
             watchdog.kill()
         if child_start is not None and _alive(child, child_start):
             os.kill(child, signal.SIGKILL)  # the grandchild, if the test failed
+
+
+def test_peer_global_of_the_last_finished_round_is_kept_not_rewritten(tmp_path: Path) -> None:
+    """Resume after round 2: the peer's global of round 3 (what round 2 produced) survives
+    the truncation, and the re-run round 3 does not rewrite it or add an index line."""
+    import torch
+
+    from fl_sim.stores import PeerStore, read_jsonl, truncate_run
+    peer = PeerStore(tmp_path, 0)
+    meta = {"aggregated_round": 2, "aggregated_num_examples": 8, "aggregated_num_clients": 2}
+    for r in (1, 2, 3):
+        peer.write_global(r, {"w": torch.full((2,), float(r))}, meta)
+    peer.write_update(3, {"w": torch.ones(2)}, {})
+    truncate_run(tmp_path, 2)
+    f = peer.root / "globals" / "r0003.safetensors"
+    mtime = f.stat().st_mtime_ns
+    peer.write_global(3, {"w": torch.full((2,), 3.0)}, meta)  # the re-run round 3
+    assert f.stat().st_mtime_ns == mtime
+    rows = read_jsonl(peer.root / "index.jsonl")
+    assert [(x["kind"], x["round"]) for x in rows] == [("global", 1), ("global", 2),
+                                                       ("global", 3)]
