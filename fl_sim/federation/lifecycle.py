@@ -168,12 +168,16 @@ def _shutdown_ray(timeout_s: float) -> None:
 
 @contextmanager
 def ray_session(init_args: Mapping[str, Any]) -> Iterator[None]:
-    """Ray for one run (see the module doc); a no-op wrapper outside the main thread."""
+    """Ray for one run (see the module doc); a no-op wrapper outside the main thread.
+
+    Joining an existing cluster (``address`` in ``init_args``) starts no watchdog and kills
+    nothing: those processes are the cluster's, not this run's."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    local = not init_args.get("address")
     baseline = set(descendants(os.getpid()))
-    watchdog = _start_watchdog()
+    watchdog = _start_watchdog() if local else None
     if watchdog is not None:
         baseline.add((watchdog.pid, (_stat(watchdog.pid) or (0, 0))[1]))
     try:
@@ -182,7 +186,8 @@ def ray_session(init_args: Mapping[str, Any]) -> Iterator[None]:
     except BaseException:
         seen = set(descendants(os.getpid()))  # before the raylet's children are re-parented
         _shutdown_ray(SHUTDOWN_S)
-        kill_new_descendants(baseline, also=seen)
+        if local:
+            kill_new_descendants(baseline, also=seen)
         raise
     finally:
         _stop(watchdog)
