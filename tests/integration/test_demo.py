@@ -1,8 +1,12 @@
 """`make demo` end to end: the default config through the real CLI on Flower's Ray backend.
 
 Asserts what a user is promised: it finishes within the time budget, prints a results table
-and, on its last line, the path of report.html; the server's Inverting Gradients and iDLG and
-the curious peer's attack really reconstruct the private digits.
+and, on its last line, the path of report.html; the model really learns (test accuracy well
+above chance, 10 %, by the last round); the server's Inverting Gradients and iDLG and the
+curious peer's attack really reconstruct the private digits.
+
+Measured (seed 0, 2 shared cores): eval accuracy 0.23 after round 1, 0.50 after round 25
+(0.37-0.69 over rounds 10-25); IG 48.5 dB, peer 47.0 dB, iDLG 100 %, DLG replay 150 dB.
 """
 
 from __future__ import annotations
@@ -58,6 +62,13 @@ def test_default_demo_end_to_end(tmp_path: Path) -> None:
     cfg = json.loads((run_dir / "config.json").read_text())
     assert cfg["strategy"]["name"] == "fedsgd" and cfg["run"]["seed"] == 0
 
+    # the training curve teaches that the model learns while it leaks
+    acc = [r["eval_accuracy"] for r in (json.loads(line) for line in
+                                        (run_dir / "metrics.jsonl").read_text().splitlines())]
+    assert len(acc) == cfg["federation"]["num_rounds"] >= 20
+    assert acc[-1] >= 0.35 and sum(acc[-5:]) / 5 >= 0.4, acc  # chance is 0.1
+    assert acc[-1] >= acc[0] + 0.15, acc
+
     # Record once, attack many times: replay another attack offline on the same run.
     out = subprocess.run([sys.executable, "-m", "fl_sim.cli", "attack", str(run_dir),
                           "--attack", "dlg", "--client", "2", "--set", "max_iterations=4"],
@@ -68,7 +79,7 @@ def test_default_demo_end_to_end(tmp_path: Path) -> None:
     replayed = json.loads((run_dir / "attacks.jsonl").read_text().splitlines()[-1])
     assert replayed["attack"] == "dlg" and replayed["client"] == 2
     assert replayed["params"] == {"max_iterations": 4}
-    assert replayed["metrics"]["psnr"] >= 25.0, replayed["metrics"]  # DLG on sigmoid LeNet
+    assert replayed["metrics"]["psnr"] >= 25.0, replayed["metrics"]  # DLG on the demo MLP
     assert "dlg" in Path(last).read_text()
     bad = subprocess.run([sys.executable, "-m", "fl_sim.cli", "attack", str(run_dir),
                           "--attack", "dlg", "--set", "max_iterations=abc"], cwd=ROOT, env=env,
