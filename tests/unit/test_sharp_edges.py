@@ -11,7 +11,7 @@ import numpy as np
 import tomllib
 import torch
 
-from fl_sim.config import from_dict
+from fl_sim.config import from_dict, save_resolved
 from fl_sim.extras import MAX_INLINE, extras_to_json
 from fl_sim.report import RESULTS_FILE, write_report
 
@@ -61,6 +61,7 @@ def test_a_crashed_attack_shows_its_error_in_the_report(tmp_path: Path) -> None:
     bad = {"attack": "dlg", "view": "server", "round": 1, "client": 2,
            "error": "ZeroDivisionError: plug-in bug <here>"}
     (tmp_path / RESULTS_FILE).write_text("\n".join(json.dumps(r) for r in (ok, bad)) + "\n")
+    save_resolved(from_dict({}), tmp_path)  # write_report refuses a directory without a run
     page = write_report(tmp_path).read_text()
     assert "This attack failed" in page
     assert "ZeroDivisionError: plug-in bug &lt;here&gt;" in page  # escaped, verbatim
