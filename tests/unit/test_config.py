@@ -79,12 +79,11 @@ def test_overrides_parse_as_toml_and_do_not_mutate_input() -> None:
 
 
 def test_resolved_config_round_trips(tmp_path: Path) -> None:
-    cfg = config.load(ROOT / "configs" / "default.toml", ["run.seed=7", "model.name=convnet",
-                                                          "model.width=16"])
+    cfg = config.load(ROOT / "configs" / "default.toml", ["run.seed=7", "model.hidden=[32, 16]"])
     path = config.save_resolved(cfg, tmp_path)
     again = config.load(path)
     assert again == cfg
-    assert json.loads(path.read_text())["model"] == {"name": "convnet", "width": 16,
+    assert json.loads(path.read_text())["model"] == {"name": "mlp", "hidden": [32, 16],
                                                      "pretrained": None}
 
 
