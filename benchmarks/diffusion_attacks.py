@@ -7,6 +7,7 @@ the mean DDPM loss with seeded eps and t.
 
     .venv/bin/python benchmarks/diffusion_attacks.py [--threads 1] [--images 8]
         [--budget 1.0] [--sections quality,table,speed] [--batches 1,4,8] [--prior DIR]
+        [--out benchmarks/out/diffusion_attacks.json]
 
 Sections:
 
@@ -190,6 +191,7 @@ def main() -> None:
     ap.add_argument("--batches", default="1,4,8")
     ap.add_argument("--sections", default="quality,table,speed")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=OUT / "diffusion_attacks.json")
     ap.add_argument("--prior", type=Path, default=None,
                     help="an existing prior directory (with unet/) instead of training the "
                          "tests' digits prior into benchmarks/out/digits_prior")
@@ -215,8 +217,8 @@ def main() -> None:
         print("table (PSNR / SSIM / seconds):")
         out["table"] = table(task, spec, args.budget, batches)
     out["total_seconds"] = time.perf_counter() - t0
-    OUT.mkdir(parents=True, exist_ok=True)
-    path = OUT / "diffusion_attacks.json"
+    path = args.out
+    path.parent.mkdir(parents=True, exist_ok=True)
     # sections run separately accumulate in one file (each keeps its own settings)
     old = json.loads(path.read_text()) if path.is_file() else {}
     settings = {k: v for k, v in out.items() if k not in ("speed", "quality", "table")}
