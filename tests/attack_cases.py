@@ -2,8 +2,9 @@
 
 Builds the reference cases of ``/work/shared/FACTS.md`` ("Reference attack cases"): seeded,
 untrained models in eval mode (BatchNorm with fresh running statistics), mean cross-entropy,
-one FedSGD gradient over all parameters. Images come from ``shared/data/cifar10_5k.npz``
-(``x_test`` in index order); tests that need them skip cleanly when the file is absent::
+one FedSGD gradient over all parameters. Images come from ``tests/data/cifar10_ref.npz``, a
+vendored slice of the shared CIFAR-10 file (test images 0-31 and training images 0-127, pixel
+for pixel; provenance in ``tests/data/README.md``), so every test runs on a clean clone::
 
     from attack_cases import cifar_images, cifar_labels, make_record, make_task
 
@@ -25,16 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from fl_sim.records import ModelSpec, ObservationRecord, Tap
 
-#: where the shared data lives (next to the repository checkout)
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
-CIFAR_FILE = DATA_DIR / "cifar10_5k.npz"
+#: the vendored reference images (``x_test`` [32], ``x_train`` [128], uint8 NHWC)
+CIFAR_FILE = Path(__file__).resolve().parent / "data" / "cifar10_ref.npz"
 CIFAR_MEAN = (0.4915, 0.4823, 0.4468)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
@@ -63,24 +62,38 @@ def torch_threads(n: int = 1) -> Iterator[None]:
 
 @functools.lru_cache(maxsize=1)
 def _cifar_test() -> tuple[np.ndarray, np.ndarray]:
-    if not CIFAR_FILE.is_file():
-        pytest.skip(f"CIFAR-10 test data not found at {CIFAR_FILE}")
     with np.load(CIFAR_FILE) as d:
         return d["x_test"], d["y_test"]
+
+
+def _check_range(stop: int, available: int) -> None:
+    if stop > available:
+        raise ValueError(f"asked for CIFAR-10 test images up to index {stop - 1}; "
+                         f"{CIFAR_FILE.name} vendors {available} (see tests/data/README.md)")
+
+
+def cifar_train_images(n: int) -> Tensor:
+    """The first ``n`` (<= 128) CIFAR-10 training images, float32 ``[n, 3, 32, 32]``."""
+    with np.load(CIFAR_FILE) as d:
+        x = d["x_train"]
+    _check_range(n, len(x))
+    return torch.from_numpy(x[:n]).permute(0, 3, 1, 2).float().div(255.0)
 
 
 def cifar_images(n: int, start: int = 0) -> Tensor:
     """CIFAR-10 test images ``start .. start+n-1`` as float32 ``[n, 3, 32, 32]`` in [0, 1].
 
-    Skips the calling test if the data file is absent.
+    Raises ``ValueError`` past the 32 vendored test images.
     """
     x, _ = _cifar_test()
+    _check_range(start + n, len(x))
     return torch.from_numpy(x[start:start + n]).permute(0, 3, 1, 2).float().div(255.0)
 
 
 def cifar_labels(n: int, start: int = 0) -> Tensor:
     """CIFAR-10 test labels ``start .. start+n-1`` as int64 ``[n]``."""
     _, y = _cifar_test()
+    _check_range(start + n, len(y))
     return torch.from_numpy(y[start:start + n]).long()
 
 

@@ -18,10 +18,27 @@ from fl_sim.data.transforms import convert_channels, resize
 from fl_sim.errors import ConfigError, DataError, PluginError
 from fl_sim.registry import DATA_SOURCES
 
+REF_NPZ = Path(__file__).resolve().parents[1] / "data" / "cifar10_ref.npz"
 
-def _npz(shared: Path, name: str) -> dict[str, np.ndarray]:
-    with np.load(shared / name) as f:
+
+def _npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as f:
         return {k: f[k] for k in f.files}
+
+
+def _cifar() -> dict[str, np.ndarray]:
+    """The vendored CIFAR-10 slice: x_test [32], x_train [128] uint8 NHWC (tests/data)."""
+    return _npz(REF_NPZ)
+
+
+def _gray(n: int = 50) -> dict[str, np.ndarray]:
+    """``n`` MNIST-shaped gray images (28×28, uint8 NHWC) built from scikit-learn's bundled
+    digits: each 8×8 digit scaled to 0..240, upsampled 3× and padded by 2 pixels."""
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    x = np.kron(d.images[:n] * 15, np.ones((3, 3))).astype(np.uint8)
+    x = np.pad(x, ((0, 0), (2, 2), (2, 2)))[..., None]
+    return {"x_test": x, "y_test": d.target[:n].astype(np.int64)}
 
 
 def _check_splits(d: DataSplits, *, channels: int, size: int, num_classes: int) -> None:
@@ -80,33 +97,45 @@ def test_unknown_source_lists_known() -> None:
         load_data("imagenet")
 
 
-# -- npz on the real files ------------------------------------------------------------------
-@pytest.mark.parametrize("name, n_train, n_test, channels, size, classes", [
-    ("cifar10_5k.npz", 4000, 1000, 3, 32, 10),
-    ("mnist_test.npz", 8000, 2000, 1, 28, 10),
-    ("fashion_mnist_test.npz", 8000, 2000, 1, 28, 10),
-    ("olivetti_faces.npz", 320, 80, 1, 64, 40),
+# -- npz in the layouts of the shared files (built here; the shared data is for benchmarks) --
+def _faces() -> dict[str, np.ndarray]:
+    """Olivetti's layout: ``x`` (400, 64, 64, 1) uint8, ``y`` 40 identities × 10, no split."""
+    rng = np.random.default_rng(0)
+    return {"x": rng.integers(0, 256, (400, 64, 64, 1), dtype=np.uint8),
+            "y": np.repeat(np.arange(40), 10)}
+
+
+@pytest.mark.parametrize("layout, n_train, n_test, channels, size, classes", [
+    ("cifar10_ref", 128, 32, 3, 32, 10),       # x_train/y_train/x_test/y_test, RGB NHWC
+    ("mnist_test", 40, 10, 1, 28, 10),         # x_test/y_test only: split by test_fraction
+    ("olivetti_faces", 320, 80, 1, 64, 40),    # x/y
 ])
-def test_npz_real_files(shared_data: Path, name: str, n_train: int, n_test: int,
-                        channels: int, size: int, classes: int) -> None:
-    d = load_data("npz", path=str(shared_data / name))
+def test_npz_layouts(tmp_path: Path, layout: str, n_train: int, n_test: int,
+                     channels: int, size: int, classes: int) -> None:
+    path = REF_NPZ if layout == "cifar10_ref" else tmp_path / f"{layout}.npz"
+    if layout == "mnist_test":
+        np.savez(path, **_gray())
+    elif layout == "olivetti_faces":
+        np.savez(path, **_faces())
+    d = load_data("npz", path=str(path))
     _check_splits(d, channels=channels, size=size, num_classes=classes)
     assert (len(d.train), len(d.test)) == (n_train, n_test)
-    assert d.name == Path(name).stem
+    assert d.name == layout
 
 
-def test_npz_cifar_pixels_exact_and_caps(shared_data: Path) -> None:
-    raw = _npz(shared_data, "cifar10_5k.npz")
-    d = load_data("npz", path=shared_data / "cifar10_5k.npz", max_train=20, max_test=5)
+def test_npz_cifar_pixels_exact_and_caps() -> None:
+    raw = _cifar()
+    d = load_data("npz", path=REF_NPZ, max_train=20, max_test=5)
     assert (len(d.train), len(d.test)) == (20, 5)
     assert torch.equal(to_uint8(d.train.images).permute(0, 2, 3, 1),
                        torch.from_numpy(raw["x_train"][:20]))
     assert torch.equal(d.test.labels, torch.from_numpy(raw["y_test"][:5]).long())
 
 
-def test_npz_olivetti_groups_resize_and_gray_to_rgb(shared_data: Path) -> None:
-    d = load_data("npz", path=shared_data / "olivetti_faces.npz", groups_key="y",
-                  image_size=32, channels=3)
+def test_npz_olivetti_groups_resize_and_gray_to_rgb(tmp_path: Path) -> None:
+    np.savez(tmp_path / "faces.npz", **_faces())
+    d = load_data("npz", path=tmp_path / "faces.npz", groups_key="y", image_size=32,
+                  channels=3)
     _check_splits(d, channels=3, size=32, num_classes=40)
     assert d.train.groups is not None and torch.equal(d.train.groups, d.train.labels)
     sub = d.train.subset(np.array([3, 1]))
@@ -178,8 +207,8 @@ def _write_idx(path: Path, arr: np.ndarray, *, gz: bool = False) -> None:
 
 
 @pytest.fixture
-def mnist_dir(tmp_path: Path, shared_data: Path) -> tuple[Path, dict[str, np.ndarray]]:
-    raw = _npz(shared_data, "mnist_test.npz")
+def mnist_dir(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    raw = _gray(50)
     x, y = raw["x_test"][:50, ..., 0], raw["y_test"][:50].astype(np.uint8)
     _write_idx(tmp_path / "train-images-idx3-ubyte", x[:40])
     _write_idx(tmp_path / "train-labels-idx1-ubyte", y[:40])
@@ -230,8 +259,8 @@ def _write_batch(path: Path, x: np.ndarray, y: np.ndarray) -> None:
 
 
 @pytest.fixture
-def cifar_dir(tmp_path: Path, shared_data: Path) -> tuple[Path, dict[str, np.ndarray]]:
-    raw = _npz(shared_data, "cifar10_5k.npz")
+def cifar_dir(tmp_path: Path) -> tuple[Path, dict[str, np.ndarray]]:
+    raw = _cifar()
     root = tmp_path / "cifar-10-batches-py"
     root.mkdir()
     for i in range(5):
@@ -287,8 +316,8 @@ def _write_pngs(root: Path, x: np.ndarray, y: np.ndarray, names: list[str]) -> N
             folder / f"{i:03d}.png")
 
 
-def test_image_folder_train_test_round_trip(tmp_path: Path, shared_data: Path) -> None:
-    raw = _npz(shared_data, "cifar10_5k.npz")
+def test_image_folder_train_test_round_trip(tmp_path: Path) -> None:
+    raw = _cifar()
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
              "truck"]
     _write_pngs(tmp_path / "train", raw["x_train"][:30], raw["y_train"][:30], names)
@@ -301,8 +330,8 @@ def test_image_folder_train_test_round_trip(tmp_path: Path, shared_data: Path) -
     assert torch.equal(d.train.labels, torch.from_numpy(raw["y_train"][:30][order]).long())
 
 
-def test_image_folder_single_split_gray(tmp_path: Path, shared_data: Path) -> None:
-    raw = _npz(shared_data, "mnist_test.npz")
+def test_image_folder_single_split_gray(tmp_path: Path) -> None:
+    raw = _gray(40)
     _write_pngs(tmp_path, raw["x_test"][:40], raw["y_test"][:40], [f"c{i}" for i in range(10)])
     d = load_data("image_folder", path=tmp_path, image_size=16, test_fraction=0.25)
     _check_splits(d, channels=1, size=16, num_classes=d.num_classes)

@@ -319,13 +319,12 @@ def test_unrolled_objective_is_exact_where_single_gradient_is_not(one_thread):
 
 
 def _convnet_with_cifar_bn_statistics():
-    """ConvNet-64 whose BN running statistics come from 512 CIFAR-10 training images."""
-    import numpy as np
-    from attack_cases import CIFAR_FILE
+    """ConvNet-64 whose BN running statistics come from the 128 vendored CIFAR-10 training
+    images (tests/data/cifar10_ref.npz)."""
+    from attack_cases import cifar_train_images
 
     task, spec = make_task("convnet")
-    with np.load(CIFAR_FILE) as d:
-        train = torch.from_numpy(d["x_train"][:512]).permute(0, 3, 1, 2).float().div(255)
+    train = cifar_train_images(128)
     for m in task.model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.reset_running_stats()

@@ -90,9 +90,11 @@ def test_pathological_classes_smaller_than_their_shard_share() -> None:
     assert sorted(np.concatenate(parts).tolist()) == list(range(10))
 
 
-def test_by_identity_one_person_per_client(shared_data: Path) -> None:
-    faces = load_data("npz", path=shared_data / "olivetti_faces.npz", groups_key="y",
-                      image_size=8).train
+def test_by_identity_one_person_per_client(tmp_path: Path) -> None:
+    """Olivetti's layout (40 identities × 10 images, ``x``/``y``), built here."""
+    x = np.random.default_rng(0).integers(0, 256, (400, 8, 8, 1), dtype=np.uint8)
+    np.savez(tmp_path / "faces.npz", x=x, y=np.repeat(np.arange(40), 10))
+    faces = load_data("npz", path=tmp_path / "faces.npz", groups_key="y").train
     assert faces.groups is not None
     groups = faces.groups.numpy()
     parts = partition_dataset(faces, "by_identity", 40, seed=0)
