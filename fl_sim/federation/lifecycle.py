@@ -18,6 +18,9 @@ driver, Ray's dashboard and runtime-env agents lived on.
   than ``hard_exit_s``. The CLI ends with ``os._exit`` too: the stranded ServerApp thread
   must not keep the process alive. Exit status 128 + signal number (130 SIGINT, 143 SIGTERM).
 
+* :class:`StoppableGrid` lets the ServerApp thread stop waiting as soon as the driver
+  unwinds (``ServerSetup.stop``), so an in-process caller's interrupt ends that thread too.
+
 The run directory stays resumable whatever point the interrupt hits: every store write is
 atomic and a resume discards the unfinished round (:mod:`fl_sim.federation.resume`).
 """
@@ -30,6 +33,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -37,6 +41,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from fl_sim.errors import FlSimError
 from fl_sim.federation.processes import PROC, _signal, _stat, descendants
 
 logger = logging.getLogger(__name__)
@@ -191,3 +196,40 @@ def ray_session(init_args: Mapping[str, Any]) -> Iterator[None]:
         raise
     finally:
         _stop(watchdog)
+
+
+class RunStopped(FlSimError):
+    """The driver stopped the run (an interrupt or an error) while the server waited."""
+
+
+class StoppableGrid:
+    """A Flower Grid whose ``send_and_receive`` ends as soon as ``stop`` is set.
+
+    ``run_simulation`` runs the ServerApp in a non-daemon thread; when the driver unwinds
+    (Ctrl-C in a notebook, an error), that thread would otherwise wait up to the round
+    timeout for replies that never come, keep the process alive, and then carry on writing
+    rounds nobody trained. Same push / pull / poll loop as Flower's, every
+    ``pull_interval`` (0.1 s); everything else delegates to the wrapped grid.
+    """
+
+    def __init__(self, grid: Any, stop: threading.Event) -> None:
+        self._grid = grid
+        self._stop = stop
+
+    def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> list[Any]:
+        ids = set(self._grid.push_messages(messages))
+        end = None if timeout is None else time.monotonic() + timeout
+        out: list[Any] = []
+        interval = float(getattr(self._grid, "pull_interval", 0.1))
+        while ids and (end is None or time.monotonic() < end):
+            if self._stop.is_set():
+                raise RunStopped("the run was stopped while the server waited for replies")
+            got = list(self._grid.pull_messages(ids))
+            out.extend(got)
+            ids.difference_update(m.metadata.reply_to_message_id for m in got)
+            if ids:
+                self._stop.wait(interval)
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)

@@ -17,9 +17,10 @@ import importlib
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from types import ModuleType
@@ -36,6 +37,7 @@ from fl_sim.federation import protocol as P
 from fl_sim.federation.checkpoint import CheckpointStore, load_strategy_state
 from fl_sim.federation.client_app import load_splits
 from fl_sim.federation.failures import check_something_aggregated, log_failures, summary
+from fl_sim.federation.lifecycle import StoppableGrid
 from fl_sim.federation.resources import server_device
 from fl_sim.federation.resume import write_json_atomic
 from fl_sim.federation.retention import Retention
@@ -79,6 +81,8 @@ class ServerSetup:
     resume: bool = False
     progress: Progress | None = None
     error: BaseException | None = None
+    #: set by the driver when it unwinds: the server stops waiting (see StoppableGrid)
+    stop: threading.Event = field(default_factory=threading.Event)
 
 
 #: In-process hand-off from run_experiment (None under ``flwr run``).
@@ -183,6 +187,7 @@ def _version() -> str:
 # -- the loop ---------------------------------------------------------------------------------
 def run_server(grid: Grid, setup: ServerSetup) -> None:
     """Run (or resume) every round of ``setup.cfg`` on ``grid``; see the module doc."""
+    grid = StoppableGrid(grid, setup.stop)  # type: ignore[assignment]
     cfg, run_dir = setup.cfg, setup.run_dir
     fed = cfg.federation
     task, spec, splits = server_task(cfg)

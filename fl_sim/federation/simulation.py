@@ -89,8 +89,10 @@ def run_experiment(cfg: ExperimentConfig, *, run_dir: str | Path | None = None,
             run_simulation(server_app=server_app.app, client_app=client_app,
                            num_supernodes=cfg.federation.num_clients,
                            backend_config=backend)  # type: ignore[arg-type]
-    except RunInterrupted as exc:
-        exc.run_dir = out
+    except BaseException as exc:
+        setup.stop.set()  # the ServerApp thread stops at its next wait, writes no more rounds
+        if isinstance(exc, RunInterrupted):
+            exc.run_dir = out
         raise
     finally:
         server_app.HANDOFF = None

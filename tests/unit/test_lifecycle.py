@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -246,3 +247,41 @@ def test_peer_global_of_the_last_finished_round_is_kept_not_rewritten(tmp_path: 
     rows = read_jsonl(peer.root / "index.jsonl")
     assert [(x["kind"], x["round"]) for x in rows] == [("global", 1), ("global", 2),
                                                        ("global", 3)]
+
+
+class _SilentGrid:
+    """A grid whose clients never answer (after Ray is gone), or answer at once."""
+
+    pull_interval = 0.05
+
+    def __init__(self, replies: list[Any]) -> None:
+        self.replies = replies
+
+    def push_messages(self, messages: Any) -> list[str]:
+        return [str(i) for i, _ in enumerate(messages)]
+
+    def pull_messages(self, ids: Any) -> list[Any]:
+        out, self.replies = self.replies, []
+        return out
+
+    def get_node_ids(self) -> list[int]:
+        return [7]
+
+
+def test_a_stopped_run_ends_the_servers_wait_at_once() -> None:
+    import threading
+    import types
+
+    stop = threading.Event()
+    grid = lifecycle.StoppableGrid(_SilentGrid([]), stop)
+    assert grid.get_node_ids() == [7]  # everything else delegates
+    threading.Timer(0.3, stop.set).start()
+    t0 = time.monotonic()
+    with pytest.raises(lifecycle.RunStopped):
+        grid.send_and_receive(["m0", "m1"], timeout=3600)
+    assert time.monotonic() - t0 < 2
+    reply = types.SimpleNamespace(metadata=types.SimpleNamespace(reply_to_message_id="0"))
+    ok = lifecycle.StoppableGrid(_SilentGrid([reply]), threading.Event())
+    assert ok.send_and_receive(["m0"], timeout=5) == [reply]
+    assert lifecycle.StoppableGrid(_SilentGrid([]), threading.Event()).send_and_receive(
+        ["m0"], timeout=0.2) == []  # the timeout still applies
