@@ -212,3 +212,32 @@ def test_gidm_plus_on_digits_recovers_t_and_beats_pixel_matching_with_guessed_ep
         plus.append(float(psnr(out.images, images).mean()))
         base.append(float(psnr(guessed.images, images).mean()))
     assert sum(plus) / 2 > sum(base) / 2 + 1.0, (plus, base)
+
+
+def test_attack_runner_scores_recovered_t_and_eps_beside_psnr(task, tmp_path, one_thread):
+    """The attacks.jsonl row of gidm_plus carries t_recovered / t_true / eps error from the
+    truth store (the runner reads the truth only after the attack returned)."""
+    from types import SimpleNamespace
+
+    from fl_sim.attack_runner import run_attack
+    from fl_sim.report import load_results
+
+    gen = torch.Generator().manual_seed(7)
+    x = torch.rand((1, 1, 16, 16), generator=gen)
+    aux = {"eps": torch.randn((1, 1, 16, 16), generator=gen), "t": torch.tensor([640])}
+    rec = _record(task, x, aux["eps"], aux["t"])
+    truth = GroundTruthRecord("test", 1, 0, (TruthStep(0, x, torch.zeros(1, dtype=torch.long),
+                                                       torch.tensor([3]), aux),))
+    view = SimpleNamespace(clients=lambda r: [0], record=lambda r, c: rec)
+    run = SimpleNamespace(view=lambda role, grant=(): view, truth=lambda r, c: truth)
+    cfg = SimpleNamespace(run=SimpleNamespace(seed=0, device="cpu"),
+                          metrics=SimpleNamespace(lpips_weights=None))
+    params = {"phase1_iterations": 0, "phase2_iterations": 1, "t_candidates": 1,
+              "sweep_iterations": 1}
+    (row,) = run_attack(tmp_path, cfg, "gidm_plus", params, view="server", client=0,
+                        server_round=1, key="k1", run=run)
+    m = row["metrics"]
+    assert m["t_true"] == [640.0] and abs(m["t_recovered"][0] - 640.0) <= 2.0
+    assert m["t_abs_error_mean"] == pytest.approx(abs(m["t_recovered"][0] - 640.0))
+    assert 0.5 < m["eps_rel_error"] < 3.0 and "psnr" in m
+    assert load_results(tmp_path)[0]["metrics"]["t_true"] == [640.0]
