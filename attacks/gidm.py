@@ -22,8 +22,10 @@ best, so the returned images never match worse than phase 1's (checked at the en
 
 Deviations from the paper, and why: the distance is the squared L2 distance of the updates
 divided by ``|observed|^2`` (the paper: plain L2; the scale makes one learning rate work for
-any model size and timestep); Adam with a cosine learning-rate decay in both phases (the
-paper does not publish a schedule); the sampler's ``x0`` clipping follows the prior's
+any model size and timestep); phase 1 runs Adam with a cosine learning-rate decay; phase 2
+runs L-BFGS by default (DLG's optimiser: on the digits case Adam on pixels stalled near
+10 dB after 100-220 iterations while L-BFGS reached 44 dB in 100; ``phase2_optimizer =
+"adam"`` keeps Adam); the sampler's ``x0`` clipping follows the prior's
 scheduler config (diffusers' default: clip). FedAvg deltas are matched by unrolling the
 client's local SGD steps with each step's own eps/t (the paper treats FedSGD only).
 """
@@ -125,6 +127,37 @@ def _optimise(start: Tensor, to_images: Callable[[Tensor], Tensor],
     return best_loss, best_images, history
 
 
+def _lbfgs(start: Tensor, to_images: Callable[[Tensor], Tensor], matching: DiffusionMatching,
+           *, iterations: int, lr: float, best: tuple[float, Tensor] | None, phase: int,
+           callback: Callback | None) -> tuple[float, Tensor, list[float]]:
+    """L-BFGS (strong-Wolfe line search) on ``start`` for up to ``iterations`` iterations, as
+    DLG optimises pixels; unconstrained, the images are clamped to [0, 1] when scored. Keeps
+    the best clamped images by matching distance; same returns as :func:`_optimise`."""
+    var = start.detach().clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([var], lr=lr, max_iter=iterations, history_size=100,
+                            tolerance_grad=1e-12, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
+    history: list[float] = []
+
+    def closure() -> Tensor:
+        opt.zero_grad()
+        loss = matching(to_images(var))
+        loss.backward()
+        history.append(float(loss.detach()))
+        if callback is not None:
+            callback(phase, len(history) - 1, to_images(var).detach())
+        return loss
+
+    opt.step(closure)
+    best_loss, best_images = best if best is not None else (math.inf, None)
+    with torch.no_grad():
+        images = to_images(var).clamp(0, 1)
+    final = float(matching_no_graph(matching, images))
+    if final < best_loss or best_images is None:
+        best_loss, best_images = final, images.detach().clone()
+    return best_loss, best_images, history
+
+
 def matching_no_graph(matching: DiffusionMatching, images: Tensor) -> Tensor:
     """The matching distance of ``images`` without keeping any graph (scoring only)."""
     with torch.enable_grad():
@@ -141,7 +174,10 @@ class GIDM(Attack):
     (Adam, cosine decay); ``prior``: ``None`` = the record's global model, or the path of a
     prior saved by ``fl-sim train-prior``; ``checkpoint``: recompute the sampler's activations
     per step in backward (memory of one UNet call instead of K; ~K more forwards);
-    ``distance``: ``"l2"`` (default) or ``"cosine"``; ``multi_step`` for FedAvg deltas:
+    ``distance``: ``"l2"`` (default) or ``"cosine"``; ``phase2_optimizer``: ``"lbfgs"``
+    (default; L-BFGS with a strong-Wolfe line search, ``phase2_iterations`` = its iterations,
+    each one or a few matching evaluations, step ``lr_pixels_lbfgs``) or ``"adam"``
+    (``lr_pixels``, cosine decay, box-projected); ``multi_step`` for FedAvg deltas:
     ``"unroll"`` the client's SGD steps (each with its own eps/t rows), ``"single"`` (match
     the delta as one mean gradient; needs one eps/t row per image) or ``"auto"`` (unroll
     when ``local_steps > 1``). Returns images ``[N, C, H, W]`` (N = the batch for a
@@ -157,7 +193,8 @@ class GIDM(Attack):
                  sampler_steps: int = 10, lr_latent: float = 0.1, lr_pixels: float = 0.02,
                  prior: str | None = None, checkpoint: bool = False,
                  distance: Literal["l2", "cosine"] = "l2",
-                 multi_step: MultiStep = "auto") -> None:
+                 phase2_optimizer: Literal["lbfgs", "adam"] = "lbfgs",
+                 lr_pixels_lbfgs: float = 1.0, multi_step: MultiStep = "auto") -> None:
         _check("phase1_iterations", phase1_iterations >= 0, phase1_iterations, ">= 0")
         _check("phase2_iterations", phase2_iterations >= 0, phase2_iterations, ">= 0")
         _check("phase1_iterations", phase1_iterations + phase2_iterations >= 1,
@@ -168,6 +205,10 @@ class GIDM(Attack):
         _check("distance", distance in ("l2", "cosine"), distance, "l2, cosine")
         _check("multi_step", multi_step in ("auto", "unroll", "single"), multi_step,
                "auto, unroll, single")
+        _check("phase2_optimizer", phase2_optimizer in ("lbfgs", "adam"), phase2_optimizer,
+               "lbfgs, adam")
+        _check("lr_pixels_lbfgs", lr_pixels_lbfgs > 0, lr_pixels_lbfgs, "> 0")
+        self.phase2_optimizer, self.lr_pixels_lbfgs = phase2_optimizer, lr_pixels_lbfgs
         self.phase1_iterations, self.phase2_iterations = phase1_iterations, phase2_iterations
         self.sampler_steps, self.lr_latent, self.lr_pixels = sampler_steps, lr_latent, lr_pixels
         self.prior, self.checkpoint, self.distance = prior, checkpoint, distance
@@ -238,7 +279,12 @@ class GIDM(Attack):
         else:  # pixel-only baseline: a random start in the box
             start = torch.rand(shape, generator=generator).to(self.device)
         loss, images = best if best is not None else (math.inf, start)
-        if self.phase2_iterations:
+        if self.phase2_iterations and self.phase2_optimizer == "lbfgs":
+            loss, images, _ = _lbfgs(start, lambda x: x, match,
+                                     iterations=self.phase2_iterations,
+                                     lr=self.lr_pixels_lbfgs, best=best, phase=2,
+                                     callback=callback)
+        elif self.phase2_iterations:
             loss, images, _ = _optimise(start, lambda x: x, match,
                                         iterations=self.phase2_iterations, lr=self.lr_pixels,
                                         box=True, best=best, phase=2, callback=callback)
@@ -248,6 +294,7 @@ class GIDM(Attack):
             "phase1_iterations": self.phase1_iterations,
             "phase2_iterations": self.phase2_iterations, "sampler_steps": self.sampler_steps,
             "prior": prior_name, "distance": self.distance,
+            "phase2_optimizer": self.phase2_optimizer,
             "phase1_matching_loss": p1_loss, "phase2_matching_loss": loss,
             "unrolled_steps": match.unroll[1] if match.unroll else 0}
         if p1_images is not None:

@@ -118,7 +118,8 @@ def test_gidm_phases_recorded_and_phase2_never_worse(untrained):
     task, spec = untrained
     x = digits_victims(1)
     rec = diffusion_record(task, spec, x, t=[60])
-    attack = GIDM(phase1_iterations=3, phase2_iterations=3, sampler_steps=2)
+    attack = GIDM(phase1_iterations=3, phase2_iterations=3, sampler_steps=2,
+                  phase2_optimizer="adam")
     seen = []
     out = attack.reconstruct(rec, generator=torch.Generator().manual_seed(0),
                              callback=lambda phase, it, im: seen.append((phase, it)))
