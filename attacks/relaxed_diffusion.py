@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from attacks.gradients import Params
+from attacks.objectives import l2_distance, total_variation
 
-__all__ = ["abar_at", "relaxed_loss", "Problem", "Candidates", "eps_prior", "total_variation",
+__all__ = ["abar_at", "relaxed_loss", "Problem", "Candidates", "eps_prior",
            "candidate_gradients", "matching_distance", "time_embedding_distance", "Render",
            "Weights", "objective", "optimise"]
 
@@ -95,13 +96,6 @@ def eps_prior(eps: Tensor) -> Tensor:
     return (flat.mean(-1).square() + (flat.var(-1) - 1).square()).mean(-1)
 
 
-def total_variation(x: Tensor) -> Tensor:
-    """Mean anisotropic TV of [R, B, C, H, W] images -> [R]."""
-    dx = (x[..., :, 1:] - x[..., :, :-1]).abs().flatten(1).mean(1)
-    dy = (x[..., 1:, :] - x[..., :-1, :]).abs().flatten(1).mean(1)
-    return dx + dy
-
-
 def candidate_gradients(problem: Problem, x: Tensor, eps: Tensor, t: Tensor) -> Params:
     """FedSGD gradients ``{name: [R, ...]}`` of the R candidates (vmapped, differentiable)."""
     def one(xi: Tensor, ei: Tensor, ti: Tensor) -> Params:
@@ -115,11 +109,8 @@ def candidate_gradients(problem: Problem, x: Tensor, eps: Tensor, t: Tensor) -> 
 
 
 def matching_distance(grads: Params, target: Params, target_sq: float) -> Tensor:
-    """``|g - g_obs|^2 / |g_obs|^2`` per candidate -> [R]."""
-    out = 0.0
-    for name, tgt in target.items():
-        out = out + (grads[name] - tgt).flatten(1).square().sum(1)
-    return out / max(target_sq, 1e-30)  # type: ignore[return-value]
+    """``|g - g_obs|^2 / |g_obs|^2`` per candidate -> [R] (GIDM's ``"l2"`` distance)."""
+    return l2_distance(grads, target) / max(target_sq, 1e-30)
 
 
 def time_embedding_distance(grads: Params, target: Params, names: tuple[str, ...]) -> Tensor:
