@@ -43,7 +43,8 @@ SCHEDULER_DIR = "scheduler"
 FORMAT = "fl-sim-prior"
 FORMAT_VERSION = 1
 
-__all__ = ["Prior", "load_prior", "load_unet", "prior_task", "save_prior", "METADATA_FILE"]
+__all__ = ["METADATA_FILE", "Prior", "load_prior", "load_unet", "prior_task", "read_metadata",
+           "save_prior"]
 
 
 @dataclass(frozen=True)
