@@ -196,8 +196,12 @@ def resume_state(tmp: Path, state: str) -> Path:
 Case = Callable[[Path], list[str]]
 
 
+#: The federation the table's messages assume, whatever configs/default.toml says today.
+BASE = ("federation.num_clients=3", "federation.num_rounds=5", "federation.peer_clients=[0]")
+
+
 def run_with(*sets: str) -> Case:
-    return lambda tmp: ["run", DEFAULT, *(a for s in sets for a in ("--set", s))]
+    return lambda tmp: ["run", DEFAULT, *(a for s in (*BASE, *sets) for a in ("--set", s))]
 
 
 def run_data(name: str, make: Callable[[Path], Path], *extra: str) -> Case:
