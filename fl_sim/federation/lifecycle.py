@@ -89,7 +89,7 @@ def exit_on_interrupt(*, hard_exit_s: float | None = 8.0) -> None:
     """Install the interrupt policy (main thread only): SIGINT / SIGTERM raise
     :class:`RunInterrupted` once; after ``hard_exit_s`` seconds :func:`hard_exit` ends the
     process whatever the clean-up is doing (None: never)."""
-    _state.update(interrupted=None, hard_exit_s=hard_exit_s,
+    _state.update(interrupted=None, hard_exit_s=hard_exit_s, installed=True,
                   baseline=set(descendants(os.getpid())))
     for sig in SIGNALS:
         signal.signal(sig, _handler)
@@ -156,9 +156,11 @@ def _ray_init(init_args: Mapping[str, Any]) -> None:
         with warnings.catch_warnings():  # Ray's FutureWarning about accelerator env vars
             warnings.simplefilter("ignore", FutureWarning)
             ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, **args)
-    finally:
+    finally:  # (an earlier ray.init, e.g. probing a cluster, may have replaced ours too)
         for sig, handler in saved.items():
-            if handler is not None:
+            if _state.get("installed"):
+                signal.signal(sig, _handler)
+            elif handler is not None:
                 signal.signal(sig, handler)
 
 

@@ -185,6 +185,7 @@ def test_interrupt_raises_once_with_128_plus_signal(monkeypatch: pytest.MonkeyPa
     finally:
         for s, h in saved.items():
             signal.signal(s, h)
+        lifecycle._state.update(installed=False, interrupted=None, hard_exit_s=None)
 
 
 _DRIVER = """
