@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -123,7 +124,10 @@ def cluster() -> Iterator[dict[str, str]]:
                 pass
         for fh in logs:
             fh.close()
-        assert not _group_pids(pgids), "Ray processes of the test cluster outlived it"
+        left = _group_pids(pgids)
+        if not left:
+            shutil.rmtree(tmp, ignore_errors=True)
+        assert not left, f"Ray processes of the test cluster outlived it: {left} (logs: {tmp})"
 
 
 def _config(tmp: Path) -> Path:
