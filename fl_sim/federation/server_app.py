@@ -226,9 +226,9 @@ def run_server(grid: Grid, setup: ServerSetup) -> None:
         checkpoints.save(r, arrays_to_tensors(arrays), inner, {"published": tap.published})
         if setup.progress is not None:
             setup.progress({"event": "round", **row})
+    check_something_aggregated(run_dir, fed.num_rounds)
     write_tensors(run_dir / FINAL_MODEL, arrays_to_tensors(arrays),
                   {"round": fed.num_rounds})
-    check_something_aggregated(run_dir, fed.num_rounds)
     if fed.peer_clients and fed.taps:
         broadcast_final(grid, cfg, run_dir, node_to_client, arrays, tap.published)
     if cfg.attacks:
