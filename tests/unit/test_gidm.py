@@ -180,3 +180,12 @@ def test_gradient_distance_values_and_gradients(distance):
     assert torch.autograd.gradcheck(
         lambda a, b: gradient_distance({"a": a, "b": b}, target, distance=distance,
                                        target_norm=norm), (upd["a"], upd["b"]))
+
+
+def test_cli_attack_on_cuda_without_cuda_is_one_line_exit_2(monkeypatch, capsys, tmp_path):
+    from fl_sim.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code = main(["attack", str(tmp_path), "--attack", "gidm", "--device", "cuda"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "CUDA is not available" in err, err
