@@ -28,6 +28,7 @@ import torch
 from attacks.gradients import parameter_gradients, split_state
 from fl_sim.config import ExperimentConfig, from_dict
 from fl_sim.errors import ThreatModelError
+from fl_sim.federation.resources import prepare_resources
 from fl_sim.run_dir import Run, load_run
 from fl_sim.stores import ObservationStore, TruthStore, read_jsonl
 
@@ -173,8 +174,9 @@ def test_online_hook_outputs_and_ground_truth(fedavg_run: dict[str, Any]) -> Non
         assert 0 <= row["eval_accuracy"] <= 1 and row["train_loss"] > 0
     assert [e["round"] for e in fedavg_run["events"]] == [1, 2, 3, 4]
     assert (run.path / "metrics.png").stat().st_size > 0
-    assert json.loads((run.path / "config.json").read_text()) == \
-        fedavg_run["cfg"].to_json_dict()
+    # config.json is the resolved config: the client resources actually reserved
+    resolved, _ = prepare_resources(fedavg_run["cfg"])
+    assert json.loads((run.path / "config.json").read_text()) == resolved.to_json_dict()
     truth = run.truth(2, 1)
     assert len(truth.steps) == 2 and all(len(s.labels) == 4 for s in truth.steps)
     rec = run.view("server", grant=("labels",)).record(2, 1)
@@ -286,8 +288,9 @@ def test_same_seed_same_final_model_and_metrics(fedsgd_runs: dict[str, Any]) -> 
     a, b = fedsgd_runs["runs"]
     fa, fb = a.final_model(), b.final_model()
     assert fa.keys() == fb.keys() and all(torch.equal(fa[k], fb[k]) for k in fa)
-    strip = [{k: v for k, v in r.items() if k != "seconds"} for r in a.metrics()]
-    assert strip == [{k: v for k, v in r.items() if k != "seconds"} for r in b.metrics()]
+    timing = {"seconds", "taps_seconds"}  # wall-clock fields; everything else is seeded
+    strip = [{k: v for k, v in r.items() if k not in timing} for r in a.metrics()]
+    assert strip == [{k: v for k, v in r.items() if k not in timing} for r in b.metrics()]
 
 
 # -- resume after SIGKILL ---------------------------------------------------------------------
@@ -392,7 +395,7 @@ def test_a_crashing_attack_plug_in_is_recorded_not_fatal(
         def required_knowledge(self) -> tuple[str, ...]:
             return ()
 
-        def __call__(self, record: Any, *, generator: Any) -> Any:
+        def __call__(self, record: Any, *, generator: Any, device: Any = None) -> Any:
             raise ZeroDivisionError("plug-in bug")
 
     ATTACKS.names()  # load the built-ins before patching the table
