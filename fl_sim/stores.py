@@ -20,8 +20,8 @@ Layout under the run directory::
     peer/c0/index.jsonl
 
 Every read stays inside its store and every index row is validated
-(:mod:`fl_sim.store_guard`). Only :mod:`fl_sim.run_dir` reads these stores; the peer view is built from ONE
-``peer/c{k}`` directory (see :class:`PeerStore`).
+(:mod:`fl_sim.store_guard`). Only :mod:`fl_sim.run_dir` reads these stores; the peer view is
+built from ONE ``peer/c{k}`` directory (see :class:`PeerStore`).
 """
 
 from __future__ import annotations

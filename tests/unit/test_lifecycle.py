@@ -1,5 +1,6 @@
 """Run lifecycle without Ray: resume plans, partial files, failure replies, interrupts, the
-watchdog that outlives a SIGKILLed driver (Ray itself: tests/integration/test_interrupts_resume.py)."""
+watchdog that outlives a SIGKILLed driver (with Ray: tests/integration/test_interrupts_resume.py).
+"""
 
 from __future__ import annotations
 
