@@ -25,7 +25,7 @@ demo: $(BIN)/fl-sim
 	$(BIN)/fl-sim run configs/default.toml
 
 test: $(BIN)/fl-sim
-	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900
+	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900 --durations=25
 
 test-fast: $(BIN)/fl-sim
 	$(BIN)/python -m pytest -q -m "not slow and not ray and not deployment" --timeout=300
