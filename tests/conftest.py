@@ -55,3 +55,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def flower_task_identity() -> Iterator[None]:
+    """Flower's ``Message()`` needs the process' task identity (set by its runtimes); tests
+    that build messages by hand set one and restore it. flwr is imported only here, so test
+    modules that never ask for it do not load it."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pytest
@@ -29,7 +29,6 @@ from flwr.serverapp.strategy import (
     FedYogi,
     Krum,
 )
-from flwr.supercore.task_identity import TaskIdentity
 
 from fl_sim.errors import ConfigError
 from fl_sim.federation.checkpoint import load_strategy_state, strategy_state
@@ -43,13 +42,7 @@ EXPECTED = {"fedavg": FedAvg, "fedsgd": FedSGD, "fedprox": FedProx, "fedadam": F
             "fedmedian": FedMedian, "fedtrimmedavg": FedTrimmedAvg, "krum": Krum}
 
 
-@pytest.fixture(autouse=True)
-def _task_identity() -> Iterator[None]:
-    """Flower's Message() needs the process' task identity (set by its runtimes)."""
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 class FakeGrid:

@@ -7,7 +7,6 @@ nothing the wrapped strategy or the clients do.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -20,7 +19,6 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
-from flwr.supercore.task_identity import TaskIdentity
 
 from fl_sim.federation.taps import TapStrategy
 from fl_sim.registry import STRATEGIES
@@ -29,12 +27,7 @@ from fl_sim.stores import ObservationStore
 NODES = [100, 101, 102]
 
 
-@pytest.fixture(autouse=True)
-def _task_identity() -> Iterator[None]:
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 class _Grid:
