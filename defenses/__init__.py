@@ -1,5 +1,8 @@
 """Defense plug-ins: pure tensor transforms plus privacy accounting (no flwr, no ray).
 
-fl_sim adapts them to Flower client mods and strategy wrappers. Defenses register in
-``fl_sim.registry.DEFENSES``; the first ones arrive with the defenses issue.
+Each defense is one file, a frozen dataclass registered in ``fl_sim.registry.DEFENSES``
+(see :mod:`defenses.base`); fl_sim applies client-side ones before an update leaves the client
+(:mod:`fl_sim.defended`) and adapts server-side ones to Flower (:mod:`fl_sim.federation`).
 """
+
+from defenses import pruning  # noqa: F401  (registers)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_sim.config import ExperimentConfig
+from fl_sim.defended import check_defenses
 from fl_sim.errors import ConfigError, FlSimError, RunDirError
 from fl_sim.run_dir import read_json_object
 
@@ -36,6 +37,7 @@ def check_before_start(cfg: ExperimentConfig, *, run_dir: Path, resume: bool) ->
     else:
         check_fresh_run_dir(run_dir)
     check_attack_schedule(cfg)
+    check_defenses(cfg)
     check_data(cfg)
     check_model(cfg)
 

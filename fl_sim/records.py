@@ -68,7 +68,8 @@ class ObservationRecord:
     (``"delta"``). For a peer view, ``update`` is the aggregate of the OTHER clients' updates
     derived from consecutive globals, and ``own_update`` is the peer's own contribution.
     ``knowledge`` holds what the threat model grants beyond the transmitted data (e.g.
-    ``labels``, diffusion ``eps``/``t``); ``defenses`` the defenses applied on the way.
+    ``labels``, diffusion ``eps``/``t``); ``defenses`` the defenses in force
+    in the run (``{"name": ..., **params}`` each, see :mod:`defenses.base`).
     """
 
     run_id: str
@@ -83,7 +84,7 @@ class ObservationRecord:
     local_steps: int
     lr: float
     batch_size: int
-    defenses: tuple[str, ...] = ()
+    defenses: tuple[Mapping[str, Any], ...] = ()
     knowledge: Mapping[str, Any] = field(default_factory=dict)
     own_update: Mapping[str, Tensor] | None = None
     num_clients_aggregated: int = 1

@@ -163,7 +163,7 @@ class _ParamsBase(StrictNumbers):
 def _resolve_annotation(target: Callable[..., Any], name: str, ann: str) -> Any:
     try:
         import typing
-        return typing.get_type_hints(target).get(name, Any)
+        return typing.get_type_hints(target, include_extras=True).get(name, Any)
     except Exception:  # pragma: no cover - exotic annotations
         return Any
 

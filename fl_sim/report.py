@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from defenses.base import format_defense
 from fl_sim.stores import read_jsonl
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ def _well_formed_result(r: Any) -> bool:
     return isinstance(r, dict) and all(
         isinstance(r.get(k, {}), dict) for k in ("metrics", "knowledge", "budget")) and (
         isinstance(r.get("extras") or {}, dict)) and isinstance(r.get("defenses", []), list) \
-        and all(isinstance(d, str) for d in r.get("defenses", []))
+        and all(isinstance(d, (str, dict)) for d in r.get("defenses", []))
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -230,7 +231,8 @@ def _config_summary(cfg: Mapping[str, Any]) -> str:
         {k: fed.get(k) for k in ("num_clients", "num_rounds", "fraction_train", "local_steps",
                                  "local_epochs", "batch_size", "lr", "peer_clients")})})
     rows.append({"section": "defenses", "value": ", ".join(
-        d.get("name", "?") for d in cfg.get("defenses", [])) or "none"})
+        format_defense({"name": d.get("name", "?"), **(d.get("params") or {})})
+        for d in cfg.get("defenses", [])) or "none"})
     return _table(rows, ["section", "value"])
 
 
@@ -252,7 +254,8 @@ def _attack_section(run_dir: Path, r: Mapping[str, Any]) -> str:
     out.append(_table([summary], list(summary)))
     out.append(_table([{"assumed knowledge": _cell(r.get("knowledge", {})),
                         "budget": _cell(r.get("budget", {})),
-                        "defenses": ", ".join(r.get("defenses", [])) or "none"}],
+                        "defenses": ", ".join(format_defense(d) for d in r.get(
+                            "defenses", [])) or "none"}],
                       ["assumed knowledge", "budget", "defenses"]))
     out += _extras_figures(run_dir, r.get("extras") or {})
     return "".join(out)

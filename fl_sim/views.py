@@ -156,7 +156,7 @@ class ServerView:
                     global_params=self._store.load(e["global"]),
                     update=self._store.load(e["file"]), update_kind="delta",
                     num_examples=int(e["num_examples"]), local_steps=0, lr=0.0, batch_size=0,
-                    knowledge={"granted": ()},
+                    knowledge={"granted": ()}, defenses=tuple(e.get("defenses", ())),
                     num_clients_aggregated=int(e["num_clients_aggregated"]))
         raise RunDirError(f"no aggregate record for round {server_round}")
 
@@ -256,4 +256,5 @@ class PeerView:
                        update_kind="gradient" if kind == "gradient" else "delta",
                        num_examples=int(seen), local_steps=int(own_e["local_steps"]),
                        lr=float(own_e["lr"]), batch_size=int(own_e["batch_size"]),
-                       knowledge=knowledge, own_update=own, num_clients_aggregated=others)
+                       knowledge=knowledge, own_update=own, num_clients_aggregated=others,
+                       defenses=tuple(own_e.get("defenses", ())))

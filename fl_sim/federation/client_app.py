@@ -32,6 +32,7 @@ from torch import Tensor
 
 from fl_sim.config import ExperimentConfig
 from fl_sim.data.partition import evaluation_share
+from fl_sim.defended import build_defenses, defend_reply, defenses_in_force, of_stage
 from fl_sim.errors import FlSimError
 from fl_sim.federation import protocol as P
 from fl_sim.federation.failures import failures_as_replies
@@ -197,7 +198,8 @@ def train(msg: Message, context: Context) -> Message:
     task = task_with_global(cfg, _arrays(msg))
     device = client_device(cfg)
     global_state = None
-    if cid in fed.peer_clients and fed.taps:
+    defended = bool(of_stage(build_defenses(cfg), "update"))
+    if (cid in fed.peer_clients and fed.taps) or defended:
         global_state = {k: v.detach().cpu().clone() for k, v in task.model.state_dict().items()}
     common = {"seed": cfg.run.seed, "server_round": r, "client_id": cid,
               "batch_size": fed.batch_size, "device": device}
@@ -209,15 +211,20 @@ def train(msg: Message, context: Context) -> Message:
                           local_steps=fed.local_steps, local_epochs=fed.local_epochs,
                           optimizer=fed.optimizer, lr=fed.lr, proximal_mu=mu, **common)
     update = res.update
+    if defended:  # before anything leaves the client: server tap and peer record see it
+        update = defend_reply(cfg, update, kind=res.kind, global_state=global_state,
+                              task=task, steps=res.steps, num_examples=res.num_examples,
+                              server_round=r, client_id=cid)
     if cid in _poisoned(config):
         update = {k: torch.full_like(v, math.nan) if v.is_floating_point() else v
                   for k, v in update.items()}
     keep = Retention.of(fed)
     if fed.record_truth and keep.client_round(r, cid):
         TruthStore(run_dir).write(r, cid, res.steps)
-    if global_state is not None:
+    if cid in fed.peer_clients and fed.taps and global_state is not None:
         _record_peer(run_dir, cid, r, global_state, res, update, config,
-                     lr=fed.lr, batch_size=fed.batch_size, keep=keep)
+                     lr=fed.lr, batch_size=fed.batch_size, keep=keep,
+                     defenses=defenses_in_force(cfg))
     meta = ConfigRecord({P.PARTITION_ID: cid, P.UPDATE_KIND_KEY: res.kind,
                          "local-steps": len(res.steps), "batch-size": fed.batch_size,
                          "lr": float(fed.lr)})
@@ -236,7 +243,8 @@ def _poisoned(config: ConfigRecord) -> set[int]:
 
 def _record_peer(run_dir: Any, cid: int, r: int, global_state: dict[str, Tensor],
                  res: LocalResult, update: dict[str, Tensor], config: ConfigRecord, *,
-                 lr: float, batch_size: int, keep: Retention) -> None:
+                 lr: float, batch_size: int, keep: Retention,
+                 defenses: list[dict[str, Any]]) -> None:
     """Peer tap: the global received this round + the client's own update (delta/gradient),
     as far as ``keep`` retains them."""
     store = PeerStore(run_dir, cid)
@@ -251,7 +259,7 @@ def _record_peer(run_dir: Any, cid: int, r: int, global_state: dict[str, Tensor]
         own, kind = dict(update), "gradient"
     store.write_update(r, own, {"update_kind": kind, "num_examples": res.num_examples,
                                 "local_steps": len(res.steps), "lr": float(lr),
-                                "batch_size": int(batch_size)})
+                                "batch_size": int(batch_size), "defenses": defenses})
 
 
 @app.evaluate()

@@ -32,6 +32,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from fl_sim.config import ExperimentConfig, server_lr
+from fl_sim.defended import defenses_in_force
 from fl_sim.errors import FlSimError
 from fl_sim.federation import protocol as P
 from fl_sim.federation.checkpoint import CheckpointStore, load_strategy_state
@@ -210,7 +211,7 @@ def run_server(grid: Grid, setup: ServerSetup) -> None:
     tap = TapStrategy(inner, seed=cfg.run.seed, node_to_client=node_to_client,
                       fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
                       store=ObservationStore(run_dir) if fed.taps else None,
-                      retention=Retention.of(fed))
+                      retention=Retention.of(fed), defenses=defenses_in_force(cfg))
     tap.published = published
     test = (splits.test.images[:MAX_EVAL_EXAMPLES], splits.test.labels[:MAX_EVAL_EXAMPLES])
     poison = _poison_clients()

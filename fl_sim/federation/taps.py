@@ -116,8 +116,11 @@ class TapStrategy(Strategy):
     def __init__(self, inner: Strategy, *, seed: int, node_to_client: Mapping[int, int],
                  fraction_train: float, fraction_evaluate: float,
                  store: ObservationStore | None,
-                 retention: Retention | None = None) -> None:
+                 retention: Retention | None = None,
+                 defenses: Sequence[Mapping[str, Any]] = ()) -> None:
         self.inner = inner
+        #: the defenses in force (``describe()`` dicts), written into every record
+        self.defenses = [dict(d) for d in defenses]
         self.seed = int(seed)
         self.node_to_client = {int(n): int(c) for n, c in node_to_client.items()}
         self.client_to_node = {c: n for n, c in self.node_to_client.items()}
@@ -197,7 +200,8 @@ class TapStrategy(Strategy):
                 delta = {k: v - self._global[k] for k, v in arrays_to_tensors(new).items()}
                 self.store.write_update("aggregate", server_round, None, delta, {
                     "update_kind": "delta", "num_examples": self.log.num_examples,
-                    "num_clients_aggregated": len(accepted), "clients": self.log.accepted})
+                    "num_clients_aggregated": len(accepted), "clients": self.log.accepted,
+                    "defenses": self.defenses})
             self.log.tap_seconds += time.perf_counter() - t0
         # Published with the next global (an empty round publishes zeros, never stale totals).
         done = new is not None
@@ -217,7 +221,7 @@ class TapStrategy(Strategy):
         self.store.write_update("server_in", server_round, cid, update, {
             "update_kind": kind, "num_examples": int(_num_examples(msg)),
             "local_steps": int(meta.get("local-steps", 1)), "lr": float(meta.get("lr", 0.0)),
-            "batch_size": int(meta.get("batch-size", 0)), "defenses": []})
+            "batch_size": int(meta.get("batch-size", 0)), "defenses": self.defenses})
 
     def _cast_like_global(self, arrays: ArrayRecord) -> ArrayRecord:
         """Flower averages integer buffers (e.g. ``num_batches_tracked``) as floats; cast
