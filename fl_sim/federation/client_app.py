@@ -35,6 +35,7 @@ from fl_sim.data.partition import evaluation_share
 from fl_sim.defended import build_defenses, defend_reply, defenses_in_force, of_stage
 from fl_sim.errors import FlSimError
 from fl_sim.federation import protocol as P
+from fl_sim.federation.client_mods import TRAIN_MODS
 from fl_sim.federation.failures import failures_as_replies
 from fl_sim.federation.local import LocalResult, local_train, one_gradient
 from fl_sim.federation.resources import apply_determinism, client_device
@@ -181,7 +182,7 @@ def _published(config: ConfigRecord) -> dict[str, Any]:
     return {k.replace("-", "_"): config[k] for k in keys if k in config}
 
 
-@app.train()
+@app.train(mods=TRAIN_MODS)
 @failures_as_replies
 def train(msg: Message, context: Context) -> Message:
     """One round of local work; replies with new weights or a gradient (see module doc)."""

@@ -1,0 +1,14 @@
+"""Flower client mods that the ClientApp's ``train`` runs, in order (outermost first).
+
+Defenses that Flower implements as client mods (SecAgg+'s ``secaggplus_mod``, the DP
+clipping mods of central DP with client-side clipping) are listed here. A mod must be a no-op
+for a message of a run that does not configure its defense (the ClientApp is one object for
+every experiment), so each entry checks the message before acting.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: mods of ``@app.train(mods=TRAIN_MODS)``; outermost first
+TRAIN_MODS: list[Any] = []
