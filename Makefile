@@ -5,6 +5,8 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 TORCH   ?= torch==2.13.0
+# pytest-xdist workers of `make test` (tests are grouped in tests/conftest.py)
+TEST_WORKERS ?= 2
 export FLWR_TELEMETRY_ENABLED := 0
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export RAY_USAGE_STATS_ENABLED := 0
@@ -25,7 +27,8 @@ demo: $(BIN)/fl-sim
 	$(BIN)/fl-sim run configs/default.toml
 
 test: $(BIN)/fl-sim
-	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900 --durations=25
+	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900 --durations=25 \
+		-n $(TEST_WORKERS) --dist loadgroup
 
 test-fast: $(BIN)/fl-sim
 	$(BIN)/python -m pytest -q -m "not slow and not ray and not deployment" --timeout=300

@@ -68,3 +68,33 @@ def flower_task_identity() -> Iterator[None]:
     TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 1
     yield
     TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
+#: Test files that share the session-trained digits prior (tests/diffusion_cases.py): one
+#: xdist worker runs them all, so the prior is trained once.
+_PRIOR_FILES = ("test_gidm.py", "test_gidm_plus.py", "test_gidm_quality.py")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under xdist (``make test``: two workers on two cores) each worker uses one torch
+    thread, so the two never oversubscribe the cores."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Groups for ``pytest -n 2 --dist loadgroup`` (``make test``): every test that starts
+    Ray, a SuperLink or subprocesses (tests/integration, markers ray/deployment) runs on ONE
+    worker, one at a time (two Ray clusters on 2 cores would starve each other's timeouts);
+    the tests of one file stay together (module fixtures are built once); the prior-sharing
+    files form one group. The other worker meanwhile runs the single-threaded unit tests."""
+    for item in items:
+        path = Path(str(item.fspath))
+        if "integration" in path.parts or item.get_closest_marker("ray") or \
+                item.get_closest_marker("deployment"):
+            group = "federation"
+        elif path.name in _PRIOR_FILES:
+            group = "digits-prior"
+        else:
+            group = str(path)
+        item.add_marker(pytest.mark.xdist_group(group))
