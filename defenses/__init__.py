@@ -6,3 +6,5 @@ Each defense is one file, a frozen dataclass registered in ``fl_sim.registry.DEF
 """
 
 from defenses import pruning  # noqa: F401  (registers)
+from defenses import dp_sgd  # noqa: F401  (registers)
+from defenses import local_dp  # noqa: F401  (registers)

@@ -36,6 +36,7 @@ from fl_sim.defended import build_defenses, defend_reply, defenses_in_force, of_
 from fl_sim.errors import FlSimError
 from fl_sim.federation import protocol as P
 from fl_sim.federation.client_mods import TRAIN_MODS
+from fl_sim.federation.dp_epsilon import client_epsilons, dp_train_defense
 from fl_sim.federation.failures import failures_as_replies
 from fl_sim.federation.local import LocalResult, local_train, one_gradient
 from fl_sim.federation.resources import apply_determinism, client_device
@@ -203,7 +204,7 @@ def train(msg: Message, context: Context) -> Message:
     if (cid in fed.peer_clients and fed.taps) or defended:
         global_state = {k: v.detach().cpu().clone() for k, v in task.model.state_dict().items()}
     common = {"seed": cfg.run.seed, "server_round": r, "client_id": cid,
-              "batch_size": fed.batch_size, "device": device}
+              "batch_size": fed.batch_size, "device": device, "dp": dp_train_defense(cfg)}
     if config.get(P.UPDATE_KIND_KEY) == P.GRADIENT:
         res = one_gradient(task, data.images, data.labels, data.indices, **common)
     else:
@@ -228,7 +229,9 @@ def train(msg: Message, context: Context) -> Message:
                      defenses=defenses_in_force(cfg))
     meta = ConfigRecord({P.PARTITION_ID: cid, P.UPDATE_KIND_KEY: res.kind,
                          "local-steps": len(res.steps), "batch-size": fed.batch_size,
-                         "lr": float(fed.lr)})
+                         "lr": float(fed.lr),
+                         **client_epsilons(cfg, cid, r, partition_size=len(data.labels),
+                                           steps=len(res.steps))})
     loss = res.loss if math.isfinite(res.loss) else 0.0
     reply = RecordDict({P.ARRAYS: ArrayRecord(update),
                         P.METRICS: MetricRecord({P.NUM_EXAMPLES: res.num_examples,

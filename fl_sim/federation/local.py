@@ -26,13 +26,14 @@ import math
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from fl_sim.records import TruthStep
 from fl_sim.seeding import derive_seed, torch_generator
-from fl_sim.tasks.base import Batch, Task, module_tensors
+from fl_sim.tasks.base import Batch, StepResult, Task, module_tensors
 
 
 @dataclass(frozen=True)
@@ -134,13 +135,18 @@ def _truth_step(step: int, images: Tensor, labels: Tensor, dataset_indices: Tens
 def local_train(task: Task, images: Tensor, labels: Tensor, dataset_indices: Tensor, *,
                 seed: int, server_round: int, client_id: int, batch_size: int,
                 local_steps: int | None, local_epochs: int | None, optimizer: str, lr: float,
-                proximal_mu: float = 0.0, device: torch.device | str = "cpu") -> LocalResult:
+                proximal_mu: float = 0.0, device: torch.device | str = "cpu",
+                dp: Any = None) -> LocalResult:
     """Train ``task.model`` (already holding the global weights) on the client's data.
 
     ``images`` [N, C, H, W] in [0, 1], ``labels`` [N] and ``dataset_indices`` [N] (positions
     in the dataset's train split) are the client's partition. FedProx's proximal term
     ``(mu/2)·||w − w_global||²`` enters as a gradient hook ``+ mu·(w − w_global)`` so the
     task's own ``train_step`` is used unchanged. Returns the new ``state_dict``.
+
+    ``dp``: a ``"train"``-stage defense (:class:`defenses.dp_sgd.DPSGD`): each step's gradient
+    is its ``private_gradient`` (noise from ``(seed, "round", r, "client", c, "dp")``), the
+    proximal term added after it (it is data-independent), then the optimiser step.
     """
     device = torch.device(device)
     gen = torch_generator(seed, "round", server_round, "client", client_id, "batches")
@@ -149,7 +155,10 @@ def local_train(task: Task, images: Tensor, labels: Tensor, dataset_indices: Ten
                       local_epochs=local_epochs, generator=gen)
     model = task.model
     hooks = []
-    if proximal_mu > 0:
+    dp_gen = torch_generator(seed, "round", server_round, "client", client_id, "dp")
+    anchors = {k: p.detach().clone() for k, p in model.named_parameters()} \
+        if dp is not None and proximal_mu > 0 else {}
+    if proximal_mu > 0 and dp is None:
         for p in model.parameters():
             anchor = p.detach().clone()
             hooks.append(p.register_hook(
@@ -159,7 +168,9 @@ def local_train(task: Task, images: Tensor, labels: Tensor, dataset_indices: Ten
     try:
         with seeded_global_rng(seed, server_round, client_id, device):
             for i, pos in enumerate(plan):
-                res = task.train_step(opt, _batch(images, labels, pos, device), aux_gen)
+                batch = _batch(images, labels, pos, device)
+                res = (task.train_step(opt, batch, aux_gen) if dp is None else
+                       _dp_step(task, opt, batch, aux_gen, dp, dp_gen, proximal_mu, anchors))
                 losses.append(res.loss)
                 steps.append(_truth_step(i, images, labels, dataset_indices, pos, res.aux))
     finally:
@@ -172,11 +183,12 @@ def local_train(task: Task, images: Tensor, labels: Tensor, dataset_indices: Ten
 
 def one_gradient(task: Task, images: Tensor, labels: Tensor, dataset_indices: Tensor, *,
                  seed: int, server_round: int, client_id: int, batch_size: int,
-                 device: torch.device | str = "cpu") -> LocalResult:
+                 device: torch.device | str = "cpu", dp: Any = None) -> LocalResult:
     """FedSGD: the gradient of the mean loss on ONE batch w.r.t. every parameter.
 
     The batch is the first step of :func:`batch_plan` with the same derived generator as
     :func:`local_train`; the model is in train mode (as during training) and unchanged.
+    With ``dp`` (DP-SGD) the reply is its private gradient of that batch (see local_train).
     """
     device = torch.device(device)
     gen = torch_generator(seed, "round", server_round, "client", client_id, "batches")
@@ -187,13 +199,36 @@ def one_gradient(task: Task, images: Tensor, labels: Tensor, dataset_indices: Te
     task.model.train()
     with seeded_global_rng(seed, server_round, client_id, device):
         aux = task.sample_aux(batch, aux_gen)
-        params, buffers = module_tensors(task.model)
-        loss = task.loss(params, buffers, batch, aux)
-        grads = torch.autograd.grad(loss, list(params.values()))
-    update = {k: g.detach().cpu().clone() for k, g in zip(params, grads, strict=True)}
+        if dp is None:
+            params, buffers = module_tensors(task.model)
+            loss = task.loss(params, buffers, batch, aux)
+            grads = torch.autograd.grad(loss, list(params.values()))
+            update = {k: g.detach().cpu().clone() for k, g in zip(params, grads, strict=True)}
+        else:
+            dp_gen = torch_generator(seed, "round", server_round, "client", client_id, "dp")
+            loss_f, private = dp.private_gradient(task, batch, aux, dp_gen)
+            loss = torch.tensor(loss_f)
+            update = {k: g.detach().cpu().clone() for k, g in private.items()}
     step = _truth_step(0, images, labels, dataset_indices, pos, aux)
     return LocalResult(update=update, kind="gradient", loss=float(loss.detach()),
                        num_examples=int(len(pos)), steps=(step,))
+
+
+def _dp_step(task: Task, opt: torch.optim.Optimizer, batch: Batch, aux_gen: torch.Generator,
+             dp: Any, dp_gen: torch.Generator, proximal_mu: float,
+             anchors: Mapping[str, Tensor]) -> StepResult:
+    """One DP-SGD step: the defense's private gradient (+ the proximal term), then step."""
+    task.model.train()
+    aux = task.sample_aux(batch, aux_gen)
+    opt.zero_grad(set_to_none=True)
+    loss, grads = dp.private_gradient(task, batch, aux, dp_gen)
+    for k, p in task.model.named_parameters():
+        g = grads[k]
+        if proximal_mu > 0:
+            g = g + proximal_mu * (p.detach() - anchors[k])
+        p.grad = g.to(dtype=p.dtype)
+    opt.step()
+    return StepResult(loss, {k: v.detach() for k, v in aux.items()})
 
 
 def _mean(xs: list[float]) -> float:

@@ -37,6 +37,7 @@ from fl_sim.errors import FlSimError
 from fl_sim.federation import protocol as P
 from fl_sim.federation.checkpoint import CheckpointStore, load_strategy_state
 from fl_sim.federation.client_app import load_splits
+from fl_sim.federation.dp_epsilon import epsilon_row, reply_epsilons
 from fl_sim.federation.failures import check_something_aggregated, log_failures, summary
 from fl_sim.federation.lifecycle import StoppableGrid
 from fl_sim.federation.resources import server_device
@@ -256,6 +257,7 @@ def run_round(grid: Grid, tap: TapStrategy, cfg: ExperimentConfig, run_dir: Path
                            "clients_rejected": log.rejected, "num_examples": log.num_examples,
                            "aggregated": log.aggregated, "taps_seconds": round(log.tap_seconds, 6),
                            "client_errors": log_failures(r, log.errors)}
+    row.update(epsilon_row(reply_epsilons(replies, tap.client_of)))  # DP clients' ε
     ev_msgs = list(tap.configure_evaluate(r, arrays, P.config_record(cfg, run_dir), grid))
     if ev_msgs:
         ev_replies = list(grid.send_and_receive(ev_msgs, timeout=ROUND_TIMEOUT_S))

@@ -1,0 +1,115 @@
+"""ε of the client-side DP defenses, as clients report it and ``metrics.jsonl`` shows it.
+
+A client running ``dp_sgd`` and/or ``local_dp`` puts two numbers into its reply's META
+ConfigRecord (not the MetricRecord: FedAvg would average them):
+
+* ``dp-epsilon-round`` — ε at the defense's δ spent on this round's update;
+* ``dp-epsilon`` — its cumulative ε over every round it was SAMPLED in up to this one.
+
+The cumulative figure is recomputed by the client: sampling is a pure function of
+``(seed, round, fraction_train)`` (:func:`fl_sim.federation.taps.sample_clients` over all
+``num_clients`` partitions), and each of a client's rounds has the same σ, sampling rate and
+number of steps, so the composition is the accountant over ``k × steps`` steps (``k`` rounds
+sampled). It needs no server state and survives a resume. Rounds in which the client was
+sampled but failed are counted too (an upper bound: a failed client may still have leaked).
+With both defenses the two ε are added (basic composition, an upper bound). ``inf`` (σ = 0,
+clipping only) is written as ``null`` in ``metrics.jsonl``.
+
+The server tap keeps each accepted reply's pair; the round's ``metrics.jsonl`` row gets
+``dp_epsilon_round`` and ``dp_epsilon``, each the MAX over that round's clients (the weakest
+guarantee in force).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+from fl_sim.defended import build_defenses
+
+ROUND_KEY = "dp-epsilon-round"
+CUMULATIVE_KEY = "dp-epsilon"
+#: defenses whose ε the clients report
+CLIENT_DP = ("dp_sgd", "local_dp")
+
+
+def dp_train_defense(cfg: Any) -> Any:
+    """The configured ``"train"``-stage DP defense (``dp_sgd``), or None."""
+    return next((d for d in build_defenses(cfg) if d.name == "dp_sgd"), None)
+
+
+def rounds_sampled(cfg: Any, client_id: int, upto_round: int) -> int:
+    """In how many of rounds ``1 .. upto_round`` ``client_id`` is sampled for training."""
+    from fl_sim.federation.taps import sample_clients
+    fed = cfg.federation
+    clients = list(range(fed.num_clients))
+    return sum(client_id in sample_clients(cfg.run.seed, r, clients, fed.fraction_train)
+               for r in range(1, upto_round + 1))
+
+
+def client_epsilons(cfg: Any, client_id: int, server_round: int, *, partition_size: int,
+                    steps: int) -> dict[str, float]:
+    """``{ROUND_KEY: ε, CUMULATIVE_KEY: ε}`` for the reply's META, or ``{}`` without DP.
+
+    ``steps``: local steps this round (each one DP-SGD step); ``partition_size``: the
+    client's number of training examples (DP-SGD's sampling rate is batch / partition)."""
+    dps = [d for d in build_defenses(cfg) if d.name in CLIENT_DP]
+    if not dps:
+        return {}
+    k = max(1, rounds_sampled(cfg, client_id, server_round))
+    bs = cfg.federation.batch_size
+    per_round, total = 0.0, 0.0
+    for d in dps:
+        if d.name == "dp_sgd":
+            per_round += d.round_epsilon(batch_size=bs, partition_size=partition_size,
+                                         steps=steps)
+            total += d.round_epsilon(batch_size=bs, partition_size=partition_size,
+                                     steps=steps, rounds=k)
+        else:
+            per_round += d.round_epsilon()
+            total += d.round_epsilon(rounds=k)
+    return {ROUND_KEY: float(per_round), CUMULATIVE_KEY: float(total)}
+
+
+def epsilon_row(epsilons: Mapping[int, tuple[float, float]]) -> dict[str, float | None]:
+    """``metrics.jsonl`` columns from ``client -> (round ε, cumulative ε)``: the max over
+    clients of each (``None`` for ``inf``); ``{}`` when no client reported ε.
+
+    >>> epsilon_row({0: (1.0, 2.0), 1: (1.5, 1.5)})
+    {'dp_epsilon_round': 1.5, 'dp_epsilon': 2.0}
+    >>> epsilon_row({0: (math.inf, math.inf)})
+    {'dp_epsilon_round': None, 'dp_epsilon': None}
+    """
+    if not epsilons:
+        return {}
+    rnd = max(e[0] for e in epsilons.values())
+    cum = max(e[1] for e in epsilons.values())
+    return {"dp_epsilon_round": _finite_or_none(rnd), "dp_epsilon": _finite_or_none(cum)}
+
+
+def reply_epsilons(replies: Iterable[Any], client_of: Callable[[Any], int]
+                   ) -> dict[int, tuple[float, float]]:
+    """``client -> (round ε, cumulative ε)`` of the train replies (Flower Messages) that
+    carry ε in their META record; error replies carry none."""
+    from fl_sim.federation import protocol as P
+    out = {}
+    for msg in replies:
+        if msg.has_error():
+            continue
+        rec = msg.content.config_records.get(P.META)
+        eps = epsilons_of(dict(rec)) if rec is not None else None
+        if eps is not None:
+            out[client_of(msg)] = eps
+    return out
+
+
+def epsilons_of(meta: Mapping[str, Any]) -> tuple[float, float] | None:
+    """``(round ε, cumulative ε)`` from a reply's META, or None if it carries none."""
+    if ROUND_KEY not in meta:
+        return None
+    return float(meta[ROUND_KEY]), float(meta.get(CUMULATIVE_KEY, meta[ROUND_KEY]))
+
+
+def _finite_or_none(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
