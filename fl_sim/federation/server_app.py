@@ -255,7 +255,7 @@ def run_round(grid: Grid, tap: TapStrategy, cfg: ExperimentConfig, run_dir: Path
     row: dict[str, Any] = {"round": r, "train_loss": log.train_loss,
                            "clients_sampled": log.sampled, "clients_failed": log.failed,
                            "clients_rejected": log.rejected, "num_examples": log.num_examples,
-                           "aggregated": log.aggregated, "taps_seconds": round(log.tap_seconds, 6),
+                           "aggregated": log.aggregated,
                            "client_errors": log_failures(r, log.errors)}
     row.update(epsilon_row(reply_epsilons(replies, tap.client_of)))  # DP clients' ε
     ev_msgs = list(tap.configure_evaluate(r, arrays, P.config_record(cfg, run_dir), grid))
@@ -266,6 +266,8 @@ def run_round(grid: Grid, tap: TapStrategy, cfg: ExperimentConfig, run_dir: Path
         ev = tap.aggregate_evaluate(r, ev_replies)
         for k, v in (ev or {}).items():
             row[f"fed_{k.replace('-', '_')}"] = float(v)  # type: ignore[arg-type]
+    tap.flush()  # the round's records are on disk before anything names the round done
+    row["taps_seconds"] = round(log.tap_seconds, 6)
     return arrays, row
 
 

@@ -20,6 +20,7 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,10 +100,34 @@ def tensors_to_arrays(tensors: Mapping[str, Tensor]) -> ArrayRecord:
                         for k, v in tensors.items()})
 
 
-def is_finite(arrays: ArrayRecord) -> bool:
-    """No NaN/inf in any floating-point array (checked on the arrays, nothing is copied)."""
-    return all(bool(np.isfinite(x).all()) for x in (a.numpy() for a in arrays.values())
+def _decode(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    """The arrays of a record, deserialised once (each ``Array.numpy()`` call decodes)."""
+    return {k: a.numpy() for k, a in arrays.items()}
+
+
+def _finite(arrays: Mapping[str, np.ndarray]) -> bool:
+    return all(bool(np.isfinite(x).all()) for x in arrays.values()
                if np.issubdtype(x.dtype, np.inexact))
+
+
+class RecordWriter:
+    """One background thread that writes records in submission order (the index keeps a
+    deterministic order). :meth:`flush` waits for everything submitted and re-raises the
+    first write error."""
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: list[Future[None]] = []
+
+    def submit(self, fn: Any, *args: Any) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fl-sim-tap")
+        self._pending.append(self._pool.submit(fn, *args))
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, []
+        for f in pending:
+            f.result()
 
 
 class TapStrategy(Strategy):
@@ -131,6 +156,8 @@ class TapStrategy(Strategy):
         self.published: dict[str, int] = {}
         self.log = RoundLog()
         self._global: dict[str, Tensor] = {}
+        #: writes the round's records off the server's main thread (see :meth:`flush`)
+        self._writer = RecordWriter()
 
     # -- helpers ---------------------------------------------------------------------------
     def _sampled_grid(self, grid: Grid, server_round: int, fraction: float, purpose: str
@@ -165,9 +192,12 @@ class TapStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Record each reply, reject non-finite ones, delegate the rest in client order."""
+        """Record each reply, reject non-finite ones, delegate the rest in client order.
+
+        Each reply's arrays are decoded once (Flower deserialises on every ``numpy()``); the
+        records are written by the tap's writer thread (:meth:`flush` waits for them)."""
         t0 = time.perf_counter()
-        errors, accepted = [], []
+        errors, accepted, decoded = [], [], {}
         for msg in replies:
             cid = self.client_of(msg)
             if msg.has_error():
@@ -175,15 +205,17 @@ class TapStrategy(Strategy):
                 self.log.errors[cid] = str(msg.error.reason or "")
                 errors.append(msg)
                 continue
-            if not is_finite(next(iter(msg.content.array_records.values()))):
+            arrays = _decode(next(iter(msg.content.array_records.values())))
+            if not _finite(arrays):
                 logger.warning("round %d: rejected non-finite update of client %d",
                                server_round, cid)
                 self.log.rejected.append(cid)
                 continue
             accepted.append((cid, msg))
+            decoded[cid] = arrays
         accepted.sort(key=lambda item: item[0])
         for cid, msg in accepted:
-            self._record_reply(server_round, cid, msg)
+            self._record_reply(server_round, cid, msg, decoded[cid])
         self.log.tap_seconds += time.perf_counter() - t0
         self.log.failed.sort()
         self.log.rejected.sort()
@@ -197,8 +229,8 @@ class TapStrategy(Strategy):
             new = self._cast_like_global(new)
             self.log.aggregated = True
             if self.store is not None and self.retention.round(server_round):
-                delta = {k: v - self._global[k] for k, v in arrays_to_tensors(new).items()}
-                self.store.write_update("aggregate", server_round, None, delta, {
+                self._writer.submit(self._write_delta, "aggregate", server_round, None,
+                                    _decode(new), {
                     "update_kind": "delta", "num_examples": self.log.num_examples,
                     "num_clients_aggregated": len(accepted), "clients": self.log.accepted,
                     "defenses": self.defenses})
@@ -210,18 +242,37 @@ class TapStrategy(Strategy):
                           P.AGG_NUM_CLIENTS_KEY: len(accepted) if done else 0}
         return new, metrics
 
-    def _record_reply(self, server_round: int, cid: int, msg: Message) -> None:
+    def flush(self) -> None:
+        """Wait until this round's records are written (before the round's checkpoint: a
+        checkpoint never names a round whose records are still in flight); the wait counts
+        as the taps' own time. Re-raises a write error."""
+        t0 = time.perf_counter()
+        self._writer.flush()
+        self.log.tap_seconds += time.perf_counter() - t0
+
+    def _record_reply(self, server_round: int, cid: int, msg: Message,
+                      arrays: Mapping[str, np.ndarray]) -> None:
         if self.store is None or not self.retention.client_round(server_round, cid):
             return
-        update = arrays_to_tensors(next(iter(msg.content.array_records.values())))
         meta = _meta(msg)
         kind = "gradient" if meta.get(P.UPDATE_KIND_KEY) == P.GRADIENT else "delta"
-        if kind == "delta":
-            update = {k: v - self._global[k] for k, v in update.items()}
-        self.store.write_update("server_in", server_round, cid, update, {
+        self._writer.submit(self._write_delta if kind == "delta" else self._write_as_is,
+                            "server_in", server_round, cid, arrays, {
             "update_kind": kind, "num_examples": int(_num_examples(msg)),
             "local_steps": int(meta.get("local-steps", 1)), "lr": float(meta.get("lr", 0.0)),
             "batch_size": int(meta.get("batch-size", 0)), "defenses": self.defenses})
+
+    def _write_delta(self, tap: str, server_round: int, cid: int | None,
+                     arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
+        """(writer thread) ``arrays − global`` as the record of ``tap``."""
+        delta = {k: torch.from_numpy(a) - self._global[k] for k, a in arrays.items()}
+        self.store.write_update(tap, server_round, cid, delta, meta)  # type: ignore[union-attr]
+
+    def _write_as_is(self, tap: str, server_round: int, cid: int | None,
+                     arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
+        """(writer thread) ``arrays`` (a gradient) as the record of ``tap``."""
+        update = {k: torch.from_numpy(a) for k, a in arrays.items()}
+        self.store.write_update(tap, server_round, cid, update, meta)  # type: ignore[union-attr]
 
     def _cast_like_global(self, arrays: ArrayRecord) -> ArrayRecord:
         """Flower averages integer buffers (e.g. ``num_batches_tracked``) as floats; cast

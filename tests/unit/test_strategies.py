@@ -190,6 +190,7 @@ def test_tap_records_replies_and_rejects_non_finite_before_delegation(tmp_path) 
                _reply(103, bad, 5)]
     # Execute
     new, _ = tap.aggregate_train(1, replies)
+    tap.flush()  # the records are written by the tap's writer thread
     # Assert
     assert seen == [0, 2] and tap.log.rejected == [3] and tap.log.failed == [1]
     assert tap.log.num_examples == 40

@@ -68,9 +68,27 @@ def test_tap_seconds_count_the_recording_and_not_the_strategy(tmp_path, monkeypa
     assert 0.02 <= tap.log.tap_seconds < 0.5
     new, _ = tap.aggregate_train(1, [_reply(n) for n in NODES])
     assert new is not None and tap.log.aggregated
-    # 1 global + 3 server_in + 1 aggregate records at >= 20 ms each; the 0.5 s the wrapped
-    # strategy spent aggregating is not the tap's
-    assert 5 * 0.02 <= tap.log.tap_seconds < 0.5
+    # the 3 server_in + 1 aggregate records are written by the tap's writer thread while the
+    # wrapped strategy aggregates: its 0.5 s is not the tap's, and flush() finds them done
+    assert tap.log.tap_seconds < 0.5
+    tap.flush()
+    assert tap.log.tap_seconds < 0.5
+    assert len(store.entries("server_in")) == 3 and len(store.entries("aggregate")) == 1
+
+
+def test_waiting_for_the_writer_counts_as_tap_time(tmp_path, monkeypatch) -> None:
+    """Writes that did not overlap with other work are waited for in flush(): taps time."""
+    store = ObservationStore(tmp_path)
+    monkeypatch.setattr(store, "write_update", _slow(store.write_update, 0.05))
+    tap = TapStrategy(STRATEGIES.create("fedavg"), seed=0,
+                      node_to_client={n: n - 100 for n in NODES}, fraction_train=1.0,
+                      fraction_evaluate=0.0, store=store)
+    list(tap.configure_train(1, _arrays(0.0), ConfigRecord(), _Grid()))
+    tap.aggregate_train(1, [_reply(n) for n in NODES])
+    tap.flush()
+    # 3 server_in + 1 aggregate records at >= 50 ms each, most of it waited for in flush
+    assert 0.15 <= tap.log.tap_seconds < 1.0
+    assert [e["client"] for e in store.entries("server_in")] == [0, 1, 2]
     untapped = TapStrategy(STRATEGIES.create("fedavg"), seed=0,
                            node_to_client={n: n - 100 for n in NODES}, fraction_train=1.0,
                            fraction_evaluate=0.0, store=None)
