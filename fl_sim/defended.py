@@ -36,7 +36,8 @@ def build_defenses(cfg: Any) -> tuple[Any, ...]:
 def _build(sections_json: str) -> tuple[Any, ...]:
     out = []
     for i, d in enumerate(json.loads(sections_json)):
-        out.append(DEFENSES.create(d["name"], _where=f"defenses[{i}]", **d.get("params", {})))
+        params = {k: v for k, v in d.items() if k != "name"}  # TOML keys beside the name
+        out.append(DEFENSES.create(d["name"], _where=f"defenses[{i}]", **params))
     return tuple(out)
 
 

@@ -218,3 +218,16 @@ def test_local_train_with_dp_is_seeded_and_clipped() -> None:
                       dp=DPSGD(noise_multiplier=1.0, max_grad_norm=1e-3))
     assert all(torch.equal(g.update[k], g2.update[k]) for k in g.update)
     assert set(g.update) == {k for k, _ in task.model.named_parameters()}
+
+
+def test_config_params_reach_the_defense() -> None:
+    """``[[defenses]] name = "local_dp"`` + keys beside the name are the defense's params."""
+    from fl_sim.defended import build_defenses, defenses_in_force
+    cfg = from_dict({"defenses": [{"name": "local_dp", "noise_multiplier": 2.5,
+                                   "clipping_norm": 0.1},
+                                  {"name": "dp_sgd", "accountant": "prv"}]})
+    local, sgd = build_defenses(cfg)
+    assert (local.noise_multiplier, local.clipping_norm, sgd.accountant) == (2.5, 0.1, "prv")
+    assert defenses_in_force(cfg)[0] == {"name": "local_dp", "clipping_norm": 0.1,
+                                         "noise_multiplier": 2.5, "delta": 1e-5,
+                                         "accountant": "rdp"}
