@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from attacks.adaptive import Adaptation, adaptation
 from attacks.base import Attack, Reconstruction
 from attacks.diffusion_matching import granted_aux, is_diffusion
 from attacks.gradients import (
@@ -78,6 +79,9 @@ class DLG(Attack):
     (knowledge ``eps``, ``t``) and match the gradient of the diffusion loss recomputed with
     them (no labels there: an unconditional UNet has none); without it a diffusion record
     raises :class:`~fl_sim.errors.ThreatModelError` naming that knowledge.
+    ``adaptive``: model the public defenses of ``record.defenses`` in the matching
+    (:mod:`attacks.adaptive`: a pruned update's surviving coordinates only, signSGD's scaled
+    sign, local DP's clip bound); ``extras["adapted_to"]`` says what was modelled.
     Returns images ``[B, C, H, W]`` clamped to [0, 1] and labels ``[B]`` (None for diffusion).
     """
 
@@ -87,7 +91,7 @@ class DLG(Attack):
                  lr: float = 1.0, labels: LabelSource = "idlg", init: Init = "uniform",
                  restarts: int = 1, history_size: int = 100,
                  model_mode: Literal["eval", "train"] = "eval",
-                 aux: Literal["none", "granted"] = "none") -> None:
+                 aux: Literal["none", "granted"] = "none", adaptive: bool = False) -> None:
         if max_iterations < 1 or inner_iterations < 1:
             raise ConfigError("max_iterations and inner_iterations must be >= 1, got "
                              f"{max_iterations} and {inner_iterations}")
@@ -106,6 +110,9 @@ class DLG(Attack):
         if aux not in ("none", "granted"):
             raise ConfigError(f"aux must be 'none' or 'granted', got {aux!r}")
         self.aux = aux
+        if not isinstance(adaptive, bool):
+            raise ConfigError(f"adaptive must be true or false, got {adaptive!r}")
+        self.adaptive = adaptive
 
     def required_knowledge(self) -> tuple[str, ...]:
         labels = ("labels",) if self.labels == "granted" else ()
@@ -122,6 +129,12 @@ class DLG(Attack):
         spec = record.spec
         shape = (num_images, spec.in_channels, spec.image_size, spec.image_size)
         aux = self._aux(record, task, num_images)
+        adapt = None
+        if self.adaptive:
+            scale = (-1.0 / (record.lr * max(record.local_steps, 1))
+                     if record.update_kind == "delta" else 1.0)
+            adapt = adaptation(record.defenses, target, scale=scale)
+        adapted = {"adapted_to": list(adapt.adapted_to)} if adapt is not None else {}
         fixed_labels = (torch.zeros(num_images, dtype=torch.int64) if aux
                         else self._fixed_labels(record, task, num_images, generator))
 
@@ -129,7 +142,7 @@ class DLG(Attack):
         for restart in range(self.restarts):
             loss, images, labels, n_iter = self._run(task, params, buffers, target, shape,
                                                      spec.num_classes, fixed_labels, generator,
-                                                     aux)
+                                                     aux, adapt)
             logger.debug("DLG restart %d: matching loss %.3e after %d iterations",
                          restart, loss, n_iter)
             if best is None or loss < best[0] or not math.isfinite(best[0]):
@@ -142,12 +155,13 @@ class DLG(Attack):
         if aux:
             return Reconstruction(images=images, labels=None, matching_loss=loss,
                                   iterations=n_iter, assumed={"eps": "granted", "t": "granted"},
-                                  extras={"box": "unconstrained, clamped to [0, 1] at the end"})
+                                  extras={"box": "unconstrained, clamped to [0, 1] at the end",
+                                          **adapted})
         return Reconstruction(
             images=images, labels=labels, matching_loss=loss, iterations=n_iter,
             assumed={"labels": source} if source != "optimize" else {},
             extras={"box": "unconstrained, clamped to [0, 1] at the end",
-                    "label_source": self.labels})
+                    "label_source": self.labels, **adapted})
 
     def _aux(self, record: ObservationRecord, task: Any, num_images: int) -> dict[str, Tensor]:
         """Granted diffusion eps/t on the attack's device, one row per image ({} otherwise)."""
@@ -177,7 +191,8 @@ class DLG(Attack):
     def _run(self, task: Any, params: dict[str, Tensor], buffers: dict[str, Tensor],
              target: dict[str, Tensor], shape: tuple[int, ...], num_classes: int,
              fixed_labels: Tensor | None, generator: torch.Generator,
-             aux: dict[str, Tensor] | None = None) -> tuple[float, Tensor, Tensor, int]:
+             aux: dict[str, Tensor] | None = None, adapt: Adaptation | None = None
+             ) -> tuple[float, Tensor, Tensor, int]:
         """One restart -> (matching loss at the clamped images, images, labels, iterations)."""
         dev = self.device
         x = initial_images(shape, self.init, generator).to(dev).requires_grad_(True)
@@ -197,6 +212,9 @@ class DLG(Attack):
             batch = Batch(images, labels_now())
             grads = parameter_gradients(task, params, buffers, batch, aux or {},
                                         create_graph=create_graph)
+            if adapt is not None:  # the adaptation works on [R, ...] candidates: R = 1
+                grads = {k: v[0] for k, v in adapt({k: g.unsqueeze(0)
+                                                    for k, g in grads.items()}).items()}
             return l2_gradient_distance(grads, target)
 
         optimizer = torch.optim.LBFGS(variables, lr=self.lr, max_iter=self.inner_iterations,

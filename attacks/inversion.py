@@ -6,7 +6,8 @@ candidate images as one ``[R, N, C, H, W]`` batch against the problem's target u
 Adam on the sign of the gradient, successive halving of the restarts
 (:func:`attacks.restarts.pruning_schedule`) and, for FedAvg deltas, differentiable unrolling of
 the client's local SGD (:class:`Unroll`). Also used by :mod:`attacks.peer_inversion` and the
-benchmarks.
+benchmarks. An optional ``adapt`` transform (:mod:`attacks.adaptive`) is applied to each
+candidate's update before the distance.
 """
 
 from __future__ import annotations
@@ -166,7 +167,8 @@ def invert(problem: InversionProblem, *, max_iterations: int, restarts: int, lr:
            tv_weight: float, bn_prior_weight: float = 0.0, schedule: str = "step",
            distance: str = "cosine", restart_pruning: str = "halving", keep: int = 1,
            double_backward: str = "lean", generator: torch.Generator,
-           callback: Callback | None = None) -> Inversion:
+           callback: Callback | None = None,
+           adapt: Callable[[Params], Params] | None = None) -> Inversion:
     """Optimise ``restarts`` candidate batches at once (Geiping et al. 2020, Alg. in sec. 4).
 
     All restarts start together as one ``[R, N, C, H, W]`` batch. With
@@ -176,7 +178,9 @@ def invert(problem: InversionProblem, *, max_iterations: int, restarts: int, lr:
     ``"none"`` runs every restart for the whole budget (the paper's protocol). The callback
     sees the current survivors only. ``double_backward="lean"`` builds single-restart
     gradients inside :class:`~attacks.second_order.LeanSecondOrder` (``"autograd"``: stock
-    formulas). Raises ``ValueError`` if the BN prior is asked for on a model without BatchNorm.
+    formulas). ``adapt`` (an :class:`~attacks.adaptive.Adaptation`) transforms every
+    candidate update before the distance (adaptive attacks on defended updates). Raises
+    ``ValueError`` if the BN prior is asked for on a model without BatchNorm.
     """
     bn = BNStatistics(problem.task.model) if bn_prior_weight > 0 else None
     update_of = _update_fn(problem, bn, double_backward)
@@ -193,6 +197,8 @@ def invert(problem: InversionProblem, *, max_iterations: int, restarts: int, lr:
     def objective(z: Tensor) -> tuple[Tensor, Tensor]:
         images = z * cand.std + cand.mean
         upd, prior = update_of(images)
+        if adapt is not None:
+            upd = adapt(upd)
         d = dist(upd, target, target_norm=target_norm)
         total = d + tv_weight * total_variation(z) if tv_weight else d
         if prior is not None:

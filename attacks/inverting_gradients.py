@@ -29,6 +29,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from attacks.adaptive import Adaptation, adaptation
 from attacks.base import Attack, Reconstruction
 from attacks.diffusion_matching import granted_aux, is_diffusion
 from attacks.gradients import (
@@ -98,7 +99,11 @@ class InvertingGradients(Attack):
     record), that step ``k`` used images ``k*B .. k*B+B-1`` of its ``num_examples`` images in
     a fixed order (wrapping around), plain SGD without momentum or weight decay, and BatchNorm
     running statistics that do not change during local training (eval mode). Those
-    ``num_examples`` images are reconstructed. Raises :class:`~fl_sim.errors.ConfigError` for
+    ``num_examples`` images are reconstructed.
+    ``adaptive``: model the public defenses named in ``record.defenses`` when matching
+    (:mod:`attacks.adaptive`: only a pruned update's surviving coordinates, a smooth scaled
+    sign for signSGD, the clip bound of local DP, ...); ``extras["adapted_to"]`` says what
+    was modelled. Raises :class:`~fl_sim.errors.ConfigError` for
     a bad hyper-parameter, or a BN prior on a model without BatchNorm.
     """
 
@@ -107,7 +112,8 @@ class InvertingGradients(Attack):
                  bn_prior_weight: float = 0.0, multi_step: MultiStep = "auto",
                  schedule: Schedule = "step", distance: Distance = "cosine",
                  restart_pruning: RestartPruning = "halving", restart_keep: int = 1,
-                 double_backward: DoubleBackward = "lean", aux: AuxSource = "none") -> None:
+                 double_backward: DoubleBackward = "lean", aux: AuxSource = "none",
+                 adaptive: bool = False) -> None:
         _check("max_iterations", max_iterations >= 1, max_iterations, ">= 1")
         _check("restarts", restarts >= 1, restarts, ">= 1")
         _check("lr", lr > 0, lr, "> 0")
@@ -126,7 +132,8 @@ class InvertingGradients(Attack):
         _check("double_backward", double_backward in ("lean", "autograd"), double_backward,
                "lean, autograd")
         _check("aux", aux in ("none", "granted"), aux, "none, granted")
-        self.double_backward, self.aux = double_backward, aux
+        _check("adaptive", isinstance(adaptive, bool), adaptive, "true, false")
+        self.double_backward, self.aux, self.adaptive = double_backward, aux, adaptive
         self.restart_pruning, self.restart_keep = restart_pruning, restart_keep
         self.max_iterations, self.restarts, self.lr = max_iterations, restarts, lr
         self.tv_weight, self.labels, self.bn_prior_weight = tv_weight, labels, bn_prior_weight
@@ -217,6 +224,7 @@ class InvertingGradients(Attack):
                     callback: Callback | None = None) -> Reconstruction:
         """Invert ``record``'s update: ``images [N, C, H, W]`` of the best restart + labels."""
         problem, label_source = self.problem(record, generator=generator)
+        adapt = self._adaptation(record, problem)
         if self.bn_prior_weight > 0 and not _has_bn(problem.task.model):
             raise ConfigError("inverting_gradients.bn_prior_weight: got "
                               f"{self.bn_prior_weight}, but model {record.spec.model!r} has no "
@@ -227,7 +235,7 @@ class InvertingGradients(Attack):
             schedule=self.schedule, distance=self.distance,
             restart_pruning=self.restart_pruning, keep=self.restart_keep,
             double_backward=self.double_backward,
-            generator=generator, callback=callback)
+            generator=generator, callback=callback, adapt=adapt)
         total = res.objective
         pos = int(torch.argmin(total))  # first minimum: ties go to the lower restart index
         return Reconstruction(
@@ -238,7 +246,18 @@ class InvertingGradients(Attack):
                     "restart_distances": res.distance.tolist(),
                     "survivors": res.survivors, "best_restart": res.survivors[pos],
                     "restart_pruning": self.restart_pruning, "pruning": res.pruning,
-                    "evaluations": res.evaluations})
+                    "evaluations": res.evaluations,
+                    **({"adapted_to": list(adapt.adapted_to)} if adapt is not None else {})})
+
+    def _adaptation(self, record: ObservationRecord, problem: InversionProblem
+                    ) -> Adaptation | None:
+        """The adaptation to ``record.defenses`` (None unless ``adaptive``)."""
+        if not self.adaptive:
+            return None
+        scale = 1.0
+        if problem.unroll is None and record.update_kind == "delta":  # matched as a gradient
+            scale = -1.0 / (record.lr * max(record.local_steps, 1))
+        return adaptation(record.defenses, problem.target, scale=scale)
 
     def _assumed(self, record: ObservationRecord, problem: InversionProblem,
                  label_source: str) -> Mapping[str, Any]:

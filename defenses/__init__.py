@@ -5,6 +5,10 @@ Each defense is one file, a frozen dataclass registered in ``fl_sim.registry.DEF
 (:mod:`fl_sim.defended`) and adapts server-side ones to Flower (:mod:`fl_sim.federation`).
 """
 
-from defenses import pruning  # noqa: F401  (registers)
-from defenses import dp_sgd  # noqa: F401  (registers)
-from defenses import local_dp  # noqa: F401  (registers)
+from defenses import (  # noqa: F401  (each import registers its defenses)
+    dp_sgd,
+    local_dp,
+    pruning,
+    quantization,
+    soteria,
+)

@@ -186,6 +186,9 @@ def run_attack(run_dir: Path, cfg: ExperimentConfig, name: str, params: Mapping[
         "budget": {k: params.get(k, getattr(attack, k, None)) for k in _BUDGET_KEYS
                    if params.get(k, getattr(attack, k, None)) is not None},
         "defenses": list(record.defenses), "seconds": round(seconds, 3),
+        # an adaptive attack modelled the public defenses (attacks/adaptive.py): what it did
+        "adaptive": bool(getattr(attack, "adaptive", False)),
+        "adapted_to": list(recon.extras.get("adapted_to", [])),
         "iterations": recon.iterations, "matching_loss": _finite(recon.matching_loss),
         "num_images": int(truth_images.shape[0]), "metrics": metrics, "grid": grid,
         # JSON-safe; large tensors (e.g. phase images) saved beside the grid, path in the row

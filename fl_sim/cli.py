@@ -349,7 +349,8 @@ def _print_results(results: Sequence[dict[str, Any]]) -> None:
         table.add_column(col)
     for r in results:
         m = r.get("metrics", {})
-        table.add_row(r["attack"], r["view"], str(r["round"]), str(r.get("client")),
+        name = r["attack"] + (" (adaptive)" if r.get("adaptive") else "")
+        table.add_row(name, r["view"], str(r["round"]), str(r.get("client")),
                       _fmt(m.get("psnr")), _fmt(m.get("ssim"), 3),
                       _fmt(m.get("label_accuracy"), 2), _fmt(r.get("seconds"), 1))
     Console(width=120).print(table)

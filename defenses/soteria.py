@@ -1,0 +1,171 @@
+"""Soteria: prune the defended layer's representation where it reveals the input most.
+
+Sun, Li, Wang, Wang, Chen, Li, "Soteria: Provable Defense against Privacy Leakage in
+Federated Learning from Representation Perspective", CVPR 2021. A fully connected layer
+``y = W r + b`` fed by the representation ``r`` (``[F]`` features per image) has the weight
+gradient ``dL/dW = (dL/dy) r^T``: each feature ``r_i`` owns one column of it, and a
+reconstruction attack inverts ``r`` from those columns. Perturbing ``r_i`` moves the
+reconstructed input by about ``|r_i| / ||d r_i / d x||`` (the paper's first-order bound), so
+Soteria removes the features with the LARGEST ratio ``|r_i| / ||∇_x r_i||`` — the ones
+whose removal changes the input reconstruction most — by zeroing their columns of the
+defended layer's update; every other tensor of the update is left bit-identical.
+
+What is computed here (shapes: images ``[B, C, H, W]``, ``r`` ``[B, F]``):
+
+* the defended layer: ``layer`` names a ``torch.nn.Linear`` module of the model (e.g.
+  ``"fc"``); the default ``""`` takes the LAST ``nn.Linear`` in module order (the classifier
+  head after the feature extractor of the ConvNet, LeNet and ResNet; the output layer of the
+  MLP, whose input is the hidden representation);
+* ``r`` is that layer's input (a forward pre-hook), ``∇_x r_i`` its Jacobian row with respect
+  to the PIXELS in [0, 1] (what an attacker reconstructs; the paper differentiates its
+  network input, i.e. the normalised image: the two differ by the per-channel std only),
+  per image, over all the client's private images of the round (``ctx.steps``);
+* the score of feature ``i`` is ``sum_b |r_bi| / ||∇_x r_bi||`` (the paper states the
+  ratio for one input; summing over the batch follows its reference code, which sums
+  per-image ratios); dead features (``r_bi = 0`` for every image, zero gradient columns
+  anyway) score 0 and are never chosen;
+* the ``pruning_rate`` fraction of features with the highest score is pruned (ties: the
+  lower index survives).
+
+Update kinds: for ``"gradient"`` (FedSGD) the columns of the gradient are zeroed, exactly the
+paper's setting. For ``"delta"`` (FedAvg: ``new − global`` after several local steps) the same
+columns of the DELTA are zeroed, with ``r`` and its Jacobian computed at the GLOBAL weights
+the client received (the paper defines Soteria for one gradient; at the global weights the
+selection depends on the data only through the representation the server could also compute,
+and it does not drift with the local steps). A delta's pruned columns then carry no change at
+all: the local training of those weights is discarded. BatchNorm is evaluated in eval mode.
+
+Deviation: the paper picks features with a percentile threshold of the score; we rank and
+prune exactly ``round(pruning_rate * F)`` features (same set up to ties). ``pruning_rate``
+defaults to 0.8 (the brief's choice, at the upper end of the rates the paper evaluates).
+Raises :class:`~fl_sim.errors.ConfigError` for a ``layer`` that is not a Linear module of
+the model, or for a model without one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from defenses.base import UpdateContext, UpdateDefense
+from fl_sim.errors import ConfigError
+from fl_sim.registry import DEFENSES
+
+
+def defended_linear(model: nn.Module, layer: str = "") -> tuple[str, nn.Linear]:
+    """``(module name, module)`` of the defended Linear layer (``""``: the last one).
+
+    Raises :class:`~fl_sim.errors.ConfigError` naming the Linear layers that exist.
+    """
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise ConfigError(f"soteria: model {type(model).__name__} has no Linear layer to "
+                          "defend")
+    if not layer:
+        return linears[-1]
+    for n, m in linears:
+        if n == layer:
+            return n, m
+    raise ConfigError(f"soteria.layer: {layer!r} is not a Linear module of "
+                      f"{type(model).__name__}; allowed: {', '.join(n for n, _ in linears)}")
+
+
+def representation_scores(task: Any, state: Mapping[str, Tensor], images: Tensor,
+                          layer: str = "") -> tuple[Tensor, Tensor]:
+    """``(scores [F], r [B, F])``: Soteria's ``sum_b |r_bi| / ||∇_x r_bi||`` per feature.
+
+    ``task`` is a classifier task (``task.model``, ``task.normalize``), ``state`` the weights
+    to evaluate the model at (a ``state_dict``), ``images`` ``[B, C, H, W]`` in [0, 1]. The
+    Jacobian of ``r`` with respect to each image comes from :func:`torch.func.jacrev`
+    (``F`` vector-Jacobian products per image, vmapped).
+    """
+    model = task.model
+    name, module = defended_linear(model, layer)
+    params = {k: v.detach() for k, v in state.items()}
+
+    def features(x: Tensor) -> Tensor:
+        captured: list[Tensor] = []
+        handle = module.register_forward_pre_hook(lambda _m, inp: captured.append(inp[0]))
+        try:
+            torch.func.functional_call(model, params, (task.normalize(x.unsqueeze(0)),))
+        finally:
+            handle.remove()
+        return captured[0].reshape(-1)
+
+    was_training = model.training
+    model.eval()
+    try:
+        scores = None
+        reps = []
+        for x in images:
+            r = features(x).detach()
+            jac = torch.func.jacrev(features)(x)  # [F, C, H, W]
+            grad_norm = jac.flatten(1).norm(dim=1)
+            ratio = torch.where(r != 0, r.abs() / grad_norm.clamp_min(1e-12),
+                                torch.zeros_like(r))
+            scores = ratio if scores is None else scores + ratio
+            reps.append(r)
+    finally:
+        model.train(was_training)
+    assert scores is not None
+    return scores, torch.stack(reps)
+
+
+def pruned_features(scores: Tensor, pruning_rate: float) -> Tensor:
+    """Indices (sorted) of the ``round(pruning_rate * F)`` features of highest score.
+
+    >>> pruned_features(torch.tensor([0.5, 3.0, 0.0, 2.0]), 0.5).tolist()
+    [1, 3]
+    """
+    k = int(round(pruning_rate * scores.numel()))
+    if k <= 0:
+        return torch.zeros(0, dtype=torch.int64)
+    # rank by (score desc, index desc): among equal scores the higher index goes first
+    order = sorted(range(scores.numel()), key=lambda i: (-float(scores[i]), -i))
+    return torch.tensor(sorted(order[:k]), dtype=torch.int64)
+
+
+@DEFENSES.register("soteria")
+@dataclass(frozen=True)
+class Soteria(UpdateDefense):
+    """Soteria (Sun et al., CVPR 2021): prune the defended layer's most revealing features.
+
+    Zeros the defended Linear layer's update columns of the ``pruning_rate`` fraction of
+    input features with the largest ``|r_i| / ||∇_x r_i||`` (see the module doc).
+    """
+
+    name: ClassVar[str] = "soteria"
+
+    #: fraction of the defended layer's input features pruned, in [0, 1)
+    pruning_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.8
+    #: module name of the defended nn.Linear (e.g. "fc"); "" = the model's last Linear
+    layer: str = ""
+
+    def problem(self, cfg: Any) -> str | None:
+        task = getattr(getattr(cfg, "task", None), "name", "classifier")
+        if task != "classifier":
+            return (f"soteria defends the fully connected layer of a classifier; task "
+                    f"{task!r} has none (use pruning, quantization or a DP defense)")
+        return None
+
+    def apply(self, update: Mapping[str, Tensor], ctx: UpdateContext) -> dict[str, Tensor]:
+        """``update`` with the pruned columns of ``<layer>.weight`` set to zero."""
+        name, module = defended_linear(ctx.task.model, self.layer)
+        key = f"{name}.weight" if name else "weight"
+        out = dict(update)
+        images = [s.images for s in ctx.steps if s.images.numel()]
+        if key not in update or not images:
+            return out
+        device = next(ctx.task.model.parameters()).device
+        x = torch.cat(images).to(device=device, dtype=torch.float32)
+        scores, _ = representation_scores(ctx.task, ctx.global_state, x, self.layer)
+        cols = pruned_features(scores.cpu(), self.pruning_rate).to(update[key].device)
+        w = update[key].clone()
+        w[:, cols] = 0
+        out[key] = w
+        return out
