@@ -178,9 +178,11 @@ def write_report(run_dir: Path) -> Path:
     if plot is not None:
         parts.append(_img_tag(plot, "training curves"))
         cols = [c for c in ("round", "train_loss", "eval_accuracy", "eval_loss",
-                            "clients_sampled", "clients_failed", "clients_rejected", "seconds")
+                            "dp_epsilon_round", "dp_epsilon", "clients_sampled",
+                            "clients_failed", "clients_rejected", "seconds")
                 if any(c in r for r in metrics)]
         parts.append(_table(metrics, cols))
+        parts.append(_epsilon_line(metrics))
     else:
         parts.append("<p>No training metrics recorded.</p>")
     parts.append(_samples_section(run_dir, cfg))
@@ -200,6 +202,26 @@ def write_report(run_dir: Path) -> Path:
 
 #: At most this many per-round sample grids are embedded (evenly spaced, last included).
 MAX_SAMPLE_GRIDS = 12
+
+
+def _epsilon_line(metrics: Sequence[Mapping[str, Any]]) -> str:
+    """One line on the client-side DP budget spent (``dp_epsilon*`` columns of
+    :mod:`fl_sim.federation.dp_epsilon`), or ``""`` for a run without dp_sgd/local_dp."""
+    rows = [r for r in metrics if "dp_epsilon" in r]
+    if not rows:
+        return ""
+
+    def eps(v: Any) -> str:
+        return "∞ (no noise)" if v is None else f"{float(v):.2f}"
+    last = rows[-1]
+    return (f"<p>Client-side differential privacy (dp_sgd / local_dp): ε spent per round "
+            f"≤ {eps(max((r['dp_epsilon_round'] for r in rows), key=_eps_key))}, cumulative "
+            f"ε after round {last['round']} = {eps(last['dp_epsilon'])} (max over clients, at "
+            f"each defense's δ; Opacus accountant).</p>")
+
+
+def _eps_key(v: Any) -> float:
+    return float("inf") if v is None else float(v)
 
 
 def _samples_section(run_dir: Path, cfg: Mapping[str, Any]) -> str:

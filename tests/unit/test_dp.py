@@ -15,7 +15,7 @@ import math
 
 import pytest
 import torch
-from attack_cases import cifar_images, cifar_labels, make_record, make_task, torch_threads
+from attack_cases import cifar_images, cifar_labels, make_task
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from defenses.accounting import compose, epsilon, gaussian_epsilon
@@ -231,3 +231,14 @@ def test_config_params_reach_the_defense() -> None:
     assert defenses_in_force(cfg)[0] == {"name": "local_dp", "clipping_norm": 0.1,
                                          "noise_multiplier": 2.5, "delta": 1e-5,
                                          "accountant": "rdp"}
+
+
+def test_cli_negative_sigma_is_one_line_before_anything_starts(tmp_path, capsys) -> None:
+    from fl_sim import cli
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text('[model]\nname = "mlp"\n[[defenses]]\nname = "dp_sgd"\n'
+                   'noise_multiplier = -1\n')
+    code = cli.main(["run", str(cfg), "--run-dir", str(tmp_path / "r"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("fl-sim: error: ")
+    assert "defenses[0].noise_multiplier" in err and not (tmp_path / "r").exists()
