@@ -6,6 +6,7 @@ Each defense is one file, a frozen dataclass registered in ``fl_sim.registry.DEF
 """
 
 from defenses import (  # noqa: F401  (each import registers its defenses)
+    central_dp,
     dp_sgd,
     local_dp,
     pruning,

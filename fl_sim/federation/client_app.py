@@ -46,6 +46,7 @@ from fl_sim.federation.taps import arrays_to_tensors
 from fl_sim.records import ModelSpec
 from fl_sim.seeding import numpy_rng, torch_generator
 from fl_sim.stores import PeerStore, TruthStore
+from strategies.fedsgd import step_reply
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +206,8 @@ def train(msg: Message, context: Context) -> Message:
         global_state = {k: v.detach().cpu().clone() for k, v in task.model.state_dict().items()}
     common = {"seed": cfg.run.seed, "server_round": r, "client_id": cid,
               "batch_size": fed.batch_size, "device": device, "dp": dp_train_defense(cfg)}
-    if config.get(P.UPDATE_KIND_KEY) == P.GRADIENT:
+    sgd_step = config.get(P.UPDATE_KIND_KEY) == P.SGD_STEP  # FedSGD under central DP
+    if config.get(P.UPDATE_KIND_KEY) == P.GRADIENT or sgd_step:
         res = one_gradient(task, data.images, data.labels, data.indices, **common)
     else:
         mu = float(config.get(P.PROXIMAL_MU_KEY, 0.0))  # type: ignore[arg-type]
@@ -227,9 +229,13 @@ def train(msg: Message, context: Context) -> Message:
         _record_peer(run_dir, cid, r, global_state, res, update, config,
                      lr=fed.lr, batch_size=fed.batch_size, keep=keep,
                      defenses=defenses_in_force(cfg))
-    meta = ConfigRecord({P.PARTITION_ID: cid, P.UPDATE_KIND_KEY: res.kind,
+    lr, kind = float(fed.lr), res.kind
+    if sgd_step:  # one-step weights global − η·g, recorded as a delta with lr η (fedsgd.py)
+        lr, kind = float(config[P.SERVER_LR_KEY]), P.SGD_STEP  # type: ignore[arg-type]
+        update = step_reply(arrays_to_tensors(_arrays(msg)), update, lr)
+    meta = ConfigRecord({P.PARTITION_ID: cid, P.UPDATE_KIND_KEY: kind,
                          "local-steps": len(res.steps), "batch-size": fed.batch_size,
-                         "lr": float(fed.lr),
+                         "lr": lr,
                          **client_epsilons(cfg, cid, r, partition_size=len(data.labels),
                                            steps=len(res.steps))})
     loss = res.loss if math.isfinite(res.loss) else 0.0

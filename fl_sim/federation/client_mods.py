@@ -12,3 +12,9 @@ from typing import Any
 
 #: mods of ``@app.train(mods=TRAIN_MODS)``; outermost first
 TRAIN_MODS: list[Any] = []
+
+# central DP with client-side clipping: Flower's fixed/adaptive clipping mod, only for
+# messages whose config asks for it (fl_sim.federation.server_defenses)
+from fl_sim.federation.server_defenses import central_dp_clipping_mod  # noqa: E402
+
+TRAIN_MODS.append(central_dp_clipping_mod)

@@ -23,6 +23,10 @@ RUN_DIR_KEY = "fl-sim-run-dir"
 ROUND_KEY = "server-round"          # set by Flower's FedAvg.configure_train
 UPDATE_KIND_KEY = "update-kind"     # GRADIENT (FedSGD) or absent (weights)
 GRADIENT = "gradient"
+#: FedSGD under central DP: the client replies the one-step weights global − η·gradient
+#: (η = SERVER_LR_KEY), see strategies/fedsgd.py
+SGD_STEP = "sgd-step"
+SERVER_LR_KEY = "server-lr"
 PROXIMAL_MU_KEY = "proximal-mu"     # set by Flower's FedProx.configure_train
 #: What the server published about the previous round's aggregation (a curious peer uses it).
 AGG_ROUND_KEY = "aggregated-round"

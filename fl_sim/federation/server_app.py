@@ -43,6 +43,7 @@ from fl_sim.federation.lifecycle import StoppableGrid
 from fl_sim.federation.resources import server_device
 from fl_sim.federation.resume import write_json_atomic
 from fl_sim.federation.retention import Retention
+from fl_sim.federation.server_defenses import central_dp_row, wrap_server_defenses
 from fl_sim.federation.shared_dir import write_probe
 from fl_sim.federation.taps import TapStrategy, arrays_to_tensors, tensors_to_arrays
 from fl_sim.registry import STRATEGIES
@@ -195,7 +196,7 @@ def run_server(grid: Grid, setup: ServerSetup) -> None:
     task, spec, splits = server_task(cfg)
     prepare_run_dir(setup, spec)
     node_to_client = discover_nodes(grid, fed.num_clients, probe=write_probe(run_dir))
-    inner = build_strategy(cfg)
+    inner = wrap_server_defenses(build_strategy(cfg), cfg)  # central DP INSIDE the tap
     arrays = ArrayRecord({k: v.detach().cpu() for k, v in task.model.state_dict().items()})
     checkpoints = CheckpointStore(run_dir)
     start, published = 0, {}
@@ -258,6 +259,7 @@ def run_round(grid: Grid, tap: TapStrategy, cfg: ExperimentConfig, run_dir: Path
                            "aggregated": log.aggregated,
                            "client_errors": log_failures(r, log.errors)}
     row.update(epsilon_row(reply_epsilons(replies, tap.client_of)))  # DP clients' ε
+    row.update(central_dp_row(tap.inner))  # central DP's ε, clipping norm, noise std
     ev_msgs = list(tap.configure_evaluate(r, arrays, P.config_record(cfg, run_dir), grid))
     if ev_msgs:
         ev_replies = list(grid.send_and_receive(ev_msgs, timeout=ROUND_TIMEOUT_S))

@@ -1,0 +1,138 @@
+"""Central DP: the server clips each client's update and adds Gaussian noise to the aggregate.
+
+DP-FedAvg of McMahan, Ramage, Talwar, Zhang, "Learning Differentially Private Recurrent
+Language Models" (ICLR 2018) with fixed clipping, and the adaptive clipping of Andrew,
+Thakkar, McMahan, Ramaswamy, "Differentially Private Learning with Adaptive Clipping"
+(NeurIPS 2021), as Flower implements them (``flwr.serverapp.strategy``
+``DifferentialPrivacy{Server,Client}Side{Fixed,Adaptive}Clipping`` and the client mods
+``fixedclipping_mod`` / ``adaptiveclipping_mod``). Each sampled client's update
+``Δ_i = reply_i − global`` (all arrays of the model state, as Flower computes it) is scaled to
+L2 norm at most C, the strategy takes the mean, and N(0, (σC/m)²) is added to every
+coordinate of the new global (m = ``num_sampled_clients``):
+
+    global' = global + mean_i(Δ_i · min(1, C / ||Δ_i||)) + N(0, (σ·C / m)² I)
+
+``clipping`` says who clips and how C evolves: ``"server_fixed"`` (the server clips, C fixed),
+``"client_fixed"`` (each client clips with ``fixedclipping_mod`` before sending),
+``"server_adaptive"`` / ``"client_adaptive"`` (C follows the noisy fraction of clipped updates
+towards ``target_clipped_quantile``, geometric step ``clip_norm_lr``; ``clipping_norm`` is the
+initial C; ``clipped_count_stddev`` the noise on that count, Flower's default m/20).
+
+**Whom it protects.** The noise is added AFTER the server has seen every client's update: it
+does NOT protect against the (honest-but-curious) server — ``protects_server_view = False``;
+fl-sim records the server tap outside Flower's wrapper, so the server view is exactly what an
+undefended run's server sees (server-side clipping happens after the tap too). It does protect
+against everyone who sees only the new global model: a curious peer's derivation
+``global_{r+1} − global_r`` carries the noise. With client-side clipping the server sees
+clipped (but noise-free) updates.
+
+**ε** is not read from Flower (its accountant covers only fixed clipping with uniform
+weights and no sampling amplification): fl-sim accounts each round as one sampled Gaussian
+mechanism with noise multiplier σ (sensitivity C of one client's clipped update in the mean)
+and sampling rate q = m / num_clients, by Opacus' accountant
+(:func:`defenses.accounting.epsilon`, steps = rounds released): user-level (ε, δ)-DP of the
+sequence of global models. Approximations, as in the papers: fl-sim samples exactly m clients
+without replacement (the accountants assume Poisson sampling), and FedAvg weights replies by
+``num-examples`` (equal for ``local_steps`` federations; unequal weights would raise one
+client's sensitivity above C/m). Under adaptive clipping σ is the noise multiplier of the
+whole mechanism (Flower raises the update noise to pay for the noisy clipped count, Andrew et
+al. Thm 1), so ε is computed with σ as given. Pure parameters: fl_sim.federation adapts it to
+Flower (:mod:`fl_sim.federation.server_defenses`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import Field
+
+from defenses.accounting import DEFAULT_DELTA, epsilon
+from defenses.base import Defense
+from fl_sim.registry import DEFENSES
+
+Clipping = Literal["server_fixed", "client_fixed", "server_adaptive", "client_adaptive"]
+#: strategies whose aggregate is the (num-examples weighted) mean of the client updates: the
+#: only ones whose sensitivity Flower's noise (σC/m on the mean) is calibrated for
+MEAN_STRATEGIES = ("fedavg", "fedprox", "fedsgd")
+
+
+def sampled_clients(num_clients: int, fraction: float) -> int:
+    """How many clients fl-sim samples per round (as :func:`fl_sim.federation.taps.
+    sample_clients`): ``max(1, int(num_clients · fraction))``.
+
+    >>> sampled_clients(10, 0.25), sampled_clients(3, 1.0), sampled_clients(3, 0.1)
+    (2, 3, 1)
+    """
+    return max(1, int(num_clients * fraction + 1e-9))
+
+
+@DEFENSES.register("central_dp")
+@dataclass(frozen=True)
+class CentralDP(Defense):
+    """Central DP with Flower's strategy wrappers (clipping + noise on the aggregate)."""
+
+    name: ClassVar[str] = "central_dp"
+    stage: ClassVar[str] = "server"
+    protects_server_view: ClassVar[bool] = False
+
+    #: who clips and whether C adapts (see module doc)
+    clipping: Clipping = "server_fixed"
+    #: σ: noise std on the mean is σ·C / m
+    noise_multiplier: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 1.0
+    #: C: L2 bound of one client's update (the initial C under adaptive clipping)
+    clipping_norm: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] = 1.0
+    #: m: clients sampled per round; unset = what federation.fraction_train samples
+    num_sampled_clients: Annotated[int, Field(ge=1)] | None = None
+    #: δ at which ε is reported
+    delta: Annotated[float, Field(gt=0.0, lt=1.0)] = DEFAULT_DELTA
+    #: Opacus accountant for ε: "rdp" or "prv"
+    accountant: Literal["rdp", "prv"] = "rdp"
+    #: adaptive clipping: the quantile of update norms C tracks
+    target_clipped_quantile: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5
+    #: adaptive clipping: geometric learning rate of C
+    clip_norm_lr: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] = 0.2
+    #: adaptive clipping: std of the noise on the clipped count (unset: m / 20)
+    clipped_count_stddev: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] | None = None
+
+    @property
+    def adaptive(self) -> bool:
+        return self.clipping.endswith("adaptive")
+
+    @property
+    def client_side(self) -> bool:
+        return self.clipping.startswith("client")
+
+    def sampled(self, cfg: Any) -> int:
+        """m: ``num_sampled_clients`` or what ``cfg.federation`` samples per round."""
+        fed = cfg.federation
+        return self.num_sampled_clients or sampled_clients(fed.num_clients, fed.fraction_train)
+
+    def problem(self, cfg: Any) -> str | None:
+        fed = cfg.federation
+        m = sampled_clients(fed.num_clients, fed.fraction_train)
+        if self.num_sampled_clients is not None and self.num_sampled_clients != m:
+            return (f"num_sampled_clients = {self.num_sampled_clients} but the federation "
+                    f"samples {m} per round (num_clients {fed.num_clients} × fraction_train "
+                    f"{fed.fraction_train}); the noise σC/m would be miscalibrated — leave it "
+                    "unset")
+        if any(d.name == "secagg_plus" for d in cfg.defenses):
+            return ("cannot be combined with secagg_plus (Flower's DP wrappers are Message-API "
+                    "strategies; SecAgg+ runs Flower's legacy workflow)")
+        if cfg.strategy.name not in MEAN_STRATEGIES:
+            return (f"needs a strategy whose aggregate is the mean of the clients' updates "
+                    f"({', '.join(MEAN_STRATEGIES)}); got {cfg.strategy.name!r}")
+        if self.adaptive and self.noise_multiplier > 0:
+            stddev = self.clipped_count_stddev if self.clipped_count_stddev is not None \
+                else m / 20
+            if self.noise_multiplier >= 2 * stddev:
+                return (f"adaptive clipping needs noise_multiplier < 2 × clipped_count_stddev "
+                        f"({2 * stddev:g} with {m} sampled clients); raise "
+                        "clipped_count_stddev or lower noise_multiplier")
+        return None
+
+    def round_epsilon(self, cfg: Any, releases: int = 1) -> float:
+        """ε at ``delta`` after ``releases`` noisy aggregates (q = m / num_clients); ``inf``
+        for σ = 0 (clipping only)."""
+        q = min(1.0, self.sampled(cfg) / cfg.federation.num_clients)
+        return epsilon(self.noise_multiplier, q, releases, self.delta, self.accountant)
