@@ -151,6 +151,12 @@ class Soteria(UpdateDefense):
         if task != "classifier":
             return (f"soteria defends the fully connected layer of a classifier; task "
                     f"{task!r} has none (use pruning, quantization or a DP defense)")
+        names = _linear_names(cfg)
+        if names is not None and self.layer and self.layer not in names:
+            return (f"layer {self.layer!r} is not a Linear module of model "
+                    f"{cfg.model.name!r}; allowed: {', '.join(names) or 'none'}")
+        if names == []:
+            return f"model {cfg.model.name!r} has no Linear layer to defend"
         return None
 
     def apply(self, update: Mapping[str, Tensor], ctx: UpdateContext) -> dict[str, Tensor]:
@@ -169,3 +175,16 @@ class Soteria(UpdateDefense):
         w[:, cols] = 0
         out[key] = w
         return out
+
+
+def _linear_names(cfg: Any) -> list[str] | None:
+    """Names of the Linear modules of ``cfg``'s model, built at a nominal 3x32x32, 10-class
+    shape (module names do not depend on the data's shape); None if it cannot be built so
+    (the model check of the pre-flight reports that)."""
+    from fl_sim.tasks import task_from_config
+    try:
+        task, _ = task_from_config(cfg.model, cfg.task, 3, 10, 32, (0.5,) * 3, (0.5,) * 3,
+                                   seed=0)
+    except Exception:  # noqa: BLE001 -- any build problem is the model check's to report
+        return None
+    return [n for n, m in task.model.named_modules() if isinstance(m, nn.Linear)]
