@@ -136,3 +136,44 @@ class CentralDP(Defense):
         for σ = 0 (clipping only)."""
         q = min(1.0, self.sampled(cfg) / cfg.federation.num_clients)
         return epsilon(self.noise_multiplier, q, releases, self.delta, self.accountant)
+
+
+#: what report.html says beside an attack result under central DP, by view
+REPORT_NOTES = {
+    "server": ("Central DP does not protect against the server: the server saw this "
+               "client's update before any noise was added (its noise goes on the aggregate), "
+               "so this attack is unaffected by it."),
+    "peer": ("Central DP protects against a curious peer: the peer derives the others' "
+             "update from global models that carry the server's Gaussian noise."),
+    "aggregate": ("Central DP: the recorded aggregate is the server's, before noise; the "
+                  "published global carries the noise."),
+}
+
+
+def report_note(defenses: Any, view: str) -> str:
+    """The sentence :data:`REPORT_NOTES` has for ``view`` when ``defenses`` (describe()
+    dicts or names) include central_dp, else ``""``.
+
+    >>> report_note([{"name": "central_dp"}], "peer").startswith("Central DP protects")
+    True
+    >>> report_note([{"name": "pruning"}], "server")
+    ''
+    """
+    names = {d if isinstance(d, str) else d.get("name") for d in defenses or ()}
+    return REPORT_NOTES.get(view, "") if "central_dp" in names else ""
+
+
+def epsilon_note(metrics: Any) -> str:
+    """One sentence on central DP's ε from ``metrics.jsonl`` rows (``central_dp_epsilon``
+    columns), or ``""`` for a run without central DP."""
+    rows = [r for r in metrics if "central_dp_epsilon" in r]
+    if not rows:
+        return ""
+    last = rows[-1]
+    eps = last["central_dp_epsilon"]
+    text = "∞ (no noise)" if eps is None else f"{float(eps):.2f}"
+    return (f"Central DP: the global models after round {last['round']} are ({text}, δ)-DP "
+            f"per client (user level; Opacus accountant, sampling rate = fraction of clients "
+            f"sampled; noise std {float(last.get('central_dp_noise_std', 0)):.4g} on the "
+            f"aggregate). It does not protect against the server, which sees every update "
+            f"before the noise; it protects against curious peers.")

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
+from defenses import central_dp
 from defenses.base import format_defense
 from fl_sim.stores import read_jsonl
 
@@ -183,6 +184,8 @@ def write_report(run_dir: Path) -> Path:
                 if any(c in r for r in metrics)]
         parts.append(_table(metrics, cols))
         parts.append(_epsilon_line(metrics))
+        if note := central_dp.epsilon_note(metrics):  # whom central DP protects, its ε
+            parts.append(f"<p>{html.escape(note)}</p>")
     else:
         parts.append("<p>No training metrics recorded.</p>")
     parts.append(_samples_section(run_dir, cfg))
@@ -279,6 +282,8 @@ def _attack_section(run_dir: Path, r: Mapping[str, Any]) -> str:
                         "defenses": ", ".join(format_defense(d) for d in r.get(
                             "defenses", [])) or "none"}],
                       ["assumed knowledge", "budget", "defenses"]))
+    if note := central_dp.report_note(r.get("defenses"), str(r.get("view"))):
+        out.append(f"<p><em>{html.escape(note)}</em></p>")
     out += _extras_figures(run_dir, r.get("extras") or {})
     return "".join(out)
 
