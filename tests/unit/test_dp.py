@@ -15,7 +15,7 @@ import math
 
 import pytest
 import torch
-from attack_cases import cifar_images, cifar_labels, make_task
+from attack_cases import cifar_images, cifar_labels, make_record, make_task, torch_threads
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from defenses.accounting import compose, epsilon, gaussian_epsilon
@@ -263,8 +263,6 @@ def test_dlg_noise_stops_inverting_gradients_and_zero_noise_does_not() -> None:
     σ = 0 (clipping only) 14.61 dB, σ = 0.1 at C = 1 9.43 dB."""
     import dataclasses
 
-    from attack_cases import make_record, torch_threads
-
     from attacks.inverting_gradients import InvertingGradients
     from attacks.objectives import NormalisedImages
     from fl_sim.metrics import psnr, score_reconstruction
@@ -295,3 +293,20 @@ def test_dlg_noise_stops_inverting_gradients_and_zero_noise_does_not() -> None:
     assert undefended >= random_start + 3.0  # the attack works on this budget
     assert clip_only == pytest.approx(undefended, abs=0.1)  # IG's cosine ignores the scale
     assert abs(noisy - random_start) <= 2.0, (noisy, random_start, undefended)
+
+
+def test_local_dp_on_one_image_gradient_is_dp_sgd_at_batch_1() -> None:
+    """At batch 1 (the attack case above) local DP on the FedSGD gradient and DP-SGD are the
+    same mechanism with the same noise draws, so the attack figures above hold for both."""
+    from defenses.base import UpdateContext
+    task, spec = make_task("lenet", {"activation": "relu"}, seed=0)
+    x, y = cifar_images(1), cifar_labels(1)
+    raw = make_record(task, spec, x, y).update
+    ctx = UpdateContext(kind="gradient", global_state={}, task=task, steps=(), lr=0.1,
+                        num_examples=1, server_round=1, client_id=0,
+                        generator=torch.Generator().manual_seed(3))
+    local = LocalDP(clipping_norm=0.5, noise_multiplier=0.3).apply(raw, ctx)
+    _, sgd = DPSGD(noise_multiplier=0.3, max_grad_norm=0.5).private_gradient(
+        task, Batch(x, y), {}, torch.Generator().manual_seed(3))
+    for k in raw:
+        torch.testing.assert_close(local[k], sgd[k], rtol=1e-4, atol=1e-6)
