@@ -221,3 +221,20 @@ def test_client_clipping_mod_acts_only_when_the_config_asks(tmp_path: Path) -> N
         got = arrays_to_tensors(next(iter(out.content.array_records.values())))
         norm = math.sqrt(sum(float(((got[k].numpy() - g[k]) ** 2).sum()) for k in g))
         assert (norm <= 0.5 + 1e-5) if clipped else norm > 10, (extra, norm)
+
+
+def test_a_resumed_run_draws_the_same_noise_and_clipping_norm() -> None:
+    """Round 2 after a checkpoint/restore equals round 2 of the uninterrupted strategy."""
+    cfg = _cfg(clipping="server_adaptive", noise_multiplier=0.1, clipped_count_stddev=1.0,
+               clipping_norm=0.05)
+    updates = _updates(scale=0.02)
+    straight = wrap_server_defenses(build_strategy(cfg), cfg)
+    _round(straight, None, updates, server_round=1)
+    restored = wrap_server_defenses(build_strategy(cfg), cfg)
+    load_strategy_state(restored, *strategy_state(straight))
+    np.random.seed(12345)  # whatever the process' global RNG holds after a restart
+    a, _ = _round(straight, None, updates, server_round=2)
+    b, _ = _round(restored, None, updates, server_round=2)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert straight.clipping_norm == restored.clipping_norm  # type: ignore[attr-defined]
+    assert central_dp_row(straight) == central_dp_row(restored)
