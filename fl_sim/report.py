@@ -262,8 +262,8 @@ def _config_summary(cfg: Mapping[str, Any]) -> str:
 
 
 def _attack_section(run_dir: Path, r: Mapping[str, Any]) -> str:
-    title = (f"{r.get('attack')} — {r.get('view')} view, round {r.get('round')}, "
-             f"client {r.get('client')}")
+    title = (f"{r.get('attack')}{' (adaptive)' if r.get('adaptive') else ''} — "
+             f"{r.get('view')} view, round {r.get('round')}, client {r.get('client')}")
     m = dict(r.get("metrics", {}))
     summary = {k: m.get(k) for k in ("psnr", "ssim", "mse", "label_accuracy", "lpips")
                if m.get(k) is not None}
@@ -280,8 +280,11 @@ def _attack_section(run_dir: Path, r: Mapping[str, Any]) -> str:
     out.append(_table([{"assumed knowledge": _cell(r.get("knowledge", {})),
                         "budget": _cell(r.get("budget", {})),
                         "defenses": ", ".join(format_defense(d) for d in r.get(
-                            "defenses", [])) or "none"}],
-                      ["assumed knowledge", "budget", "defenses"]))
+                            "defenses", [])) or "none",
+                        # adaptive attacks (attacks/adaptive.py): what they modelled
+                        "adapted to": "; ".join(r.get("adapted_to") or [])
+                        or ("nothing" if r.get("adaptive") else "not adaptive")}],
+                      ["assumed knowledge", "budget", "defenses", "adapted to"]))
     if note := central_dp.report_note(r.get("defenses"), str(r.get("view"))):
         out.append(f"<p><em>{html.escape(note)}</em></p>")
     out += _extras_figures(run_dir, r.get("extras") or {})
