@@ -43,7 +43,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
 from flwr.clientapp.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import (
@@ -143,6 +143,7 @@ class CentralDPStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """The wrapper's aggregation with numpy's global RNG seeded for this round."""
+        replies = [float_buffers(m) for m in replies]
         saved = np.random.get_state()
         np.random.seed(derive_seed(self.seed, "round", server_round, "central_dp") % 2**32)
         try:
@@ -191,7 +192,25 @@ def central_dp_clipping_mod(msg: Message, ctxt: Context, call_next: Any) -> Mess
         return call_next(msg, ctxt)
     adaptive = str(config[CLIPPING_MODE_KEY]).endswith("adaptive")
     mod = adaptiveclipping_mod if adaptive else fixedclipping_mod
-    return mod(msg, ctxt, call_next)
+    return mod(msg, ctxt, lambda m, c: float_buffers(call_next(m, c)))
+
+
+def float_buffers(msg: Message) -> Message:
+    """``msg`` with its integer arrays (BatchNorm's ``num_batches_tracked``) as float64:
+    Flower's clipping scales every array in place (``array *= scale``), which numpy refuses
+    for an integer array once the scale is below 1. The server tap casts the aggregate back
+    to the global's dtypes (rounding), so integer buffers stay integers between rounds.
+    Error replies and float-only records are returned as they are."""
+    if msg.has_error():
+        return msg
+    for name, record in list(msg.content.array_records.items()):
+        arrays = {k: a.numpy() for k, a in record.items()}
+        if all(not np.issubdtype(a.dtype, np.integer) for a in arrays.values()):
+            continue
+        msg.content[name] = ArrayRecord({
+            k: Array(a.astype(np.float64) if np.issubdtype(a.dtype, np.integer) else a)
+            for k, a in arrays.items()})
+    return msg
 
 
 def _finite(x: float) -> float | None:

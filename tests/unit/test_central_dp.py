@@ -238,3 +238,27 @@ def test_a_resumed_run_draws_the_same_noise_and_clipping_norm() -> None:
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert straight.clipping_norm == restored.clipping_norm  # type: ignore[attr-defined]
     assert central_dp_row(straight) == central_dp_row(restored)
+
+
+def test_integer_buffers_survive_clipping_on_both_sides() -> None:
+    """BatchNorm's int64 ``num_batches_tracked``: Flower's in-place scaling refused it."""
+    g = {**_global(), "n": np.array(5, dtype=np.int64)}
+    ups = [{**u, "n": np.array(6, dtype=np.int64)} for u in _updates(scale=1.0)]
+    cfg = _cfg(noise_multiplier=0.0, clipping_norm=0.05)
+    tap = TapStrategy(wrap_server_defenses(build_strategy(cfg), cfg), seed=3,
+                      node_to_client={100 + c: c for c in range(N)}, fraction_train=1.0,
+                      fraction_evaluate=0.0, store=None)
+    list(tap.configure_train(1, ArrayRecord({k: Array(v) for k, v in g.items()}),
+                             ConfigRecord(), FakeGrid()))
+    new, _ = tap.aggregate_train(1, [_reply(100 + c, u) for c, u in enumerate(ups)])
+    assert new is not None and new["n"].numpy().dtype == np.int64
+
+    def train(msg: Message, ctxt: object) -> Message:
+        return _reply(100, ups[0])
+
+    msg = Message(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in g.items()}),
+                              "config": ConfigRecord({"clipping_norm": 0.05,
+                                                      "central-dp-clipping": "client_fixed"})}),
+                  dst_node_id=100, message_type=MessageType.TRAIN)
+    out = central_dp_clipping_mod(msg, None, train)  # type: ignore[arg-type]
+    assert not out.has_error()
