@@ -145,8 +145,8 @@ REPORT_NOTES = {
                "so this attack is unaffected by it."),
     "peer": ("Central DP protects against a curious peer: the peer derives the others' "
              "update from global models that carry the server's Gaussian noise."),
-    "aggregate": ("Central DP: the recorded aggregate is the server's, before noise; the "
-                  "published global carries the noise."),
+    "aggregate": ("Central DP: the recorded aggregate is the published, noisy one (what a "
+                  "peer sees); the server itself saw every update before the noise."),
 }
 
 
