@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
+from functools import lru_cache
 from typing import Any
 
 from fl_sim.defended import build_defenses
@@ -41,11 +42,16 @@ def dp_train_defense(cfg: Any) -> Any:
 
 def rounds_sampled(cfg: Any, client_id: int, upto_round: int) -> int:
     """In how many of rounds ``1 .. upto_round`` ``client_id`` is sampled for training."""
-    from fl_sim.federation.taps import sample_clients
     fed = cfg.federation
-    clients = list(range(fed.num_clients))
-    return sum(client_id in sample_clients(cfg.run.seed, r, clients, fed.fraction_train)
+    return sum(client_id in _sampled(cfg.run.seed, r, fed.num_clients, fed.fraction_train)
                for r in range(1, upto_round + 1))
+
+
+@lru_cache(maxsize=65536)
+def _sampled(seed: int, server_round: int, num_clients: int, fraction: float
+             ) -> frozenset[int]:
+    from fl_sim.federation.taps import sample_clients
+    return frozenset(sample_clients(seed, server_round, list(range(num_clients)), fraction))
 
 
 def client_epsilons(cfg: Any, client_id: int, server_round: int, *, partition_size: int,

@@ -310,3 +310,23 @@ def test_local_dp_on_one_image_gradient_is_dp_sgd_at_batch_1() -> None:
         task, Batch(x, y), {}, torch.Generator().manual_seed(3))
     for k in raw:
         torch.testing.assert_close(local[k], sgd[k], rtol=1e-4, atol=1e-6)
+
+
+def test_client_epsilon_composes_over_the_rounds_the_client_was_sampled_in() -> None:
+    """The reply's cumulative ε counts exactly the rounds the server's seeded sampling picked
+    the client in (fraction 0.3 of 10 clients); max over clients in the metrics row."""
+    from fl_sim.federation.dp_epsilon import client_epsilons, epsilon_row
+    from fl_sim.federation.taps import sample_clients
+    cfg = from_dict({"federation": {"num_clients": 10, "fraction_train": 0.3, "batch_size": 5,
+                                    "local_steps": 2},
+                     "defenses": [{"name": "dp_sgd", "noise_multiplier": 1.5}]})
+    picked = [r for r in range(1, 13) if 4 in sample_clients(0, r, list(range(10)), 0.3)]
+    assert 0 < len(picked) < 12
+    last = picked[-1]
+    eps = client_epsilons(cfg, 4, last, partition_size=50, steps=2)
+    assert eps["dp-epsilon-round"] == pytest.approx(_opacus(RDPAccountant, 1.5, 0.1, 2, 1e-5))
+    assert eps["dp-epsilon"] == pytest.approx(
+        _opacus(RDPAccountant, 1.5, 0.1, 2 * len(picked), 1e-5))
+    assert epsilon_row({4: (eps["dp-epsilon-round"], eps["dp-epsilon"]), 7: (0.1, 0.2)}) == {
+        "dp_epsilon_round": eps["dp-epsilon-round"], "dp_epsilon": eps["dp-epsilon"]}
+    assert client_epsilons(from_dict({}), 0, 1, partition_size=5, steps=1) == {}
