@@ -330,3 +330,20 @@ def test_client_epsilon_composes_over_the_rounds_the_client_was_sampled_in() -> 
     assert epsilon_row({4: (eps["dp-epsilon-round"], eps["dp-epsilon"]), 7: (0.1, 0.2)}) == {
         "dp_epsilon_round": eps["dp-epsilon-round"], "dp_epsilon": eps["dp-epsilon"]}
     assert client_epsilons(from_dict({}), 0, 1, partition_size=5, steps=1) == {}
+
+
+@pytest.mark.slow  # imports diffusers and builds the UNet
+def test_per_sample_gradients_slice_the_diffusion_aux() -> None:
+    """Diffusion: each example's gradient uses ITS eps and t (tiny UNet, GroupNorm)."""
+    from diffusion_cases import digits_victims, draw_aux, global_task
+    task, _ = global_task(seed=0)
+    task.model.eval()  # no dropout: the reference gradient below must see the same network
+    x, aux = digits_victims(2), draw_aux(2, t=[10, 900])
+    y = torch.zeros(2, dtype=torch.int64)
+    grads, _ = per_sample_gradients(task, Batch(x, y), aux)
+    params = {k: v.detach() for k, v in task.model.named_parameters()}
+    buffers = {k: v.detach() for k, v in task.model.named_buffers()}
+    one = torch.func.grad(lambda p: task.loss(p, buffers, Batch(x[1:], y[1:]),
+                                              {k: v[1:] for k, v in aux.items()}))(params)
+    for k in one:
+        torch.testing.assert_close(grads[k][1], one[k], rtol=1e-3, atol=1e-6)
