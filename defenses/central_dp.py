@@ -17,6 +17,10 @@ coordinate of the new global (m = ``num_sampled_clients``):
 ``"server_adaptive"`` / ``"client_adaptive"`` (C follows the noisy fraction of clipped updates
 towards ``target_clipped_quantile``, geometric step ``clip_norm_lr``; ``clipping_norm`` is the
 initial C; ``clipped_count_stddev`` the noise on that count, Flower's default m/20).
+Deviation from Flower 1.42: its adaptive wrappers move C the wrong way (they count clipped
+updates but apply the paper's rule for unclipped ones, so C shrinks while most updates are
+clipped); fl-sim uses the paper's direction, ``C ← C·exp(η_C (f − q))`` for a noisy clipped
+fraction f (:class:`fl_sim.federation.server_defenses.ServerSideAdaptiveClipping`).
 
 **Whom it protects.** The noise is added AFTER the server has seen every client's update: it
 does NOT protect against the (honest-but-curious) server — ``protects_server_view = False``;

@@ -11,9 +11,11 @@ puts fl-sim's :class:`~fl_sim.federation.taps.TapStrategy` AROUND it, so
 * the ``aggregate`` record and the next global — what a curious peer derives its view from —
   carry the clipping and the noise.
 
-Client-side clipping uses Flower's ``fixedclipping_mod`` / ``adaptiveclipping_mod``, listed in
-:data:`fl_sim.federation.client_mods.TRAIN_MODS` behind :func:`central_dp_clipping_mod`,
-which acts only on messages whose config carries the wrapper's ``clipping_norm``.
+Adaptive clipping uses Flower's wrappers with one fix, the direction of the clip-norm update
+(:class:`_AdaptiveRule`). Client-side clipping uses Flower's ``fixedclipping_mod`` /
+``adaptiveclipping_mod``, listed in :data:`fl_sim.federation.client_mods.TRAIN_MODS`
+behind :func:`central_dp_clipping_mod`, which acts only on messages whose config carries the
+wrapper's ``clipping_norm``.
 
 FedSGD: the wrapper and the mods compute ``reply − global``, so a FedSGD strategy wrapped here
 asks its clients for one-step weights instead of gradients (``FedSGD.reply_steps``; see
@@ -87,6 +89,33 @@ _FLOWER_GET_NORM: Any = None
 _install_zero_norm_fix()
 
 
+class _AdaptiveRule:
+    """Andrew et al.'s update of the clipping norm for Flower's adaptive wrappers.
+
+    Flower (1.41 / 1.42) counts CLIPPED updates (``norm_bit`` = the update was scaled down)
+    but applies the paper's rule for UNCLIPPED ones, ``C ← C·exp(−η_C (b̄ − γ))``: when more
+    than the target fraction is clipped, its C shrinks, and keeps shrinking (measured: every
+    update clipped, C 0.1 → 0.090 → 0.082). With b̄ = 1 − f (f the noisy clipped fraction)
+    and γ = 1 − ``target_clipped_quantile`` the paper's rule is ``C ← C·exp(η_C (f − q))``:
+    C grows while more than q of the updates are clipped. fl-sim's subclasses use that."""
+
+    clipping_norm: float
+    clip_norm_lr: float
+    target_clipped_quantile: float
+
+    def _geometric_update(self, clipped_fraction: float) -> None:
+        self.clipping_norm *= math.exp(
+            self.clip_norm_lr * (clipped_fraction - self.target_clipped_quantile))
+
+
+class ServerSideAdaptiveClipping(_AdaptiveRule, DifferentialPrivacyServerSideAdaptiveClipping):
+    """Flower's server-side adaptive clipping with the paper's clip-norm rule."""
+
+
+class ClientSideAdaptiveClipping(_AdaptiveRule, DifferentialPrivacyClientSideAdaptiveClipping):
+    """Flower's client-side adaptive clipping with the paper's clip-norm rule."""
+
+
 def central_dp_of(cfg: Any) -> Any:
     """The configured ``central_dp`` defense, or None."""
     return next((d for d in build_defenses(cfg) if d.name == "central_dp"), None)
@@ -101,8 +130,7 @@ def wrap_server_defenses(strategy: Strategy, cfg: Any) -> Strategy:
         strategy.reply_steps = True  # replies become deltas the wrapper can clip
     m = d.sampled(cfg)
     if d.adaptive:
-        cls = DifferentialPrivacyClientSideAdaptiveClipping if d.client_side else \
-            DifferentialPrivacyServerSideAdaptiveClipping
+        cls = ClientSideAdaptiveClipping if d.client_side else ServerSideAdaptiveClipping
         dp: Strategy = cls(strategy, d.noise_multiplier, m,
                            initial_clipping_norm=d.clipping_norm,
                            target_clipped_quantile=d.target_clipped_quantile,

@@ -172,7 +172,8 @@ def test_adaptive_clipping_norm_survives_a_checkpoint() -> None:
                clipped_count_stddev=1.0, clipping_norm=0.01)
     s = wrap_server_defenses(build_strategy(cfg), cfg)
     _round(s, None, _updates(scale=1.0))
-    assert s.clipping_norm != 0.01 and s.releases == 1  # type: ignore[attr-defined]
+    # every update is far above C: C grows (Andrew et al.; Flower 1.42 shrank it)
+    assert s.clipping_norm > 0.01 and s.releases == 1  # type: ignore[attr-defined]
     fresh = wrap_server_defenses(build_strategy(cfg), cfg)
     load_strategy_state(fresh, *strategy_state(s))
     assert fresh.clipping_norm == s.clipping_norm  # type: ignore[attr-defined]
@@ -262,3 +263,18 @@ def test_integer_buffers_survive_clipping_on_both_sides() -> None:
                   dst_node_id=100, message_type=MessageType.TRAIN)
     out = central_dp_clipping_mod(msg, None, train)  # type: ignore[arg-type]
     assert not out.has_error()
+
+
+@pytest.mark.parametrize("clipping", ["server_adaptive", "client_adaptive"])
+def test_adaptive_clipping_norm_moves_towards_the_target_quantile(clipping: str) -> None:
+    """C grows while more than the target fraction is clipped, shrinks while fewer are."""
+    for scale, grows in ((1.0, True), (1e-4, False)):
+        cfg = _cfg(clipping=clipping, noise_multiplier=0.0, clipping_norm=0.1)
+        s = wrap_server_defenses(build_strategy(cfg), cfg)
+        replies = [_reply(100 + c, u) for c, u in enumerate(_updates(scale=scale))]
+        for m in replies:  # what adaptiveclipping_mod adds: was the update clipped?
+            next(iter(m.content.metric_records.values()))["norm_bit"] = int(grows)
+        list(s.configure_train(1, ArrayRecord({k: Array(v) for k, v in _global().items()}),
+                               ConfigRecord(), FakeGrid()))
+        s.aggregate_train(1, replies)
+        assert (s.clipping_norm > 0.1) == grows, (clipping, scale)  # type: ignore[attr-defined]
