@@ -27,6 +27,7 @@ examples:
   fl-sim attack runs/default-20261123-160000 --attack inverting_gradients --set max_iterations=300
   fl-sim list
   fl-sim train-prior configs/prior_digits.toml --out priors/digits
+  fl-sim bench configs/bench/dp_sweep.toml --dry-run
 """
 
 
@@ -113,6 +114,21 @@ def _parser() -> argparse.ArgumentParser:
     tp.add_argument("--out", type=Path, default=None,
                     help="output directory = the prior (default: priors/<config name>)")
     tp.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    bn = sub.add_parser(
+        "bench", help="defense x attack grid: simulations once, attacks replayed, report",
+        description="Expand GRID (see configs/bench/) into simulations (one per distinct "
+                    "federation) and attack cells replayed on their recordings; resumable "
+                    "(BENCH_DIR/results.jsonl records what is done); writes results.csv, "
+                    "results.md, privacy_utility.png and report.html.")
+    bn.add_argument("grid", help="grid file (TOML)")
+    bn.add_argument("--out", type=Path, default=None,
+                    help="bench directory (default: bench/<grid name>); rerun to resume")
+    bn.add_argument("--dry-run", action="store_true",
+                    help="print the plan (simulations, attack cells, rough cost) and exit")
+    bn.add_argument("--ray-address", default=None,
+                    help="run the simulations on an existing Ray cluster")
+    bn.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
@@ -285,6 +301,34 @@ def cmd_train_prior(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from fl_sim.bench.grid import load_grid
+    from fl_sim.bench.runner import estimate, run_bench
+    plan = load_grid(args.grid)
+    out = args.out if args.out is not None else Path("bench") / plan.name
+    est = estimate(plan, out)
+    sys.stdout.write(
+        f"plan {plan.name}: {est['simulations']} simulation(s) ({est['simulations_to_run']} "
+        f"to run), {est['cells']} attack cell(s) ({est['cells_done']} done), "
+        f"{est['attack_iterations']} attack iterations to go, ~{est['estimated_seconds']:.0f} s "
+        f"(rough); bench directory {out}\n")
+    if args.dry_run:
+        for c in plan.cells:
+            axes = ", ".join(f"{k}={v}" for k, v in c.axes.items()) or "base"
+            sys.stdout.write(f"  sim-{c.sim.key}  {c.attack} r{c.round}  {axes}\n")
+        return 0
+    _quiet_flower(args.debug)
+    with _Progress(enabled=not args.no_progress, total=len(plan.cells), label="cells",
+                   key="cell") as progress:
+        summary = run_bench(plan, out, ray_address=args.ray_address,
+                            progress=progress.update)
+    sys.stdout.write(f"cells run {summary.cells_run}, skipped (done before) "
+                     f"{summary.cells_skipped}, failed {summary.cells_failed}; simulations run "
+                     f"{summary.sims_run}, reused {summary.sims_reused}; {summary.seconds:.1f} s"
+                     f"\n{out / 'results.csv'}\n{(out / 'report.html').resolve()}\n")
+    return 0
+
+
 def cmd_deploy_local(args: argparse.Namespace) -> int:
     from fl_sim import config
     from fl_sim.federation.deployment import deploy_local
@@ -370,7 +414,7 @@ def _print_summary(run_dir: Path) -> None:
 
 COMMANDS = {"run": cmd_run, "list": cmd_list, "attack": cmd_attack, "report": cmd_report,
             "validate": cmd_validate, "deploy-local": cmd_deploy_local,
-            "train-prior": cmd_train_prior}
+            "train-prior": cmd_train_prior, "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,214 @@
+"""Outputs of ``fl-sim bench`` in the bench directory, written from ``results.jsonl`` only.
+
+``results.csv`` (one row per cell, plan order), ``results.md`` (the same as a markdown
+table), ``privacy_utility.png`` (attack PSNR / SSIM / label accuracy against utility, one
+curve per defense and attack, points annotated with the swept values and ε), ``grids/``
+(each cell's original-over-reconstruction grid, copied from its simulation) and a
+self-contained ``report.html`` (every image a data URI).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from defenses.base import format_defense
+from fl_sim.bench.grid import Cell, Plan
+from fl_sim.stores import read_jsonl
+
+#: ε of a mechanism without noise (null in metrics.jsonl), kept as text in JSON and CSV
+INF = "inf"
+METRICS = ("psnr", "ssim", "label_accuracy")
+FIXED = ("attack", "view", "round", "client", "params", "defenses", *METRICS, "utility",
+         "utility_metric", "epsilon", "attack_seconds", "cell_seconds", "iterations", "grid",
+         "error", "sim", "key")
+
+
+def sim_facts(sim_dir: Path) -> dict[str, Any]:
+    """Utility and ε of a finished simulation: the last ``metrics.jsonl`` row's
+    ``eval_accuracy`` (classifier) or ``eval_loss`` (diffusion: held-out diffusion loss), and
+    every key ending in ``epsilon`` (``dp_epsilon``, ``central_dp_epsilon``; null = ∞)."""
+    from fl_sim.report import read_metrics
+    rows = read_metrics(Path(sim_dir))
+    out: dict[str, Any] = {"utility": None, "utility_metric": None, "epsilon": None,
+                           "epsilons": {}}
+    for key in ("eval_accuracy", "eval_loss"):
+        vals = [r[key] for r in rows if isinstance(r.get(key), int | float)]
+        if vals:
+            out["utility"], out["utility_metric"] = float(vals[-1]), key
+            break
+    if rows:
+        last = rows[-1]
+        eps = {k: last[k] for k in sorted(last) if k.endswith("epsilon")}
+        out["epsilons"] = {k: (INF if v is None else float(v)) for k, v in eps.items()}
+        if out["epsilons"]:  # two client-side/central guarantees: basic composition
+            vals = list(out["epsilons"].values())
+            out["epsilon"] = INF if INF in vals else sum(vals)
+    return out
+
+
+def cell_row(cell: Cell, result: Mapping[str, Any] | None, facts: Mapping[str, Any], *,
+             error: str | None = None, sim_dir: Path | None = None,
+             bench_dir: Path | None = None, cell_seconds: float = 0.0) -> dict[str, Any]:
+    """One ``results.jsonl`` row: the cell, its attack metrics, the simulation's utility/ε."""
+    result = dict(result or {})
+    m = result.get("metrics") or {}
+    error = error or result.get("error")
+    grid = None
+    if result.get("grid") and sim_dir is not None and bench_dir is not None:
+        src = Path(sim_dir) / str(result["grid"])
+        if src.is_file():
+            dst = Path(bench_dir) / "grids" / f"{cell.key}.png"
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+            grid = str(dst.relative_to(bench_dir))
+    return {
+        "key": cell.key, "sim": cell.sim.key, "axes": dict(cell.axes), "attack": cell.attack,
+        "view": result.get("view", cell.view), "round": cell.round,
+        "client": result.get("client", cell.client), "params": dict(cell.params),
+        "defenses": [format_defense(d) for d in result.get("defenses", [])] or
+        [format_defense({"name": d.name, **d.params}) for d in cell.sim.config.defenses],
+        **{k: _num(m.get(k)) for k in METRICS},
+        "utility": facts.get("utility"), "utility_metric": facts.get("utility_metric"),
+        "epsilon": facts.get("epsilon"), "epsilons": dict(facts.get("epsilons") or {}),
+        "attack_seconds": result.get("seconds"), "cell_seconds": round(cell_seconds, 3),
+        "iterations": result.get("iterations"), "grid": grid, "error": error,
+    }
+
+
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+
+def load_rows(plan: Plan, bench_dir: Path) -> list[dict[str, Any]]:
+    """The results of the plan's cells in plan order (the last row written for a key)."""
+    by_key = {r["key"]: r for r in read_jsonl(Path(bench_dir) / "results.jsonl")
+              if isinstance(r, dict) and "key" in r}
+    return [by_key[c.key] for c in plan.cells if c.key in by_key]
+
+
+def flat(row: Mapping[str, Any], axes: Sequence[str]) -> dict[str, Any]:
+    """A results row as one flat ``results.csv`` record (axis values first)."""
+    out: dict[str, Any] = {a: _cell(row.get("axes", {}).get(a)) for a in axes}
+    for k in FIXED:
+        v = row.get(k)
+        if k == "params":
+            v = json.dumps(v, sort_keys=True)
+        elif k == "defenses":
+            v = "; ".join(v or []) or "none"
+        out[k] = _cell(v)
+    return out
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return "inf" if v == float("inf") else f"{v:.6g}"
+    if isinstance(v, list | dict):
+        return json.dumps(v, sort_keys=True)
+    return str(v)
+
+
+def write_outputs(plan: Plan, bench_dir: Path) -> dict[str, Path]:
+    """Write results.csv, results.md, privacy_utility.png (matplotlib) and report.html."""
+    bench_dir = Path(bench_dir)
+    rows = load_rows(plan, bench_dir)
+    axes = plan.axis_names
+    records = [flat(r, axes) for r in rows]
+    cols = [*axes, *FIXED]
+    out = {"csv": bench_dir / "results.csv", "md": bench_dir / "results.md"}
+    with out["csv"].open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols)
+        w.writeheader()
+        w.writerows(records)
+    md_cols = [*axes, "attack", "view", "round", "defenses", *METRICS, "utility", "epsilon",
+               "attack_seconds", "error"]
+    out["md"].write_text(markdown_table(records, md_cols))
+    plot = plot_privacy_utility(rows, axes, bench_dir / "privacy_utility.png")
+    if plot is not None:
+        out["plot"] = plot
+    from fl_sim.bench.html import write_html
+    out["html"] = write_html(plan, bench_dir, rows, records, md_cols, plot)
+    return out
+
+
+def markdown_table(records: Sequence[Mapping[str, Any]], cols: Sequence[str]) -> str:
+    def esc(s: Any) -> str:
+        return str(s).replace("|", "\\|").replace("\n", " ")
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(esc(r.get(c, "")) for c in cols) + " |" for r in records]
+    return "\n".join(lines) + "\n"
+
+
+def curve_label(row: Mapping[str, Any], axes: Sequence[str]) -> str:
+    """Which curve a cell belongs to: its defenses (names) and its attack."""
+    names = sorted({d.split("(")[0] for d in row.get("defenses") or []}) or ["none"]
+    att = [f"{a.split('.')[-1]}={row['axes'][a]}" for a in axes
+           if a.startswith("attack.") and a in row.get("axes", {})]
+    return f"{'+'.join(names)} · {row['attack']} ({row.get('view')})" + (
+        f" [{', '.join(att)}]" if att else "")
+
+
+def point_label(row: Mapping[str, Any], axes: Sequence[str]) -> str:
+    """A point's annotation: the swept federation values (strength) and ε."""
+    parts = [f"{a.split('.')[-1]}={row['axes'][a]}" for a in axes
+             if not a.startswith("attack.") and a in row.get("axes", {})]
+    eps = row.get("epsilon")
+    if eps is not None:
+        parts.append("ε=∞" if eps == INF else f"ε={float(eps):.3g}")
+    return ", ".join(parts)
+
+
+def plot_privacy_utility(rows: Sequence[Mapping[str, Any]], axes: Sequence[str],
+                         path: Path) -> Path | None:
+    """Attack metric (y) against utility (x), one curve per :func:`curve_label`; None when
+    matplotlib is missing or no cell has both numbers."""
+    keys = [k for k in METRICS if any(r.get(k) is not None and r.get("utility") is not None
+                                      for r in rows)]
+    if not keys:
+        return None
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axs = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4.2), squeeze=False)
+    curves: dict[str, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        curves.setdefault(curve_label(r, axes), []).append(r)
+    umetric = next((r.get("utility_metric") for r in rows if r.get("utility_metric")), "")
+    for ax, key in zip(axs[0], keys, strict=True):
+        for label, pts in curves.items():
+            pts = [p for p in pts if p.get(key) is not None and p.get("utility") is not None]
+            if not pts:
+                continue
+            ax.plot([p["utility"] for p in pts], [p[key] for p in pts], marker="o",
+                    label=label)
+            for p in pts:
+                ax.annotate(point_label(p, axes), (p["utility"], p[key]), fontsize=7,
+                            textcoords="offset points", xytext=(4, 4))
+        ax.set_xlabel(f"utility ({umetric})" if umetric else "utility")
+        ax.set_ylabel(key.replace("_", " "))
+        ax.set_title(f"{key.replace('_', ' ')} vs utility")
+        ax.grid(alpha=0.3)
+    axs[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def img_tag(path: Path, alt: str) -> str:
+    """An ``<img>`` with the PNG embedded as a data URI (or a 'missing' note)."""
+    if not path.is_file():
+        return f"<p><em>missing image {html.escape(path.name)}</em></p>"
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'

@@ -1,0 +1,219 @@
+"""Execute a bench plan: simulations once each, then every attack cell on its recording.
+
+``BENCH_DIR/results.jsonl`` is the record of what is done: a cell whose key has a row there
+is never run again (after a crash or a kill, the same command finishes the grid). A
+simulation lives in ``BENCH_DIR/sims/sim-<hash>``: a complete one is reused, one with
+checkpointed rounds is resumed (``run_experiment(resume=True)``, bit-identical), one killed
+before its first checkpoint is deleted and restarted. Cells run one by one in plan order;
+the seeded attacks make the same grid give the same table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fl_sim.bench.grid import Cell, Plan, Simulation
+from fl_sim.config import ExperimentConfig
+from fl_sim.errors import FlSimError, RunDirError
+from fl_sim.stores import append_jsonl, read_jsonl
+
+logger = logging.getLogger(__name__)
+
+RESULTS = "results.jsonl"
+SIMS = "sims.jsonl"
+#: rough CPU figures for ``--dry-run`` when no cell of the grid has run yet (2 shared cores,
+#: the demo's MLP on digits): Ray + actor start-up per simulation, one round, one attack
+#: iteration
+EST_SIM_START_S, EST_ROUND_S, EST_ITER_S = 30.0, 1.0, 0.02
+
+Simulate = Callable[..., Path]
+Attack = Callable[[Path, Cell], dict[str, Any]]
+
+
+@dataclass
+class Summary:
+    """What one ``run_bench`` call did (``cells_run`` counts attacks actually executed)."""
+
+    cells_total: int = 0
+    cells_run: int = 0
+    cells_skipped: int = 0
+    cells_failed: int = 0
+    sims_run: int = 0
+    sims_reused: int = 0
+    seconds: float = 0.0
+    sim_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def sim_config(sim: Simulation, bench_dir: Path, ray_address: str | None = None
+               ) -> ExperimentConfig:
+    """The simulation's config with its run name / output dir inside the bench directory."""
+    cfg = sim.config
+    run = cfg.run.model_copy(update={"name": sim.dirname,
+                                     "output_dir": str(Path(bench_dir) / "sims")})
+    fed = cfg.federation.model_copy(update={"ray_address": ray_address}) if ray_address \
+        else cfg.federation
+    return cfg.model_copy(update={"run": run, "federation": fed})
+
+
+def _default_simulate(cfg: ExperimentConfig, *, run_dir: Path, resume: bool) -> Path:
+    from fl_sim.federation.simulation import run_experiment
+    return run_experiment(cfg, run_dir=run_dir, resume=resume)
+
+
+def _default_attack(sim_dir: Path, cell: Cell) -> dict[str, Any]:
+    from fl_sim import attack_runner
+    res = attack_runner.replay(sim_dir, cell.attack, params=dict(cell.params), view=cell.view,
+                               client=cell.client, rounds=[cell.round])
+    if not res:
+        raise FlSimError(f"{cell.attack}: the attack returned no result")
+    return res[-1]
+
+
+def ensure_simulation(sim: Simulation, bench_dir: Path, simulate: Simulate | None = None,
+                      ray_address: str | None = None) -> tuple[Path, bool, float]:
+    """Run (or reuse / resume) ``sim``; returns (run dir, reused, seconds spent now)."""
+    from fl_sim.federation.resume import plan_resume
+    simulate = simulate or _default_simulate
+    cfg = sim_config(sim, bench_dir, ray_address)
+    d = Path(bench_dir) / "sims" / sim.dirname
+    resume = False
+    if (d / "config.json").is_file():
+        try:
+            plan = plan_resume(cfg, d)
+        except RunDirError as exc:
+            logger.warning("%s: %s; restarting the simulation", d, exc)
+            plan = None
+        if plan is not None and plan.nothing_to_do:
+            return d, True, 0.0
+        resume = plan is not None and plan.done > 0
+    if not resume and d.exists():
+        shutil.rmtree(d)  # killed before its first checkpoint: nothing worth keeping
+    logger.info("simulation %s (%s)%s", sim.dirname, _fmt_axes(sim.axes),
+                " resumed" if resume else "")
+    t0 = time.perf_counter()
+    simulate(cfg, run_dir=d, resume=resume)
+    return d, False, time.perf_counter() - t0
+
+
+def done_keys(bench_dir: Path) -> set[str]:
+    return {r["key"] for r in read_jsonl(Path(bench_dir) / RESULTS)
+            if isinstance(r, dict) and isinstance(r.get("key"), str)}
+
+
+def run_bench(plan: Plan, bench_dir: Path, *, simulate: Simulate | None = None,
+              attack: Attack | None = None, ray_address: str | None = None,
+              progress: Callable[[dict[str, Any]], None] | None = None) -> Summary:
+    """Run every cell of ``plan`` not yet in ``bench_dir/results.jsonl``, then write the
+    outputs (:func:`fl_sim.bench.outputs.write_outputs`). ``simulate`` / ``attack`` replace
+    the real simulation and attack (tests)."""
+    from fl_sim.bench.outputs import cell_row, sim_facts, write_outputs
+    attack = attack or _default_attack
+    bench_dir = Path(bench_dir)
+    bench_dir.mkdir(parents=True, exist_ok=True)
+    if plan.source.is_file():
+        shutil.copyfile(plan.source, bench_dir / "grid.toml")
+    t_start = time.perf_counter()
+    done = done_keys(bench_dir)
+    s = Summary(cells_total=len(plan.cells))
+    s.cells_skipped = sum(c.key in done for c in plan.cells)
+    by_sim: dict[str, list[Cell]] = {}
+    for c in plan.cells:
+        if c.key not in done:
+            by_sim.setdefault(c.sim.key, []).append(c)
+    finished = s.cells_skipped
+    for sim in plan.simulations:
+        todo = by_sim.get(sim.key, [])
+        if not todo:
+            continue
+        try:
+            sim_dir, reused, secs = ensure_simulation(sim, bench_dir, simulate, ray_address)
+        except FlSimError as exc:  # a federation that cannot run: every cell says why
+            logger.error("simulation %s failed: %s", sim.dirname, exc)
+            for c in todo:
+                append_jsonl(bench_dir / RESULTS, cell_row(
+                    c, None, {}, error=f"simulation failed: {type(exc).__name__}: {exc}"))
+                finished += 1
+                s.cells_failed += 1
+            continue
+        if reused:
+            s.sims_reused += 1
+        else:
+            s.sims_run += 1
+            s.sim_seconds[sim.key] = round(secs, 3)
+            append_jsonl(bench_dir / SIMS, {"sim": sim.key, "seconds": round(secs, 3),
+                                           "axes": dict(sim.axes)})
+        facts = sim_facts(sim_dir)
+        for c in todo:
+            t0 = time.perf_counter()
+            try:
+                result, error = attack(sim_dir, c), None
+            except Exception as exc:  # noqa: BLE001 -- a failing cell must not stop the grid
+                if not isinstance(exc, FlSimError):
+                    logger.exception("cell %s (%s) crashed", c.key, c.attack)
+                result, error = None, f"{type(exc).__name__}: {exc}"
+            row = cell_row(c, result, facts, error=error, sim_dir=sim_dir,
+                           bench_dir=bench_dir, cell_seconds=time.perf_counter() - t0)
+            append_jsonl(bench_dir / RESULTS, json.loads(json.dumps(row, default=str)))
+            s.cells_run += 1
+            s.cells_failed += error is not None
+            finished += 1
+            if progress is not None:
+                progress({"cell": finished, "total": len(plan.cells), "attack": c.attack,
+                          **({"psnr": row["psnr"]} if row.get("psnr") is not None else {}),
+                          **({"error": "yes"} if error else {})})
+    if s.cells_run or not (bench_dir / "report.html").is_file():  # a no-op rerun writes nothing
+        write_outputs(plan, bench_dir)
+    s.seconds = round(time.perf_counter() - t_start, 3)
+    return s
+
+
+def estimate(plan: Plan, bench_dir: Path | None = None) -> dict[str, Any]:
+    """The ``--dry-run`` numbers: simulations, cells, what is done already, rough seconds
+    (measured per-iteration / per-simulation figures of this bench directory if any)."""
+    done = done_keys(bench_dir) if bench_dir is not None else set()
+    rows = [r for r in read_jsonl(Path(bench_dir) / RESULTS)] if bench_dir else []
+    iters = sum(int(r.get("iterations") or 0) for r in rows)
+    secs = sum(float(r.get("attack_seconds") or 0) for r in rows)
+    per_iter = secs / iters if iters and secs else EST_ITER_S
+    sim_rows = list(read_jsonl(Path(bench_dir) / SIMS)) if bench_dir else []
+    sims_done = {r.get("sim") for r in sim_rows}
+    if bench_dir is not None:
+        sims_done |= {s.key for s in plan.simulations
+                      if (Path(bench_dir) / "sims" / s.dirname / "run.json").is_file()}
+    pending = [c for c in plan.cells if c.key not in done]
+    sim_est = sum(EST_SIM_START_S + EST_ROUND_S * s.config.federation.num_rounds
+                  for s in plan.simulations if s.key not in sims_done)
+    att_iters = sum(_budget(c) for c in pending)
+    return {"simulations": len(plan.simulations),
+            "simulations_to_run": sum(s.key not in sims_done for s in plan.simulations),
+            "cells": len(plan.cells), "cells_done": len(plan.cells) - len(pending),
+            "attack_iterations": att_iters,
+            "estimated_seconds": round(sim_est + att_iters * per_iter, 1)}
+
+
+def _budget(cell: Cell) -> int:
+    p = cell.params
+    for k in ("max_iterations", "iterations", "steps"):
+        if isinstance(p.get(k), int):
+            return int(p[k]) * int(p.get("restarts", 1) or 1)
+    from fl_sim.registry import ATTACKS
+    try:
+        cls = ATTACKS.get(cell.attack)
+    except Exception:  # noqa: BLE001
+        return 0
+    for k in ("max_iterations", "iterations"):
+        v = getattr(cls, k, None)
+        if isinstance(v, int):
+            return v
+    return 0
+
+
+def _fmt_axes(axes: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in axes.items()) or "base"
