@@ -9,8 +9,9 @@ two clients' mean gradient derived from the two globals client 0 received).
 Under central DP FedSGD clients reply one-step weights (strategies/fedsgd.py): the server
 record is a delta with lr = η, from which the gradient is recovered as −delta/η — asserted
 equal to the undefended run's gradient record. Measured (seed 0, 100 iterations, 2 shared
-cores): server view 61.4 dB undefended and with central DP; peer view ≈ 48 dB undefended,
-≈ 7 dB with central DP.
+cores, 2026-12-03): server view 61.43 dB undefended and 61.43 dB with central DP; peer view
+51.30 dB undefended, 6.68 dB with central DP; ε = 10.73 at δ = 1e-5 after the round. The
+module takes ~140 s (two Ray federations) on the loaded machine.
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def _psnr(run_dir: Path) -> dict[str, float]:
 def test_server_view_unaffected_peer_view_drops(runs: dict[str, Any]) -> None:
     plain, central = _psnr(runs["plain"]), _psnr(runs["central"])
     assert plain["server"] >= 30 and plain["peer"] >= 30, plain
-    assert abs(central["server"] - plain["server"]) <= 1.0, (plain, central)
+    assert abs(central["server"] - plain["server"]) <= 0.5, (plain, central)
     assert central["peer"] <= plain["peer"] - 20, (plain, central)
     rows = read_jsonl(runs["central"] / "attacks.jsonl")
     assert all(r["defenses"][0]["name"] == "central_dp" for r in rows)
