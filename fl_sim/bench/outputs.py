@@ -199,7 +199,8 @@ def plot_privacy_utility(rows: Sequence[Mapping[str, Any]], axes: Sequence[str],
         ax.set_ylabel(key.replace("_", " "))
         ax.set_title(f"{key.replace('_', ' ')} vs utility")
         ax.grid(alpha=0.3)
-    axs[0][0].legend(fontsize=7)
+        if ax.get_lines():
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
