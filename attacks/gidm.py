@@ -42,7 +42,12 @@ from torch import Tensor
 
 from attacks.base import Attack, Reconstruction
 from attacks.ddim_sampler import DDIMSampler
-from attacks.diffusion_matching import DiffusionMatching, granted_aux, is_diffusion
+from attacks.diffusion_matching import (
+    SECOND_ORDER,
+    DiffusionMatching,
+    granted_aux,
+    is_diffusion,
+)
 from attacks.gradients import attack_task, mean_gradient_target, split_state, target_from_record
 from attacks.objectives import lr_multiplier
 from fl_sim.errors import ConfigError
@@ -186,7 +191,11 @@ class GIDM(Attack):
     (``lr_pixels``, cosine decay, box-projected); ``multi_step`` for FedAvg deltas:
     ``"unroll"`` the client's SGD steps (each with its own eps/t rows), ``"single"`` (match
     the delta as one mean gradient; needs one eps/t row per image) or ``"auto"`` (unroll
-    when ``local_steps > 1``). Returns images ``[N, C, H, W]`` (N = the batch for a
+    when ``local_steps > 1``); ``second_order``: ``"exact"`` (double back-propagation) or
+    ``"finite_difference"`` / ``"central_difference"`` (the images' gradient of the matching
+    distance from input gradients at perturbed weights, both phases, FedSGD only: an
+    engineering deviation from the paper, see :class:`~attacks.diffusion_matching.
+    DiffusionMatching`). Returns images ``[N, C, H, W]`` (N = the batch for a
     gradient, ``num_examples`` for a delta), no labels; ``extras`` holds both phases'
     budgets and matching distances and the phase-1 images (``phase1_images``, scored by the
     attack runner). Raises :class:`~fl_sim.errors.ThreatModelError` without eps/t and
@@ -200,7 +209,8 @@ class GIDM(Attack):
                  prior: str | None = None, checkpoint: bool = False,
                  distance: Literal["l2", "cosine"] = "l2",
                  phase2_optimizer: Literal["lbfgs", "adam"] = "lbfgs",
-                 lr_pixels_lbfgs: float = 1.0, multi_step: MultiStep = "auto") -> None:
+                 lr_pixels_lbfgs: float = 1.0, multi_step: MultiStep = "auto",
+                 second_order: str = "exact") -> None:
         _check("phase1_iterations", phase1_iterations >= 0, phase1_iterations, ">= 0")
         _check("phase2_iterations", phase2_iterations >= 0, phase2_iterations, ">= 0")
         _check("phase1_iterations", phase1_iterations + phase2_iterations >= 1,
@@ -214,6 +224,9 @@ class GIDM(Attack):
         _check("phase2_optimizer", phase2_optimizer in ("lbfgs", "adam"), phase2_optimizer,
                "lbfgs, adam")
         _check("lr_pixels_lbfgs", lr_pixels_lbfgs > 0, lr_pixels_lbfgs, "> 0")
+        _check("second_order", second_order in SECOND_ORDER, second_order,
+               ", ".join(SECOND_ORDER))
+        self.second_order = second_order
         self.phase2_optimizer, self.lr_pixels_lbfgs = phase2_optimizer, lr_pixels_lbfgs
         self.phase1_iterations, self.phase2_iterations = phase1_iterations, phase2_iterations
         self.sampler_steps, self.lr_latent, self.lr_pixels = sampler_steps, lr_latent, lr_pixels
@@ -257,7 +270,7 @@ class GIDM(Attack):
         dev = self.device
         match = DiffusionMatching(task, params, buffers, {k: v.to(dev) for k, v in target.items()},
                                   {k: v.to(dev) for k, v in aux.items()}, unroll=unroll,
-                                  distance=self.distance)
+                                  distance=self.distance, second_order=self.second_order)
         return match, n
 
     def reconstruct(self, record: ObservationRecord, *, generator: torch.Generator,
@@ -301,6 +314,7 @@ class GIDM(Attack):
             "phase2_iterations": self.phase2_iterations, "sampler_steps": self.sampler_steps,
             "prior": prior_name, "distance": self.distance,
             "phase2_optimizer": self.phase2_optimizer,
+            "second_order": self.second_order,
             "phase1_matching_loss": p1_loss, "phase2_matching_loss": loss,
             "unrolled_steps": match.unroll[1] if match.unroll else 0}
         if p1_images is not None:
