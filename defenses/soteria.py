@@ -56,6 +56,9 @@ from defenses.base import UpdateContext, UpdateDefense
 from fl_sim.errors import ConfigError
 from fl_sim.registry import DEFENSES
 
+#: representation features whose input gradients are computed in one vmapped backward
+JACOBIAN_CHUNK = 128
+
 
 def defended_linear(model: nn.Module, layer: str = "") -> tuple[str, nn.Linear]:
     """``(module name, module)`` of the defended Linear layer (``""``: the last one).
@@ -82,7 +85,8 @@ def representation_scores(task: Any, state: Mapping[str, Tensor], images: Tensor
     ``task`` is a classifier task (``task.model``, ``task.normalize``), ``state`` the weights
     to evaluate the model at (a ``state_dict``), ``images`` ``[B, C, H, W]`` in [0, 1]. The
     Jacobian of ``r`` with respect to each image comes from :func:`torch.func.jacrev`
-    (``F`` vector-Jacobian products per image, vmapped).
+    (``F`` vector-Jacobian products per image, vmapped in chunks of
+    :data:`JACOBIAN_CHUNK`).
     """
     model = task.model
     name, module = defended_linear(model, layer)
@@ -104,7 +108,8 @@ def representation_scores(task: Any, state: Mapping[str, Tensor], images: Tensor
         reps = []
         for x in images:
             r = features(x).detach()
-            jac = torch.func.jacrev(features)(x)  # [F, C, H, W]
+            # [F, C, H, W]; chunks bound the memory of F batched backward passes
+            jac = torch.func.jacrev(features, chunk_size=JACOBIAN_CHUNK)(x)
             grad_norm = jac.flatten(1).norm(dim=1)
             ratio = torch.where(r != 0, r.abs() / grad_norm.clamp_min(1e-12),
                                 torch.zeros_like(r))
