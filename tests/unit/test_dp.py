@@ -292,7 +292,11 @@ def test_dlg_noise_stops_inverting_gradients_and_zero_noise_does_not() -> None:
             attack(defended(sigma))
     assert undefended >= random_start + 3.0  # the attack works on this budget
     assert clip_only == pytest.approx(undefended, abs=0.1)  # IG's cosine ignores the scale
-    assert abs(noisy - random_start) <= 2.0, (noisy, random_start, undefended)
+    # "within 2 dB of the random start" read as "no better than it + 2 dB": fitting pure noise
+    # can also drift BELOW the start (7.8 dB at 200 iterations, benchmarks/dp_attacks.py),
+    # which is no leakage either; at this budget it is within 2 dB both ways
+    assert noisy <= random_start + 2.0, (noisy, random_start, undefended)
+    assert noisy < undefended - 3.0
 
 
 def test_local_dp_on_one_image_gradient_is_dp_sgd_at_batch_1() -> None:
