@@ -127,7 +127,11 @@ def _parser() -> argparse.ArgumentParser:
     bn.add_argument("--dry-run", action="store_true",
                     help="print the plan (simulations, attack cells, rough cost) and exit")
     bn.add_argument("--ray-address", default=None,
-                    help="run the simulations on an existing Ray cluster")
+                    help="run the simulations and the attack cells (as Ray tasks) on an "
+                         "existing Ray cluster")
+    bn.add_argument("--workers", type=int, default=1,
+                    help="attack cells as Ray tasks on a local Ray with this many CPUs "
+                         "(default 1: one by one, no Ray for the cells)")
     bn.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -320,7 +324,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     _quiet_flower(args.debug)
     with _Progress(enabled=not args.no_progress, total=len(plan.cells), label="cells",
                    key="cell") as progress:
-        summary = run_bench(plan, out, ray_address=args.ray_address,
+        summary = run_bench(plan, out, ray_address=args.ray_address, workers=args.workers,
                             progress=progress.update)
     sys.stdout.write(f"cells run {summary.cells_run}, skipped (done before) "
                      f"{summary.cells_skipped}, failed {summary.cells_failed}; simulations run "

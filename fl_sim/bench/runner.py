@@ -109,12 +109,16 @@ def done_keys(bench_dir: Path) -> set[str]:
 
 def run_bench(plan: Plan, bench_dir: Path, *, simulate: Simulate | None = None,
               attack: Attack | None = None, ray_address: str | None = None,
-              progress: Callable[[dict[str, Any]], None] | None = None) -> Summary:
+              workers: int = 1, progress: Callable[[dict[str, Any]], None] | None = None
+              ) -> Summary:
     """Run every cell of ``plan`` not yet in ``bench_dir/results.jsonl``, then write the
-    outputs (:func:`fl_sim.bench.outputs.write_outputs`). ``simulate`` / ``attack`` replace
-    the real simulation and attack (tests)."""
+    outputs (:func:`fl_sim.bench.outputs.write_outputs`). Cells run one by one after their
+    simulation, or as Ray tasks (:mod:`fl_sim.bench.parallel`) after all simulations when
+    ``workers > 1`` or ``ray_address`` is given. ``simulate`` / ``attack`` replace the real
+    simulation and attack (tests)."""
     from fl_sim.bench.outputs import cell_row, sim_facts, write_outputs
     attack = attack or _default_attack
+    parallel = workers > 1 or bool(ray_address)
     bench_dir = Path(bench_dir)
     bench_dir.mkdir(parents=True, exist_ok=True)
     if plan.source.is_file():
@@ -123,55 +127,78 @@ def run_bench(plan: Plan, bench_dir: Path, *, simulate: Simulate | None = None,
     done = done_keys(bench_dir)
     s = Summary(cells_total=len(plan.cells))
     s.cells_skipped = sum(c.key in done for c in plan.cells)
-    by_sim: dict[str, list[Cell]] = {}
-    for c in plan.cells:
-        if c.key not in done:
-            by_sim.setdefault(c.sim.key, []).append(c)
-    finished = s.cells_skipped
+    facts: dict[str, dict[str, Any]] = {}
+    state = {"finished": s.cells_skipped}
+
+    def record(c: Cell, sim_dir: Path | None, result: dict[str, Any] | None,
+               error: str | None, seconds: float) -> None:
+        row = cell_row(c, result, facts.get(c.sim.key, {}), error=error, sim_dir=sim_dir,
+                       bench_dir=bench_dir, cell_seconds=seconds)
+        append_jsonl(bench_dir / RESULTS, json.loads(json.dumps(row, default=str)))
+        s.cells_run += sim_dir is not None
+        s.cells_failed += error is not None
+        state["finished"] += 1
+        if progress is not None:
+            progress({"cell": state["finished"], "total": len(plan.cells), "attack": c.attack,
+                      **({"psnr": row["psnr"]} if row.get("psnr") is not None else {}),
+                      **({"error": "yes"} if error else {})})
+
+    queued: list[tuple[Path, Cell]] = []
     for sim in plan.simulations:
-        todo = by_sim.get(sim.key, [])
+        todo = [c for c in plan.cells if c.sim.key == sim.key and c.key not in done]
         if not todo:
             continue
-        try:
-            sim_dir, reused, secs = ensure_simulation(sim, bench_dir, simulate, ray_address)
-        except FlSimError as exc:  # a federation that cannot run: every cell says why
-            logger.error("simulation %s failed: %s", sim.dirname, exc)
-            for c in todo:
-                append_jsonl(bench_dir / RESULTS, cell_row(
-                    c, None, {}, error=f"simulation failed: {type(exc).__name__}: {exc}"))
-                finished += 1
-                s.cells_failed += 1
+        sim_dir = _simulation_for(sim, bench_dir, simulate, ray_address, s, record, todo)
+        if sim_dir is None:
             continue
-        if reused:
-            s.sims_reused += 1
-        else:
-            s.sims_run += 1
-            s.sim_seconds[sim.key] = round(secs, 3)
-            append_jsonl(bench_dir / SIMS, {"sim": sim.key, "seconds": round(secs, 3),
-                                           "axes": dict(sim.axes)})
-        facts = sim_facts(sim_dir)
+        facts[sim.key] = sim_facts(sim_dir)
+        if parallel:
+            queued += [(sim_dir, c) for c in todo]
+            continue
         for c in todo:
-            t0 = time.perf_counter()
-            try:
-                result, error = attack(sim_dir, c), None
-            except Exception as exc:  # noqa: BLE001 -- a failing cell must not stop the grid
-                if not isinstance(exc, FlSimError):
-                    logger.exception("cell %s (%s) crashed", c.key, c.attack)
-                result, error = None, f"{type(exc).__name__}: {exc}"
-            row = cell_row(c, result, facts, error=error, sim_dir=sim_dir,
-                           bench_dir=bench_dir, cell_seconds=time.perf_counter() - t0)
-            append_jsonl(bench_dir / RESULTS, json.loads(json.dumps(row, default=str)))
-            s.cells_run += 1
-            s.cells_failed += error is not None
-            finished += 1
-            if progress is not None:
-                progress({"cell": finished, "total": len(plan.cells), "attack": c.attack,
-                          **({"psnr": row["psnr"]} if row.get("psnr") is not None else {}),
-                          **({"error": "yes"} if error else {})})
+            result, error, seconds = _run_cell(attack, sim_dir, c)
+            record(c, sim_dir, result, error, seconds)
+    if queued:
+        from fl_sim.bench.parallel import run_cells_on_ray
+        run_cells_on_ray(queued, attack, lambda c, d, r, e, t: record(c, d, r, e, t),
+                         workers=workers, ray_address=ray_address)
     if s.cells_run or not (bench_dir / "report.html").is_file():  # a no-op rerun writes nothing
         write_outputs(plan, bench_dir)
     s.seconds = round(time.perf_counter() - t_start, 3)
     return s
+
+
+def _simulation_for(sim: Simulation, bench_dir: Path, simulate: Simulate | None,
+                    ray_address: str | None, s: Summary, record: Callable[..., None],
+                    todo: list[Cell]) -> Path | None:
+    """:func:`ensure_simulation`, counted in ``s``; a federation that cannot run fails its
+    cells (each row says why) and returns None."""
+    try:
+        sim_dir, reused, secs = ensure_simulation(sim, bench_dir, simulate, ray_address)
+    except FlSimError as exc:
+        logger.error("simulation %s failed: %s", sim.dirname, exc)
+        for c in todo:
+            record(c, None, None, f"simulation failed: {type(exc).__name__}: {exc}", 0.0)
+        return None
+    if reused:
+        s.sims_reused += 1
+    else:
+        s.sims_run += 1
+        s.sim_seconds[sim.key] = round(secs, 3)
+        append_jsonl(bench_dir / SIMS, {"sim": sim.key, "seconds": round(secs, 3),
+                                       "axes": dict(sim.axes)})
+    return sim_dir
+
+
+def _run_cell(attack: Attack, sim_dir: Path, c: Cell
+              ) -> tuple[dict[str, Any] | None, str | None, float]:
+    t0 = time.perf_counter()
+    try:
+        return attack(sim_dir, c), None, time.perf_counter() - t0
+    except Exception as exc:  # noqa: BLE001 -- a failing cell must not stop the grid
+        if not isinstance(exc, FlSimError):
+            logger.exception("cell %s (%s) crashed", c.key, c.attack)
+        return None, f"{type(exc).__name__}: {exc}", time.perf_counter() - t0
 
 
 def estimate(plan: Plan, bench_dir: Path | None = None) -> dict[str, Any]:
