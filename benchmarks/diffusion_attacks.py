@@ -20,8 +20,11 @@ Sections:
   PSNR / SSIM / seconds.
 - ``speed``: one GIDM phase-1 iteration with a K-step sampler against (K + 3) plain training
   steps (forward + backward of the DDPM loss) of the same UNet and batch; one phase-2
-  iteration against 3.0 plain steps. Per-iteration times are differences between runs of
-  ``2k`` and ``k`` iterations (set-up cancels); plain steps and attacks alternate.
+  iteration (Adam: one matching evaluation) against 3.0 plain steps; for every
+  ``second_order`` (exact double backward, forward / central finite difference).
+  Per-iteration CPU times (``time.process_time``, one thread: robust to other load) are
+  differences between runs of ``2k`` and ``k`` iterations (set-up cancels); plain steps and
+  attacks alternate.
 
 ``--budget`` scales every iteration count. Prints tables and writes
 ``benchmarks/out/diffusion_attacks.json``. Run from the repository root.
@@ -50,6 +53,7 @@ from diffusion_cases import (  # noqa: E402
     train_digits_prior,
 )
 
+from attacks.diffusion_matching import SECOND_ORDER  # noqa: E402
 from attacks.gidm import GIDM  # noqa: E402
 from attacks.gidm_plus import GIDMPlus  # noqa: E402
 from fl_sim.attack_runner import score_diffusion_aux  # noqa: E402
@@ -62,16 +66,18 @@ T_RANGES = {"low": (0, 200), "high": (700, 1000)}
 SAMPLER_STEPS = 5
 
 
-def attacks(budget: float) -> dict[str, Any]:
-    """The compared attacks at ``budget`` x the default iteration counts."""
+def attacks(budget: float, second_order: str = "exact") -> dict[str, Any]:
+    """The compared attacks at ``budget`` x the default iteration counts; ``second_order`` for
+    GIDM and pixel-only (GIDM+ optimises eps too: always the exact double backward)."""
     n = lambda k: max(1, int(round(k * budget)))  # noqa: E731
     return {
         "gidm": lambda: GIDM(phase1_iterations=n(60), phase2_iterations=n(40),
-                             sampler_steps=SAMPLER_STEPS),
+                             sampler_steps=SAMPLER_STEPS, second_order=second_order),
         "gidm_plus": lambda: GIDMPlus(phase1_iterations=n(60), phase2_iterations=n(40),
                                       sampler_steps=SAMPLER_STEPS, t_candidates=2,
                                       sweep_iterations=n(8)),
-        "pixel_only": lambda: GIDM(phase1_iterations=0, phase2_iterations=n(100)),
+        "pixel_only": lambda: GIDM(phase1_iterations=0, phase2_iterations=n(100),
+                                   second_order=second_order),
         "pixel_only_guessed": lambda: GIDMPlus(phase1_iterations=0, phase2_iterations=n(100),
                                                t_search="fixed", learn_eps=False, lr=0.05),
     }
@@ -122,9 +128,10 @@ def quality(task: Any, spec: Any, n_images: int, budget: float) -> dict[str, Any
             "mean_psnr_pixel_guessed": statistics.mean(r["psnr_pixel_guessed"] for r in rows)}
 
 
-def table(task: Any, spec: Any, budget: float, batches: list[int]) -> list[dict[str, Any]]:
+def table(task: Any, spec: Any, budget: float, batches: list[int],
+          second_order: str = "exact") -> list[dict[str, Any]]:
     """GIDM / GIDM+ / pixel-only over batch size and t range."""
-    made = attacks(budget)
+    made = attacks(budget, second_order)
     rows = []
     for b in batches:
         for rng_name, rng in T_RANGES.items():
@@ -141,19 +148,20 @@ def table(task: Any, spec: Any, budget: float, batches: list[int]) -> list[dict[
 
 def _plain_step(task: Any, params: dict[str, torch.Tensor], batch: Batch,
                 aux: dict[str, torch.Tensor], k: int) -> float:
-    """Seconds of one forward + backward of the DDPM loss (mean of ``k``)."""
-    t0 = time.perf_counter()
+    """CPU seconds of one forward + backward of the DDPM loss (mean of ``k``)."""
+    t0 = time.process_time()
     for _ in range(k):
         task.model.zero_grad(set_to_none=True)
         task.loss(params, {}, batch, aux).backward()
-    return (time.perf_counter() - t0) / k
+    return (time.process_time() - t0) / k
 
 
 def _per_iteration(make: Any, record: Any, k: int) -> float:
+    """CPU seconds per iteration (process time: one thread, robust on a shared machine)."""
     def run(iters: int) -> float:
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         make(iters)(record, generator=torch.Generator().manual_seed(0))
-        return time.perf_counter() - t0
+        return time.process_time() - t0
     return (run(2 * k) - run(k)) / k
 
 
@@ -165,21 +173,25 @@ def speed(task: Any, spec: Any, batches: list[int], repeats: int, k: int) -> lis
         images, aux = digits_victims(b), draw_aux(b, seed=1)
         record = diffusion_record(task, spec, images, aux=aux)
         batch = Batch(images, torch.zeros(b, dtype=torch.long))
-        p1 = lambda n: GIDM(phase1_iterations=n, phase2_iterations=0,  # noqa: E731
-                            sampler_steps=SAMPLER_STEPS)
-        p2 = lambda n: GIDM(phase1_iterations=0, phase2_iterations=n)  # noqa: E731
-        fb, ph1, ph2 = [], [], []
-        for _ in range(repeats):
-            fb.append(_plain_step(task, params, batch, aux, k))
-            ph1.append(_per_iteration(p1, record, k))
-            ph2.append(_per_iteration(p2, record, k))
-        f, a, c = (statistics.median(v) for v in (fb, ph1, ph2))
-        rows.append({"batch": b, "sampler_steps": SAMPLER_STEPS, "plain_step_s": f,
-                     "phase1_iteration_s": a, "phase2_iteration_s": c,
-                     "phase1_ratio": a / f, "phase1_bound": SAMPLER_STEPS + 3,
-                     "phase2_ratio": c / f, "phase2_bound": 3.0})
-        print(f"  b{b}: plain {f * 1e3:.1f} ms  phase 1 {a / f:.2f}x (bound "
-              f"{SAMPLER_STEPS + 3})  phase 2 {c / f:.2f}x (bound 3.0)", flush=True)
+        for mode in SECOND_ORDER:
+            # phase 2 with Adam: exactly one matching evaluation per iteration
+            p1 = lambda n, m=mode: GIDM(phase1_iterations=n, phase2_iterations=0,  # noqa: E731
+                                        sampler_steps=SAMPLER_STEPS, second_order=m)
+            p2 = lambda n, m=mode: GIDM(phase1_iterations=0, phase2_iterations=n,  # noqa: E731
+                                        phase2_optimizer="adam", second_order=m)
+            fb, ph1, ph2 = [], [], []
+            for _ in range(repeats):
+                fb.append(_plain_step(task, params, batch, aux, k))
+                ph1.append(_per_iteration(p1, record, k))
+                ph2.append(_per_iteration(p2, record, k))
+                fb.append(_plain_step(task, params, batch, aux, k))
+            f, a, c = (statistics.median(v) for v in (fb, ph1, ph2))
+            rows.append({"batch": b, "second_order": mode, "sampler_steps": SAMPLER_STEPS,
+                         "plain_step_s": f, "phase1_iteration_s": a, "phase2_iteration_s": c,
+                         "phase1_ratio": a / f, "phase1_bound": SAMPLER_STEPS + 3,
+                         "phase2_ratio": c / f, "phase2_bound": 3.0})
+            print(f"  b{b} {mode:18s}: plain {f * 1e3:.1f} ms  phase 1 {a / f:.2f}x (bound "
+                  f"{SAMPLER_STEPS + 3})  phase 2 {c / f:.2f}x (bound 3.0)", flush=True)
     return rows
 
 
@@ -191,6 +203,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,4,8")
     ap.add_argument("--sections", default="quality,table,speed")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--second-order", default="exact", choices=SECOND_ORDER,
+                    help="GIDM's and pixel-only's image gradient in the table")
     ap.add_argument("--out", type=Path, default=OUT / "diffusion_attacks.json")
     ap.add_argument("--prior", type=Path, default=None,
                     help="an existing prior directory (with unet/) instead of training the "
@@ -203,6 +217,7 @@ def main() -> None:
     prior = args.prior or train_digits_prior(OUT / "digits_prior")
     task, spec = global_task(prior)
     out: dict[str, Any] = {"threads": args.threads, "budget": args.budget,
+                           "second_order": args.second_order,
                            "sampler_steps": SAMPLER_STEPS, "prior": str(prior)}
     if "speed" in sections:
         print("speed (GIDM iteration / plain training step):")
@@ -215,7 +230,7 @@ def main() -> None:
               f"{q['mean_psnr_gidm_plus']:.2f} dB vs {q['mean_psnr_pixel_guessed']:.2f} dB")
     if "table" in sections:
         print("table (PSNR / SSIM / seconds):")
-        out["table"] = table(task, spec, args.budget, batches)
+        out["table"] = table(task, spec, args.budget, batches, args.second_order)
     out["total_seconds"] = time.perf_counter() - t0
     path = args.out
     path.parent.mkdir(parents=True, exist_ok=True)

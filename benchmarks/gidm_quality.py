@@ -7,8 +7,10 @@ For each batch (FedSGD, eps/t drawn from ``--seed``, t uniform in ``--t-range``)
 - ``gidm``: ``--phase1`` latent iterations through a ``--sampler-steps`` DDIM sampler, then
   ``--phase2`` pixel iterations;
 - pixel-only: ``gidm`` with ``phase1_iterations = 0`` (same objective, the image as the
-  variable, uniform random start), given the SAME wall time as GIDM took on that batch
-  (its iteration count is set from a timed probe of its per-iteration cost),
+  variable, uniform random start, same ``--second-order``), given the SAME time as GIDM
+  took on that batch: it runs until its callback sees GIDM's seconds used up (``--clock
+  cpu``, the default: this process's CPU time, which a loaded machine does not inflate;
+  ``wall``: wall time) and is scored on its images at that moment,
 
 and prints per-image PSNR after phase 1, after phase 2 and for pixel-only, seconds, and the
 means. One thread (``torch.set_num_threads(1)``); the machine may be shared, so compare the
@@ -46,33 +48,55 @@ def _matched_psnr(images: torch.Tensor, truth: torch.Tensor) -> list[float]:
     return [round(float(v), 2) for v in s["psnr_per_image"]]
 
 
+class _OutOfTime(Exception):
+    """Raised by the pixel-only run's callback when GIDM's time is used up."""
+
+
+def _clock(kind: str) -> float:
+    return time.process_time() if kind == "cpu" else time.perf_counter()
+
+
+def _equal_time_pixel_only(rec, args, seed: int, budget_s: float) -> tuple[torch.Tensor, float,
+                                                                              int]:
+    """Pixel-only matching (``gidm`` without phase 1, random start) stopped when it has used
+    ``budget_s`` seconds (``--clock``); returns (its images at that moment, clamped to the box
+    as GIDM's are, seconds used, matching evaluations)."""
+    state = {"images": None, "n": 0}
+    t0 = _clock(args.clock)
+
+    def stop(phase: int, it: int, images: torch.Tensor) -> None:
+        state["images"], state["n"] = images, state["n"] + 1
+        if _clock(args.clock) - t0 >= budget_s:
+            raise _OutOfTime
+
+    pix = GIDM(phase1_iterations=0, phase2_iterations=100_000, lr_pixels=args.lr_pixels,
+               second_order=args.second_order)
+    try:
+        out = pix(rec, generator=torch.Generator().manual_seed(seed), callback=stop)
+        images = out.images
+    except _OutOfTime:
+        images = state["images"].clamp(0, 1)
+    return images, _clock(args.clock) - t0, state["n"]
+
+
 def run_batch(task, spec, x, args, seed: int) -> dict:
     aux = draw_aux(len(x), seed=seed, t_range=tuple(args.t_range))
     rec = diffusion_record(task, spec, x, aux=aux)
     gidm = GIDM(phase1_iterations=args.phase1, phase2_iterations=args.phase2,
                 sampler_steps=args.sampler_steps, lr_latent=args.lr_latent,
-                lr_pixels=args.lr_pixels)
-    t0 = time.perf_counter()
+                lr_pixels=args.lr_pixels, second_order=args.second_order)
+    t0 = _clock(args.clock)
     out = gidm(rec, generator=torch.Generator().manual_seed(seed))
-    seconds = time.perf_counter() - t0
-    # pixel-only at the same wall time: time a few of its iterations, then fill the budget
-    probe = GIDM(phase1_iterations=0, phase2_iterations=3, lr_pixels=args.lr_pixels)
-    t1 = time.perf_counter()
-    probe(rec, generator=torch.Generator().manual_seed(seed))
-    per_it = (time.perf_counter() - t1) / 3
-    iters = max(1, int(seconds / per_it))
-    pix = GIDM(phase1_iterations=0, phase2_iterations=iters, lr_pixels=args.lr_pixels)
-    t2 = time.perf_counter()
-    pout = pix(rec, generator=torch.Generator().manual_seed(seed))
-    pseconds = time.perf_counter() - t2
+    seconds = _clock(args.clock) - t0
+    # pixel-only given exactly GIDM's time on this batch (stopped by its callback)
+    pimages, pseconds, evals = _equal_time_pixel_only(rec, args, seed, seconds)
     return {"t": aux["t"].tolist(), "gidm_seconds": round(seconds, 1),
-            "pixel_seconds": round(pseconds, 1), "pixel_iterations": iters,
+            "pixel_seconds": round(pseconds, 1), "pixel_evaluations": evals,
             "phase1_psnr": _matched_psnr(out.extras["phase1_images"], x),
             "gidm_psnr": _matched_psnr(out.images, x),
-            "pixel_psnr": _matched_psnr(pout.images, x),
+            "pixel_psnr": _matched_psnr(pimages, x),
             "phase1_loss": out.extras["phase1_matching_loss"],
-            "phase2_loss": out.extras["phase2_matching_loss"],
-            "pixel_loss": pout.matching_loss}
+            "phase2_loss": out.extras["phase2_matching_loss"]}
 
 
 def main() -> None:
@@ -89,9 +113,15 @@ def main() -> None:
     p.add_argument("--lr-pixels", type=float, default=0.02)
     p.add_argument("--t-range", type=int, nargs=2, default=(0, 500))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--second-order", default="exact",
+                   choices=("exact", "finite_difference", "central_difference"))
+    p.add_argument("--clock", default="cpu", choices=("cpu", "wall"),
+                   help="equal time = equal CPU time of this process (robust on a shared "
+                        "machine; one thread) or equal wall time")
     args = p.parse_args()
     torch.set_num_threads(1)
-    prior = train_digits_prior(args.prior)
+    # an existing prior directory (e.g. a longer `fl-sim train-prior` run) is used as it is
+    prior = args.prior if (args.prior / "unet").is_dir() else train_digits_prior(args.prior)
     task, spec = global_task(prior)
     rows = []
     for b in range(0, args.images, args.batch):
