@@ -11,5 +11,6 @@ from defenses import (  # noqa: F401  (each import registers its defenses)
     local_dp,
     pruning,
     quantization,
+    secagg_plus,
     soteria,
 )

@@ -18,3 +18,9 @@ TRAIN_MODS: list[Any] = []
 from fl_sim.federation.server_defenses import central_dp_clipping_mod  # noqa: E402
 
 TRAIN_MODS.append(central_dp_clipping_mod)
+
+# SecAgg+: Flower's secaggplus_mod and fl-sim's legacy-layout bridge, only for SecAgg+
+# messages (fl_sim.federation.secagg)
+from fl_sim.federation.secagg import SECAGG_MODS  # noqa: E402
+
+TRAIN_MODS.extend(SECAGG_MODS)

@@ -43,6 +43,7 @@ from fl_sim.federation.lifecycle import StoppableGrid
 from fl_sim.federation.resources import server_device
 from fl_sim.federation.resume import write_json_atomic
 from fl_sim.federation.retention import Retention
+from fl_sim.federation.secagg import secagg_defense, secagg_train
 from fl_sim.federation.server_defenses import central_dp_row, wrap_server_defenses
 from fl_sim.federation.shared_dir import write_probe
 from fl_sim.federation.taps import TapStrategy, arrays_to_tensors, tensors_to_arrays
@@ -246,10 +247,14 @@ def run_round(grid: Grid, tap: TapStrategy, cfg: ExperimentConfig, run_dir: Path
               arrays: ArrayRecord, poison: list[int]) -> tuple[ArrayRecord, dict[str, Any]]:
     """One training (+ federated evaluation) round; returns the new global and its metrics."""
     extra = {P.POISON_KEY: poison} if poison else {}
-    messages = list(tap.configure_train(r, arrays, P.config_record(cfg, run_dir, **extra),
-                                        grid))
-    replies = grid.send_and_receive(messages, timeout=ROUND_TIMEOUT_S) if messages else []
-    new, _ = tap.aggregate_train(r, replies)
+    if secagg_defense(cfg) is not None:  # Flower's SecAgg+: the server gets only the sum
+        new, eps = secagg_train(grid, tap, cfg, run_dir, r, arrays, extra)
+    else:
+        messages = list(tap.configure_train(r, arrays, P.config_record(cfg, run_dir, **extra),
+                                            grid))
+        replies = grid.send_and_receive(messages, timeout=ROUND_TIMEOUT_S) if messages else []
+        new, _ = tap.aggregate_train(r, replies)
+        eps = reply_epsilons(replies, tap.client_of)
     if new is not None:
         arrays = new
     log = tap.log
@@ -258,7 +263,7 @@ def run_round(grid: Grid, tap: TapStrategy, cfg: ExperimentConfig, run_dir: Path
                            "clients_rejected": log.rejected, "num_examples": log.num_examples,
                            "aggregated": log.aggregated,
                            "client_errors": log_failures(r, log.errors)}
-    row.update(epsilon_row(reply_epsilons(replies, tap.client_of)))  # DP clients' ε
+    row.update(epsilon_row(eps))  # DP clients' ε
     row.update(central_dp_row(tap.inner))  # central DP's ε, clipping norm, noise std
     ev_msgs = list(tap.configure_evaluate(r, arrays, P.config_record(cfg, run_dir), grid))
     if ev_msgs:

@@ -224,6 +224,11 @@ class TapStrategy(Strategy):
         self.log.train_loss = _weighted_loss([m for _, m in accepted])
         new, metrics = self.inner.aggregate_train(
             server_round, [m for _, m in accepted] + errors)
+        return self._aggregated(server_round, new), metrics
+
+    def _aggregated(self, server_round: int, new: ArrayRecord | None) -> ArrayRecord | None:
+        """Cast the new global like the old one, record the ``aggregate`` (``new − global``
+        of the clients in ``log.accepted``), publish the round's totals."""
         if new is not None:
             t0 = time.perf_counter()
             new = self._cast_like_global(new)
@@ -232,15 +237,32 @@ class TapStrategy(Strategy):
                 self._writer.submit(self._write_delta, "aggregate", server_round, None,
                                     _decode(new), {
                     "update_kind": "delta", "num_examples": self.log.num_examples,
-                    "num_clients_aggregated": len(accepted), "clients": self.log.accepted,
-                    "defenses": self.defenses})
+                    "num_clients_aggregated": len(self.log.accepted),
+                    "clients": self.log.accepted, "defenses": self.defenses})
             self.log.tap_seconds += time.perf_counter() - t0
         # Published with the next global (an empty round publishes zeros, never stale totals).
         done = new is not None
         self.published = {P.AGG_ROUND_KEY: server_round,
                           P.AGG_NUM_EXAMPLES_KEY: self.log.num_examples if done else 0,
-                          P.AGG_NUM_CLIENTS_KEY: len(accepted) if done else 0}
-        return new, metrics
+                          P.AGG_NUM_CLIENTS_KEY: len(self.log.accepted) if done else 0}
+        return new
+
+    def aggregate_mean(self, server_round: int, reply: Message | None,
+                       clients: Sequence[int]) -> ArrayRecord | None:
+        """SecAgg+ (:mod:`fl_sim.federation.secagg`): ``reply`` carries the unmasked mean of
+        ``clients``' updates; the wrapped strategy aggregates it alone, and only the
+        ``aggregate`` is recorded (there is no per-client update to record)."""
+        self.log.accepted = sorted(int(c) for c in clients)
+        if reply is None:
+            return self._aggregated(server_round, None)
+        self.log.num_examples = int(_num_examples(reply))
+        self.log.train_loss = _weighted_loss([reply])
+        new, _ = self.inner.aggregate_train(server_round, [reply])
+        return self._aggregated(server_round, new)
+
+    def global_tensors(self) -> dict[str, Tensor]:
+        """The global of the current round (snapshot of ``configure_train``)."""
+        return self._global
 
     def flush(self) -> None:
         """Wait until this round's records are written (before the round's checkpoint: a
