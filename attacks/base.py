@@ -82,6 +82,9 @@ class Attack(ABC):
 
     #: the view this attack needs: "server" (per-client updates) or "peer" (global models)
     view: ClassVar[str] = "server"
+    #: does the attack's maths assume ONE client's update (e.g. label recovery from a single
+    #: client's last-layer gradient)? Such an attack cannot run on an aggregate (SecAgg+).
+    needs_client_update: ClassVar[bool] = False
     #: where ``reconstruct`` computes (set by ``__call__``; CPU when called directly)
     device: torch.device = torch.device("cpu")
 

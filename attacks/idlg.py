@@ -29,6 +29,8 @@ class IDLG(Attack):
     """
 
     view = "server"
+    #: the label trick reads ONE client's last-layer gradient (not an aggregate's)
+    needs_client_update = True
 
     def __init__(self, *, method: Literal["auto", "idlg", "batch"] = "auto",
                  model_mode: Literal["eval", "train"] = "eval", num_dummy: int = 16) -> None:

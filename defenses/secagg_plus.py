@@ -145,6 +145,12 @@ def _combination_problem(cfg: Any) -> str | None:
     if cfg.strategy.name not in MEAN_STRATEGIES:
         return (f"strategy {cfg.strategy.name!r} needs the individual updates; under SecAgg+ "
                 f"the server has only their sum (use one of {', '.join(MEAN_STRATEGIES)})")
+    from fl_sim.registry import ATTACKS
+    for a in cfg.attacks:
+        if a.view in ("server", "aggregate") and getattr(
+                ATTACKS.get(a.name), "needs_client_update", False):
+            return (f"attack {a.name} needs one client's update; under SecAgg+ the server "
+                    "has only the aggregate")
     for d in cfg.defenses:
         if d.name in INCOMPATIBLE_DEFENSES:
             return f"cannot be combined with {d.name}: {INCOMPATIBLE_DEFENSES[d.name]}"

@@ -47,7 +47,7 @@ def run_round_attacks(run_dir: Path, cfg: ExperimentConfig, server_round: int,
                       ) -> list[dict[str, Any]]:
     """Online hook: every configured SERVER attack scheduled for ``server_round``."""
     todo = [(a, server_round) for a in cfg.attacks
-            if a.view == "server" and server_round in (a.rounds or (1,))]
+            if a.view in ("server", "aggregate") and server_round in (a.rounds or (1,))]
     return _run_configured(Path(run_dir), cfg, todo)
 
 
@@ -154,6 +154,7 @@ def run_attack(run_dir: Path, cfg: ExperimentConfig, name: str, params: Mapping[
     device = device or getattr(cfg.run, "device", "cpu")
     attack = ATTACKS.create(name, _where=f"attack {name}", **params)
     grant = tuple(attack.required_knowledge())
+    view, fallback_from = resolve_view(run.config, name, view)
     record = _record(run, view, client, server_round, grant)
     check_finite_record(record)
     gen = torch_generator(cfg.run.seed, "attack", name, server_round, record.client_id or 0)
@@ -181,6 +182,7 @@ def run_attack(run_dir: Path, cfg: ExperimentConfig, name: str, params: Mapping[
         grid = str(grid_path.relative_to(run_dir))
     result = {
         "key": key, "attack": name, "view": view, "round": server_round,
+        **({"fallback_from": fallback_from} if fallback_from else {}),
         "client": record.client_id, "params": dict(params),
         "knowledge": {**{k: "granted" for k in grant}, **dict(recon.assumed)},
         "budget": {k: params.get(k, getattr(attack, k, None)) for k in _BUDGET_KEYS
@@ -212,6 +214,8 @@ def _record(run: Any, view: str, client: int | None, server_round: int,
             client = peers[0]
         return run.view("peer", client=client, grant=grant).record(server_round)
     view_ = run.view("server", grant=grant)
+    if view == "aggregate":
+        return view_.aggregate(server_round, **aggregate_training(run.config))
     if client is None:
         replied = view_.clients(server_round)
         if not replied:
@@ -220,12 +224,42 @@ def _record(run: Any, view: str, client: int | None, server_round: int,
     return view_.record(server_round, client)
 
 
+def resolve_view(cfg: ExperimentConfig, name: str, view: str) -> tuple[str, str | None]:
+    """``(view used, view asked for if it fell back)``: under SecAgg+ the server has no
+    per-client update, so a ``"server"`` attack runs on the ``"aggregate"`` (logged). An
+    attack that needs one client's update cannot run on an aggregate (one-line error)."""
+    fallback = None
+    if view == "server" and any(d.name == "secagg_plus" for d in cfg.defenses):
+        logger.info("%s: under SecAgg+ the server holds only the aggregate; attacking the "
+                    "aggregate instead of one client's update", name)
+        view, fallback = "aggregate", "server"
+    if view == "aggregate" and getattr(ATTACKS.get(name), "needs_client_update", False):
+        why = "under SecAgg+ the server has only the aggregate" if fallback else \
+            "view = \"aggregate\" holds the sum of several clients"
+        raise ConfigError(f"attack {name} needs one client's update; {why}")
+    return view, fallback
+
+
+def aggregate_training(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The public training config behind an aggregate record: FedAvg's delta is the mean of
+    ``local_steps`` steps of lr ``federation.lr``; FedSGD's is one step of the server lr."""
+    fed = cfg.federation
+    if cfg.strategy.name == "fedsgd":
+        from fl_sim.config import server_lr
+        return {"lr": float(server_lr(cfg)), "local_steps": 1, "batch_size": fed.batch_size}
+    return {"lr": float(fed.lr), "local_steps": int(fed.local_steps or 0),
+            "batch_size": fed.batch_size}
+
+
 def _truth(run: Any, record: ObservationRecord, view: str, client: int | None,
            server_round: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The private images the reconstruction is scored against (analysis only)."""
     if view == "peer":
         others = [c for c in run.clients_in_round(server_round) if c != record.client_id]
         truths: list[GroundTruthRecord] = [run.truth(server_round, c) for c in others]
+    elif view == "aggregate":  # every client in the sum
+        truths = [run.truth(server_round, c) for c in
+                  run.view("server").aggregate_clients(server_round)]
     else:
         truths = [run.truth(server_round, record.client_id)]
     images = [t.images for t in truths if t.images.numel()]

@@ -167,7 +167,8 @@ class AttackConfig(_PluginSection):
     """One ``[[attacks]]`` entry. ``view`` omitted (or null) takes the attack's own declared
     view (``peer_inversion`` -> ``"peer"``); the resolved value is what ``config.json`` holds."""
 
-    view: Literal["server", "peer"] = "server"
+    #: "aggregate": the server's sum of the round (all a SecAgg+ server has)
+    view: Literal["server", "peer", "aggregate"] = "server"
     client: int | None = None
     rounds: tuple[int, ...] | None = None
 

@@ -117,7 +117,7 @@ def check_attack_schedule(cfg: ExperimentConfig) -> None:
         return sample_clients(cfg.run.seed, r, clients, fed.fraction_train)
 
     for i, a in enumerate(cfg.attacks):
-        client = a.client if a.client is not None or a.view == "server" \
+        client = a.client if a.client is not None or a.view in ("server", "aggregate") \
             else (fed.peer_clients or (None,))[0]
         if client is None:
             continue

@@ -146,19 +146,37 @@ class ServerView:
                     clients is None or int(e["client"]) in clients):
                 yield self._build(e)
 
-    def aggregate(self, server_round: int) -> ObservationRecord:
-        """What left aggregation in ``server_round`` (``new global − global``)."""
+    def aggregate(self, server_round: int, *, lr: float = 0.0, local_steps: int = 0,
+                  batch_size: int = 0) -> ObservationRecord:
+        """What left aggregation in ``server_round`` (``new global − global``).
+
+        ``lr``/``local_steps``/``batch_size``: the public training config every client used
+        (the attack runner passes them, so an attack can read the aggregate as the mean of
+        the clients' updates). A grant (e.g. labels) is the union of the ground truths of
+        every aggregated client, in client order."""
         for e in self._store.entries("aggregate"):
             if int(e["round"]) == server_round:
+                knowledge: dict[str, Any] = {"granted": self.grant}
+                if self.grant:
+                    parts = [_grant_from_truth(self._truth.read(self.run_id, server_round,
+                                                                int(c)), self.grant)
+                             for c in e.get("clients", ())]
+                    knowledge.update({k: torch.cat([p[k] for p in parts]) for k in self.grant})
                 return _record(
                     run_id=self.run_id, server_round=server_round, client_id=None,
                     tap="aggregate", spec=self.spec,
                     global_params=self._store.load(e["global"]),
                     update=self._store.load(e["file"]), update_kind="delta",
-                    num_examples=int(e["num_examples"]), local_steps=0, lr=0.0, batch_size=0,
-                    knowledge={"granted": ()}, defenses=tuple(e.get("defenses", ())),
+                    num_examples=int(e["num_examples"]), local_steps=local_steps, lr=lr,
+                    batch_size=batch_size, knowledge=knowledge,
+                    defenses=tuple(e.get("defenses", ())),
                     num_clients_aggregated=int(e["num_clients_aggregated"]))
         raise RunDirError(f"no aggregate record for round {server_round}")
+
+    def aggregate_clients(self, server_round: int) -> list[int]:
+        """The clients whose updates are in ``server_round``'s aggregate."""
+        return sorted(int(c) for e in self._store.entries("aggregate")
+                      if int(e["round"]) == server_round for c in e.get("clients", ()))
 
     def _build(self, e: Mapping[str, Any]) -> ObservationRecord:
         knowledge: dict[str, Any] = {"granted": self.grant}
