@@ -158,12 +158,19 @@ def curve_label(row: Mapping[str, Any], axes: Sequence[str]) -> str:
 
 def point_label(row: Mapping[str, Any], axes: Sequence[str]) -> str:
     """A point's annotation: the swept federation values (strength) and ε."""
-    parts = [f"{a.split('.')[-1]}={row['axes'][a]}" for a in axes
+    parts = [_axis_value(a, row["axes"][a]) for a in axes
              if not a.startswith("attack.") and a in row.get("axes", {})]
     eps = row.get("epsilon")
     if eps is not None:
         parts.append("ε=∞" if eps == INF else f"ε={float(eps):.3g}")
     return ", ".join(parts)
+
+
+def _axis_value(axis: str, v: Any) -> str:
+    """``noise_multiplier=0.1``; a whole ``defenses`` list as ``pruning(ratio=0.9)``."""
+    if isinstance(v, list) and all(isinstance(d, Mapping) for d in v):
+        return "; ".join(format_defense(d) for d in v) or "no defense"
+    return f"{axis.split('.')[-1]}={v}"
 
 
 def plot_privacy_utility(rows: Sequence[Mapping[str, Any]], axes: Sequence[str],

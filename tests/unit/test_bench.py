@@ -206,3 +206,11 @@ def test_a_failed_cell_shows_its_error_in_the_report(tmp_path: Path) -> None:
     assert (s.cells_run, s.cells_failed) == (2, 1)
     report = (tmp_path / "b" / "report.html").read_text()
     assert "This cell failed" in report and "holds no update for client 1" in report
+
+
+@pytest.mark.parametrize(("name", "sims", "cells"), [
+    ("dp_sweep", 8, 16), ("pruning_sweep", 4, 8), ("quantization_sweep", 5, 10),
+    ("batch_size_sweep", 4, 12), ("secagg_sweep", 2, 4)])
+def test_shipped_grids_expand_as_their_comments_say(name: str, sims: int, cells: int) -> None:
+    plan = load_grid(Path(BASE).parent / "bench" / f"{name}.toml")
+    assert (len(plan.simulations), len(plan.cells)) == (sims, cells)
