@@ -179,6 +179,7 @@ def _mean_reply(results: list[tuple[int, FitRes]], global_state: Mapping[str, to
     out = {}
     for k, m in zip(keys, mean, strict=True):
         ref = global_state[k].numpy()
+        m = np.asarray(m).reshape(ref.shape)  # 0-dim arrays travelled as shape (1,)
         x = m if gradient else ref.astype(np.float64) + m
         x = np.rint(x) if np.issubdtype(ref.dtype, np.integer) else x
         out[k] = Array(np.asarray(x.astype(ref.dtype), order="C"))
@@ -238,8 +239,10 @@ def _fitres_content(reply: Message, keys: list[str], global_nd: Mapping[str, np.
     meta = dict(reply.content.config_records.get(P.META, ConfigRecord({})))
     metrics = reply.content.metric_records[P.METRICS]
     gradient = meta.get(P.UPDATE_KIND_KEY) == P.GRADIENT
-    update = [arrays[k].numpy().astype(np.float64) - (0 if gradient else global_nd[k])
-              for k in keys]
+    # 0-dim arrays travel as shape (1,): Flower's unmasking offsets/rescales its arrays in
+    # place, which a 0-dim array (a numpy scalar after arithmetic) silently ignores
+    update = [np.atleast_1d(arrays[k].numpy().astype(np.float64)
+                            - (0 if gradient else global_nd[k])) for k in keys]
     plain = {k: v for k, v in meta.items() if k.startswith("epsilon") or k.startswith("dp-")}
     res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update),
                  int(metrics[P.NUM_EXAMPLES]),  # type: ignore[arg-type]

@@ -70,3 +70,85 @@ def test_client_mods_are_no_ops_without_secagg() -> None:
     for mod in SECAGG_MODS:
         assert mod(msg, ctx, app) == "reply"
     assert seen == [msg, msg] and msg.content is content
+
+
+# -- the protocol in-process (no Ray): Flower's workflow and client mod over a local grid --
+class _LocalGrid:
+    """Delivers each message to its node's mod chain (a copy, as a real transport would)."""
+
+    def __init__(self, train: object, nodes: list[int]) -> None:
+        self.train = train
+        self.ctx = {n: Context(run_id=0, node_id=n, node_config={}, state=RecordDict(),
+                               run_config={}) for n in nodes}
+
+    def send_and_receive(self, messages: list[Message], timeout: object = None) -> list:
+        import copy
+        from fl_sim.federation.secagg import secagg_bridge, secagg_mod
+        out = []
+        for m in messages:
+            n = m.metadata.dst_node_id
+            msg = Message(copy.deepcopy(m.content), dst_node_id=n,
+                          message_type=m.metadata.message_type)
+            out.append(secagg_mod(msg, self.ctx[n], lambda x, c: secagg_bridge(
+                x, c, self.train)))  # type: ignore[arg-type]
+        return out
+
+
+def _run(kind: str, updates: dict[int, dict[str, "np.ndarray"]], weights: dict[int, int],
+         global_state: dict[str, "np.ndarray"]) -> tuple[dict[str, "np.ndarray"], list]:
+    import numpy as np
+    import torch
+    from flwr.app import Array, MetricRecord
+    from fl_sim.federation import protocol as P
+    from fl_sim.federation.secagg import _fitins, _mean_reply, run_protocol
+    from fl_sim.registry import DEFENSES
+
+    def train(msg: Message, ctx: Context) -> Message:
+        n = msg.metadata.dst_node_id
+        g = {k: a.numpy() for k, a in msg.content.array_records[P.ARRAYS].items()}
+        assert all(np.array_equal(g[k], global_state[k]) for k in g)  # names survive
+        arrays = updates[n] if kind == P.GRADIENT else {
+            k: np.asarray(g[k] + updates[n][k], dtype=g[k].dtype) for k in g}
+        return Message(RecordDict({
+            P.ARRAYS: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            P.METRICS: MetricRecord({P.NUM_EXAMPLES: weights[n], "train-loss": float(n)}),
+            P.META: ConfigRecord({P.UPDATE_KIND_KEY: kind})}), reply_to=msg)
+
+    arrays = ArrayRecord({k: Array(v) for k, v in global_state.items()})
+    config = ConfigRecord({P.UPDATE_KIND_KEY: kind} if kind == P.GRADIENT else {})
+    ins = Message(RecordDict({P.ARRAYS: arrays, "config": config}), dst_node_id=1,
+                  message_type=MessageType.TRAIN)
+    fitins = {n: _fitins(ins, seed=n) for n in updates}
+    defense = DEFENSES.create("secagg_plus", _where="test")
+    results = run_protocol(_LocalGrid(train, list(updates)), defense,
+                           float(max(weights.values())), 1, arrays, fitins)
+    reply = _mean_reply(results, {k: torch.from_numpy(v) for k, v in global_state.items()},
+                        fitins[next(iter(fitins))])
+    return {k: a.numpy() for k, a in reply.content.array_records[P.ARRAYS].items()}, results
+
+
+@pytest.mark.usefixtures("flower_task_identity")
+@pytest.mark.parametrize("kind", ["gradient", "weights"])
+def test_unmasked_mean_is_the_weighted_mean_of_updates(kind: str) -> None:
+    """FedSGD (gradients) and FedAvg (weights, masked as ``reply − global``): what the server
+    unmasks is ``Σ n_k u_k / Σ n_k`` within :func:`error_bound`; integer buffers round back."""
+    import numpy as np
+    from defenses.secagg_plus import error_bound
+    rng = np.random.default_rng(0)
+    glob = {"w": rng.normal(size=(5, 3)).astype(np.float32) * 20,  # weights beyond ±8
+            "n": np.array(7, dtype=np.int64)}
+    nodes = [11, 22, 33, 44]
+    weights = {11: 8, 22: 3, 33: 8, 44: 5}
+    updates = {n: {"w": rng.normal(size=(5, 3)).astype(np.float32) * 0.1,
+                   "n": np.array(2, dtype=np.int64)} for n in nodes}
+    out, results = _run("gradient" if kind == "gradient" else "delta", updates, weights, glob)
+    total = sum(weights.values())
+    mean = sum(weights[n] * updates[n]["w"].astype(np.float64) for n in nodes) / total
+    expect = mean if kind == "gradient" else glob["w"] + mean
+    bound = error_bound(len(nodes), total / max(weights.values()))
+    assert np.abs(out["w"] - expect).max() <= bound + 1e-5 * np.abs(expect).max()
+    assert np.abs(out["w"] - expect).max() > 0  # it really went through quantisation
+    assert sorted(n for n, _ in results) == nodes
+    assert sum(r.num_examples for _, r in results) == total
+    if kind != "gradient":
+        assert out["n"].dtype == np.int64 and int(out["n"]) == 9
