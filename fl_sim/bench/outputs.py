@@ -199,8 +199,10 @@ def plot_privacy_utility(rows: Sequence[Mapping[str, Any]], axes: Sequence[str],
                 continue
             ax.plot([p["utility"] for p in pts], [p[key] for p in pts], marker="o",
                     label=label)
-            for p in pts:
-                ax.annotate(point_label(p, axes), (p["utility"], p[key]), fontsize=7,
+            varying = [a for a in axes if len({json.dumps(p.get("axes", {}).get(a),
+                                                          sort_keys=True) for p in pts}) > 1]
+            for p in pts:  # annotated with what changes along the curve, and ε
+                ax.annotate(point_label(p, varying), (p["utility"], p[key]), fontsize=7,
                             textcoords="offset points", xytext=(4, 4))
         ax.set_xlabel(f"utility ({umetric})" if umetric else "utility")
         ax.set_ylabel(key.replace("_", " "))
