@@ -73,8 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     att.add_argument("--attack", required=True, help="attack name (see `fl-sim list attack`)")
     att.add_argument("--set", dest="overrides", action="append", default=[],
                      metavar="PARAM=VALUE", help="attack parameter, e.g. max_iterations=300")
-    att.add_argument("--view", choices=("server", "peer"), default=None,
-                     help="the attacker's role (default: the attack's own)")
+    att.add_argument("--view", choices=("server", "peer", "aggregate"), default=None,
+                     help="the attacker's role (default: the attack's own); aggregate = the "
+                          "round's aggregate (what a SecAgg+ server has)")
     att.add_argument("--client", type=int, default=None,
                      help="target client (server view) or the peer itself (peer view)")
     att.add_argument("--round", dest="rounds", type=int, action="append", default=None,

@@ -283,7 +283,16 @@ def attack_problem(a: AttackConfig, fed: FederationConfig) -> str | None:
         if a.client is not None and a.client not in fed.peer_clients:
             return (f"client {a.client} is not a peer; federation.peer_clients = "
                     f"{list(fed.peer_clients)}")
+    if a.view == "aggregate" and _needs_client_update(a.name):
+        return "needs one client's update; view = \"aggregate\" holds the sum of several clients"
     return None
+
+
+def _needs_client_update(attack: Any) -> bool:
+    try:
+        return bool(getattr(ATTACKS.get(str(attack)), "needs_client_update", False))
+    except PluginError:
+        return False
 
 
 # Params injected by the framework rather than written by the user, per plug-in kind.

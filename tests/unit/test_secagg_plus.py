@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
@@ -83,6 +84,7 @@ class _LocalGrid:
 
     def send_and_receive(self, messages: list[Message], timeout: object = None) -> list:
         import copy
+
         from fl_sim.federation.secagg import secagg_bridge, secagg_mod
         out = []
         for m in messages:
@@ -94,11 +96,11 @@ class _LocalGrid:
         return out
 
 
-def _run(kind: str, updates: dict[int, dict[str, "np.ndarray"]], weights: dict[int, int],
-         global_state: dict[str, "np.ndarray"]) -> tuple[dict[str, "np.ndarray"], list]:
-    import numpy as np
+def _run(kind: str, updates: dict[int, dict[str, np.ndarray]], weights: dict[int, int],
+         global_state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list]:
     import torch
     from flwr.app import Array, MetricRecord
+
     from fl_sim.federation import protocol as P
     from fl_sim.federation.secagg import _fitins, _mean_reply, run_protocol
     from fl_sim.registry import DEFENSES
@@ -132,7 +134,7 @@ def _run(kind: str, updates: dict[int, dict[str, "np.ndarray"]], weights: dict[i
 def test_unmasked_mean_is_the_weighted_mean_of_updates(kind: str) -> None:
     """FedSGD (gradients) and FedAvg (weights, masked as ``reply − global``): what the server
     unmasks is ``Σ n_k u_k / Σ n_k`` within :func:`error_bound`; integer buffers round back."""
-    import numpy as np
+
     from defenses.secagg_plus import error_bound
     rng = np.random.default_rng(0)
     glob = {"w": rng.normal(size=(5, 3)).astype(np.float32) * 20,  # weights beyond ±8
