@@ -28,7 +28,8 @@ to. Per defense:
   likelihood; cosine matching ignores the scale);
 * ``dp_sgd`` (per-sample clipping inside training) and defenses not listed: nothing, said so.
 
-Returns describe only what was done; a defense left alone is named with the reason.
+On an aggregate of several clients (``aggregate=True``) only the masks are modelled.
+The notes describe only what was done; a defense left alone is named with the reason.
 """
 
 from __future__ import annotations
@@ -135,13 +136,17 @@ _HANDLERS: dict[str, Callable[[Mapping[str, Any], Params, float],
 }
 
 
-def adaptation(defenses: Sequence[Any], target: Params, *, scale: float = 1.0) -> Adaptation:
+def adaptation(defenses: Sequence[Any], target: Params, *, scale: float = 1.0,
+               aggregate: bool = False) -> Adaptation:
     """The :class:`Adaptation` to ``defenses`` (``record.defenses``: describe() dicts or
     names) for the observed ``target`` ``{name: [*shape]}``.
 
     ``scale`` is the factor that turned the recorded update into ``target`` (e.g.
     ``-1 / (lr * local_steps)`` when a delta is matched as a mean gradient; 1 otherwise): it
-    converts norm bounds into the target's units.
+    converts norm bounds into the target's units. ``aggregate``: the target is a SUM/mean of
+    several clients' defended updates (the aggregate tap, a peer's view): a per-client sign or
+    clip does not commute with averaging, so only the masks are modelled there (a coordinate
+    zero in the aggregate was zeroed in every client's update, barring exact cancellation).
     """
     transforms: list[Transform] = []
     notes: list[str] = []
@@ -153,6 +158,10 @@ def adaptation(defenses: Sequence[Any], target: Params, *, scale: float = 1.0) -
             handler = _clipping
         if handler is None:
             notes.append(f"{name}: not modelled (no public mechanism the matching can use)")
+            continue
+        if aggregate and handler not in (_pruning, _soteria):
+            notes.append(f"{name}: per-client transform seen through an aggregate; not "
+                         "modelled")
             continue
         fn, note = handler(d, target, scale)
         if fn is not None:

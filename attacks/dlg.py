@@ -133,7 +133,8 @@ class DLG(Attack):
         if self.adaptive:
             scale = (-1.0 / (record.lr * max(record.local_steps, 1))
                      if record.update_kind == "delta" else 1.0)
-            adapt = adaptation(record.defenses, target, scale=scale)
+            adapt = adaptation(record.defenses, target, scale=scale,
+                               aggregate=record.tap != "server_in")
         adapted = {"adapted_to": list(adapt.adapted_to)} if adapt is not None else {}
         fixed_labels = (torch.zeros(num_images, dtype=torch.int64) if aux
                         else self._fixed_labels(record, task, num_images, generator))

@@ -257,7 +257,9 @@ class InvertingGradients(Attack):
         scale = 1.0
         if problem.unroll is None and record.update_kind == "delta":  # matched as a gradient
             scale = -1.0 / (record.lr * max(record.local_steps, 1))
-        return adaptation(record.defenses, problem.target, scale=scale)
+        aggregate = record.tap != "server_in" or (problem.unroll is not None
+                                                  and problem.unroll.clients > 1)
+        return adaptation(record.defenses, problem.target, scale=scale, aggregate=aggregate)
 
     def _assumed(self, record: ObservationRecord, problem: InversionProblem,
                  label_source: str) -> Mapping[str, Any]:

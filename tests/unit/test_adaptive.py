@@ -85,6 +85,16 @@ def test_clipping_adaptation_bounds_the_candidate_in_target_units():
     torch.testing.assert_close(adapt(small)["a"], small["a"])
 
 
+def test_on_an_aggregate_only_the_masks_are_modelled():
+    target = {"w": torch.tensor([0.0, 1.0, -2.0])}
+    adapt = adaptation([{"name": "pruning", "ratio": 0.5, "scope": "layer"},
+                        {"name": "quantization", "mode": "sign", "bits": 4}, LOCAL_DP],
+                       target, aggregate=True)
+    assert len(adapt.transforms) == 1 and "surviving" in adapt.adapted_to[0]
+    assert all("aggregate" in n for n in adapt.adapted_to[1:])
+    assert adapt({"w": torch.ones(1, 3)})["w"].tolist() == [[0.0, 1.0, 1.0]]
+
+
 def test_unbiased_or_unknown_defenses_are_named_not_modelled():
     target = {"w": torch.ones(3)}
     adapt = adaptation([{"name": "quantization", "mode": "stochastic", "bits": 4},
