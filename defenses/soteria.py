@@ -199,11 +199,10 @@ class Soteria(UpdateDefense):
         name, module = defended_linear(ctx.task.model, self.layer)
         key = f"{name}.weight" if name else "weight"
         out = dict(update)
-        images = [s.images for s in ctx.steps if s.images.numel()]
-        if key not in update or not images:
+        x = _private_images(ctx.steps)
+        if key not in update or x is None:
             return out
-        device = next(ctx.task.model.parameters()).device
-        x = torch.cat(images).to(device=device, dtype=torch.float32)
+        x = x.to(device=next(ctx.task.model.parameters()).device, dtype=torch.float32)
         scores, _ = representation_scores(ctx.task, ctx.global_state, x, self.layer,
                                           jacobian=self.jacobian, probes=self.probes,
                                           generator=ctx.generator)
@@ -212,6 +211,22 @@ class Soteria(UpdateDefense):
         w[:, cols] = 0
         out[key] = w
         return out
+
+
+def _private_images(steps: Any) -> Tensor | None:
+    """The round's private images ``[n, C, H, W]``, each once (several epochs repeat the same
+    dataset indices: scored once), or None without any."""
+    seen: set[int] = set()
+    rows = []
+    for step in steps:
+        idx = step.indices.flatten().tolist() if step.indices.numel() == len(step.images) \
+            else [None] * len(step.images)
+        for i, img in zip(idx, step.images, strict=True):
+            if i is None or i not in seen:
+                rows.append(img)
+                if i is not None:
+                    seen.add(int(i))
+    return torch.stack(rows) if rows else None
 
 
 def _linear_names(cfg: Any) -> list[str] | None:

@@ -109,6 +109,17 @@ def test_projected_jacobian_estimate_selects_nearly_the_exact_set(one_thread):
     assert len(a & e) < len(e)  # an estimate, not the exact computation
 
 
+def test_images_repeated_by_several_epochs_are_scored_once(one_thread):
+    task, spec, x, y = case()
+    rec = make_record(task, spec, x, y)
+    once = Soteria().apply(rec.update, context(task, rec, x, y))
+    ctx = dataclasses.replace(context(task, rec, x, y), steps=(
+        TruthStep(0, x[:1], y[:1], torch.tensor([7])),
+        TruthStep(1, x[1:], y[1:], torch.tensor([9])),
+        TruthStep(2, x[:1], y[:1], torch.tensor([7]))))  # epoch 2 repeats image 7
+    assert torch.equal(Soteria().apply(rec.update, ctx)["fc.weight"], once["fc.weight"])
+
+
 def test_layer_parameter_and_its_errors():
     task, *_ = case(1)
     assert defended_linear(task.model)[0] == "fc" == defended_linear(task.model, "fc")[0]
