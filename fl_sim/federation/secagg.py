@@ -34,8 +34,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
-from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, \
-    parameters_to_ndarrays
+from flwr.client.mod import secaggplus_mod
+from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server.client_manager import SimpleClientManager
@@ -43,11 +43,11 @@ from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import SecAggPlusWorkflow
-from flwr.client.mod import secaggplus_mod
 from flwr.serverapp import Grid
 
 from fl_sim.config import ExperimentConfig
 from fl_sim.defended import build_defenses
+from fl_sim.errors import FlSimError
 from fl_sim.federation import protocol as P
 from fl_sim.federation.dp_epsilon import epsilons_of
 from fl_sim.seeding import derive_seed
@@ -56,6 +56,9 @@ logger = logging.getLogger(__name__)
 
 #: fitins config key: the state_dict names of the arrays, in the order they travel
 KEYS_KEY = "fl-sim-array-keys"
+#: fitres metrics key: the names of the arrays the client masked, "\n"-joined (a FedSGD
+#: gradient has no buffers; legacy metrics cannot hold lists)
+REPLY_KEYS = "fl-sim-reply-keys"
 #: fitins config key: the seed of numpy's RNG while the client quantises (per round, client)
 SEED_KEY = "fl-sim-secagg-seed"
 FITINS_PARAMS, FITINS_CONFIG = "fitins.parameters", "fitins.config"
@@ -170,7 +173,10 @@ def _mean_reply(results: list[tuple[int, FitRes]], global_state: Mapping[str, to
                 fitins: FitIns) -> Message:
     """One Message-API reply carrying the unmasked mean: ``global + mean`` (weights) or the
     mean gradient, with the round's total ``num-examples`` and weighted ``train-loss``."""
-    keys = list(fitins.config[KEYS_KEY])  # type: ignore[arg-type]
+    keys = str(results[0][1].metrics[REPLY_KEYS]).split("\n")
+    if any(res.metrics.get(REPLY_KEYS) != results[0][1].metrics[REPLY_KEYS]
+           for _, res in results):
+        raise FlSimError("SecAgg+ clients masked different arrays (mixed update kinds?)")
     mean = parameters_to_ndarrays(results[0][1].parameters)
     total = sum(int(res.num_examples) for _, res in results)
     loss = sum(float(res.metrics.get("train-loss", 0.0)) * res.num_examples  # type: ignore
@@ -230,12 +236,14 @@ def secagg_bridge(msg: Message, ctxt: Context, call_next: Any) -> Message:
     reply = call_next(msg, ctxt)
     if reply.has_error():
         raise RuntimeError(f"train failed under SecAgg+: {reply.error.reason}")
-    return Message(_fitres_content(reply, keys, global_nd), reply_to=msg)
+    return Message(_fitres_content(reply, global_nd), reply_to=msg)
 
 
-def _fitres_content(reply: Message, keys: list[str], global_nd: Mapping[str, np.ndarray]
-                    ) -> RecordDict:
+def _fitres_content(reply: Message, global_nd: Mapping[str, np.ndarray]) -> RecordDict:
+    """``fitres.*`` of ``reply``: its update (gradient, or ``reply − global``) as float64
+    arrays, num-examples, and plaintext metadata (train-loss, DP ε, the array names)."""
     arrays = reply.content.array_records[P.ARRAYS]
+    keys = list(arrays.keys())
     meta = dict(reply.content.config_records.get(P.META, ConfigRecord({})))
     metrics = reply.content.metric_records[P.METRICS]
     gradient = meta.get(P.UPDATE_KIND_KEY) == P.GRADIENT
@@ -246,7 +254,8 @@ def _fitres_content(reply: Message, keys: list[str], global_nd: Mapping[str, np.
     plain = {k: v for k, v in meta.items() if k.startswith("epsilon") or k.startswith("dp-")}
     res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(update),
                  int(metrics[P.NUM_EXAMPLES]),  # type: ignore[arg-type]
-                 {"train-loss": float(metrics.get("train-loss", 0.0)), **plain})  # type: ignore
+                 {"train-loss": float(metrics.get("train-loss", 0.0)),  # type: ignore[dict-item]
+                  REPLY_KEYS: "\n".join(keys), **plain})
     return compat.fitres_to_recorddict(res, keep_input=True)
 
 
