@@ -1,10 +1,11 @@
-"""Inverting Gradients against pruning, Soteria and quantisation, plain and adaptive.
+"""Inverting Gradients (or DLG) against pruning, Soteria and quantisation, plain and adaptive.
 
 For each CIFAR-10 test image (vendored, ``tests/data``; average-pooled to ``--size``) a
 seeded, untrained eval-mode model (``--model``, default LeNet as in DLG) produces one FedSGD
 gradient (batch 1). Each defense transforms it as a client would (``defenses/``), the record
 names the defense, and Inverting Gradients (``--iterations``, labels granted, seed 0)
-attacks the undefended gradient and each defended one, plain and ``adaptive = true``
+(or DLG, ``--attack dlg``) attacks the undefended gradient and each defended one
+(``--defenses``), plain and ``adaptive = true``
 (``attacks/adaptive.py``). Prints one JSON line per image (PSNR dB per variant) and the means.
 One torch thread; the machine may be shared: compare the columns of one run. Example::
 
@@ -27,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 from attack_cases import cifar_images, cifar_labels, make_record, make_spec  # noqa: E402
 
+from attacks.dlg import DLG  # noqa: E402
 from attacks.inverting_gradients import InvertingGradients  # noqa: E402
 from defenses.base import UpdateContext  # noqa: E402
 from defenses.pruning import Pruning  # noqa: E402
@@ -38,6 +40,7 @@ from fl_sim.tasks import build_task  # noqa: E402
 
 DEFENSES = {"pruning_0.9": Pruning(ratio=0.9), "soteria_0.8": Soteria(pruning_rate=0.8),
             "quant_4bit": Quantization(bits=4), "quant_sign": Quantization(mode="sign")}
+ATTACKS = {"inverting_gradients": InvertingGradients, "dlg": DLG}
 
 
 def run_image(i: int, args: argparse.Namespace) -> dict:
@@ -52,14 +55,16 @@ def run_image(i: int, args: argparse.Namespace) -> dict:
                         (TruthStep(0, x, y, torch.tensor([i])),), 0.0, 1, 1, 0,
                         torch.Generator().manual_seed(i))
     variants = [("undefended", rec, False)]
-    for name, d in DEFENSES.items():
+    for name in args.defenses:
+        d = DEFENSES[name]
         r = dataclasses.replace(rec, update=d.apply(rec.update, ctx), defenses=(d.describe(),))
         variants += [(name, r, False), (name + "_adaptive", r, True)]
     row: dict = {"image": i}
     t0 = time.perf_counter()
     for name, r, adaptive in variants:
-        out = InvertingGradients(max_iterations=args.iterations, labels="granted",
-                                 adaptive=adaptive)(r, generator=torch.Generator().manual_seed(0))
+        attack = ATTACKS[args.attack](max_iterations=args.iterations, labels="granted",
+                                      adaptive=adaptive)
+        out = attack(r, generator=torch.Generator().manual_seed(0))
         row[name] = round(float(psnr(out.images, x).mean()), 2)
     row["seconds"] = round(time.perf_counter() - t0, 1)
     return row
@@ -71,7 +76,10 @@ def main() -> None:
     p.add_argument("--start", type=int, default=0)
     p.add_argument("--model", default="lenet", choices=["lenet", "convnet"])
     p.add_argument("--size", type=int, default=16)
-    p.add_argument("--iterations", type=int, default=300)
+    p.add_argument("--iterations", type=int, default=300,
+                   help="max_iterations of the attack (DLG: L-BFGS steps of 20 iterations)")
+    p.add_argument("--attack", default="inverting_gradients", choices=list(ATTACKS))
+    p.add_argument("--defenses", nargs="+", default=list(DEFENSES), choices=list(DEFENSES))
     args = p.parse_args()
     torch.set_num_threads(1)
     rows = []
