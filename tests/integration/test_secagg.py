@@ -135,3 +135,15 @@ def test_server_attack_falls_back_to_the_aggregate(runs: dict[str, Path]) -> Non
     with pytest.raises(ConfigError, match="idlg needs one client's update"):
         run_attack(runs["secagg"], run.config, "idlg", {}, view="server", client=None,
                    server_round=1, key="x", run=run)
+
+
+def test_curious_peer_still_derives_the_others_mean(runs: dict[str, Path]) -> None:
+    """SecAgg+ hides updates from the server, not from a peer: client 0 derives the other
+    three clients' mean update from its two globals as in the plaintext run."""
+    from fl_sim.run_dir import load_run
+    plain = load_run(runs["plain"]).view("peer", client=0).record(1)
+    sec = load_run(runs["secagg"]).view("peer", client=0).record(1)
+    assert sec.knowledge["aggregated_num_clients"] == NUM_CLIENTS
+    worst = max(float((plain.update[k] - sec.update[k]).abs().max()) for k in plain.update)
+    # N/(N − n_k) = 4/3 times the aggregate's quantisation error
+    assert worst <= 4 / 3 * error_bound(NUM_CLIENTS, NUM_CLIENTS * 1.0) + 1e-6, worst
