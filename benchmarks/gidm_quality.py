@@ -72,7 +72,9 @@ def _equal_time_pixel_only(rec, args, seed: int, budget_s: float) -> tuple[torch
     pix = GIDM(phase1_iterations=0, phase2_iterations=100_000, lr_pixels=args.lr_pixels,
                second_order=args.second_order)
     try:
-        out = pix(rec, generator=torch.Generator().manual_seed(seed), callback=stop)
+        pix.device = torch.device("cpu")  # what Attack.__call__ sets; reconstruct takes the
+        out = pix.reconstruct(rec, generator=torch.Generator().manual_seed(seed),  # callback
+                              callback=stop)
         images = out.images
     except _OutOfTime:
         images = state["images"].clamp(0, 1)
@@ -113,7 +115,7 @@ def main() -> None:
     p.add_argument("--lr-pixels", type=float, default=0.02)
     p.add_argument("--t-range", type=int, nargs=2, default=(0, 500))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--second-order", default="exact",
+    p.add_argument("--second-order", default="finite_difference",
                    choices=("exact", "finite_difference", "central_difference"))
     p.add_argument("--clock", default="cpu", choices=("cpu", "wall"),
                    help="equal time = equal CPU time of this process (robust on a shared "
