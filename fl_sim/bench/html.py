@@ -15,7 +15,8 @@ _CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;
 font-size:13px;text-align:right}th{background:#f3f3f3}h2{border-bottom:1px solid #ddd}
 img{image-rendering:pixelated;max-width:100%}pre{background:#f7f7f7;padding:8px;
-font-size:12px;overflow:auto}.error{color:#a00}.cell{margin-bottom:1.5em}"""
+font-size:12px;overflow:auto}.error{color:#a00}.cell{margin-bottom:1.5em}
+.wrap{overflow-x:auto}"""
 
 
 def _table(records: Sequence[Mapping[str, Any]], cols: Sequence[str], cls: str = "") -> str:
@@ -64,7 +65,8 @@ def write_html(plan: Plan, bench_dir: Path, rows: Sequence[Mapping[str, Any]],
         parts.append("<p>No plot (matplotlib missing or no cell with both an attack metric "
                      "and a utility).</p>")
     parts += ["<h2>Results</h2>", f"<p>{len(rows)} of {len(plan.cells)} cells done.</p>",
-              _table(records, cols, "results"), "<h2>Cells</h2>"]
+              "<div class='wrap'>" + _table(records, cols, "results") + "</div>",
+              "<h2>Cells</h2>"]
     for r in rows:
         title = (f"{r['attack']} ({r.get('view')}) round {r.get('round')} — "
                  f"{point_label(r, plan.axis_names) or 'base'}; defenses: "
