@@ -20,8 +20,10 @@ to. Per defense:
   representation features);
 * ``quantization`` ``mode = "sign"``: the candidate becomes ``mean|g| · tanh(g / τ)`` per
   tensor with ``τ = 0.1 · mean|g|`` (a smooth, differentiable surrogate of the scaled sign);
-  ``mode = "stochastic"``: nothing (the dequantised update is an UNBIASED estimate of the
-  true one: matched as observed, said so);
+  ``mode = "stochastic"``: a tolerance (dead-zone) distance — every true entry lies within
+  one level step ``Δ = 2 max|q| / (2**bits − 1)`` of its observed level ``q`` (the grid is
+  read off the update itself), so the candidate becomes ``q + (g − clamp(g, q − Δ, q + Δ))``:
+  entries inside the box count as matched, only the excess is compared;
 * ``local_dp`` (or any defense with ``clipping_norm``): the candidate's whole update is
   clipped to the same bound, in the target's units (``scale`` converts a delta read as a
   gradient); the Gaussian noise is not modelled further (an L2 distance is already its
@@ -98,8 +100,7 @@ def _soteria(d: Mapping[str, Any], target: Params, scale: float) -> tuple[Transf
 def _quantization(d: Mapping[str, Any], target: Params, scale: float
                   ) -> tuple[Transform | None, str]:
     if d.get("mode") != "sign":
-        return None, ("quantization (stochastic): unbiased, matched as observed; "
-                      "nothing to adapt")
+        return _quantization_box(int(d.get("bits", 4)), target)
     names = set(target)
 
     def fn(update: Params) -> Params:
@@ -114,6 +115,26 @@ def _quantization(d: Mapping[str, Any], target: Params, scale: float
         return out
     return fn, (f"quantization (sign): candidate mapped to mean|g| * tanh(g / "
                 f"({SIGN_TEMPERATURE} mean|g|)), a smooth scaled sign")
+
+
+def _quantization_box(bits: int, target: Params) -> tuple[Transform | None, str]:
+    # each true entry lies within one level step of its observed level: |x - q| <= delta
+    steps = 2 ** bits - 1
+    delta = {k: 2 * t.abs().max() / steps for k, t in target.items()}
+
+    def fn(update: Params) -> Params:
+        out = {}
+        for k, v in update.items():
+            if k not in delta:
+                out[k] = v
+                continue
+            t, dl = target[k], delta[k]
+            # dead zone: inside [q - delta, q + delta] the candidate counts as a perfect match
+            out[k] = t + (v - torch.maximum(torch.minimum(v, t + dl), t - dl))
+        return out
+    return fn, (f"quantization (stochastic, {bits} bits): entries within one level step "
+                "of the observed level count as matched (dead zone), only the excess is "
+                "compared")
 
 
 def _clipping(d: Mapping[str, Any], target: Params, scale: float

@@ -95,13 +95,26 @@ def test_on_an_aggregate_only_the_masks_are_modelled():
     assert adapt({"w": torch.ones(1, 3)})["w"].tolist() == [[0.0, 1.0, 1.0]]
 
 
-def test_unbiased_or_unknown_defenses_are_named_not_modelled():
+def test_stochastic_quantisation_adaptation_is_a_dead_zone_of_one_level_step():
+    from defenses.quantization import stochastic_quantize
+    x = torch.randn(500, generator=torch.Generator().manual_seed(0))
+    q = stochastic_quantize(x, 2, torch.Generator().manual_seed(1))
+    adapt = adaptation([{"name": "quantization", "mode": "stochastic", "bits": 2}], {"w": q})
+    # the true entries are inside the box: the truth matches exactly (distance 0)
+    torch.testing.assert_close(adapt({"w": x.unsqueeze(0)})["w"][0], q, rtol=0, atol=1e-6)
+    assert float(cosine_distance(adapt({"w": x.unsqueeze(0)}), {"w": q})) < 1e-6
+    assert float(cosine_distance({"w": x.unsqueeze(0)}, {"w": q})) > 1e-2
+    step = 2 * float(q.abs().max()) / 3
+    far = adapt({"w": (q + 3 * step).unsqueeze(0)})["w"][0]  # only the excess remains
+    torch.testing.assert_close(far - q, torch.full_like(q, 2 * step))
+
+
+def test_unknown_defenses_are_named_not_modelled():
     target = {"w": torch.ones(3)}
-    adapt = adaptation([{"name": "quantization", "mode": "stochastic", "bits": 4},
-                        {"name": "dp_sgd", "noise_multiplier": 1.0, "max_grad_norm": 1.0},
+    adapt = adaptation([{"name": "dp_sgd", "noise_multiplier": 1.0, "max_grad_norm": 1.0},
                         "secagg_plus"], target)
-    assert not adapt.active and len(adapt.adapted_to) == 3
-    assert "unbiased" in adapt.adapted_to[0] and "not modelled" in adapt.adapted_to[1]
+    assert not adapt.active and len(adapt.adapted_to) == 2
+    assert all("not modelled" in n for n in adapt.adapted_to)
 
 
 def test_adaptive_flag_is_validated_and_recorded(one_thread):
