@@ -211,12 +211,27 @@ def secagg_mod(msg: Message, ctxt: Context, call_next: Any) -> Message:
     if stage != Stage.COLLECT_MASKED_VECTORS:
         return secaggplus_mod(msg, ctxt, call_next)
     seed = int(msg.content.config_records[FITINS_CONFIG][SEED_KEY])  # type: ignore[arg-type]
+    failed: list[Message] = []
+
+    def train_or_drop(m: Message, c: Context) -> Message:
+        reply = call_next(m, c)
+        if reply.has_error():  # the client drops out; the protocol recovers its masks
+            failed.append(reply)
+            raise _DroppedOut
+        return reply
+
     saved = np.random.get_state()
     np.random.seed(seed % 2 ** 32)
     try:
-        return secaggplus_mod(msg, ctxt, call_next)
+        return secaggplus_mod(msg, ctxt, train_or_drop)
+    except _DroppedOut:
+        return failed[0]  # its error reply, as from any failing client (no traceback)
     finally:
         np.random.set_state(saved)
+
+
+class _DroppedOut(Exception):
+    """(internal) ``train`` answered with an error reply inside ``secaggplus_mod``."""
 
 
 def secagg_bridge(msg: Message, ctxt: Context, call_next: Any) -> Message:
@@ -234,8 +249,8 @@ def secagg_bridge(msg: Message, ctxt: Context, call_next: Any) -> Message:
     msg.content = RecordDict({P.ARRAYS: ArrayRecord({k: Array(v) for k, v in global_nd.items()}),
                               "config": ConfigRecord(config)})  # type: ignore[arg-type]
     reply = call_next(msg, ctxt)
-    if reply.has_error():
-        raise RuntimeError(f"train failed under SecAgg+: {reply.error.reason}")
+    if reply.has_error():  # secagg_mod turns it into this client's drop-out
+        return reply
     return Message(_fitres_content(reply, global_nd), reply_to=msg)
 
 

@@ -97,7 +97,8 @@ class _LocalGrid:
 
 
 def _run(kind: str, updates: dict[int, dict[str, np.ndarray]], weights: dict[int, int],
-         global_state: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list]:
+         global_state: dict[str, np.ndarray], drop: tuple[int, ...] = ()
+         ) -> tuple[dict[str, np.ndarray], list]:
     import torch
     from flwr.app import Array, MetricRecord
 
@@ -107,6 +108,9 @@ def _run(kind: str, updates: dict[int, dict[str, np.ndarray]], weights: dict[int
 
     def train(msg: Message, ctx: Context) -> Message:
         n = msg.metadata.dst_node_id
+        if n in drop:  # train fails: fl-sim's error reply (failures_as_replies)
+            from flwr.app import Error
+            return Message(Error(code=0, reason="boom"), reply_to=msg)
         g = {k: a.numpy() for k, a in msg.content.array_records[P.ARRAYS].items()}
         assert all(np.array_equal(g[k], global_state[k]) for k in g)  # names survive
         arrays = updates[n] if kind == P.GRADIENT else {
@@ -158,3 +162,18 @@ def test_unmasked_mean_is_the_weighted_mean_of_updates(kind: str) -> None:
         assert set(out) == {"w"}
     else:
         assert out["n"].dtype == np.int64 and int(out["n"]) == 9
+
+
+@pytest.mark.usefixtures("flower_task_identity")
+def test_a_client_that_fails_drops_out_and_the_rest_are_unmasked() -> None:
+    """Node 22's train fails at the masking stage: the protocol removes its pairwise masks
+    from the others' shares and unmasks the mean of the three that completed."""
+    from defenses.secagg_plus import error_bound
+    rng = np.random.default_rng(1)
+    glob = {"w": np.zeros((4,), dtype=np.float32)}
+    updates = {n: {"w": rng.normal(size=4).astype(np.float32)} for n in (11, 22, 33, 44)}
+    weights = dict.fromkeys(updates, 4)
+    out, results = _run("gradient", updates, weights, glob, drop=(22,))
+    assert sorted(n for n, _ in results) == [11, 33, 44]
+    expect = np.mean([updates[n]["w"] for n in (11, 33, 44)], axis=0)
+    assert np.abs(out["w"] - expect).max() <= error_bound(3, 3.0) + 1e-6
