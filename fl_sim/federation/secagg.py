@@ -107,13 +107,16 @@ class _Relay:
         return (results[0][1].parameters if results else None), {}
 
 
-def _fitins(msg: Message, seed: int) -> FitIns:
+def _fitins(msg: Message, seed: int, params: Any = None) -> FitIns:
+    """The legacy FitIns of a train message (``params``: its arrays already serialised)."""
     arrays = next(iter(msg.content.array_records.values()))
     config = dict(next(iter(msg.content.config_records.values())))
     keys = list(arrays.keys())
     config[KEYS_KEY] = keys
     config[SEED_KEY] = seed
-    return FitIns(ndarrays_to_parameters([arrays[k].numpy() for k in keys]), config)
+    if params is None:
+        params = ndarrays_to_parameters([arrays[k].numpy() for k in keys])
+    return FitIns(params, config)
 
 
 def _workflow(defense: Any, max_weight: float) -> SecAggPlusWorkflow:
@@ -149,10 +152,15 @@ def secagg_train(grid: Grid, tap: Any, cfg: ExperimentConfig, run_dir: Path, r: 
     defense = secagg_defense(cfg)
     messages = list(tap.configure_train(r, arrays, P.config_record(cfg, run_dir, **extra),
                                         grid))
-    max_weight = defense.max_weight or float(max_num_examples(cfg))
+    largest = max_num_examples(cfg)
+    if defense.max_weight and defense.max_weight < largest:
+        raise FlSimError(f"secagg_plus.max_weight {defense.max_weight:g} is below the "
+                         f"{largest} examples a client of this run can send")
+    max_weight = defense.max_weight or float(largest)
+    shared = _fitins(messages[0], 0).parameters if messages else None  # the same global
     fitins = {int(m.metadata.dst_node_id): _fitins(m, derive_seed(
         cfg.run.seed, "round", r, "client", tap.node_to_client[int(m.metadata.dst_node_id)],
-        "secagg")) for m in messages}
+        "secagg"), shared) for m in messages}
     results = run_protocol(grid, defense, max_weight, r, arrays, fitins) if fitins else []
     done = sorted(tap.node_to_client[n] for n, _ in results)
     tap.log.failed = sorted(set(tap.log.sampled) - set(done))
