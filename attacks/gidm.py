@@ -29,8 +29,9 @@ runs L-BFGS by default (DLG's optimiser: on the digits case Adam on pixels stall
 scheduler config (diffusers' default: clip); the images' gradient of the matching distance
 is by default a forward finite difference of input gradients at weights moved along
 ``d distance / d update`` (no double backward; relative error ~1e-3, see
-:class:`~attacks.diffusion_matching.DiffusionMatching`). FedAvg deltas are matched by unrolling the
-client's local SGD steps with each step's own eps/t (the paper treats FedSGD only).
+:class:`~attacks.diffusion_matching.DiffusionMatching`). FedAvg deltas are matched by
+unrolling the client's local SGD steps with each step's own eps/t (the paper treats FedSGD
+only).
 """
 
 from __future__ import annotations
