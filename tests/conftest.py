@@ -11,6 +11,7 @@ files. ``../shared/data`` is for benchmarks; a test that still asks for it throu
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,6 +56,29 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reaching Ray at all fails the test: a bad input must fail before it."""
+    import flwr.simulation
+    import ray
+
+    def refuse(*_: object, **__: object) -> None:
+        raise AssertionError("Ray was started for a bad input")
+
+    monkeypatch.setattr(flwr.simulation, "run_simulation", refuse)
+    monkeypatch.setattr(ray, "init", refuse)
+
+
+@pytest.fixture
+def keep_logging() -> Iterator[None]:
+    """cli.main configures the root logger; give pytest its handlers back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture

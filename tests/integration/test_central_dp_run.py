@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import torch
+from federation_env import flower_env
 
 from fl_sim.config import from_dict
 from fl_sim.run_dir import load_run
@@ -53,20 +54,11 @@ def _config(name: str, defenses: list[dict[str, Any]]) -> Any:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     from fl_sim.federation.simulation import run_experiment
-    home = tmp_path_factory.mktemp("flwr_home")
     out = {}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in {"FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
-                     "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0"}.items():
-            mp.setenv(k, v)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # the online attacks run in this process
-        try:
-            for name, defenses in (("plain", []), ("central", [DP])):
-                cfg = _config(name, defenses)
-                out[name] = run_experiment(cfg, run_dir=tmp_path_factory.mktemp(name) / "r")
-        finally:
-            torch.set_num_threads(threads)
+    with flower_env(tmp_path_factory.mktemp("flwr_home")):
+        for name, defenses in (("plain", []), ("central", [DP])):
+            cfg = _config(name, defenses)
+            out[name] = run_experiment(cfg, run_dir=tmp_path_factory.mktemp(name) / "r")
     return out
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from federation_env import flower_env
 from opacus.accountants import RDPAccountant
 
 from fl_sim import cli
@@ -78,17 +79,13 @@ def _run(tmp: Path, text: str, name: str) -> Any:
 
 
 @pytest.fixture(scope="module")
-def flower_env(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    home = tmp_path_factory.mktemp("flwr_home")
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in {"FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
-                     "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0"}.items():
-            mp.setenv(k, v)
+def runs_dir(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    with flower_env(tmp_path_factory.mktemp("flwr_home"), threads=None):
         yield tmp_path_factory.mktemp("dp_runs")
 
 
-def test_dp_sgd_run_reports_epsilon(flower_env: Path) -> None:
-    run = _run(flower_env, DP_SGD, "dp_sgd")
+def test_dp_sgd_run_reports_epsilon(runs_dir: Path) -> None:
+    run = _run(runs_dir, DP_SGD, "dp_sgd")
     expected = {"name": "dp_sgd", "noise_multiplier": 1.0, "max_grad_norm": 1.0,
                 "delta": 1e-5, "accountant": "rdp"}
     recs = list(run.view("server").records(rounds=[1, 2]))
@@ -103,8 +100,8 @@ def test_dp_sgd_run_reports_epsilon(flower_env: Path) -> None:
     assert "ε" in html and f"{rows[-1]['dp_epsilon']:.2f}" in html
 
 
-def test_local_dp_run_reports_epsilon(flower_env: Path) -> None:
-    run = _run(flower_env, LOCAL_DP, "local_dp")
+def test_local_dp_run_reports_epsilon(runs_dir: Path) -> None:
+    run = _run(runs_dir, LOCAL_DP, "local_dp")
     recs = list(run.view("server").records(rounds=[1]))
     assert [r.update_kind for r in recs] == ["gradient", "gradient"]
     assert recs[0].defenses[0] == {"name": "local_dp", "clipping_norm": 0.5,

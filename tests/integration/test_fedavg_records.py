@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import torch
+from federation_env import flower_env
 
 from fl_sim.config import from_dict
 from fl_sim.run_dir import load_run
@@ -43,17 +44,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Any:
                        "fraction_evaluate": 0.0, "client_resources": {"num_cpus": 1}},
         "strategy": {"name": "fedavg"},
         "attacks": [{**IG, "multi_step": "unroll"}, {**IG, "multi_step": "single"}]})
-    home = tmp_path_factory.mktemp("flwr_home")
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in {"FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
-                     "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0"}.items():
-            mp.setenv(k, v)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # the online attacks run in this process
-        try:
-            return load_run(run_experiment(cfg, run_dir=tmp_path_factory.mktemp("fedavg") / "r"))
-        finally:
-            torch.set_num_threads(threads)
+    with flower_env(tmp_path_factory.mktemp("flwr_home")):
+        return load_run(run_experiment(cfg, run_dir=tmp_path_factory.mktemp("fedavg") / "r"))
 
 
 def test_records_carry_the_images_trained_on(run: Any) -> None:

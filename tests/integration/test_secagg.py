@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+from federation_env import flower_env
 
 from defenses.secagg_plus import error_bound
 from fl_sim.config import from_dict
@@ -42,12 +43,8 @@ def _config(name: str, defenses: list[dict[str, Any]]) -> Any:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from fl_sim.federation.simulation import run_experiment
-    home = tmp_path_factory.mktemp("flwr_home")
     out = {}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in {"FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0",
-                     "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0"}.items():
-            mp.setenv(k, v)
+    with flower_env(tmp_path_factory.mktemp("flwr_home"), threads=None):
         for name, defenses in (("plain", []), ("secagg", [{"name": "secagg_plus"}])):
             run_dir = tmp_path_factory.mktemp(name) / "r"
             run_experiment(_config(name, defenses), run_dir=run_dir)

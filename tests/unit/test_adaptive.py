@@ -8,7 +8,6 @@ test (pruning 90 %: plain vs adaptive) is marked slow. Figures in benchmarks/RES
 from __future__ import annotations
 
 import dataclasses
-import logging
 from pathlib import Path
 
 import pytest
@@ -171,27 +170,6 @@ def test_pruning_90_percent_costs_plain_ig_3db_and_the_adaptive_attack_recovers(
 
 
 # -- bad defense parameters at the CLI: one line, exit 2, before anything starts ------------
-@pytest.fixture
-def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
-    import flwr.simulation
-    import ray
-
-    def refuse(*_: object, **__: object) -> None:
-        raise AssertionError("Ray was started for a bad input")
-
-    monkeypatch.setattr(flwr.simulation, "run_simulation", refuse)
-    monkeypatch.setattr(ray, "init", refuse)
-
-
-@pytest.fixture
-def keep_logging():
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
 @pytest.mark.parametrize("defense,expected", [
     ('{name="pruning", ratio=1.5}', "ratio"),
     ('{name="pruning", scope="rows"}', "scope"),

@@ -10,7 +10,6 @@ run directory created (nothing new under the output directory) and Ray never sta
 from __future__ import annotations
 
 import json
-import logging
 import subprocess
 import sys
 import time
@@ -271,29 +270,6 @@ CASES: dict[str, tuple[Case, str]] = {
 
 #: Cases that refuse invalid recorded data: they write one error row to attacks.jsonl.
 ERROR_ROW_CASES = {"replay NaN update", "replay NaN own update"}
-
-
-@pytest.fixture
-def no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Reaching Ray at all fails the case: everything here must fail before it."""
-    import flwr.simulation
-    import ray
-
-    def refuse(*_: object, **__: object) -> None:
-        raise AssertionError("Ray was started for a bad input")
-
-    monkeypatch.setattr(flwr.simulation, "run_simulation", refuse)
-    monkeypatch.setattr(ray, "init", refuse)
-
-
-@pytest.fixture
-def keep_logging():
-    """cli.main configures the root logger; give pytest its handlers back afterwards."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def _tree(path: Path) -> set[Path]:
