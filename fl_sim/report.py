@@ -192,6 +192,8 @@ def write_report(run_dir: Path) -> Path:
     parts.append("</div><div class='sec'><h2>Attacks</h2>")
     if not results:
         parts.append("<p>No attack results.</p>")
+    else:
+        parts.append(_privacy_utility(results, metrics))
     for r in results:
         parts.append(_attack_section(run_dir, r))
     parts.append("</div><p><small>Metric convention: images in [0, 1]; reconstructions are "
@@ -218,7 +220,7 @@ def _epsilon_line(metrics: Sequence[Mapping[str, Any]]) -> str:
         return "∞ (no noise)" if v is None else f"{float(v):.2f}"
     last = rows[-1]
     return (f"<p>Client-side differential privacy (dp_sgd / local_dp): ε spent per round "
-            f"≤ {eps(max((r['dp_epsilon_round'] for r in rows), key=_eps_key))}, cumulative "
+            f"≤ {eps(max((r.get('dp_epsilon_round') for r in rows), key=_eps_key))}, cumulative "
             f"ε after round {last['round']} = {eps(last['dp_epsilon'])} (max over clients, at "
             f"each defense's δ; Opacus accountant).</p>")
 
@@ -259,6 +261,48 @@ def _config_summary(cfg: Mapping[str, Any]) -> str:
         format_defense({"name": d.get("name", "?"), **(d.get("params") or {})})
         for d in cfg.get("defenses", [])) or "none"})
     return _table(rows, ["section", "value"])
+
+
+#: The utility of a run: the final global's held-out metric (classifier accuracy, or the
+#: diffusion loss of a diffusion task), then the privacy budgets spent, if any.
+UTILITY_KEYS = ("eval_accuracy", "eval_loss")
+EPSILON_KEYS = ("dp_epsilon", "central_dp_epsilon")
+
+
+def utility(metrics: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The last round's utility metric and cumulative ε values (``{}`` if none recorded).
+
+    >>> utility([{"round": 1, "eval_accuracy": 0.2}, {"round": 2, "eval_accuracy": 0.5,
+    ...          "dp_epsilon": 3.1}])
+    {'eval_accuracy': 0.5, 'dp_epsilon': 3.1}
+    """
+    last = metrics[-1] if metrics else {}
+    key = next((k for k in UTILITY_KEYS if last.get(k) is not None), None)
+    out = {key: last[key]} if key else {}
+    out.update({k: last[k] for k in EPSILON_KEYS if k in last})
+    return out
+
+
+def _privacy_utility(results: Sequence[Mapping[str, Any]],
+                     metrics: Sequence[Mapping[str, Any]]) -> str:
+    """One row per attack: what it recovered beside the run's final utility and ε, so the
+    price of the defenses in force is visible next to what they buy."""
+    util = utility(metrics)
+    rows = []
+    for r in results:
+        m = r.get("metrics") or {}
+        rows.append({"attack": f"{r.get('attack')}{' (adaptive)' if r.get('adaptive') else ''}",
+                     "view": r.get("view"), "round": r.get("round"),
+                     "defenses": ", ".join(format_defense(d) for d in r.get("defenses", []))
+                     or "none", "psnr": m.get("psnr"), "ssim": m.get("ssim"),
+                     "label_accuracy": m.get("label_accuracy"),
+                     "error": "failed" if r.get("error") else "", **util})
+    cols = ["attack", "view", "round", "defenses", "psnr", "ssim", "label_accuracy",
+            *util, "error"]
+    cols = [c for c in cols if any(row.get(c) not in (None, "") for row in rows)]
+    return ("<h3>Privacy and utility</h3><p>Each attack's result beside the final global "
+            "model's utility and the privacy budget spent (last round).</p>"
+            + _table(rows, cols))
 
 
 def _attack_section(run_dir: Path, r: Mapping[str, Any]) -> str:

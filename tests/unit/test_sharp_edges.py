@@ -69,6 +69,29 @@ def test_a_crashed_attack_shows_its_error_in_the_report(tmp_path: Path) -> None:
     assert "phase1_images" in page
 
 
+def test_the_report_puts_each_attack_beside_the_runs_utility_and_epsilon(tmp_path: Path
+                                                                        ) -> None:
+    """Issue 9 item 7: a defended run shows the price of the defense next to what it buys."""
+    pruned = {"name": "pruning", "ratio": 0.9, "scope": "layer"}
+    rows = [{"attack": "inverting_gradients", "view": "server", "round": 1, "client": 0,
+             "metrics": {"psnr": 12.5, "ssim": 0.31}, "defenses": [pruned]},
+            {"attack": "inverting_gradients", "adaptive": True, "view": "server", "round": 1,
+             "client": 0, "metrics": {"psnr": 17.25}, "defenses": [pruned]}]
+    (tmp_path / RESULTS_FILE).write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in (
+        {"round": 1, "eval_accuracy": 0.25, "dp_epsilon": 1.5},
+        {"round": 2, "eval_accuracy": 0.625, "dp_epsilon": 2.75})) + "\n")
+    save_resolved(from_dict({}), tmp_path)
+    page = write_report(tmp_path).read_text()
+    table = page[page.index("Privacy and utility"):]
+    table = table[:table.index("</table>")]
+    assert table.count("<tr>") == 3  # header + one row per attack
+    for cell in ("12.5", "17.25", "0.625", "2.75", "pruning(ratio=0.9, scope=layer)",
+                 "inverting_gradients (adaptive)"):
+        assert cell in table, cell
+    assert "0.25" not in table  # the LAST round's utility, not the first
+
+
 # -- run-directory name -----------------------------------------------------------------------
 def test_the_default_run_directory_name_is_the_documented_one(tmp_path: Path) -> None:
     from fl_sim.federation.server_app import default_run_dir
