@@ -323,10 +323,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
             sys.stdout.write(f"  sim-{c.sim.key}  {c.attack} r{c.round}  {axes}\n")
         return 0
     _quiet_flower(args.debug)
-    with _Progress(enabled=not args.no_progress, total=len(plan.cells), label="cells",
-                   key="cell") as progress:
-        summary = run_bench(plan, out, ray_address=args.ray_address, workers=args.workers,
-                            progress=progress.update)
+    from fl_sim.federation import lifecycle
+    lifecycle.exit_on_interrupt(hard_exit_s=HARD_EXIT_S)
+    try:
+        with _Progress(enabled=not args.no_progress, total=len(plan.cells), label="cells",
+                       key="cell") as progress:
+            summary = run_bench(plan, out, ray_address=args.ray_address,
+                                workers=args.workers, progress=progress.update,
+                                after_simulation=lambda: lifecycle.exit_on_interrupt(
+                                    hard_exit_s=HARD_EXIT_S))
+    except lifecycle.RunInterrupted as exc:  # Ray stopped; finished cells are recorded
+        sys.stderr.write(f"fl-sim: {exc}; finished cells are in {out / 'results.jsonl'}: run "
+                         "the same `fl-sim bench` command again to finish the grid\n")
+        lifecycle.hard_exit(exc.exit_code)
     sys.stdout.write(f"cells run {summary.cells_run}, skipped (done before) "
                      f"{summary.cells_skipped}, failed {summary.cells_failed}; simulations run "
                      f"{summary.sims_run}, reused {summary.sims_reused}; {summary.seconds:.1f} s"

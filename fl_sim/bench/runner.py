@@ -109,13 +109,14 @@ def done_keys(bench_dir: Path) -> set[str]:
 
 def run_bench(plan: Plan, bench_dir: Path, *, simulate: Simulate | None = None,
               attack: Attack | None = None, ray_address: str | None = None,
-              workers: int = 1, progress: Callable[[dict[str, Any]], None] | None = None
-              ) -> Summary:
+              workers: int = 1, progress: Callable[[dict[str, Any]], None] | None = None,
+              after_simulation: Callable[[], None] | None = None) -> Summary:
     """Run every cell of ``plan`` not yet in ``bench_dir/results.jsonl``, then write the
     outputs (:func:`fl_sim.bench.outputs.write_outputs`). Cells run one by one after their
     simulation, or as Ray tasks (:mod:`fl_sim.bench.parallel`) after all simulations when
     ``workers > 1`` or ``ray_address`` is given. ``simulate`` / ``attack`` replace the real
-    simulation and attack (tests)."""
+    simulation and attack (tests); ``after_simulation()`` is called after each simulation
+    (the CLI re-installs its signal handlers there: Flower and Ray replace them)."""
     from fl_sim.bench.outputs import cell_row, sim_facts, write_outputs
     attack = attack or _default_attack
     parallel = workers > 1 or bool(ray_address)
@@ -149,6 +150,8 @@ def run_bench(plan: Plan, bench_dir: Path, *, simulate: Simulate | None = None,
         if not todo:
             continue
         sim_dir = _simulation_for(sim, bench_dir, simulate, ray_address, s, record, todo)
+        if after_simulation is not None:
+            after_simulation()
         if sim_dir is None:
             continue
         facts[sim.key] = sim_facts(sim_dir)
