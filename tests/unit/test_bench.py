@@ -2,7 +2,7 @@
 
 The simulation and the attack are replaced by fakes that write what the real ones write
 (config.json, run.json, checkpoint, metrics.jsonl; a result row with a grid PNG), so these
-tests run in well under a second each; tests/integration/test_bench.py runs the real thing.
+tests run in seconds; tests/integration/test_bench_end_to_end.py runs the real thing.
 """
 
 from __future__ import annotations
