@@ -1,0 +1,87 @@
+"""What ``fl-sim`` writes to the terminal: a progress bar, the results table, the summary.
+
+Only the command line (:mod:`fl_sim.cli`) uses this module; the library logs and never prints.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("fl_sim")
+
+
+class Progress:
+    """A rich progress bar fed by ``run_experiment``'s ``progress(event: dict)`` callback."""
+
+    def __init__(self, *, enabled: bool, total: int, label: str = "rounds",
+                 key: str = "round") -> None:
+        self.enabled = enabled and sys.stderr.isatty()
+        self.total = total
+        self.label, self.key = label, key
+        self._bar: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> Progress:
+        if self.enabled:
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+            )
+            self._bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(),
+                                 TextColumn("{task.fields[info]}"), transient=False)
+            self._bar.__enter__()
+            self._task = self._bar.add_task(self.label, total=self.total, info="")
+        return self
+
+    def update(self, event: dict[str, Any]) -> None:
+        info = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in event.items()
+                        if k not in {self.key, "event", "total", "client_errors"})
+        if self._bar is not None:
+            if self.key in event:
+                self._bar.update(self._task, completed=event[self.key], info=info)
+            else:
+                self._bar.update(self._task, info=info)
+        else:
+            logger.info("%s %s/%s %s", self.key, event.get(self.key, "?"), self.total, info)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+
+def print_results(results: Sequence[dict[str, Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    if not results:
+        return
+    table = Table(title="attack results", header_style="bold")
+    for col in ("attack", "view", "round", "client", "PSNR dB", "SSIM", "label acc", "s"):
+        table.add_column(col)
+    for r in results:
+        m = r.get("metrics", {})
+        name = r["attack"] + (" (adaptive)" if r.get("adaptive") else "")
+        table.add_row(name, r["view"], str(r["round"]), str(r.get("client")),
+                      _fmt(m.get("psnr")), _fmt(m.get("ssim"), 3),
+                      _fmt(m.get("label_accuracy"), 2), _fmt(r.get("seconds"), 1))
+    Console(width=120).print(table)
+
+
+def _fmt(v: Any, nd: int = 2) -> str:
+    return "-" if v is None else f"{v:.{nd}f}"
+
+
+def print_summary(run_dir: Path) -> None:
+    from fl_sim.report import load_results, write_report
+    print_results(load_results(run_dir))
+    report = write_report(run_dir)
+    sys.stdout.write(f"run directory: {run_dir}\n")
+    sys.stdout.write(f"{report}\n")
