@@ -28,7 +28,11 @@ to. Per defense:
   clipped to the same bound, in the target's units (``scale`` converts a delta read as a
   gradient); the Gaussian noise is not modelled further (an L2 distance is already its
   likelihood; cosine matching ignores the scale);
-* ``dp_sgd`` (per-sample clipping inside training) and defenses not listed: nothing, said so.
+* ``dp_sgd``: when the update was computed from ONE example in one step
+  (``single_example``), per-example clipping is whole-update clipping: the candidate is
+  clipped to ``max_grad_norm`` as for ``local_dp``; over several examples or steps the
+  per-example clip happens inside training and is not modelled (said so);
+* defenses not listed: nothing, said so.
 
 On an aggregate of several clients (``aggregate=True``) only the masks are modelled.
 The notes describe only what was done; a defense left alone is named with the reason.
@@ -157,8 +161,14 @@ _HANDLERS: dict[str, Callable[[Mapping[str, Any], Params, float],
 }
 
 
+def single_example(record: Any) -> bool:
+    """Is ``record`` one client's update from ONE example in one local step?"""
+    return (record.tap == "server_in" and int(record.num_examples) == 1
+            and int(record.local_steps) <= 1)
+
+
 def adaptation(defenses: Sequence[Any], target: Params, *, scale: float = 1.0,
-               aggregate: bool = False) -> Adaptation:
+               aggregate: bool = False, single_example: bool = False) -> Adaptation:
     """The :class:`Adaptation` to ``defenses`` (``record.defenses``: describe() dicts or
     names) for the observed ``target`` ``{name: [*shape]}``.
 
@@ -168,6 +178,8 @@ def adaptation(defenses: Sequence[Any], target: Params, *, scale: float = 1.0,
     several clients' defended updates (the aggregate tap, a peer's view): a per-client sign or
     clip does not commute with averaging, so only the masks are modelled there (a coordinate
     zero in the aggregate was zeroed in every client's update, barring exact cancellation).
+    ``single_example``: the update comes from one example in one local step (DP-SGD's
+    per-example clipping bound then applies to the whole update).
     """
     transforms: list[Transform] = []
     notes: list[str] = []
@@ -177,6 +189,9 @@ def adaptation(defenses: Sequence[Any], target: Params, *, scale: float = 1.0,
         handler = _HANDLERS.get(name)
         if handler is None and "clipping_norm" in d:
             handler = _clipping
+        elif handler is None and "max_grad_norm" in d and single_example:
+            # one example, one step: DP-SGD's per-example clip is the whole update's clip
+            d, handler = {**d, "clipping_norm": d["max_grad_norm"]}, _clipping
         if handler is None:
             notes.append(f"{name}: not modelled (no public mechanism the matching can use)")
             continue

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from attacks.adaptive import Adaptation, adaptation
+from attacks.adaptive import Adaptation, adaptation, single_example
 from attacks.base import Attack, Reconstruction
 from attacks.diffusion_matching import granted_aux, is_diffusion
 from attacks.gradients import (
@@ -134,7 +134,8 @@ class DLG(Attack):
             scale = (-1.0 / (record.lr * max(record.local_steps, 1))
                      if record.update_kind == "delta" else 1.0)
             adapt = adaptation(record.defenses, target, scale=scale,
-                               aggregate=record.tap != "server_in")
+                               aggregate=record.tap != "server_in",
+                               single_example=single_example(record))
         adapted = {"adapted_to": list(adapt.adapted_to)} if adapt is not None else {}
         fixed_labels = (torch.zeros(num_images, dtype=torch.int64) if aux
                         else self._fixed_labels(record, task, num_images, generator))

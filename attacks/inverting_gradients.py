@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from attacks.adaptive import Adaptation, adaptation
+from attacks.adaptive import Adaptation, adaptation, single_example
 from attacks.base import Attack, Reconstruction
 from attacks.diffusion_matching import granted_aux, is_diffusion
 from attacks.gradients import (
@@ -259,7 +259,8 @@ class InvertingGradients(Attack):
             scale = -1.0 / (record.lr * max(record.local_steps, 1))
         aggregate = record.tap != "server_in" or (problem.unroll is not None
                                                   and problem.unroll.clients > 1)
-        return adaptation(record.defenses, problem.target, scale=scale, aggregate=aggregate)
+        return adaptation(record.defenses, problem.target, scale=scale, aggregate=aggregate,
+                          single_example=single_example(record))
 
     def _assumed(self, record: ObservationRecord, problem: InversionProblem,
                  label_source: str) -> Mapping[str, Any]:

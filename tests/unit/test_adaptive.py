@@ -84,6 +84,16 @@ def test_clipping_adaptation_bounds_the_candidate_in_target_units():
     torch.testing.assert_close(adapt(small)["a"], small["a"])
 
 
+def test_dp_sgd_on_one_example_clips_the_candidate_to_max_grad_norm():
+    dp = {"name": "dp_sgd", "noise_multiplier": 1.0, "max_grad_norm": 0.5, "delta": 1e-5}
+    target = {"a": torch.ones(10)}
+    one = adaptation([dp], target, single_example=True)
+    assert one.active and "clipped to norm 0.5" in one.adapted_to[0]
+    torch.testing.assert_close(one({"a": 10 * torch.ones(1, 10)})["a"].norm(), torch.tensor(0.5))
+    many = adaptation([dp], target)  # several examples: the per-example clip is inside training
+    assert not many.active and "not modelled" in many.adapted_to[0]
+
+
 def test_on_an_aggregate_only_the_masks_are_modelled():
     target = {"w": torch.tensor([0.0, 1.0, -2.0])}
     adapt = adaptation([{"name": "pruning", "ratio": 0.5, "scope": "layer"},
