@@ -28,7 +28,7 @@ demo: $(BIN)/fl-sim
 
 test: $(BIN)/fl-sim
 	$(BIN)/python -m pytest -q -p no:cacheprovider --timeout=900 --durations=25 \
-		-n $(TEST_WORKERS) --dist loadgroup
+		-n $(TEST_WORKERS)
 
 test-fast: $(BIN)/fl-sim
 	$(BIN)/python -m pytest -q -m "not slow and not ray and not deployment" --timeout=300

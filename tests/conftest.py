@@ -15,11 +15,13 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = _ROOT.parent / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
@@ -97,28 +99,45 @@ def flower_task_identity() -> Iterator[None]:
 #: Test files that share the session-trained digits prior (tests/diffusion_cases.py): one
 #: xdist worker runs them all, so the prior is trained once.
 _PRIOR_FILES = ("test_gidm.py", "test_gidm_plus.py", "test_gidm_quality.py")
+#: Test files outside tests/integration whose tests start Ray (marker ``ray``).
+_FEDERATION_FILES = ("tests/unit/test_cli.py",)
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    """Under xdist (``make test``: two workers on two cores) each worker uses one torch
-    thread, so the two never oversubscribe the cores."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        torch.set_num_threads(1)
+def _group(path: str) -> str:
+    """The xdist work unit of a test file (``path`` relative to the repository root):
+    everything that starts Ray, a SuperLink or subprocesses is ONE unit ("federation", run on
+    one worker one test at a time: two Ray clusters on 2 cores would starve each other's
+    timeouts); the prior-sharing GIDM files are one unit; any other file is its own unit
+    (module fixtures are built once).
+
+    >>> _group("tests/integration/test_demo.py"), _group("tests/unit/test_gidm.py")
+    ('federation', 'digits-prior')
+    """
+    if path.startswith("tests/integration/") or path in _FEDERATION_FILES:
+        return "federation"
+    if Path(path).name in _PRIOR_FILES:
+        return "digits-prior"
+    return path
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Groups for ``pytest -n 2 --dist loadgroup`` (``make test``): every test that starts
-    Ray, a SuperLink or subprocesses (tests/integration, markers ray/deployment) runs on ONE
-    worker, one at a time (two Ray clusters on 2 cores would starve each other's timeouts);
-    the tests of one file stay together (module fixtures are built once); the prior-sharing
-    files form one group. The other worker meanwhile runs the single-threaded unit tests."""
-    for item in items:
-        path = Path(str(item.fspath))
-        if "integration" in path.parts or item.get_closest_marker("ray") or \
-                item.get_closest_marker("deployment"):
-            group = "federation"
-        elif path.name in _PRIOR_FILES:
-            group = "digits-prior"
-        else:
-            group = str(path)
-        item.add_marker(pytest.mark.xdist_group(group))
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``make test`` (``-n 2``): xdist's file scheduling with the groups of :func:`_group`.
+
+    (xdist's own ``--dist loadgroup`` cannot be used: it renames items through
+    ``item._nodeid``, which pytest 9.2 no longer reads, so its groups are silently ignored.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class GroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _group(nodeid.split("::", 1)[0])
+
+    return GroupScheduling(config, log)
+
+
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """A test that starts Ray or a SuperLink must belong to the "federation" unit."""
+    if item.get_closest_marker("ray") or item.get_closest_marker("deployment"):
+        path = Path(str(item.fspath)).resolve().relative_to(_ROOT).as_posix()
+        if _group(path) != "federation":
+            raise pytest.UsageError(f"{item.nodeid} starts Ray/a SuperLink: add its file to "
+                                    "_FEDERATION_FILES in tests/conftest.py")
