@@ -77,6 +77,10 @@ def _handler(signum: int, frame: FrameType | None) -> None:
     _state["interrupted"] = signum
     # Ray's workers are re-parented once the raylet stops: remember them while we can.
     _state["seen"] = set(descendants(os.getpid()))
+    # The Ctrl-C also reached Ray's workers (same process group): Flower's worker threads
+    # then log "actor died" tracebacks while we stop. Those are the interrupt, not a fault.
+    for name in ("flwr", "ray"):
+        logging.getLogger(name).disabled = True
     hard_exit_s = _state.get("hard_exit_s")
     if hard_exit_s is not None:
         timer = threading.Timer(hard_exit_s, hard_exit, args=(128 + signum,))

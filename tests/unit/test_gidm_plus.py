@@ -229,7 +229,8 @@ def test_attack_runner_scores_recovered_t_and_eps_beside_psnr(task, tmp_path, on
     truth = GroundTruthRecord("test", 1, 0, (TruthStep(0, x, torch.zeros(1, dtype=torch.long),
                                                        torch.tensor([3]), aux),))
     view = SimpleNamespace(clients=lambda r: [0], record=lambda r, c: rec)
-    run = SimpleNamespace(view=lambda role, grant=(): view, truth=lambda r, c: truth)
+    run = SimpleNamespace(view=lambda role, grant=(): view, truth=lambda r, c: truth,
+                          config=SimpleNamespace(defenses=()))
     cfg = SimpleNamespace(run=SimpleNamespace(seed=0, device="cpu"),
                           metrics=SimpleNamespace(lpips_weights=None))
     params = {"phase1_iterations": 0, "phase2_iterations": 1, "t_candidates": 1,
