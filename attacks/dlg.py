@@ -136,21 +136,23 @@ class DLG(Attack):
             adapt = adaptation(record.defenses, target, scale=scale,
                                aggregate=record.tap != "server_in",
                                single_example=single_example(record))
-        adapted = {"adapted_to": list(adapt.adapted_to)} if adapt is not None else {}
+        extra = {"adapted_to": list(adapt.adapted_to)} if adapt is not None else {}
         fixed_labels = (torch.zeros(num_images, dtype=torch.int64) if aux
                         else self._fixed_labels(record, task, num_images, generator))
 
-        best: tuple[float, Tensor, Tensor, int] | None = None
+        best: tuple[float, Tensor, Tensor, int, Tensor] | None = None
         for restart in range(self.restarts):
-            loss, images, labels, n_iter = self._run(task, params, buffers, target, shape,
+            loss, images, labels, n_iter, start = self._run(task, params, buffers, target, shape,
                                                      spec.num_classes, fixed_labels, generator,
                                                      aux, adapt)
             logger.debug("DLG restart %d: matching loss %.3e after %d iterations",
                          restart, loss, n_iter)
             if best is None or loss < best[0] or not math.isfinite(best[0]):
-                best = (loss, images, labels, n_iter)
+                best = (loss, images, labels, n_iter, start)
         assert best is not None
-        loss, images, labels, n_iter = best
+        loss, images, labels, n_iter, start = best
+        # scored by the runner as start_psnr / start_ssim (the random-start floor)
+        extra["start_images"] = start
         source = self.labels  # "idlg" falls back to the count method for a batch
         if source == "idlg" and num_images > 1:
             source = "batch"
@@ -158,12 +160,12 @@ class DLG(Attack):
             return Reconstruction(images=images, labels=None, matching_loss=loss,
                                   iterations=n_iter, assumed={"eps": "granted", "t": "granted"},
                                   extras={"box": "unconstrained, clamped to [0, 1] at the end",
-                                          **adapted})
+                                          **extra})
         return Reconstruction(
             images=images, labels=labels, matching_loss=loss, iterations=n_iter,
             assumed={"labels": source} if source != "optimize" else {},
             extras={"box": "unconstrained, clamped to [0, 1] at the end",
-                    "label_source": self.labels, **adapted})
+                    "label_source": self.labels, **extra})
 
     def _aux(self, record: ObservationRecord, task: Any, num_images: int) -> dict[str, Tensor]:
         """Granted diffusion eps/t on the attack's device, one row per image ({} otherwise)."""
@@ -194,10 +196,12 @@ class DLG(Attack):
              target: dict[str, Tensor], shape: tuple[int, ...], num_classes: int,
              fixed_labels: Tensor | None, generator: torch.Generator,
              aux: dict[str, Tensor] | None = None, adapt: Adaptation | None = None
-             ) -> tuple[float, Tensor, Tensor, int]:
-        """One restart -> (matching loss at the clamped images, images, labels, iterations)."""
+             ) -> tuple[float, Tensor, Tensor, int, Tensor]:
+        """One restart -> (matching loss at the clamped images, images, labels, iterations,
+        starting images clamped to [0, 1])."""
         dev = self.device
         x = initial_images(shape, self.init, generator).to(dev).requires_grad_(True)
+        start = x.detach().clamp(0.0, 1.0)
         variables = [x]
         label_logits: Tensor | None = None
         if fixed_labels is None:
@@ -242,5 +246,5 @@ class DLG(Attack):
             final_labels = labels_now().detach()
         loss = float(objective(images, create_graph=False))
         hard = final_labels if final_labels.dim() == 1 else final_labels.argmax(-1)
-        return (loss if math.isfinite(loss) else math.inf), images, hard.long(), n_iter
+        return (loss if math.isfinite(loss) else math.inf), images, hard.long(), n_iter, start
 

@@ -115,7 +115,9 @@ class Inversion:
     (clamped) images of the ``S`` restarts that ran the whole budget, whose original indices
     are ``survivors``; ``pruning`` lists each halving (iteration, objective per candidate,
     kept/dropped original indices); ``evaluations`` counts image-gradient evaluations
-    (restarts x iterations, plus the final scoring pass of the survivors).
+    (restarts x iterations, plus the final scoring pass of the survivors). ``start [R, N, C,
+    H, W]`` are the random starting images of all ``R`` restarts in [0, 1] (scored as the
+    attack's floor: the "random-start PSNR" a defense pushes the attack towards).
     """
 
     images: Tensor
@@ -124,6 +126,7 @@ class Inversion:
     survivors: list[int]
     pruning: list[dict[str, Any]]
     evaluations: int
+    start: Tensor
 
 
 def _gradient_fn(problem: InversionProblem, bn: BNStatistics | None, double_backward: str
@@ -205,6 +208,7 @@ def invert(problem: InversionProblem, *, max_iterations: int, restarts: int, lr:
             total = total + bn_prior_weight * prior
         return total, d
 
+    start = cand.images().detach().clamp(0, 1)
     plan = dict(pruning_schedule(restarts, max_iterations, keep)
                 if restart_pruning == "halving" else [])
     alive = list(range(restarts))
@@ -239,4 +243,4 @@ def invert(problem: InversionProblem, *, max_iterations: int, restarts: int, lr:
         total, d = objective(cand.z)
     evaluations += len(alive)
     return Inversion(cand.images().detach().clamp_(0, 1), total.detach(), d.detach(), alive,
-                     pruning, evaluations)
+                     pruning, evaluations, start)

@@ -247,6 +247,8 @@ class InvertingGradients(Attack):
                     "survivors": res.survivors, "best_restart": res.survivors[pos],
                     "restart_pruning": self.restart_pruning, "pruning": res.pruning,
                     "evaluations": res.evaluations,
+                    # scored by the runner as start_psnr / start_ssim (the random-start floor)
+                    "start_images": res.start[res.survivors[pos]],
                     **({"adapted_to": list(adapt.adapted_to)} if adapt is not None else {})})
 
     def _adaptation(self, record: ObservationRecord, problem: InversionProblem

@@ -133,9 +133,10 @@ def _parser() -> argparse.ArgumentParser:
     bn.add_argument("--ray-address", default=None,
                     help="run the simulations and the attack cells (as Ray tasks) on an "
                          "existing Ray cluster")
-    bn.add_argument("--workers", type=int, default=1,
-                    help="attack cells as Ray tasks on a local Ray with this many CPUs "
-                         "(default 1: one by one, no Ray for the cells)")
+    bn.add_argument("--workers", type=_workers, default="auto",
+                    help="attack cells as Ray tasks on a local Ray with this many CPUs; 1: "
+                         "one by one, no Ray for the cells (default auto: one per free CPU "
+                         "when two or more are free and two or more cells are pending)")
     bn.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -242,6 +243,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 HARD_EXIT_S = 8.0
 
 
+def _workers(text: str) -> int | str:
+    """``--workers``: ``auto`` or a positive integer (else a one-line usage error)."""
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected auto or a positive integer, got {text!r}")
+    return int(text)
+
+
 def _interrupted(exc: Any) -> None:
     """SIGINT / SIGTERM during ``run``: Ray is stopped; print the resume hint and leave with
     128 + signal (130 / 143) at once (Flower's ServerApp thread would keep the process)."""
@@ -311,15 +321,18 @@ def cmd_train_prior(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from fl_sim.bench.grid import load_grid
-    from fl_sim.bench.runner import estimate, run_bench
+    from fl_sim.bench.runner import auto_workers, estimate, run_bench
     plan = load_grid(args.grid)
     out = args.out if args.out is not None else Path("bench") / plan.name
     est = estimate(plan, out)
+    workers = auto_workers(plan, out) if args.workers == "auto" else args.workers
+    how = (f"on the Ray cluster at {args.ray_address}" if args.ray_address else
+           f"as Ray tasks on {workers} local workers" if workers > 1 else "one by one")
     sys.stdout.write(
         f"plan {plan.name}: {est['simulations']} simulation(s) ({est['simulations_to_run']} "
         f"to run), {est['cells']} attack cell(s) ({est['cells_done']} done), "
         f"{est['attack_iterations']} attack iterations to go, ~{est['estimated_seconds']:.0f} s "
-        f"(rough); bench directory {out}\n")
+        f"(rough); bench directory {out}; cells run {how}\n")
     if args.dry_run:
         for c in plan.cells:
             axes = ", ".join(f"{k}={v}" for k, v in c.axes.items()) or "base"
@@ -332,7 +345,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         with _Progress(enabled=not args.no_progress, total=len(plan.cells), label="cells",
                        key="cell") as progress:
             summary = run_bench(plan, out, ray_address=args.ray_address,
-                                workers=args.workers, progress=progress.update,
+                                workers=workers, progress=progress.update,
                                 after_simulation=lambda: lifecycle.exit_on_interrupt(
                                     hard_exit_s=HARD_EXIT_S))
     except lifecycle.RunInterrupted as exc:  # Ray stopped; finished cells are recorded

@@ -294,11 +294,13 @@ def _privacy_utility(results: Sequence[Mapping[str, Any]],
         rows.append({"attack": f"{r.get('attack')}{' (adaptive)' if r.get('adaptive') else ''}",
                      "view": r.get("view"), "round": r.get("round"),
                      "defenses": ", ".join(format_defense(d) for d in r.get("defenses", []))
-                     or "none", "psnr": m.get("psnr"), "ssim": m.get("ssim"),
+                     or "none", "psnr": m.get("psnr"),
+                     # the PSNR of the attack's random start: the floor a defense pushes to
+                     "start_psnr": m.get("start_psnr"), "ssim": m.get("ssim"),
                      "label_accuracy": m.get("label_accuracy"),
                      "error": "failed" if r.get("error") else "", **util})
-    cols = ["attack", "view", "round", "defenses", "psnr", "ssim", "label_accuracy",
-            *util, "error"]
+    cols = ["attack", "view", "round", "defenses", "psnr", "start_psnr", "ssim",
+            "label_accuracy", *util, "error"]
     cols = [c for c in cols if any(row.get(c) not in (None, "") for row in rows)]
     return ("<h3>Privacy and utility</h3><p>Each attack's result beside the final global "
             "model's utility and the privacy budget spent (last round).</p>"
@@ -309,7 +311,8 @@ def _attack_section(run_dir: Path, r: Mapping[str, Any]) -> str:
     title = (f"{r.get('attack')}{' (adaptive)' if r.get('adaptive') else ''} — "
              f"{r.get('view')} view, round {r.get('round')}, client {r.get('client')}")
     m = dict(r.get("metrics", {}))
-    summary = {k: m.get(k) for k in ("psnr", "ssim", "mse", "label_accuracy", "lpips")
+    summary = {k: m.get(k) for k in ("psnr", "start_psnr", "ssim", "mse", "label_accuracy",
+                                     "lpips")
                if m.get(k) is not None}
     summary["seconds"] = r.get("seconds")
     out = [f"<h3>{html.escape(title)}</h3>"]

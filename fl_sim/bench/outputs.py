@@ -25,7 +25,10 @@ from fl_sim.stores import read_jsonl
 #: ε of a mechanism without noise (null in metrics.jsonl), kept as text in JSON and CSV
 INF = "inf"
 METRICS = ("psnr", "ssim", "label_accuracy")
-FIXED = ("attack", "view", "round", "client", "params", "defenses", *METRICS, "utility",
+#: the attack's random start scored like its result (IG, DLG): the floor that a defense
+#: pushes the attack towards; blank for attacks without a random start (iDLG, GIDM+ ...)
+START = ("start_psnr", "start_ssim")
+FIXED = ("attack", "view", "round", "client", "params", "defenses", *METRICS, *START, "utility",
          "utility_metric", "epsilon", "attack_seconds", "cell_seconds", "iterations", "grid",
          "error", "sim", "key")
 
@@ -74,7 +77,7 @@ def cell_row(cell: Cell, result: Mapping[str, Any] | None, facts: Mapping[str, A
         "client": result.get("client", cell.client), "params": dict(cell.params),
         "defenses": [format_defense(d) for d in result.get("defenses", [])] or
         [format_defense({"name": d.name, **d.params}) for d in cell.sim.config.defenses],
-        **{k: _num(m.get(k)) for k in METRICS},
+        **{k: _num(m.get(k)) for k in (*METRICS, *START)},
         "utility": facts.get("utility"), "utility_metric": facts.get("utility_metric"),
         "epsilon": facts.get("epsilon"), "epsilons": dict(facts.get("epsilons") or {}),
         "attack_seconds": result.get("seconds"), "cell_seconds": round(cell_seconds, 3),
@@ -128,8 +131,8 @@ def write_outputs(plan: Plan, bench_dir: Path) -> dict[str, Path]:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(records)
-    md_cols = [*axes, "attack", "view", "round", "defenses", *METRICS, "utility", "epsilon",
-               "attack_seconds", "error"]
+    md_cols = [*axes, "attack", "view", "round", "defenses", "psnr", "start_psnr", "ssim",
+               "label_accuracy", "utility", "epsilon", "attack_seconds", "error"]
     out["md"].write_text(markdown_table(records, md_cols))
     plot = plot_privacy_utility(rows, axes, bench_dir / "privacy_utility.png")
     if plot is not None:
@@ -197,8 +200,12 @@ def plot_privacy_utility(rows: Sequence[Mapping[str, Any]], axes: Sequence[str],
             pts = [p for p in pts if p.get(key) is not None and p.get("utility") is not None]
             if not pts:
                 continue
-            ax.plot([p["utility"] for p in pts], [p[key] for p in pts], marker="o",
-                    label=label)
+            (line,) = ax.plot([p["utility"] for p in pts], [p[key] for p in pts], marker="o",
+                              label=label)
+            starts = [p[f"start_{key}"] for p in pts if p.get(f"start_{key}") is not None]
+            if starts:  # the random-start floor the attack falls towards as noise grows
+                ax.axhline(sum(starts) / len(starts), color=line.get_color(), ls="--", lw=1,
+                           label=f"{label}: random start")
             varying = [a for a in axes if len({json.dumps(p.get("axes", {}).get(a),
                                                           sort_keys=True) for p in pts}) > 1]
             for p in pts:  # annotated with what changes along the curve, and ε

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -105,6 +106,29 @@ def ensure_simulation(sim: Simulation, bench_dir: Path, simulate: Simulate | Non
 def done_keys(bench_dir: Path) -> set[str]:
     return {r["key"] for r in read_jsonl(Path(bench_dir) / RESULTS)
             if isinstance(r, dict) and isinstance(r.get("key"), str)}
+
+
+def free_cpus() -> int:
+    """CPUs this process may use (its affinity) minus those already busy (the 1-minute load
+    average, rounded down), at least 1."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        (os.cpu_count() or 1)
+    try:
+        busy = int(os.getloadavg()[0])
+    except OSError:  # no load average on this platform
+        busy = 0
+    return max(1, cpus - busy)
+
+
+def auto_workers(plan: Plan, bench_dir: Path) -> int:
+    """``fl-sim bench --workers auto`` (the default): the pending cells run as Ray tasks on
+    a local Ray with one worker per free CPU when at least two cells are pending and two
+    CPUs are free, one by one otherwise (Ray's start-up is not worth it for one cell, and
+    a busy machine gains nothing from more processes)."""
+    done = done_keys(bench_dir)
+    pending = sum(c.key not in done for c in plan.cells)
+    workers = min(free_cpus(), pending)
+    return workers if workers >= 2 else 1
 
 
 def run_bench(plan: Plan, bench_dir: Path, *, simulate: Simulate | None = None,

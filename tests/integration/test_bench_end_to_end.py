@@ -92,6 +92,9 @@ def test_bench_end_to_end_resume_and_reports_in_chromium(tmp_path: Path) -> None
     ig = [r for r in rows if r["attack"] == "inverting_gradients"]
     assert [r["attack.max_iterations"] for r in ig] == ["5", "20"]
     assert all(float(r["psnr"]) > 5 and r["grid"] for r in ig)
+    # the same seeded start in both cells (the random-start floor), same truth: same score
+    assert ig[0]["start_psnr"] == ig[1]["start_psnr"] and float(ig[0]["start_psnr"]) > 0
+    assert not rows[2]["start_psnr"]  # iDLG has no random start
     assert float(rows[2]["label_accuracy"]) == 1.0  # iDLG on one image: the label exactly
     assert all(r["epsilon"] == "inf" and 0 <= float(r["utility"]) <= 1 for r in rows)
     assert "client 7" in rows[3]["error"] and not rows[3]["psnr"]

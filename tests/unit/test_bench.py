@@ -134,9 +134,35 @@ class Fakes:
                   torch.rand(1, 1, 8, 8, generator=g))
         sigma = float(cell.axes["defenses.0.params.noise_multiplier"])
         return {"view": "server", "client": 1, "seconds": 0.01, "iterations": 5,
-                "metrics": {"psnr": 30.0 - 10 * sigma, "ssim": 0.9, "label_accuracy": 1.0},
+                "metrics": {"psnr": 30.0 - 10 * sigma, "ssim": 0.9, "label_accuracy": 1.0,
+                            "start_psnr": 9.5, "start_ssim": 0.05},
                 "grid": f"attacks/{cell.key}.png",
                 "defenses": [{"name": "dp_sgd", "noise_multiplier": sigma}]}
+
+
+def test_workers_auto_uses_ray_only_with_two_free_cpus_and_two_pending_cells(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from fl_sim.bench import runner
+    plan = load_grid(_write_grid(tmp_path, [0.0, 0.1, 1.0]))  # 6 cells
+    bench = tmp_path / "bench"
+
+    def machine(cpus: int, load: float) -> None:
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)))
+        monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
+
+    machine(8, 0.2)
+    assert runner.auto_workers(plan, bench) == 6  # one per pending cell, not per CPU
+    machine(8, 5.6)
+    assert runner.auto_workers(plan, bench) == 3  # 5 of the 8 CPUs are busy
+    machine(2, 1.2)
+    assert runner.auto_workers(plan, bench) == 1  # one free CPU: one by one, no Ray
+    machine(2, 0.0)
+    fakes = Fakes(kill_at=5)
+    with pytest.raises(KeyboardInterrupt):  # 5 of 6 cells done
+        run_bench(plan, bench, simulate=fakes.simulate, attack=fakes.attack)
+    assert runner.auto_workers(plan, bench) == 1  # one cell pending: Ray is not worth it
 
 
 def test_resume_after_a_kill_does_not_redo_finished_cells(tmp_path: Path) -> None:
@@ -179,13 +205,15 @@ def test_results_csv_columns_and_same_table_twice(tmp_path: Path) -> None:
     rows = tables[0]
     assert tables[0] == tables[1]
     assert list(rows[0])[:2] == ["defenses.0.params.noise_multiplier", "attack.max_iterations"]
-    for col in ("attack", "view", "round", "psnr", "ssim", "label_accuracy", "utility",
+    for col in ("attack", "view", "round", "psnr", "start_psnr", "ssim", "label_accuracy",
+                "start_ssim", "utility",
                 "utility_metric", "epsilon", "defenses", "grid", "error"):
         assert col in rows[0]
     assert len(rows) == 4
     assert [r["epsilon"] for r in rows] == ["inf", "inf", "10", "10"]  # sigma 0: no noise
     assert [r["utility"] for r in rows] == ["0.5", "0.5", "0.25", "0.25"]
     assert rows[0]["utility_metric"] == "eval_accuracy" and rows[2]["psnr"] == "20"
+    assert rows[2]["start_psnr"] == "9.5"  # the random-start floor beside the attack's PSNR
     assert rows[0]["defenses"] == "dp_sgd(noise_multiplier=0.0)"
     md = (tmp_path / "a" / "results.md").read_text().splitlines()
     assert len(md) == 2 + 4 and md[0].startswith("| defenses.0.params.noise_multiplier |")

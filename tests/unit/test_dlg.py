@@ -31,6 +31,7 @@ def test_dlg_improves_far_beyond_its_start(lenet) -> None:
     result = attack(record, generator=torch.Generator().manual_seed(0))
     start = initial_images((1, 3, 32, 32), "uniform", torch.Generator().manual_seed(0))
     gain = float(psnr(result.images, image) - psnr(start, image))
+    assert torch.equal(result.extras["start_images"], start)  # scored as start_psnr
     assert gain >= 6.0, gain
     assert result.labels.tolist() == label.tolist()
     assert result.images.shape == (1, 3, 32, 32)

@@ -282,6 +282,8 @@ def test_dlg_noise_stops_inverting_gradients_and_zero_noise_does_not() -> None:
             out = InvertingGradients(max_iterations=IG_ITERATIONS, labels="granted",
                                      tv_weight=0.0)(dataclasses.replace(rec, update=update),
                                                     generator=torch.Generator().manual_seed(0))
+            # the start the attack reports (the runner's start_psnr) is its own random start
+            assert torch.equal(out.extras["start_images"], start.images()[0].detach())
             return score_reconstruction(out.images, x)["psnr"]
 
         def defended(noise: float) -> dict[str, torch.Tensor]:
