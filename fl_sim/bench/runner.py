@@ -253,20 +253,23 @@ def estimate(plan: Plan, bench_dir: Path | None = None) -> dict[str, Any]:
 
 
 def _budget(cell: Cell) -> int:
-    p = cell.params
-    for k in ("max_iterations", "iterations", "steps"):
-        if isinstance(p.get(k), int):
-            return int(p[k]) * int(p.get("restarts", 1) or 1)
+    """Attack iterations of a cell for ``--dry-run``: its params over the attack's defaults
+    (``max_iterations`` / ``iterations`` / ``steps``, or GIDM's two phases), x restarts."""
+    import inspect
+
     from fl_sim.registry import ATTACKS
     try:
-        cls = ATTACKS.get(cell.attack)
-    except Exception:  # noqa: BLE001
-        return 0
-    for k in ("max_iterations", "iterations"):
-        v = getattr(cls, k, None)
-        if isinstance(v, int):
-            return v
-    return 0
+        defaults = {k: v.default for k, v in
+                    inspect.signature(ATTACKS.get(cell.attack).__init__).parameters.items()}
+    except Exception:  # noqa: BLE001 -- an unknown attack fails in its cell, not here
+        defaults = {}
+    p = {**defaults, **cell.params}
+    restarts = p.get("restarts") if isinstance(p.get("restarts"), int) else 1
+    for k in ("max_iterations", "iterations", "steps"):
+        if isinstance(p.get(k), int):
+            return int(p[k]) * restarts
+    phases = [p.get(k) for k in ("phase1_iterations", "phase2_iterations")]
+    return sum(v for v in phases if isinstance(v, int)) * restarts
 
 
 def _fmt_axes(axes: Mapping[str, Any]) -> str:

@@ -238,7 +238,7 @@ def test_a_failed_cell_shows_its_error_in_the_report(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("name", "sims", "cells"), [
     ("dp_sweep", 8, 16), ("pruning_sweep", 4, 8), ("quantization_sweep", 5, 10),
-    ("batch_size_sweep", 4, 12), ("secagg_sweep", 2, 4)])
+    ("batch_size_sweep", 4, 12), ("secagg_sweep", 2, 4), ("ldp_gidm_sweep", 4, 4)])
 def test_shipped_grids_expand_as_their_comments_say(name: str, sims: int, cells: int) -> None:
     plan = load_grid(Path(BASE).parent / "bench" / f"{name}.toml")
     assert (len(plan.simulations), len(plan.cells)) == (sims, cells)
