@@ -16,7 +16,11 @@ from typing import Any
 import pytest
 import torch
 from diffusers import DDPMScheduler
-from diffusion_cases import IMAGE_SIZE, digits_victims
+from diffusion_cases import (  # noqa: F401  (digits_prior is a fixture)
+    IMAGE_SIZE,
+    digits_prior,
+    digits_victims,
+)
 
 from attacks.ddim_sampler import DDIMSampler
 from attacks.gradients import parameter_gradients, split_state
@@ -162,7 +166,7 @@ def test_round_trip_and_projection_on_an_untrained_prior(tmp_path):
 
 
 @pytest.mark.slow
-def test_prior_raises_mean_ssim_on_the_peer_reconstructions(digits_prior):
+def test_prior_raises_mean_ssim_on_the_peer_reconstructions(digits_prior):  # noqa: F811
     """Issue 10's bar: mean SSIM after the prior >= before, per image recorded.
 
     16 other clients, one TEST digit each (the prior saw only TRAIN digits), FedSGD, the
