@@ -105,8 +105,9 @@ def _abar_before(sampler: DDIMSampler, t: int) -> Tensor | float:
 def ddim_invert(sampler: DDIMSampler, x0: Tensor) -> Tensor:
     """DDIM inversion: ``x0 [B, C, H, W]`` in model space [-1, 1] -> a latent ``x_T``.
 
-    Runs the sampler's steps backwards (Song et al. 2021, eq. 13 read from ``t_prev`` to ``t``,
-    with ``eps`` predicted at the current point and timestep ``t``: the usual approximation),
+    Runs the sampler's steps backwards (Song et al. 2021, sec. 4.3: the eta = 0 sampler as an
+    ODE that also encodes), each from ``t_prev`` up to ``t`` with ``eps`` predicted at the
+    current point and timestep ``t`` (the usual approximation),
     so ``sampler.sample(ddim_invert(sampler, x0))`` is close to ``x0`` for images the prior can
     produce. Raises :class:`~fl_sim.errors.ConfigError` unless the prior predicts ``epsilon``.
     """
