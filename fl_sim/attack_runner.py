@@ -35,7 +35,7 @@ from fl_sim.stores import append_jsonl
 logger = logging.getLogger(__name__)
 
 _BUDGET_KEYS = ("max_iterations", "restarts", "iterations", "steps", "phase1_iterations",
-                "phase2_iterations", "sampler_steps")
+                "phase2_iterations", "sampler_steps", "projection_iterations")
 
 
 def _load_run(run_dir: Path) -> Any:
