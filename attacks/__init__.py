@@ -13,7 +13,7 @@ __all__ = ["Attack", "Reconstruction"]
 
 # Each module registers its attack on import. Listed explicitly: a newcomer sees every attack.
 _MODULES = ("noop", "idlg", "dlg", "inverting_gradients", "peer_inversion", "gidm",
-            "gidm_plus", "peer_diffusion_prior")
+            "gidm_plus", "peer_diffusion_prior", "gias", "user_level_diffusion")
 
 for _name in _MODULES:
     try:
