@@ -164,6 +164,9 @@ def run_attack(run_dir: Path, cfg: ExperimentConfig, name: str, params: Mapping[
     truth_images, truth_labels = _truth(run, record, view, client, server_round)
     metrics = _score(recon, truth_images, truth_labels)
     metrics.update(_score_phases(recon.extras, truth_images))
+    if cfg.metrics.identity_model and recon.images.numel():  # user-level: who is shown
+        from fl_sim.identity import score_identity
+        metrics.update(score_identity(cfg.metrics.identity_model, recon.images, truth_labels))
     if view == "server" and "t" in recon.extras:  # attacks that search eps/t (gidm_plus)
         metrics.update(score_diffusion_aux(recon.extras, run.truth(server_round,
                                                                    record.client_id), metrics))

@@ -119,6 +119,15 @@ def _parser() -> argparse.ArgumentParser:
                     help="output directory = the prior (default: priors/<config name>)")
     tp.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    ti = sub.add_parser(
+        "train-identity", help="train the face-identity classifier of the identity metric",
+        description="Train a small identity CNN on the held-out split of CONFIG's [data] "
+                    "(identities = the source's groups, else its labels) and save it to OUT; "
+                    "name OUT as [metrics] identity_model in a run config.")
+    ti.add_argument("config", help="TOML with [data] and optional [identity] (split, epochs, "
+                                   "lr, batch_size, seed)")
+    ti.add_argument("--out", type=Path, required=True, help="output directory (the model)")
+
     bn = sub.add_parser(
         "bench", help="defense x attack grid: simulations once, attacks replayed, report",
         description="Expand GRID (see configs/bench/) into simulations (one per distinct "
@@ -319,6 +328,19 @@ def cmd_train_prior(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_identity(args: argparse.Namespace) -> int:
+    import tomllib
+
+    from fl_sim.errors import ConfigError
+    from fl_sim.identity import train_identity_from_config
+    try:
+        cfg = tomllib.loads(Path(args.config).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"{args.config}: cannot read the config: {exc}") from None
+    sys.stdout.write(f"{train_identity_from_config(cfg, args.out)}\n")
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from fl_sim.bench.grid import load_grid
     from fl_sim.bench.runner import auto_workers, estimate, run_bench
@@ -371,7 +393,8 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
 
 COMMANDS = {"run": cmd_run, "list": cmd_list, "attack": cmd_attack, "report": cmd_report,
             "validate": cmd_validate, "deploy-local": cmd_deploy_local,
-            "train-prior": cmd_train_prior, "bench": cmd_bench}
+            "train-prior": cmd_train_prior, "train-identity": cmd_train_identity,
+            "bench": cmd_bench}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -150,6 +150,9 @@ class MetricsConfig(_Section):
 
     lpips_weights: str | None = None
     lpips_net: Literal["alex", "vgg", "squeeze"] = "alex"
+    #: directory of an identity classifier (`fl-sim train-identity`): adds identity_top1,
+    #: identity_correct, sim_own, sim_others to each result whose truth is one identity
+    identity_model: str | None = None
 
     @model_validator(mode="after")
     def _lpips_available(self) -> MetricsConfig:
