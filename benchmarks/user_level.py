@@ -74,12 +74,14 @@ def train_identity_heldout(out: Path, x: torch.Tensor, y: torch.Tensor, *, batch
                           metadata={"data": "olivetti held-out", "per_user": 10 - batch})
 
 
-def user_record(images: torch.Tensor, label: int, *, seed: int = 0) -> Any:
-    """A FedSGD record of an untrained LeNet (40 classes) on one user's images."""
+def user_record(images: torch.Tensor, label: int, *, seed: int = 0, model: str = "mlp",
+                model_params: dict[str, Any] | None = None) -> Any:
+    """A FedSGD record of an untrained ``model`` (40 classes) on one user's images."""
     from fl_sim.records import ModelSpec, ObservationRecord
     from fl_sim.tasks.base import Batch
 
-    spec = ModelSpec(model="lenet", model_params={}, task="classifier", task_params={},
+    spec = ModelSpec(model=model, model_params=dict(model_params or {}), task="classifier",
+                     task_params={},
                      in_channels=1, num_classes=NUM_PEOPLE, image_size=images.shape[-1],
                      mean=(0.5,), std=(0.25,))
     from fl_sim.tasks import build_task
@@ -99,22 +101,23 @@ def user_record(images: torch.Tensor, label: int, *, seed: int = 0) -> Any:
 
 def attack_users(users: list[int], x: torch.Tensor, y: torch.Tensor, *, prior: Path,
                  identity: Path, batch: int, attack_params: dict[str, Any],
-                 seed: int = 0) -> list[dict[str, Any]]:
+                 seed: int = 0, model: str = "mlp",
+                 model_params: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Run ``user_level_diffusion`` on each user's record; identity-score the result."""
-    from fl_sim.identity import load_identity
+    from fl_sim.identity import identity_scores, load_identity
     from fl_sim.registry import ATTACKS
 
-    model = load_identity(identity)
+    judge = load_identity(identity)
     rows = []
     for u in users:
-        from fl_sim.identity import identity_scores
-        record = user_record(user_images(x, y, u)[:batch], u, seed=seed)
+        record = user_record(user_images(x, y, u)[:batch], u, seed=seed, model=model,
+                             model_params=model_params)
         attack = ATTACKS.create("user_level_diffusion", prior=str(prior), **attack_params)
         t0 = time.perf_counter()
         recon = attack(record, generator=torch.Generator().manual_seed(seed + u))
         row = {"user": u, "seconds": round(time.perf_counter() - t0, 2),
                "label_recovered": int(recon.labels[0]), "distance": recon.matching_loss,
-               **identity_scores(model, recon.images, u)}
+               **identity_scores(judge, recon.images, u)}
         rows.append(row)
     return rows
 
@@ -134,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--users", type=int, default=10)
     ap.add_argument("--size", type=int, default=16)
     ap.add_argument("--batch", type=int, default=7)
-    ap.add_argument("--prior-steps", type=int, default=1500)
+    ap.add_argument("--prior-steps", type=int, default=800)
     ap.add_argument("--iterations", type=int, default=150)
     ap.add_argument("--num-generated", type=int, default=4)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "user_level")

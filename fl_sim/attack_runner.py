@@ -170,7 +170,7 @@ def run_attack(run_dir: Path, cfg: ExperimentConfig, name: str, params: Mapping[
     if view == "server" and "t" in recon.extras:  # attacks that search eps/t (gidm_plus)
         metrics.update(score_diffusion_aux(recon.extras, run.truth(server_round,
                                                                    record.client_id), metrics))
-    grid = None
+    grid = plain_key = None
     if recon.images.numel():
         # Originals over their Hungarian-matched reconstructions (the scoring's matching).
         r_idx, t_idx = metrics["recon_index"], metrics["truth_index"]
@@ -181,7 +181,10 @@ def run_attack(run_dir: Path, cfg: ExperimentConfig, name: str, params: Mapping[
                                            net=cfg.metrics.lpips_net).mean())
         grid_path = run_dir / "attacks" / f"{name}_{view}_r{server_round}_c{record.client_id}" \
                                          f"_{key[-6:]}.png"
-        save_grid(grid_path, truth_m, recon_m)
+        plain_key = next((k for k in _PLAIN_KEYS if isinstance(recon.extras.get(k), torch.Tensor)
+                          and recon.extras[k].shape == recon.images.shape), None)
+        save_grid(grid_path, truth_m, recon_m,
+                  plain=recon.extras[plain_key][r_idx] if plain_key else None)
         grid = str(grid_path.relative_to(run_dir))
     result = {
         "key": key, "attack": name, "view": view, "round": server_round,
@@ -196,6 +199,7 @@ def run_attack(run_dir: Path, cfg: ExperimentConfig, name: str, params: Mapping[
         "adapted_to": list(recon.extras.get("adapted_to", [])),
         "iterations": recon.iterations, "matching_loss": _finite(recon.matching_loss),
         "num_images": int(truth_images.shape[0]), "metrics": metrics, "grid": grid,
+        **({"grid_plain": plain_key} if grid and plain_key else {}),
         # JSON-safe; large tensors (e.g. phase images) saved beside the grid, path in the row
         "extras": extras_to_json(recon.extras, run_dir, f"attacks/{name}_{view}_r{server_round}"
                                                         f"_c{record.client_id}_{key[-6:]}"),
@@ -204,6 +208,10 @@ def run_attack(run_dir: Path, cfg: ExperimentConfig, name: str, params: Mapping[
     logger.info("%s on round %d client %s: %s", name, server_round, record.client_id,
                 {k: v for k, v in metrics.items() if not isinstance(v, list)})
     return [result]
+
+
+#: extras holding the same attack's images before its prior: the grid's middle row
+_PLAIN_KEYS = ("before_images", "phase1_images")
 
 
 def _record(run: Any, view: str, client: int | None, server_round: int,

@@ -188,9 +188,14 @@ def identity_scores(model: IdentityModel, recon: Tensor, identity: int) -> dict[
     emb = F.normalize(model.net.embed(x), dim=1)
     gal = F.normalize(model.gallery, dim=1)
     sims = emb @ gal.T  # [R, G]
-    top1 = int(model.net.head(model.net.embed(x)).mean(0).argmax())
+    classes = torch.unique(model.gallery_ids)
+    per_id = torch.stack([sims[:, model.gallery_ids == c].mean() for c in classes])  # [I]
+    top1 = int(classes[per_id.argmax()])
+    head = int(model.net.head(model.net.embed(x)).mean(0).argmax())
+    rank = 1 + int((per_id > per_id[classes == int(identity)][0]).sum())
     return {"identity_top1": float(top1), "identity_true": float(identity),
-            "identity_correct": float(top1 == int(identity)),
+            "identity_correct": float(top1 == int(identity)), "identity_rank": float(rank),
+            "identity_top1_head": float(head),
             "sim_own": float(sims[:, own].mean()), "sim_others": float(sims[:, ~own].mean())}
 
 

@@ -81,11 +81,16 @@ def image_grid(rows: Sequence[Tensor], *, pad: int = 2, scale: int = 0) -> np.nd
     return (grid * 255 + 0.5).astype(np.uint8)
 
 
-def save_grid(path: Path, originals: Tensor, reconstructions: Tensor) -> Path:
-    """PNG with the originals over their (matched) reconstructions."""
+def save_grid(path: Path, originals: Tensor, reconstructions: Tensor,
+              plain: Tensor | None = None) -> Path:
+    """PNG with the originals over their (matched) reconstructions; with ``plain`` (the same
+    attack's images before its prior, in the same order) a middle row: original / plain /
+    with-prior side by side per column."""
     from PIL import Image
     path.parent.mkdir(parents=True, exist_ok=True)
     rows = [originals, reconstructions] if originals.numel() else [reconstructions]
+    if plain is not None and plain.numel():
+        rows.insert(len(rows) - 1, plain)
     Image.fromarray(image_grid(rows)).save(path)
     return path
 
@@ -298,13 +303,19 @@ def _privacy_utility(results: Sequence[Mapping[str, Any]],
                      # the PSNR of the attack's random start: the floor a defense pushes to
                      "start_psnr": m.get("start_psnr"), "ssim": m.get("ssim"),
                      "label_accuracy": m.get("label_accuracy"),
+                     # identity metric (fl_sim/identity.py), where the truth is one identity
+                     **{k: m.get(k) for k in _IDENTITY_COLS},
                      "error": "failed" if r.get("error") else "", **util})
     cols = ["attack", "view", "round", "defenses", "psnr", "start_psnr", "ssim",
-            "label_accuracy", *util, "error"]
+            "label_accuracy", *_IDENTITY_COLS, *util, "error"]
     cols = [c for c in cols if any(row.get(c) not in (None, "") for row in rows)]
     return ("<h3>Privacy and utility</h3><p>Each attack's result beside the final global "
             "model's utility and the privacy budget spent (last round).</p>"
             + _table(rows, cols))
+
+
+#: identity-metric columns (``[metrics] identity_model``), shown where a result has them
+_IDENTITY_COLS = ("identity_top1", "identity_correct", "sim_own", "sim_others")
 
 
 def _attack_section(run_dir: Path, r: Mapping[str, Any]) -> str:
@@ -312,7 +323,8 @@ def _attack_section(run_dir: Path, r: Mapping[str, Any]) -> str:
              f"{r.get('view')} view, round {r.get('round')}, client {r.get('client')}")
     m = dict(r.get("metrics", {}))
     summary = {k: m.get(k) for k in ("psnr", "start_psnr", "ssim", "mse", "label_accuracy",
-                                     "lpips")
+                                     "lpips", *_IDENTITY_COLS, "before_psnr", "before_ssim",
+                                     "phase1_psnr", "phase1_ssim")
                if m.get(k) is not None}
     summary["seconds"] = r.get("seconds")
     out = [f"<h3>{html.escape(title)}</h3>"]
@@ -321,7 +333,11 @@ def _attack_section(run_dir: Path, r: Mapping[str, Any]) -> str:
                    + html.escape(str(r["error"])) + "</pre>")
         return "".join(out)
     if r.get("grid"):
-        out.append("<p>top: private images · bottom: reconstructions (matched)</p>")
+        middle = r.get("grid_plain")  # the extras key of the plain row (runner), if any
+        out.append("<p>top: private images · " + (
+            f"middle: plain reconstructions ({html.escape(str(middle))}) · bottom: with the "
+            "prior (matched, same columns)</p>" if middle else
+            "bottom: reconstructions (matched)</p>"))
         out.append(_run_img_tag(run_dir, r["grid"], title))
     out.append(_table([summary], list(summary)))
     out.append(_table([{"assumed knowledge": _cell(r.get("knowledge", {})),
