@@ -155,6 +155,15 @@ class MetricsConfig(_Section):
     identity_model: str | None = None
 
     @model_validator(mode="after")
+    def _identity_model_exists(self) -> MetricsConfig:
+        if self.identity_model is not None and not (
+                Path(self.identity_model) / "identity.json").is_file():
+            raise ValueError(f"identity_model = {self.identity_model!r}: not an identity model "
+                             "directory (no identity.json; train one with `fl-sim "
+                             "train-identity`)")
+        return self
+
+    @model_validator(mode="after")
     def _lpips_available(self) -> MetricsConfig:
         if self.lpips_weights is not None:
             from fl_sim.metrics import lpips_available

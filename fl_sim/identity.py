@@ -5,9 +5,11 @@ not the private batch, so PSNR/SSIM against the batch say little. This module sc
 reconstruction by WHO it shows, with a small CNN trained on HELD-OUT images of every user
 (images no client trains on; e.g. the ``test`` split of an ``npz`` source with groups):
 
-- ``identity_top1``: the identity the classifier assigns to the reconstruction (the argmax of
-  its mean logits over the reconstructed images);
-- ``identity_correct``: 1.0 when that is the attacked user's identity, else 0.0;
+- ``identity_top1``: the identity whose gallery images the reconstruction's embedding is most
+  similar to on average (cosine; nearest class mean in the classifier's embedding space);
+  ``identity_top1_head``: the classifier head's argmax of the mean logits;
+- ``identity_correct``: 1.0 when ``identity_top1`` is the attacked user's identity, else 0.0;
+  ``identity_rank``: the rank of the true identity in that ordering (1 = top);
 - ``sim_own`` / ``sim_others``: mean cosine similarity of the reconstruction's penultimate
   embedding to the embeddings of the attacked user's held-out ("gallery") images / to those
   of every other user's.

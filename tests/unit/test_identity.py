@@ -116,3 +116,12 @@ def test_report_shows_identity_columns_and_plain_row(tmp_path) -> None:
     for col in ("identity_top1", "identity_correct", "sim_own", "sim_others", "0.91"):
         assert col in page
     assert "middle: plain reconstructions (before_images)" in page
+
+
+def test_metrics_option_refuses_a_missing_model(tmp_path) -> None:
+    import pydantic
+
+    from fl_sim.config import MetricsConfig
+
+    with pytest.raises(pydantic.ValidationError, match="identity_model"):
+        MetricsConfig(identity_model=str(tmp_path / "none"))
