@@ -189,7 +189,7 @@ class GIAS(Attack):
     making images of the classifier's channels and size, ASSUMED trained on public data
     disjoint from the victims'; ``phase1_iterations`` (100) Adam steps on the DDIM latents
     (``lr_latent`` 0.1, cosine decay); ``phase2_iterations`` (50) Adam steps on per-image
-    copies of the prior's parameters (``lr_params`` 1e-3, cosine decay; 0 returns phase 1's
+    copies of the prior's parameters (``lr_params`` 1e-4, cosine decay; 0 returns phase 1's
     images); ``drift_weight`` (0.1) of the relative parameter-drift penalty;
     ``sampler_steps`` (5) K of the DDIM sampler; ``distance``: ``"cosine"`` (Inverting
     Gradients', default) or ``"l2"``; ``labels``: ``"granted"`` (knowledge ``labels``),
@@ -205,7 +205,7 @@ class GIAS(Attack):
 
     def __init__(self, *, prior: str | None = None, phase1_iterations: int = 100,
                  phase2_iterations: int = 50, sampler_steps: int = 5, lr_latent: float = 0.1,
-                 lr_params: float = 1e-3, drift_weight: float = 0.1,
+                 lr_params: float = 1e-4, drift_weight: float = 0.1,
                  distance: Literal["cosine", "l2"] = "cosine", labels: LabelSource = "auto",
                  multi_step: MultiStep = "auto") -> None:
         _check("prior", isinstance(prior, str) and prior.strip() != "", prior,
