@@ -136,8 +136,8 @@ def main() -> None:
                    "phase1_over_sampler_pass": p1 / timing["sampler_pass_s"],
                    "phase2_over_sampler_pass": p2 / timing["sampler_pass_s"]})
     print(json.dumps({k: round(v, 5) for k, v in timing.items()}))
-    result = {"model": MODEL, "batch": args.batch, "batches": args.batches, "budget": budget, "seed": args.seed,
-              "prior": prior, "rows": rows, "mean": mean, "timing": timing}
+    result = {"model": MODEL, "batch": args.batch, "batches": args.batches, "budget": budget,
+              "seed": args.seed, "prior": prior, "rows": rows, "mean": mean, "timing": timing}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
