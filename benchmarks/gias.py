@@ -72,9 +72,9 @@ def base_costs(record, prior: str, n: int, steps: int, repeats: int) -> dict[str
             "sampler_pass_s": _seconds(sampler_pass, repeats)}
 
 
-def one_batch(prior: str, start: int, n: int, budget: dict, seed: int) -> dict:
-    """GIAS then equal-time IG on TEST digits ``start .. start+n-1``."""
-    record, truth = gias_case(start, n, **MODEL)
+def one_batch(prior: str, start: int, n: int, budget: dict, seed: int, data=None) -> dict:
+    """GIAS then equal-time IG on TEST images ``start .. start+n-1`` (digits, or ``data``)."""
+    record, truth = gias_case(start, n, data=data, **MODEL)
     t0 = time.perf_counter()
     g = GIAS(prior=prior, **budget)(record, generator=torch.Generator().manual_seed(seed))
     seconds = time.perf_counter() - t0
@@ -104,6 +104,9 @@ def main() -> None:
     ap.add_argument("--lr-params", type=float, default=1e-4)
     ap.add_argument("--drift-weight", type=float, default=0.1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mnist", help="an npz of MNIST (e.g. ../shared/data/mnist_test.npz): "
+                    "victims from the npz source's TEST split (seed-0 20%% split), at 16x16; "
+                    "the --prior must be trained on that source's TRAIN split")
     ap.add_argument("--repeats", type=int, default=5, help="timing repeats")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "gias.json"))
     args = ap.parse_args()
@@ -112,7 +115,11 @@ def main() -> None:
     budget = {**GIAS_BUDGET, "phase1_iterations": args.phase1,
               "phase2_iterations": args.phase2, "sampler_steps": args.sampler_steps,
               "lr_params": args.lr_params, "drift_weight": args.drift_weight}
-    rows = [one_batch(prior, b * args.batch, args.batch, budget, args.seed)
+    data = None
+    if args.mnist:
+        from fl_sim.registry import DATA_SOURCES
+        data = DATA_SOURCES.get("npz")(path=Path(args.mnist), image_size=16)
+    rows = [one_batch(prior, b * args.batch, args.batch, budget, args.seed, data)
             for b in range(args.batches)]
     print(f"GIAS {args.phase1}+{args.phase2} it, K={args.sampler_steps}, batch {args.batch}; "
           "IG at equal wall time")
@@ -126,7 +133,7 @@ def main() -> None:
     print(f" mean  {'':7s}  {'':5s}  {mean['phase1_psnr']:7.2f}  {mean['gias_psnr']:9.2f}  "
           f"{mean['ig_psnr']:7.2f}  {mean['phase1_ssim']:7.3f}  {mean['gias_ssim']:9.3f}  "
           f"{mean['ig_ssim']:7.3f}")
-    rec, _ = gias_case(0, args.batch, **MODEL)
+    rec, _ = gias_case(0, args.batch, data=data, **MODEL)
     timing = base_costs(rec, prior, args.batch, args.sampler_steps, args.repeats)
     p1 = statistics.fmean(r["phase1_seconds"] for r in rows) / max(args.phase1, 1)
     p2 = statistics.fmean(r["phase2_seconds"] for r in rows) / max(args.phase2, 1)
@@ -136,8 +143,9 @@ def main() -> None:
                    "phase1_over_sampler_pass": p1 / timing["sampler_pass_s"],
                    "phase2_over_sampler_pass": p2 / timing["sampler_pass_s"]})
     print(json.dumps({k: round(v, 5) for k, v in timing.items()}))
-    result = {"model": MODEL, "batch": args.batch, "batches": args.batches, "budget": budget,
-              "seed": args.seed, "prior": prior, "rows": rows, "mean": mean, "timing": timing}
+    result = {"data": args.mnist or "digits", "model": MODEL, "batch": args.batch,
+              "batches": args.batches, "budget": budget, "seed": args.seed, "prior": prior,
+              "rows": rows, "mean": mean, "timing": timing}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -12,10 +12,11 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
-from diffusion_cases import digits_prior, digits_victims  # noqa: F401  (fixture)
+from diffusion_cases import digits_prior  # noqa: F401  (fixture)
 from test_peer_diffusion_prior import _digits, _one_line, digits_spec, tiny_prior
 
 from attacks.gias import GIAS
@@ -47,16 +48,20 @@ IG_BASE = {"labels": "granted", "tv_weight": 0.0}
 
 
 def gias_case(start: int = 0, n: int = 4, *, seed: int = 0, model: str = "lenet",
-              model_params: dict | None = None) -> tuple[ObservationRecord, torch.Tensor]:
-    """``(server record, truth [n, 1, 16, 16])``: the mean gradient of TEST digits
-    ``start .. start+n-1`` on the seeded ``model`` (eval mode), labels granted."""
+              model_params: dict | None = None, data: Any = None
+              ) -> tuple[ObservationRecord, torch.Tensor]:
+    """``(server record, truth [n, 1, 16, 16])``: the mean gradient of TEST images
+    ``start .. start+n-1`` of ``data`` (a grey 16x16 ``DataSplits``; default the digits) on
+    the seeded ``model`` (eval mode), normalised with the data's statistics, labels granted."""
     from fl_sim.tasks import build_task
 
-    spec = dataclasses.replace(digits_spec(model), model_params=dict(model_params or {}))
+    d = data if data is not None else _digits()
+    spec = dataclasses.replace(digits_spec(model), model_params=dict(model_params or {}),
+                               mean=tuple(d.mean), std=tuple(d.std))
     task = build_task(spec, seed=seed)
     task.model.eval()
-    x = digits_victims(n, start)
-    y = torch.as_tensor(_digits().test.labels[start:start + n]).long()
+    x = torch.as_tensor(d.test.images[start:start + n]).float().clone()
+    y = torch.as_tensor(d.test.labels[start:start + n]).long()
     params, buffers = split_state(task, task.model.state_dict())
     grad = parameter_gradients(task, params, buffers, Batch(x, y))
     record = ObservationRecord(
