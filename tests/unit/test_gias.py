@@ -143,6 +143,31 @@ def test_phases_shapes_and_monotone_matching(tmp_path):
     assert torch.equal(out.images, again.images)
 
 
+def test_fedavg_delta_is_unrolled_as_inverting_gradients(tmp_path):
+    """A FedAvg delta (2 local SGD steps of batch 2 on 4 images) is matched by unrolling, with
+    the same assumptions recorded as ``inverting_gradients`` records."""
+    record, _ = gias_case(n=4)
+    from fl_sim.tasks import build_task
+
+    task = build_task(record.spec, seed=0)
+    task.model.eval()
+    p, buffers = split_state(task, record.global_params)
+    x = torch.as_tensor(_digits().test.images[:4]).float()
+    y = record.knowledge["labels"]
+    for k in range(2):
+        g = parameter_gradients(task, p, buffers, Batch(x[2 * k:2 * k + 2], y[2 * k:2 * k + 2]))
+        p = {name: v - 0.1 * g[name] for name, v in p.items()}
+    delta = {name: p[name] - v for name, v in split_state(task, record.global_params)[0].items()}
+    rec = dataclasses.replace(record, update=delta, update_kind="delta", local_steps=2,
+                              lr=0.1, batch_size=2, num_examples=4)
+    attack = GIAS(prior=str(tiny_prior(tmp_path / "p")), phase1_iterations=2,
+                  phase2_iterations=1, sampler_steps=2, labels="granted")
+    out = attack.reconstruct(rec, generator=torch.Generator().manual_seed(0))
+    assert out.images.shape == (4, 1, 16, 16)
+    assert out.assumed["local_training"]["local_steps"] == 2
+    assert 0 <= out.extras["phase1_matching_loss"] <= 2
+
+
 # -- quality bar (slow) -----------------------------------------------------------------------
 
 
