@@ -232,7 +232,7 @@ def test_attack_runner_scores_recovered_t_and_eps_beside_psnr(task, tmp_path, on
     run = SimpleNamespace(view=lambda role, grant=(): view, truth=lambda r, c: truth,
                           config=SimpleNamespace(defenses=()))
     cfg = SimpleNamespace(run=SimpleNamespace(seed=0, device="cpu"),
-                          metrics=SimpleNamespace(lpips_weights=None))
+                          metrics=SimpleNamespace(lpips_weights=None, identity_model=None))
     params = {"phase1_iterations": 0, "phase2_iterations": 1, "t_candidates": 1,
               "sweep_iterations": 1}
     (row,) = run_attack(tmp_path, cfg, "gidm_plus", params, view="server", client=0,
