@@ -67,20 +67,10 @@ def _check(name: str, ok: bool, value: Any, allowed: str) -> None:
 
 
 def load_gias_prior(path: str, spec: Any, *, device: torch.device) -> Any:
-    """The prior at ``path``, checked against the classifier ``spec`` (channels, size).
-
-    Raises :class:`~fl_sim.errors.MissingResourceError` (no such path),
-    :class:`~fl_sim.errors.DataError` (not a prior) or :class:`~fl_sim.errors.ConfigError`
-    (its images are not the classifier's shape), each one line.
-    """
-    from fl_sim.priors import load_prior
-
-    prior = load_prior(path, device=device)
-    if (prior.in_channels, prior.image_size) != (spec.in_channels, spec.image_size):
-        raise ConfigError(f"gias.prior: {path} makes {prior.in_channels}x{prior.image_size}x"
-                          f"{prior.image_size} images; the attacked classifier takes "
-                          f"{spec.in_channels}x{spec.image_size}x{spec.image_size}")
-    return prior
+    """The prior at ``path``, checked against the classifier ``spec`` (one-line errors:
+    :func:`fl_sim.priors.load_prior_for`)."""
+    from fl_sim.priors import load_prior_for
+    return load_prior_for(path, spec, attack="gias", device=device)
 
 
 class Matching:

@@ -76,23 +76,12 @@ def _check(name: str, ok: bool, value: Any, allowed: str) -> None:
         raise ConfigError(f"peer_diffusion_prior.{name}: got {value!r}; allowed: {allowed}")
 
 
-def load_matching_prior(path: str, spec: Any, *, device: torch.device) -> Any:
-    """The prior at ``path`` (:func:`fl_sim.priors.load_prior`), checked against the record's
-    classifier ``spec`` (``in_channels``, ``image_size``).
-
-    Raises :class:`~fl_sim.errors.MissingResourceError` (no such path),
-    :class:`~fl_sim.errors.DataError` (not a prior) or :class:`~fl_sim.errors.ConfigError`
-    (its images are not the classifier's shape), each one line.
-    """
-    from fl_sim.priors import load_prior
-
-    prior = load_prior(path, device=device)
-    if (prior.in_channels, prior.image_size) != (spec.in_channels, spec.image_size):
-        raise ConfigError(f"peer_diffusion_prior.prior: {path} makes {prior.in_channels}x"
-                          f"{prior.image_size}x{prior.image_size} images; the attacked "
-                          f"classifier takes {spec.in_channels}x{spec.image_size}x"
-                          f"{spec.image_size}")
-    return prior
+def load_matching_prior(path: str, spec: Any, *, device: torch.device,
+                        attack: str = "peer_diffusion_prior") -> Any:
+    """The prior at ``path``, checked against the record's classifier ``spec`` (one-line
+    errors: :func:`fl_sim.priors.load_prior_for`)."""
+    from fl_sim.priors import load_prior_for
+    return load_prior_for(path, spec, attack=attack, device=device)
 
 
 def _abar_before(sampler: DDIMSampler, t: int) -> Tensor | float:

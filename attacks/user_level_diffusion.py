@@ -130,7 +130,8 @@ class UserLevelDiffusion(Attack):
                     generator: torch.Generator) -> Reconstruction:
         """Optimise K latents so the generated batch's gradient matches the record's."""
         assert self.prior is not None  # checked in __init__
-        prior = load_matching_prior(self.prior, record.spec, device=self.device)
+        prior = load_matching_prior(self.prior, record.spec, device=self.device,
+                                    attack="user_level_diffusion")
         sampler = DDIMSampler.from_scheduler(prior.unet, prior.scheduler, self.sampler_steps)
         task = attack_task(record, device=self.device)
         params, buffers = split_state(task, record.global_params, device=self.device)

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fl_sim.errors import DataError, MissingResourceError
+from fl_sim.errors import ConfigError, DataError, MissingResourceError
 
 logger = logging.getLogger(__name__)
 
@@ -228,3 +228,22 @@ def prior_task(prior: Prior) -> Any:
     task.scheduler = prior.scheduler
     task.alphas_cumprod = prior.alphas_cumprod.detach().to("cpu", torch.float32).clone()
     return task
+
+
+def load_prior_for(path: str | Path, spec: Any, *, attack: str,
+                   device: str | torch.device = "cpu") -> Prior:
+    """:func:`load_prior`, checked against the attacked classifier's ``spec``
+    (``in_channels``, ``image_size``) for the prior-based attacks (gias, peer_diffusion_prior,
+    user_level_diffusion).
+
+    Raises :class:`~fl_sim.errors.MissingResourceError` (no such path),
+    :class:`~fl_sim.errors.DataError` (not a prior) or :class:`~fl_sim.errors.ConfigError`
+    (its images are not the classifier's shape, named as ``<attack>.prior``), each one line.
+    """
+    prior = load_prior(path, device=device)
+    if (prior.in_channels, prior.image_size) != (spec.in_channels, spec.image_size):
+        raise ConfigError(f"{attack}.prior: {path} makes {prior.in_channels}x"
+                          f"{prior.image_size}x{prior.image_size} images; the attacked "
+                          f"classifier takes {spec.in_channels}x{spec.image_size}x"
+                          f"{spec.image_size}")
+    return prior
