@@ -30,46 +30,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "unit")]
 
 from diffusion_cases import train_digits_prior  # noqa: E402
+from prior_costs import unit_costs  # noqa: E402
 from test_gias import GIAS_BUDGET, MODEL, equal_time_ig, gias_case  # noqa: E402
 
 from attacks.ddim_sampler import DDIMSampler  # noqa: E402
 from attacks.gias import GIAS, load_gias_prior  # noqa: E402
 from fl_sim.metrics import score_reconstruction  # noqa: E402
-from fl_sim.tasks import build_task  # noqa: E402
-
-
-def _seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - t0) / repeats
 
 
 def base_costs(record, prior: str, n: int, steps: int, repeats: int) -> dict[str, float]:
     """Seconds of one plain training step of the attacked classifier and one no-grad sampler
     pass on ``n`` images."""
-    task = build_task(record.spec, seed=0)
-    task.model.eval()
-    x = torch.rand(n, 1, 16, 16, generator=torch.Generator().manual_seed(0))
-    y = torch.arange(n) % 10
-    opt = torch.optim.SGD(task.model.parameters(), lr=0.01)
-
-    def train_step() -> None:
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(task.model(task.normalize(x)), y).backward()
-        opt.step()
-
     p = load_gias_prior(prior, record.spec, device=torch.device("cpu"))
     sampler = DDIMSampler.from_scheduler(p.unet, p.scheduler, steps)
-    z = torch.randn(n, 1, 16, 16, generator=torch.Generator().manual_seed(1))
-
-    def sampler_pass() -> None:
-        with torch.no_grad():
-            sampler.sample(z)
-
-    return {"train_step_s": _seconds(train_step, repeats * 20),
-            "sampler_pass_s": _seconds(sampler_pass, repeats)}
+    return unit_costs(record.spec, sampler, n, step_repeats=repeats * 20,
+                      sampler_repeats=repeats)
 
 
 def one_batch(prior: str, start: int, n: int, budget: dict, seed: int, data=None) -> dict:

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "unit")]
 
 from diffusion_cases import train_digits_prior  # noqa: E402
+from prior_costs import seconds_per_call, unit_costs  # noqa: E402
 from test_peer_diffusion_prior import INVERSION, peer_case  # noqa: E402
 
 from attacks.ddim_sampler import DDIMSampler  # noqa: E402
@@ -38,7 +39,6 @@ from attacks.peer_diffusion_prior import (  # noqa: E402
     project,
 )
 from fl_sim.metrics import score_reconstruction  # noqa: E402
-from fl_sim.tasks import build_task  # noqa: E402
 
 #: projection variants scored on the same plain reconstructions: (label, pool, iterations, init)
 ABLATION = [("round trip only", 4, 0, "inversion"), ("pool 4, 20 it (default)", 4, 20, "inversion"),
@@ -53,39 +53,14 @@ def _scores(images: torch.Tensor, truth: torch.Tensor) -> dict:
             "psnr_per_image": s["psnr_per_image"], "ssim_per_image": s["ssim_per_image"]}
 
 
-def _seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - t0) / repeats
-
-
 def costs(record, sampler: DDIMSampler, n: int, repeats: int) -> dict[str, float]:
     """Seconds of one classifier training step, one sampler pass, one projection iteration."""
-    task = build_task(record.spec, seed=0)
-    task.model.eval()
     x = torch.rand(n, 1, 16, 16, generator=torch.Generator().manual_seed(0))
-    y = torch.arange(n) % 10
-    opt = torch.optim.SGD(task.model.parameters(), lr=0.01)
-
-    def train_step() -> None:
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(task.model(task.normalize(x)), y).backward()
-        opt.step()
-
     z = torch.randn(n, 1, 16, 16, generator=torch.Generator().manual_seed(1))
-
-    def sampler_pass() -> None:
-        with torch.no_grad():
-            sampler.sample(z)
-
-    def projection_iteration() -> None:
-        project(sampler, x, z, iterations=1, lr=0.05, pool=4)
-
-    out = {"train_step_s": _seconds(train_step, repeats * 10),
-           "sampler_pass_s": _seconds(sampler_pass, repeats),
-           "projection_iteration_s": _seconds(projection_iteration, repeats)}
+    out = unit_costs(record.spec, sampler, n, step_repeats=repeats * 10,
+                     sampler_repeats=repeats)
+    out["projection_iteration_s"] = seconds_per_call(
+        lambda: project(sampler, x, z, iterations=1, lr=0.05, pool=4), repeats)
     out["projection_over_train_step"] = out["projection_iteration_s"] / out["train_step_s"]
     out["projection_over_sampler_pass"] = out["projection_iteration_s"] / out["sampler_pass_s"]
     return out
