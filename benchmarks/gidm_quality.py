@@ -86,15 +86,22 @@ def _equal_time_pixel_only(rec, args, seed: int, budget_s: float) -> tuple[torch
 
 
 def oracle_psnr(task, x: torch.Tensor, args, seed: int) -> list[float]:
-    """PSNR of the prior's closest sample to the TRUE images ``x``: ``--oracle`` Adam steps
+    """PSNR of the prior's (``--gidm-prior`` or the global model's) closest sample to the
+    TRUE images ``x``: ``--oracle`` Adam steps
     (lr ``--lr-latent``, as phase 1) on the ``--sampler-steps`` DDIM sampler's latent,
     minimising the pixel MSE -- the ceiling of GIDM's latent search on this prior."""
     from attacks.ddim_sampler import DDIMSampler
 
-    sampler = DDIMSampler.from_scheduler(task.model, task.scheduler, args.sampler_steps)
+    unet, scheduler = task.model, task.scheduler
+    if getattr(args, "gidm_prior", None):  # the prior GIDM's phase 1 searches
+        from fl_sim.priors import load_prior
+
+        loaded = load_prior(args.gidm_prior, device=torch.device("cpu"))
+        unet, scheduler = loaded.unet, loaded.scheduler
+    sampler = DDIMSampler.from_scheduler(unet, scheduler, args.sampler_steps)
     z = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).requires_grad_(True)
     opt = torch.optim.Adam([z], lr=args.lr_latent)
-    for p in task.model.parameters():
+    for p in unet.parameters():
         p.requires_grad_(False)
     try:
         for _ in range(args.oracle):
@@ -103,7 +110,7 @@ def oracle_psnr(task, x: torch.Tensor, args, seed: int) -> list[float]:
             loss.backward()
             opt.step()
     finally:
-        for p in task.model.parameters():
+        for p in unet.parameters():
             p.requires_grad_(True)
     with torch.no_grad():
         return _matched_psnr(sampler.images(z), x)
@@ -114,6 +121,7 @@ def run_batch(task, spec, x, args, seed: int) -> dict:
     rec = diffusion_record(task, spec, x, aux=aux)
     gidm = GIDM(phase1_iterations=args.phase1, phase2_iterations=args.phase2,
                 sampler_steps=args.sampler_steps, lr_latent=args.lr_latent,
+                prior=str(args.gidm_prior) if args.gidm_prior else None,
                 lr_pixels=args.lr_pixels, second_order=args.second_order)
     t0 = _clock(args.clock)
     out = gidm(rec, generator=torch.Generator().manual_seed(seed))
@@ -146,6 +154,9 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--second-order", default="finite_difference",
                    choices=("exact", "finite_difference", "central_difference"))
+    p.add_argument("--gidm-prior", type=Path, default=None,
+                   help="GIDM's phase-1 prior (`gidm.prior`: a train-prior output); default: "
+                        "the global model itself, as in the paper")
     p.add_argument("--oracle", type=int, default=0, metavar="N",
                    help="also project the true images onto the prior with N Adam steps "
                         "(the ceiling of phase 1); 0 = skip")
