@@ -74,7 +74,7 @@ def _equal_time_pixel_only(rec, args, seed: int, budget_s: float) -> tuple[torch
             raise _OutOfTime
 
     pix = GIDM(phase1_iterations=0, phase2_iterations=100_000, lr_pixels=args.lr_pixels,
-               second_order=args.second_order)
+               second_order=args.second_order, phase2_optimizer=args.phase2_optimizer)
     try:
         pix.device = torch.device("cpu")  # what Attack.__call__ sets; reconstruct takes the
         out = pix.reconstruct(rec, generator=torch.Generator().manual_seed(seed),  # callback
@@ -122,6 +122,7 @@ def run_batch(task, spec, x, args, seed: int) -> dict:
     gidm = GIDM(phase1_iterations=args.phase1, phase2_iterations=args.phase2,
                 sampler_steps=args.sampler_steps, lr_latent=args.lr_latent,
                 prior=str(args.gidm_prior) if args.gidm_prior else None,
+                phase2_optimizer=args.phase2_optimizer,
                 lr_pixels=args.lr_pixels, second_order=args.second_order)
     t0 = _clock(args.clock)
     out = gidm(rec, generator=torch.Generator().manual_seed(seed))
@@ -157,6 +158,8 @@ def main() -> None:
     p.add_argument("--gidm-prior", type=Path, default=None,
                    help="GIDM's phase-1 prior (`gidm.prior`: a train-prior output); default: "
                         "the global model itself, as in the paper")
+    p.add_argument("--phase2-optimizer", default="lbfgs", choices=("lbfgs", "lbfgsb", "adam"),
+                   help="pixel optimiser of GIDM's phase 2 AND of pixel-only (gidm option)")
     p.add_argument("--oracle", type=int, default=0, metavar="N",
                    help="also project the true images onto the prior with N Adam steps "
                         "(the ceiling of phase 1); 0 = skip")

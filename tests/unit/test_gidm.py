@@ -137,11 +137,32 @@ def test_gidm_phases_recorded_and_phase2_never_worse(untrained):
     assert float(match(out.images).detach()) == pytest.approx(out.matching_loss, rel=1e-4)
 
 
+def test_lbfgsb_phase2_stays_in_the_box_and_lowers_the_distance(untrained):
+    """``phase2_optimizer = "lbfgsb"``: every image it evaluates lies in [0, 1] (the
+    unconstrained L-BFGS leaves the box), and it ends below its random start's distance."""
+    task, spec = untrained
+    x = digits_victims(2)
+    rec = diffusion_record(task, spec, x, t=[60, 300])
+    seen = []
+    out = GIDM(phase1_iterations=0, phase2_iterations=15, phase2_optimizer="lbfgsb").reconstruct(
+        rec, generator=torch.Generator().manual_seed(0),
+        callback=lambda phase, it, im: seen.append(im))
+    assert len(seen) >= 15 and all(0 <= float(im.min()) <= float(im.max()) <= 1 for im in seen)
+    params, buffers = split_state(task, rec.global_params)
+    match = DiffusionMatching(task, params, buffers, target_from_record(rec, task),
+                              granted_aux(rec, task, attack="test"))
+    start = float(match(seen[0]).detach())
+    assert out.matching_loss < 0.5 * start, (out.matching_loss, start)
+    assert float(match(out.images).detach()) == pytest.approx(out.matching_loss, rel=1e-4)
+
+
 def test_gidm_bad_values():
     with pytest.raises(ConfigError, match="gidm.sampler_steps"):
         GIDM(sampler_steps=0)
     with pytest.raises(ConfigError, match="gidm.distance"):
         GIDM(distance="l1")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="lbfgs, adam, lbfgsb"):
+        GIDM(phase2_optimizer="newton")  # type: ignore[arg-type]
 
 
 def test_devices_resolve_and_cuda_without_cuda_is_one_line(untrained, monkeypatch):
