@@ -66,13 +66,6 @@ def _check(name: str, ok: bool, value: Any, allowed: str) -> None:
         raise ConfigError(f"gias.{name}: got {value!r}; allowed: {allowed}")
 
 
-def load_gias_prior(path: str, spec: Any, *, device: torch.device) -> Any:
-    """The prior at ``path``, checked against the classifier ``spec`` (one-line errors:
-    :func:`fl_sim.priors.load_prior_for`)."""
-    from fl_sim.priors import load_prior_for
-    return load_prior_for(path, spec, attack="gias", device=device)
-
-
 class Matching:
     """``images [N, C, H, W] -> distance`` (scalar) of an :class:`InversionProblem`."""
 
@@ -225,7 +218,9 @@ class GIAS(Attack):
                     callback: Callback | None = None) -> Reconstruction:
         """Both phases on ``record``; images ``[N, C, H, W]`` in [0, 1] after phase 2."""
         assert self.prior is not None  # checked in __init__
-        prior = load_gias_prior(self.prior, record.spec, device=self.device)
+        from fl_sim.priors import load_prior_for  # lazy: diffusers
+
+        prior = load_prior_for(self.prior, record.spec, attack="gias", device=self.device)
         if record.spec.task != "classifier":
             raise ConfigError(f"gias: attacks classifier updates; the record's task is "
                               f"{record.spec.task!r}")

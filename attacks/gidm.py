@@ -130,10 +130,7 @@ def _optimise(start: Tensor, to_images: Callable[[Tensor], Tensor],
             callback(phase, it, images.detach())
     with torch.no_grad():
         images = to_images(var)
-    final = float(matching_no_graph(matching, images))
-    if final < best_loss or best_images is None:
-        best_loss, best_images = final, images.detach().clone()
-    return best_loss, best_images, history
+    return (*_keep_best(matching, images, (best_loss, best_images)), history)
 
 
 def _lbfgs(start: Tensor, to_images: Callable[[Tensor], Tensor], matching: DiffusionMatching,
@@ -164,13 +161,9 @@ def _lbfgs(start: Tensor, to_images: Callable[[Tensor], Tensor], matching: Diffu
         return loss
 
     opt.step(closure)
-    best_loss, best_images = best if best is not None else (math.inf, None)
     with torch.no_grad():
         images = to_images(var).clamp(0, 1)
-    final = float(matching_no_graph(matching, images))
-    if final < best_loss or best_images is None:
-        best_loss, best_images = final, images.detach().clone()
-    return best_loss, best_images, history
+    return (*_keep_best(matching, images, best), history)
 
 
 def _lbfgsb(start: Tensor, matching: DiffusionMatching, *, iterations: int,
@@ -200,12 +193,18 @@ def _lbfgsb(start: Tensor, matching: DiffusionMatching, *, iterations: int,
     res = minimize(value_and_grad, x0, jac=True, method="L-BFGS-B",
                    bounds=[(0.0, 1.0)] * x0.size,
                    options={"maxiter": iterations, "maxcor": 100, "ftol": 0.0, "gtol": 0.0})
-    images = torch.from_numpy(res.x).to(device=device, dtype=dtype).reshape(shape).clamp(0, 1)
-    best_loss, best_images = best if best is not None else (math.inf, None)
+    images = torch.from_numpy(res.x).to(device=device, dtype=dtype).reshape(shape)
+    return (*_keep_best(matching, images, best), history)
+
+
+def _keep_best(matching: DiffusionMatching, images: Tensor,
+               best: tuple[float, Tensor | None] | None) -> tuple[float, Tensor]:
+    """``(distance, images)`` of an optimiser's final ``images`` or of the running ``best``,
+    whichever matches better (``best`` None or without images: the final ones)."""
     final = float(matching_no_graph(matching, images))
-    if final < best_loss or best_images is None:
-        best_loss, best_images = final, images.detach().clone()
-    return best_loss, best_images, history
+    if best is None or best[1] is None or final < best[0]:
+        return final, images.detach().clone()
+    return best  # type: ignore[return-value]
 
 
 def matching_no_graph(matching: DiffusionMatching, images: Tensor) -> Tensor:

@@ -76,14 +76,6 @@ def _check(name: str, ok: bool, value: Any, allowed: str) -> None:
         raise ConfigError(f"peer_diffusion_prior.{name}: got {value!r}; allowed: {allowed}")
 
 
-def load_matching_prior(path: str, spec: Any, *, device: torch.device,
-                        attack: str = "peer_diffusion_prior") -> Any:
-    """The prior at ``path``, checked against the record's classifier ``spec`` (one-line
-    errors: :func:`fl_sim.priors.load_prior_for`)."""
-    from fl_sim.priors import load_prior_for
-    return load_prior_for(path, spec, attack=attack, device=device)
-
-
 def _abar_before(sampler: DDIMSampler, t: int) -> Tensor | float:
     """``abar`` of the level a DDIM step at ``t`` lands on (the step's ``prev`` level)."""
     prev = t - sampler.num_train_timesteps // len(sampler.timesteps)
@@ -213,7 +205,10 @@ class PeerDiffusionPrior(PeerInversion):
         """Peer inversion of ``record``, then each image projected onto the prior."""
         assert self.prior is not None  # checked in __init__
         # the prior first: a bad path or shape fails before minutes of inversion
-        prior = load_matching_prior(self.prior, record.spec, device=self.device)
+        from fl_sim.priors import load_prior_for  # lazy: diffusers
+
+        prior = load_prior_for(self.prior, record.spec, attack="peer_diffusion_prior",
+                               device=self.device)
         _check("fidelity_pool", self.fidelity_pool <= record.spec.image_size, self.fidelity_pool,
                f"<= the image size {record.spec.image_size}")
         sampler = DDIMSampler.from_scheduler(prior.unet, prior.scheduler, self.sampler_steps)

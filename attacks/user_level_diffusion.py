@@ -61,7 +61,6 @@ from attacks.base import Attack, Reconstruction
 from attacks.ddim_sampler import DDIMSampler
 from attacks.gradients import attack_task, mean_gradient_target, parameter_gradients, split_state
 from attacks.objectives import cosine_distance, lr_multiplier
-from attacks.peer_diffusion_prior import load_matching_prior
 from fl_sim.errors import ConfigError
 from fl_sim.records import ObservationRecord
 from fl_sim.registry import ATTACKS
@@ -130,8 +129,10 @@ class UserLevelDiffusion(Attack):
                     generator: torch.Generator) -> Reconstruction:
         """Optimise K latents so the generated batch's gradient matches the record's."""
         assert self.prior is not None  # checked in __init__
-        prior = load_matching_prior(self.prior, record.spec, device=self.device,
-                                    attack="user_level_diffusion")
+        from fl_sim.priors import load_prior_for  # lazy: diffusers
+
+        prior = load_prior_for(self.prior, record.spec, attack="user_level_diffusion",
+                               device=self.device)
         sampler = DDIMSampler.from_scheduler(prior.unet, prior.scheduler, self.sampler_steps)
         task = attack_task(record, device=self.device)
         params, buffers = split_state(task, record.global_params, device=self.device)

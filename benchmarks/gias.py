@@ -34,14 +34,15 @@ from prior_costs import unit_costs  # noqa: E402
 from test_gias import GIAS_BUDGET, MODEL, equal_time_ig, gias_case  # noqa: E402
 
 from attacks.ddim_sampler import DDIMSampler  # noqa: E402
-from attacks.gias import GIAS, load_gias_prior  # noqa: E402
+from attacks.gias import GIAS  # noqa: E402
 from fl_sim.metrics import score_reconstruction  # noqa: E402
+from fl_sim.priors import load_prior_for  # noqa: E402
 
 
 def base_costs(record, prior: str, n: int, steps: int, repeats: int) -> dict[str, float]:
     """Seconds of one plain training step of the attacked classifier and one no-grad sampler
     pass on ``n`` images."""
-    p = load_gias_prior(prior, record.spec, device=torch.device("cpu"))
+    p = load_prior_for(prior, record.spec, attack="gias")
     sampler = DDIMSampler.from_scheduler(p.unet, p.scheduler, steps)
     return unit_costs(record.spec, sampler, n, step_repeats=repeats * 20,
                       sampler_repeats=repeats)

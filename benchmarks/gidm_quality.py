@@ -17,8 +17,8 @@ means, the mean GIDM - pixel-only difference and on how many images GIDM is ahea
 ``--oracle N`` it also projects each TRUE image onto the prior (N Adam steps on the sampler's
 latent minimising the pixel MSE to the victim): the best image phase 1 could reach, i.e.
 whether the prior can represent the victims at all (an upper bound for the latent search,
-not an attack). One thread (``torch.set_num_threads(1)``); the machine may be shared, so compare the
-two columns of one run. Example::
+not an attack). One thread (``torch.set_num_threads(1)``); the machine may be shared, so
+compare the two columns of one run. Example::
 
     .venv/bin/python benchmarks/gidm_quality.py --prior /tmp/prior --images 8 --batch 1
 """
@@ -43,7 +43,8 @@ from diffusion_cases import (  # noqa: E402
     train_digits_prior,
 )
 
-from attacks.gidm import GIDM  # noqa: E402
+from attacks.gidm import GIDM, build_sampler  # noqa: E402
+from attacks.gradients import split_state  # noqa: E402
 from fl_sim.metrics import score_reconstruction  # noqa: E402
 
 
@@ -85,35 +86,23 @@ def _equal_time_pixel_only(rec, args, seed: int, budget_s: float) -> tuple[torch
     return images, _clock(args.clock) - t0, state["n"]
 
 
-def oracle_psnr(task, x: torch.Tensor, args, seed: int) -> list[float]:
-    """PSNR of the prior's (``--gidm-prior`` or the global model's) closest sample to the
-    TRUE images ``x``: ``--oracle`` Adam steps
-    (lr ``--lr-latent``, as phase 1) on the ``--sampler-steps`` DDIM sampler's latent,
-    minimising the pixel MSE -- the ceiling of GIDM's latent search on this prior."""
-    from attacks.ddim_sampler import DDIMSampler
-
-    unet, scheduler = task.model, task.scheduler
-    if getattr(args, "gidm_prior", None):  # the prior GIDM's phase 1 searches
-        from fl_sim.priors import load_prior
-
-        loaded = load_prior(args.gidm_prior, device=torch.device("cpu"))
-        unet, scheduler = loaded.unet, loaded.scheduler
-    sampler = DDIMSampler.from_scheduler(unet, scheduler, args.sampler_steps)
+def oracle_psnr(rec, task, x: torch.Tensor, args, seed: int) -> list[float]:
+    """PSNR of the closest sample of GIDM's prior (``--gidm-prior`` or the global model, the
+    same sampler as phase 1) to the TRUE images ``x``: ``--oracle`` Adam steps (lr
+    ``--lr-latent``) on the latent, minimising the pixel MSE -- the ceiling of GIDM's latent
+    search on this prior."""
+    params, buffers = split_state(task, rec.global_params)
+    sample, _ = build_sampler(rec, task, params, buffers, prior=args.gidm_prior,
+                              num_steps=args.sampler_steps, device=torch.device("cpu"))
     z = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).requires_grad_(True)
     opt = torch.optim.Adam([z], lr=args.lr_latent)
-    for p in unet.parameters():
-        p.requires_grad_(False)
-    try:
-        for _ in range(args.oracle):
-            loss = (sampler.images(z) - x).pow(2).mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    finally:
-        for p in unet.parameters():
-            p.requires_grad_(True)
+    for _ in range(args.oracle):
+        loss = (((sample(z) + 1) / 2).clamp(0, 1) - x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
     with torch.no_grad():
-        return _matched_psnr(sampler.images(z), x)
+        return _matched_psnr(((sample(z) + 1) / 2).clamp(0, 1), x)
 
 
 def run_batch(task, spec, x, args, seed: int) -> dict:
@@ -121,7 +110,7 @@ def run_batch(task, spec, x, args, seed: int) -> dict:
     rec = diffusion_record(task, spec, x, aux=aux)
     gidm = GIDM(phase1_iterations=args.phase1, phase2_iterations=args.phase2,
                 sampler_steps=args.sampler_steps, lr_latent=args.lr_latent,
-                prior=str(args.gidm_prior) if args.gidm_prior else None,
+                prior=args.gidm_prior,
                 phase2_optimizer=args.phase2_optimizer,
                 lr_pixels=args.lr_pixels, second_order=args.second_order)
     t0 = _clock(args.clock)
@@ -136,7 +125,7 @@ def run_batch(task, spec, x, args, seed: int) -> dict:
             "pixel_psnr": _matched_psnr(pimages, x),
             "phase1_loss": out.extras["phase1_matching_loss"],
             "phase2_loss": out.extras["phase2_matching_loss"],
-            **({"oracle_psnr": oracle_psnr(task, x, args, seed)} if args.oracle else {})}
+            **({"oracle_psnr": oracle_psnr(rec, task, x, args, seed)} if args.oracle else {})}
 
 
 def main() -> None:
@@ -155,7 +144,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--second-order", default="finite_difference",
                    choices=("exact", "finite_difference", "central_difference"))
-    p.add_argument("--gidm-prior", type=Path, default=None,
+    p.add_argument("--gidm-prior", default=None,
                    help="GIDM's phase-1 prior (`gidm.prior`: a train-prior output); default: "
                         "the global model itself, as in the paper")
     p.add_argument("--phase2-optimizer", default="lbfgs", choices=("lbfgs", "lbfgsb", "adam"),

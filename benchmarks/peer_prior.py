@@ -35,10 +35,10 @@ from attacks.ddim_sampler import DDIMSampler  # noqa: E402
 from attacks.peer_diffusion_prior import (  # noqa: E402
     PeerDiffusionPrior,
     ddim_invert,
-    load_matching_prior,
     project,
 )
 from fl_sim.metrics import score_reconstruction  # noqa: E402
+from fl_sim.priors import load_prior_for  # noqa: E402
 
 #: projection variants scored on the same plain reconstructions: (label, pool, iterations, init)
 ABLATION = [("round trip only", 4, 0, "inversion"), ("pool 4, 20 it (default)", 4, 20, "inversion"),
@@ -107,7 +107,7 @@ def main() -> None:
 
 
 def _unet_and_scheduler(prior: str, record) -> tuple:
-    p = load_matching_prior(prior, record.spec, device=torch.device("cpu"))
+    p = load_prior_for(prior, record.spec, attack="peer_diffusion_prior")
     return p.unet, p.scheduler
 
 

@@ -139,7 +139,9 @@ def test_gidm_phases_recorded_and_phase2_never_worse(untrained):
 
 def test_lbfgsb_phase2_stays_in_the_box_and_lowers_the_distance(untrained):
     """``phase2_optimizer = "lbfgsb"``: every image it evaluates lies in [0, 1] (the
-    unconstrained L-BFGS leaves the box), and it ends below its random start's distance."""
+    unconstrained L-BFGS leaves the box), and it ends below half its random start's distance.
+    Measured on this case: L-BFGS-B 0.043 from 0.495; plain L-BFGS evaluates pixels in
+    [-0.69, 1.33]; box-projected Adam reaches only 0.293 -- so neither would pass."""
     task, spec = untrained
     x = digits_victims(2)
     rec = diffusion_record(task, spec, x, t=[60, 300])
