@@ -27,7 +27,7 @@ from fl_sim.config import AttackConfig, ExperimentConfig, attack_problem
 from fl_sim.errors import ConfigError, FlSimError, InvalidRecordError
 from fl_sim.extras import extras_to_json
 from fl_sim.records import GroundTruthRecord, ObservationRecord
-from fl_sim.registry import ATTACKS
+from fl_sim.registry import ATTACKS, validate_params
 from fl_sim.report import RESULTS_FILE, load_results, save_grid
 from fl_sim.seeding import torch_generator
 from fl_sim.stores import append_jsonl
@@ -189,7 +189,8 @@ def run_attack(run_dir: Path, cfg: ExperimentConfig, name: str, params: Mapping[
     result = {
         "key": key, "attack": name, "view": view, "round": server_round,
         **({"fallback_from": fallback_from} if fallback_from else {}),
-        "client": record.client_id, "params": dict(params),
+        # every parameter the attack ran with, defaults included (the key hashes the given)
+        "client": record.client_id, "params": resolved_params(name, params),
         "knowledge": {**{k: "granted" for k in grant}, **dict(recon.assumed)},
         "budget": {k: params.get(k, getattr(attack, k, None)) for k in _BUDGET_KEYS
                    if params.get(k, getattr(attack, k, None)) is not None},
@@ -208,6 +209,16 @@ def run_attack(run_dir: Path, cfg: ExperimentConfig, name: str, params: Mapping[
     logger.info("%s on round %d client %s: %s", name, server_round, record.client_id,
                 {k: v for k, v in metrics.items() if not isinstance(v, list)})
     return [result]
+
+
+def resolved_params(name: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """Attack ``name``'s parameters as validated, defaults included, as plain JSON data."""
+    resolved = validate_params(ATTACKS.get(name), params, where=f"attack {name}")
+    return json.loads(json.dumps(resolved, default=_plain_param))
+
+
+def _plain_param(v: Any) -> Any:
+    return list(v) if isinstance(v, tuple | set | frozenset) else repr(v)
 
 
 #: extras holding the same attack's images before its prior: the grid's middle row

@@ -65,7 +65,10 @@ def _parser() -> argparse.ArgumentParser:
                          description="Show every registered plug-in (data sources, "
                                      "partitioners, models, tasks, strategies, attacks, "
                                      "defenses) with a one-line description.")
-    lst.add_argument("kind", nargs="?", help="only this kind (e.g. attack, model)")
+    lst.add_argument("kind", nargs="?", help="only this kind (e.g. attack, model), with each "
+                                             "plug-in's parameters and defaults")
+    lst.add_argument("name", nargs="?", help="only this plug-in: its parameters with types, "
+                                             "defaults and one-line help")
 
     att = sub.add_parser(
         "attack", help="replay an attack offline on a recorded run",
@@ -174,7 +177,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from fl_sim.registry import ALL_REGISTRIES, entry_point_group
+    from fl_sim.registry import ALL_REGISTRIES, describe_params, entry_point_group
 
     kinds = list(ALL_REGISTRIES)
     if args.kind:
@@ -186,50 +189,80 @@ def cmd_list(args: argparse.Namespace) -> int:
         if wanted is None:
             raise FlSimError(f"unknown plug-in kind '{args.kind}'; known: {', '.join(kinds)}")
         kinds = [wanted]
+    console = Console(width=160)
+    if args.name:
+        registry = ALL_REGISTRIES[kinds[0]]
+        obj = registry.get(args.name)
+        entry = next(e for e in registry.entries() if e.name == args.name)
+        console.print(f"{kinds[0]} {args.name}: {entry.description}", markup=False,
+                      highlight=False)
+        params = Table(show_header=True, header_style="bold")
+        for col in ("parameter", "type", "default", "help"):
+            params.add_column(col, overflow="fold")
+        for p in describe_params(obj, skip=_positional(kinds[0])):
+            params.add_row(p.name, p.type, "(required)" if p.required else repr(p.default),
+                           p.help)
+        console.print(params)
+        return 0
     table = Table(show_header=True, header_style="bold")
     table.add_column("kind")
     table.add_column("name")
     table.add_column("description")
+    if args.kind:
+        table.add_column("parameters (defaults)", overflow="fold")
     for kind in kinds:
         entries = list(ALL_REGISTRIES[kind].entries())
         if not entries:
             table.add_row(kind, "-", "(none registered yet)")
         for e in entries:
-            table.add_row(kind, e.name, e.description)
-    Console(width=120).print(table)
+            row = [kind, e.name, e.description]
+            if args.kind:
+                row.append(", ".join(p.name if p.required else f"{p.name}={p.default!r}"
+                                     for p in describe_params(e.obj, skip=_positional(kind))))
+            table.add_row(*row)
+    console.print(table)
     return 0
+
+
+def _positional(kind: str) -> int:
+    """Leading run-time arguments a plug-in of ``kind`` receives (not config parameters)."""
+    from fl_sim.config import _SKIP_POSITIONAL
+    return _SKIP_POSITIONAL.get("partition" if kind == "partitioner" else kind, 0)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
     import json
 
-    from fl_sim import config
-    cfg = config.load(args.config, args.overrides)
+    from fl_sim import api
+    cfg = api.load_config(args.config, args.overrides)
     sys.stdout.write(json.dumps(cfg.to_json_dict(), indent=2, sort_keys=True) + "\n")
+    # stdout stays the resolved config (pipe it into a file and run that); the plug-ins'
+    # parameters as they will run, defaults included, go beside it on stderr
+    sys.stderr.write("resolved plug-in parameters (defaults included):\n")
+    for p in api.resolved_plugins(cfg):
+        params = " ".join(f"{k}={v!r}" for k, v in p["params"].items()) or "(none)"
+        sys.stderr.write(f"  {p['where']}: {p['name']}  {params}\n")
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fl_sim import config
+    from fl_sim import api
 
     if args.resume is not None:
         resolved = Path(args.resume) / "config.json"
         if not resolved.is_file():
             raise FlSimError(f"--resume {args.resume}: not a run directory (no config.json)")
-        cfg = config.load(resolved, args.overrides)
+        cfg = api.load_config(resolved, args.overrides)
         run_dir: Path | None = Path(args.resume)
     elif args.config is None:
         raise FlSimError("run: give a CONFIG file or --resume RUN_DIR")
     else:
-        cfg = config.load(args.config, args.overrides)
+        cfg = api.load_config(args.config, args.overrides)
         run_dir = args.run_dir
-    if args.ray_address:
-        cfg = cfg.model_copy(update={"federation": cfg.federation.model_copy(
-            update={"ray_address": str(args.ray_address)})})
 
     _quiet_flower(args.debug)
     from fl_sim.federation import lifecycle
-    from fl_sim.federation.simulation import check_resume, run_experiment
+    from fl_sim.federation.simulation import check_resume
     if run_dir is not None and args.resume is not None:
         plan = check_resume(cfg, run_dir)
         if plan.nothing_to_do:  # touches nothing on disk, not even report.html
@@ -240,8 +273,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         with _Progress(enabled=not args.no_progress,
                        total=cfg.federation.num_rounds) as progress:
-            out = run_experiment(cfg, run_dir=run_dir, resume=args.resume is not None,
-                                 progress=progress.update)
+            out = api.run(cfg, run_dir=run_dir, resume=args.resume is not None,
+                          ray_address=args.ray_address, progress=progress.update).path
     except lifecycle.RunInterrupted as exc:
         _interrupted(exc)
     _print_summary(out)
@@ -291,26 +324,22 @@ def _quiet_flower(debug: bool) -> None:
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
-    from attacks.base import resolve_device
-    from fl_sim import attack_runner, config
-    if args.device is not None:
-        resolve_device(args.device)  # a CUDA request without CUDA: one line, exit 2
+    from fl_sim import api, config
     params: dict[str, Any] = {}
     for text in args.overrides:
         path, value = config.parse_override(text)
         params[".".join(path)] = value
     out = Path(args.run_dir)
-    results = attack_runner.replay(out, args.attack, params=params, view=args.view,
-                                   client=args.client, rounds=args.rounds, device=args.device)
+    results = api.replay(out, args.attack, params=params, view=args.view, client=args.client,
+                         rounds=args.rounds, device=args.device, write_report=False)
     _print_results(results)
-    from fl_sim.report import write_report
-    sys.stdout.write(f"{write_report(out)}\n")
+    sys.stdout.write(f"{api.report(out)}\n")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from fl_sim.report import write_report
-    sys.stdout.write(f"{write_report(Path(args.run_dir))}\n")
+    from fl_sim import api
+    sys.stdout.write(f"{api.report(Path(args.run_dir))}\n")
     return 0
 
 
@@ -342,8 +371,9 @@ def cmd_train_identity(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from fl_sim import api
     from fl_sim.bench.grid import load_grid
-    from fl_sim.bench.runner import auto_workers, estimate, run_bench
+    from fl_sim.bench.runner import auto_workers, estimate
     plan = load_grid(args.grid)
     out = args.out if args.out is not None else Path("bench") / plan.name
     est = estimate(plan, out)
@@ -366,14 +396,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         with _Progress(enabled=not args.no_progress, total=len(plan.cells), label="cells",
                        key="cell") as progress:
-            summary = run_bench(plan, out, ray_address=args.ray_address,
-                                workers=workers, progress=progress.update,
-                                after_simulation=lambda: lifecycle.exit_on_interrupt(
-                                    hard_exit_s=HARD_EXIT_S))
+            result = api.bench(args.grid, out=out, ray_address=args.ray_address,
+                               workers=workers, progress=progress.update,
+                               after_simulation=lambda: lifecycle.exit_on_interrupt(
+                                   hard_exit_s=HARD_EXIT_S))
     except lifecycle.RunInterrupted as exc:  # Ray stopped; finished cells are recorded
         sys.stderr.write(f"fl-sim: {exc}; finished cells are in {out / 'results.jsonl'}: run "
                          "the same `fl-sim bench` command again to finish the grid\n")
         lifecycle.hard_exit(exc.exit_code)
+    summary = result.summary
     sys.stdout.write(f"cells run {summary.cells_run}, skipped (done before) "
                      f"{summary.cells_skipped}, failed {summary.cells_failed}; simulations run "
                      f"{summary.sims_run}, reused {summary.sims_reused}; {summary.seconds:.1f} s"

@@ -47,3 +47,8 @@ class ThreatModelError(FlSimError, PermissionError):
 
 class MissingResourceError(FlSimError, FileNotFoundError):
     """A locally required resource (weights, dataset) is not present; nothing is downloaded."""
+
+
+class MissingDependencyError(FlSimError, ImportError):
+    """An optional package a feature needs is not installed (e.g. pandas for DataFrames);
+    the message names the extra that installs it."""

@@ -199,6 +199,70 @@ def format_validation_error(exc: pydantic.ValidationError, where: str,
     return "; ".join(parts)
 
 
+@dataclass(frozen=True)
+class ParamInfo:
+    """One keyword parameter of a plug-in, as ``fl-sim list KIND NAME`` shows it."""
+
+    name: str
+    type: str
+    default: Any
+    required: bool
+    help: str
+
+
+def describe_params(obj: Callable[..., Any], *, skip: int = 0) -> list[ParamInfo]:
+    """The keyword parameters of ``obj`` (after the first ``skip``): type and default from
+    its signature, a one-line help from its docstring (:func:`param_help`).
+
+    >>> from typing import Literal
+    >>> def f(*, steps: int = 3, mode: Literal["a", "b"] = "a") -> None:
+    ...     \"\"\"Demo. ``steps``: how many steps; ``mode`` picks the flavour.\"\"\"
+    >>> [(p.name, p.type, p.default, p.help) for p in describe_params(f)]
+    [('steps', 'int', 3, 'how many steps'), ('mode', "'a' | 'b'", 'a', 'picks the flavour')]
+    """
+    model = params_model(obj, skip=skip)
+    doc = inspect.getdoc(obj.__init__ if inspect.isclass(obj) else obj) or ""
+    doc = "\n".join(x for x in (inspect.getdoc(obj) or "", doc if inspect.isclass(obj) else "")
+                    if x)
+    out = []
+    for name, field in model.model_fields.items():
+        required = field.is_required()
+        out.append(ParamInfo(name, _type_name(field.annotation), None if required else
+                             field.default, required, param_help(doc, name)))
+    return out
+
+
+def _type_name(ann: Any) -> str:
+    import typing
+    if typing.get_origin(ann) is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(ann))
+    if getattr(ann, "__module__", None) == "builtins" and hasattr(ann, "__name__"):
+        return str(ann.__name__)
+    return str(ann).replace("typing.", "")
+
+
+def param_help(doc: str, name: str, *, width: int = 90) -> str:
+    """One line about parameter ``name`` from a docstring: an ``Args:``-style line
+    ``name (...): text`` or ``name: text``, else the clause after the first ````name````
+    (up to ``;`` or the end of the sentence); ``""`` if the docstring never names it."""
+    import re
+    flat = " ".join(doc.split())
+    m = re.search(rf"(?m)^\s*{re.escape(name)}\s*(?:\([^)]*\))?\s*:\s*(\S.*)$", doc)
+    if m:
+        text = m.group(1)
+    else:
+        # prefer a clause that starts with the name (``name``: ...; ``name`` is ...)
+        lead = re.search(rf"(?:^|[;.:]\s|Hyper-parameters:\s)``{re.escape(name)}``", flat)
+        i = lead.end() if lead else flat.find(f"``{name}``") + len(name) + 4
+        if i < len(name) + 4:
+            return ""
+        text = flat[i:]
+        text = re.split(r";|\.\s|\.$", text, maxsplit=1)[0]
+        text = text.lstrip(" :,(").rstrip(" )")
+    text = " ".join(text.replace("``", "").split())
+    return text if len(text) <= width else text[:width - 1].rstrip() + "…"
+
+
 DATA_SOURCES: Registry[Callable[..., Any]] = Registry("data source")
 PARTITIONERS: Registry[Callable[..., Any]] = Registry("partitioner")
 MODELS: Registry[Callable[..., Any]] = Registry("model")

@@ -59,6 +59,23 @@ class Run:
         """One dict per completed round (``metrics.jsonl``), last line per round."""
         return read_metrics(self.path)
 
+    def attacks(self) -> list[dict[str, Any]]:
+        """One dict per attack result (``attacks.jsonl``, the last line per result key)."""
+        from fl_sim.report import load_results
+        return load_results(self.path)
+
+    def metrics_df(self) -> Any:
+        """:meth:`metrics` as a pandas DataFrame (extra ``[pandas]``; else
+        :class:`~fl_sim.errors.MissingDependencyError`)."""
+        from fl_sim.api import to_dataframe
+        return to_dataframe(self.metrics())
+
+    def attacks_df(self) -> Any:
+        """:meth:`attacks` as a pandas DataFrame (extra ``[pandas]``; else
+        :class:`~fl_sim.errors.MissingDependencyError`)."""
+        from fl_sim.api import to_dataframe
+        return to_dataframe(self.attacks())
+
     def view(self, role: Literal["server", "peer"], *, client: int | None = None,
              grant: tuple[str, ...] | list[str] = ()) -> ServerView | PeerView:
         """A threat-model view: ``"server"``, or ``"peer"`` of ``client``.
