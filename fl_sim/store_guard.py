@@ -9,6 +9,7 @@ every path field equal to the one canonical file the store itself writes for tha
 from __future__ import annotations
 
 import math
+import stat
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,9 +23,10 @@ def resolve_inside(root: Path, rel: Any) -> Path:
     """``root / rel`` if that path stays inside ``root``, else :class:`RunDirError`.
 
     ``rel`` must be a relative path without ``..``; after symbolic links are followed the
-    file must still lie under ``root`` (whose own last component must not be a link). This is
-    what keeps a view inside its store: an index row naming ``../../truth/...`` or a link
-    planted in a peer's directory is refused, not read.
+    file must still lie under ``root`` (whose own last component must not be a link), and a
+    regular file there must have exactly one hard link. This is what keeps a view inside its
+    store: an index row naming ``../../truth/...``, a symbolic link planted in a peer's
+    directory or a hard link to another client's record is refused, not read.
     """
     if not isinstance(rel, str) or not rel or Path(rel).is_absolute() \
             or ".." in Path(rel).parts or "\\" in rel:
@@ -35,6 +37,16 @@ def resolve_inside(root: Path, rel: Any) -> Path:
     path = root / rel
     if not path.resolve().is_relative_to(real_root):
         raise RunDirError(f"{root}: refusing {rel!r}, which leads outside the store")
+    try:
+        st = path.stat()
+    except OSError:  # not there (yet): the reader's own error names it
+        return path
+    if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+        # the store writes every file fresh (temporary file + os.replace): one link. A second
+        # link means the same bytes also sit elsewhere -- e.g. a peer's "own update" hard-
+        # linked to another client's server-side record -- so it is not the file written here
+        raise RunDirError(f"{root}: refusing {rel!r}, which has {st.st_nlink} hard links "
+                          "(a store writes every record as a file of its own)")
     return path
 
 

@@ -124,6 +124,23 @@ def test_link_planted_in_the_peer_directory_is_refused(run: Path) -> None:
         _peer_view(run).record(1)
 
 
+@pytest.mark.parametrize("victim", ["observations/server_in/r0001/c0001.safetensors",
+                                    "truth/r0001/c0001.safetensors"])
+def test_hard_link_planted_in_the_peer_directory_is_refused(run: Path, victim: str) -> None:
+    # a hard link resolves inside the store (no symbolic link to follow) yet its bytes are
+    # another client's record: served as the peer's own update before the link-count check
+    own = run / "peer" / "c0" / "updates" / "r0001.safetensors"
+    own.unlink()
+    os.link(run / victim, own)
+    with pytest.raises(RunDirError, match="2 hard links"):
+        _peer_view(run).record(1)
+    with pytest.raises(RunDirError, match="hard links"):  # the victim's record is refused too
+        if victim.startswith("truth"):
+            TruthStore(run).read("run", 1, 1)
+        else:
+            _server_view(run).record(1, 1)
+
+
 def test_peer_directory_that_is_a_link_is_refused(run: Path) -> None:
     # client 1's directory presented as client 0's: every file name is canonical, but the
     # store directory itself points elsewhere
