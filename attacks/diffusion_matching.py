@@ -31,9 +31,10 @@ import torch
 from torch import Tensor
 
 from attacks.gradients import Params
+from attacks.local_optimizers import functional_step, init_state
 from attacks.second_order import LeanSecondOrder
 from fl_sim.errors import ConfigError, ThreatModelError
-from fl_sim.records import ObservationRecord
+from fl_sim.records import LocalOptimizer, ObservationRecord
 from fl_sim.tasks.base import Batch
 
 __all__ = ["AUX_KEYS", "is_diffusion", "granted_aux", "step_aux", "diffusion_update",
@@ -92,12 +93,15 @@ def step_aux(aux: Mapping[str, Tensor], step: int, batch_size: int) -> dict[str,
 
 def diffusion_update(task: Any, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
                      images: Tensor, aux: Mapping[str, Tensor], *,
-                     unroll: tuple[float, int, int] | None = None, lean: bool = False) -> Params:
+                     unroll: tuple[float, int, int] | None = None, lean: bool = False,
+                     optimizer: LocalOptimizer | None = None) -> Params:
     """The update ``images [N, C, H, W]`` (in [0, 1]) would produce, differentiably.
 
     ``unroll=None``: the gradient of the mean diffusion loss with ``aux`` (``eps [N, ...]``,
     ``t [N]``) at ``params`` (FedSGD). ``unroll=(lr, steps, batch_size)``: ``new - params``
-    after ``steps`` plain SGD steps, step ``k`` on images ``k*B .. k*B+B-1`` (modulo N) with
+    after ``steps`` steps of the client's ``optimizer`` (plain SGD by default; SGD with
+    momentum / weight decay or Adam, state fresh each round: :mod:`attacks.local_optimizers`),
+    step ``k`` on images ``k*B .. k*B+B-1`` (modulo N) with
     aux rows :func:`step_aux` ``(aux, k, B)`` (FedAvg; the client's order of steps). The result
     is connected to ``images`` (and to ``aux`` where it requires grad): double
     back-propagation. Keys as ``params``. ``lean`` (FedSGD only) builds the gradient inside
@@ -121,13 +125,19 @@ def diffusion_update(task: Any, params: Mapping[str, Tensor], buffers: Mapping[s
     lr, steps, bs = unroll
     n = images.shape[0]
     p: dict[str, Tensor] = dict(leaves)
+    opt = optimizer or LocalOptimizer()
+    state = init_state(opt, p)
     with torch.enable_grad():
         for k in range(steps):
             idx = [(k * bs + j) % n for j in range(bs)]
             x = images[idx]
             loss = task.loss(p, buffers, Batch(x, _dummy_labels(x)), step_aux(aux, k, bs))
             g = torch.autograd.grad(loss, [p[m] for m in names], create_graph=True)
-            p = {m: p[m] - lr * gm for m, gm in zip(names, g, strict=True)}
+            if opt.plain_sgd:
+                p = {m: p[m] - lr * gm for m, gm in zip(names, g, strict=True)}
+            else:
+                p, state = functional_step(opt, p, dict(zip(names, g, strict=True)), state,
+                                           lr=lr, step=k + 1)
     return {m: p[m] - leaves[m] for m in names}
 
 
@@ -255,6 +265,8 @@ class DiffusionMatching:
     aux: Mapping[str, Tensor]
     unroll: tuple[float, int, int] | None = None
     distance: str = "l2"
+    #: the client's local optimiser, modelled when ``unroll`` is set
+    optimizer: LocalOptimizer = field(default_factory=LocalOptimizer)
     lean: bool = False
     second_order: str = "exact"
     fd_rel_step: float = 0.0
@@ -275,7 +287,7 @@ class DiffusionMatching:
         """The update ``images`` would produce (:func:`diffusion_update`)."""
         return diffusion_update(self.task, self.params, self.buffers, images,
                                 self.aux if aux is None else aux, unroll=self.unroll,
-                                lean=self.lean)
+                                lean=self.lean, optimizer=self.optimizer)
 
     def __call__(self, images: Tensor, aux: Mapping[str, Tensor] | None = None) -> Tensor:
         """Scalar matching distance, differentiable in ``images`` (and ``aux`` tensors)."""

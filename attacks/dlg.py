@@ -26,6 +26,7 @@ from attacks.base import Attack, Reconstruction
 from attacks.diffusion_matching import granted_aux, is_diffusion
 from attacks.gradients import (
     attack_task,
+    delta_scale,
     mean_gradient_target,
     parameter_gradients,
     split_state,
@@ -131,8 +132,7 @@ class DLG(Attack):
         aux = self._aux(record, task, num_images)
         adapt = None
         if self.adaptive:
-            scale = (-1.0 / (record.lr * max(record.local_steps, 1))
-                     if record.update_kind == "delta" else 1.0)
+            scale = delta_scale(record)
             adapt = adaptation(record.defenses, target, scale=scale,
                                aggregate=record.tap != "server_in",
                                single_example=single_example(record))

@@ -30,8 +30,8 @@ scheduler config (diffusers' default: clip); the images' gradient of the matchin
 is by default a forward finite difference of input gradients at weights moved along
 ``d distance / d update`` (no double backward; relative error ~1e-3, see
 :class:`~attacks.diffusion_matching.DiffusionMatching`). FedAvg deltas are matched by
-unrolling the client's local SGD steps with each step's own eps/t (the paper treats FedSGD
-only).
+unrolling the client's local steps with each step's own eps/t and the client's optimiser as
+the record states it (SGD, momentum, Adam; the paper treats FedSGD only).
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ from attacks.diffusion_matching import (
     is_diffusion,
 )
 from attacks.gradients import attack_task, mean_gradient_target, split_state, target_from_record
+from attacks.local_optimizers import describe as describe_optimizer
 from attacks.objectives import lr_multiplier
 from fl_sim.errors import ConfigError
 from fl_sim.records import ObservationRecord
@@ -228,9 +229,12 @@ class GIDM(Attack):
     each one or a few matching evaluations, step ``lr_pixels_lbfgs``), ``"adam"``
     (``lr_pixels``, cosine decay, box-projected) or ``"lbfgsb"`` (scipy's L-BFGS-B inside the
     box [0, 1], ``phase2_iterations`` iterations); ``multi_step`` for FedAvg deltas:
-    ``"unroll"`` the client's SGD steps (each with its own eps/t rows), ``"single"`` (match
-    the delta as one mean gradient; needs one eps/t row per image) or ``"auto"`` (unroll
-    when ``local_steps > 1``); ``second_order``: ``"finite_difference"`` (default) /
+    ``"unroll"`` the client's local steps (each with its own eps/t rows; with the record's
+    local optimiser: plain SGD, SGD with momentum / weight decay, or Adam with its state
+    fresh each round, :mod:`attacks.local_optimizers`), ``"single"`` (match the delta as one
+    mean gradient; needs one eps/t row per image; refused for Adam, whose delta is no scaled
+    gradient) or ``"auto"`` (unroll when ``local_steps > 1`` or the client used Adam);
+    ``second_order``: ``"finite_difference"`` (default) /
     ``"central_difference"`` (the images' gradient of the matching distance from input
     gradients at perturbed weights, both phases, FedSGD records: an engineering deviation
     from the paper, see :class:`~attacks.diffusion_matching.DiffusionMatching`; ~1.7x less
@@ -293,8 +297,8 @@ class GIDM(Attack):
         rows = int(aux["t"].shape[0])
         unroll = None
         if record.update_kind == "delta" and (
-                self.multi_step == "unroll" or (self.multi_step == "auto"
-                                                and record.local_steps > 1)):
+                self.multi_step == "unroll" or (self.multi_step == "auto" and (
+                    record.local_steps > 1 or record.optimizer.name != "sgd"))):
             if record.lr <= 0 or record.batch_size < 1 or record.local_steps < 1:
                 raise ConfigError("gidm.multi_step: unrolling needs lr > 0, local_steps >= 1 "
                                   f"and batch_size >= 1 in the record; got {record.lr}, "
@@ -311,7 +315,8 @@ class GIDM(Attack):
         dev = self.device
         match = DiffusionMatching(task, params, buffers, {k: v.to(dev) for k, v in target.items()},
                                   {k: v.to(dev) for k, v in aux.items()}, unroll=unroll,
-                                  distance=self.distance, second_order=self.second_order)
+                                  distance=self.distance, second_order=self.second_order,
+                                  optimizer=record.optimizer)
         return match, n
 
     def reconstruct(self, record: ObservationRecord, *, generator: torch.Generator,
@@ -361,10 +366,15 @@ class GIDM(Attack):
             "second_order": self.second_order,
             "phase1_matching_loss": p1_loss, "phase2_matching_loss": loss,
             "unrolled_steps": match.unroll[1] if match.unroll else 0}
+        assumed: dict[str, Any] = {"eps": "granted", "t": "granted",
+                                   "prior": prior_name or "none (pixels only)"}
+        if match.unroll is not None:
+            lr, steps, bs = match.unroll
+            assumed["local_training"] = {"lr": lr, "local_steps": steps, "batch_size": bs,
+                                         "batch_order": "sequential",
+                                         "optimizer": describe_optimizer(match.optimizer, lr)}
         if p1_images is not None:
             extras["phase1_images"] = p1_images.clamp(0, 1)
         return Reconstruction(images=images.clamp(0, 1), labels=None, matching_loss=loss,
                               iterations=self.iterations,
-                              assumed={"eps": "granted", "t": "granted",
-                                       "prior": prior_name or "none (pixels only)"},
-                              extras=extras)
+                              assumed=assumed, extras=extras)

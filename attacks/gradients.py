@@ -91,21 +91,49 @@ def target_from_record(record: ObservationRecord, task: Any | None = None) -> Pa
     return out
 
 
+def delta_scale(record: ObservationRecord) -> float:
+    """The factor that reads a FedAvg ``"delta"`` as a mean batch gradient (1 otherwise).
+
+    Plain SGD: ``-1 / (lr * local_steps)``. SGD with momentum ``mu`` (buffer fresh each
+    round, torch's form ``b_k = mu b_{k-1} + g_k``): step ``j``'s gradient enters the delta
+    with weight ``(1 - mu^(S-j)) / (1 - mu)``, so ``local_steps`` becomes the sum of those
+    weights (exact when every step's gradient is the same, as for plain SGD). Raises
+    :class:`~fl_sim.errors.ConfigError` (one line) for a delta recorded without a positive
+    lr, and for Adam: its per-coordinate normalisation leaves no gradient to rescale.
+    """
+    if record.update_kind != "delta":
+        return 1.0
+    if record.lr <= 0:
+        raise ConfigError(f"a 'delta' record needs lr > 0 to be read as a gradient, got "
+                          f"{record.lr}")
+    opt = record.optimizer
+    if opt.name == "adam":
+        raise ConfigError(f"the client trained with Adam ({record.local_steps} local steps): "
+                          "its delta is not a scaled gradient; use an attack that unrolls "
+                          "local training (inverting_gradients or gidm, multi_step = "
+                          "\"unroll\")")
+    steps = max(record.local_steps, 1)
+    mu = opt.momentum
+    weight = float(steps) if mu == 0 else sum((1 - mu ** (steps - j)) / (1 - mu)
+                                               for j in range(steps))
+    return -1.0 / (record.lr * weight)
+
+
 def mean_gradient_target(record: ObservationRecord, task: Any | None = None) -> Params:
     """:func:`target_from_record` read as a mean batch gradient, per trainable parameter.
 
-    A FedSGD ``"gradient"`` is returned as is; a FedAvg ``"delta"`` (about ``-lr`` times the
-    sum of the local steps' gradients) is rescaled by ``-1 / (lr * local_steps)``. Raises
-    :class:`~fl_sim.errors.ConfigError` for a delta recorded without a positive lr.
+    A FedSGD ``"gradient"`` is returned as is; a FedAvg ``"delta"`` is rescaled by
+    :func:`delta_scale` (``-1 / (lr * local_steps)`` for plain SGD), and SGD's weight decay
+    ``wd * global`` (part of every step's direction) is taken off. Raises
+    :class:`~fl_sim.errors.ConfigError` where :func:`delta_scale` does (no lr; Adam).
     """
     target = target_from_record(record, task)
     if record.update_kind != "delta":
         return target
-    if record.lr <= 0:
-        raise ConfigError(f"a 'delta' record needs lr > 0 to be read as a gradient, got "
-                          f"{record.lr}")
-    scale = -1.0 / (record.lr * max(record.local_steps, 1))
-    return {k: v * scale for k, v in target.items()}
+    scale = delta_scale(record)
+    wd = record.optimizer.weight_decay
+    return {k: v * scale - (wd * record.global_params[k].to(torch.float32) if wd else 0)
+            for k, v in target.items()}
 
 
 def attack_task(record: ObservationRecord, model_mode: str = "eval", *,

@@ -5,9 +5,9 @@ Split from :mod:`attacks.inverting_gradients` (the attack plug-in, which builds 
 candidate images as one ``[R, N, C, H, W]`` batch against the problem's target update with
 Adam on the sign of the gradient, successive halving of the restarts
 (:func:`attacks.restarts.pruning_schedule`) and, for FedAvg deltas, differentiable unrolling of
-the client's local SGD (:class:`Unroll`). Also used by :mod:`attacks.peer_inversion` and the
-benchmarks. An optional ``adapt`` transform (:mod:`attacks.adaptive`) is applied to each
-candidate's update before the distance.
+the client's local optimiser (:class:`Unroll`, :mod:`attacks.local_optimizers`). Also used
+by :mod:`attacks.peer_inversion` and the benchmarks. An optional ``adapt`` transform
+(:mod:`attacks.adaptive`) is applied to each candidate's update before the distance.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from attacks.objectives import (
 )
 from attacks.restarts import pruning_schedule, sliced_adam
 from attacks.second_order import LeanSecondOrder
+from fl_sim.records import LocalOptimizer
 from fl_sim.tasks.base import Batch
 
 __all__ = ["Unroll", "InversionProblem", "Inversion", "invert", "Callback"]
@@ -44,13 +45,15 @@ Callback = Callable[[int, Tensor], None]
 
 @dataclass(frozen=True)
 class Unroll:
-    """How to simulate a multi-step update: each of ``clients`` clients takes ``steps`` SGD
-    steps at ``lr`` on ``batch_size`` of its own images; their deltas are averaged."""
+    """How to simulate a multi-step update: each of ``clients`` clients takes ``steps``
+    steps of its local ``optimizer`` (plain SGD unless given; state fresh each round) at
+    ``lr`` on ``batch_size`` of its own images; their deltas are averaged."""
 
     lr: float
     steps: int
     batch_size: int
     clients: int = 1
+    optimizer: LocalOptimizer = field(default_factory=LocalOptimizer)
 
 
 @dataclass
@@ -86,7 +89,8 @@ def _update_fn(problem: InversionProblem, bn: BNStatistics | None, double_backwa
 
         def fn(images: Tensor) -> tuple[Params, Tensor | None]:
             return simulated_update(problem.task, problem.params, problem.buffers, images,
-                                    problem.labels, unroll=plan, bn=bn, aux=problem.aux)
+                                    problem.labels, unroll=plan, bn=bn, aux=problem.aux,
+                                    optimizer=u.optimizer)
         return fn
 
     def several(images: Tensor) -> tuple[Params, Tensor | None]:
@@ -98,7 +102,7 @@ def _update_fn(problem: InversionProblem, bn: BNStatistics | None, double_backwa
             upd, pc = simulated_update(
                 problem.task, problem.params, problem.buffers,
                 images[:, c * per:(c + 1) * per], problem.labels[c * per:(c + 1) * per],
-                unroll=(u.lr, u.steps, u.batch_size), bn=bn)
+                unroll=(u.lr, u.steps, u.batch_size), bn=bn, optimizer=u.optimizer)
             for k, v in upd.items():
                 total[k] = total[k] + v / u.clients if k in total else v / u.clients
             if pc is not None:

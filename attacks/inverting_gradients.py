@@ -34,6 +34,7 @@ from attacks.base import Attack, Reconstruction
 from attacks.diffusion_matching import granted_aux, is_diffusion
 from attacks.gradients import (
     attack_task,
+    delta_scale,
     mean_gradient_target,
     split_state,
     target_from_record,
@@ -46,6 +47,7 @@ from attacks.inversion import (  # noqa: F401  (re-exported: the engine's histor
     _update_fn,
     invert,
 )
+from attacks.local_optimizers import describe as describe_optimizer
 from attacks.restarts import pruning_schedule  # noqa: F401  (re-exported)
 from fl_sim.errors import ConfigError, ThreatModelError
 from fl_sim.records import ObservationRecord
@@ -76,7 +78,8 @@ class InvertingGradients(Attack):
     counts otherwise; :mod:`attacks.label_recovery`); ``bn_prior_weight`` (GradInversion's
     BN-statistics prior, models with BatchNorm only); ``multi_step`` for ``"delta"`` records:
     ``"unroll"`` simulates the local training, ``"single"`` matches ``-delta`` as one
-    gradient, ``"auto"`` unrolls when ``local_steps > 1``; ``schedule`` of the learning rate
+    gradient, ``"auto"`` unrolls when ``local_steps > 1`` or the client trained with Adam
+    (whose delta is no scaled gradient); ``schedule`` of the learning rate
     (``"step"`` = the paper's); ``distance`` (``"cosine"``, or DLG's ``"l2"``);
     ``restart_pruning``: ``"halving"`` (default) drops the worse half of the restarts by the
     current matching objective (the same objective that picks the final winner) at 1/16,
@@ -97,7 +100,9 @@ class InvertingGradients(Attack):
 
     Unrolling ASSUMES KNOWN: the client's ``lr``, ``local_steps`` and ``batch_size`` (from the
     record), that step ``k`` used images ``k*B .. k*B+B-1`` of its ``num_examples`` images in
-    a fixed order (wrapping around), plain SGD without momentum or weight decay, and BatchNorm
+    a fixed order (wrapping around), the client's local optimiser as the record states it
+    (``record.optimizer``: plain SGD, SGD with momentum / weight decay, or Adam, state fresh
+    each round; :mod:`attacks.local_optimizers`), and BatchNorm
     running statistics that do not change during local training (eval mode). Those
     ``num_examples`` images are reconstructed.
     ``adaptive``: model the public defenses named in ``record.defenses`` when matching
@@ -152,14 +157,15 @@ class InvertingGradients(Attack):
         """The local training to simulate, or None to match the update as one gradient."""
         if record.update_kind == "gradient":
             return None
-        if self.multi_step == "single" or (self.multi_step == "auto"
-                                           and record.local_steps <= 1):
+        if self.multi_step == "single" or (self.multi_step == "auto" and record.local_steps <= 1
+                                           and record.optimizer.name == "sgd"):
             return None
         if record.lr <= 0 or record.local_steps < 1 or record.batch_size < 1:
             raise ConfigError(f"inverting_gradients.multi_step: unrolling needs lr > 0, "
                               f"local_steps >= 1, batch_size >= 1 in the record; got "
                               f"{record.lr}, {record.local_steps}, {record.batch_size}")
-        return Unroll(float(record.lr), int(record.local_steps), int(record.batch_size))
+        return Unroll(float(record.lr), int(record.local_steps), int(record.batch_size),
+                      optimizer=record.optimizer)
 
     def problem(self, record: ObservationRecord, *,
                 generator: torch.Generator) -> tuple[InversionProblem, str]:
@@ -258,7 +264,7 @@ class InvertingGradients(Attack):
             return None
         scale = 1.0
         if problem.unroll is None and record.update_kind == "delta":  # matched as a gradient
-            scale = -1.0 / (record.lr * max(record.local_steps, 1))
+            scale = delta_scale(record)
         aggregate = record.tap != "server_in" or (problem.unroll is not None
                                                   and problem.unroll.clients > 1)
         return adaptation(record.defenses, problem.target, scale=scale, aggregate=aggregate,
@@ -272,7 +278,8 @@ class InvertingGradients(Attack):
             u = problem.unroll
             out["local_training"] = {"lr": u.lr, "local_steps": u.steps,
                                      "batch_size": u.batch_size, "clients": u.clients,
-                                     "batch_order": "sequential", "optimizer": "sgd",
+                                     "batch_order": "sequential",
+                                     "optimizer": describe_optimizer(u.optimizer, u.lr),
                                      # recovered labels are sorted: image slot k (and so its
                                      # local step) gets the k-th smallest label
                                      "label_order": ("as granted" if label_source == "granted"

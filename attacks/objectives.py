@@ -29,6 +29,8 @@ from torch import Tensor, nn
 
 from attacks.diffusion_matching import step_aux
 from attacks.gradients import Params
+from attacks.local_optimizers import functional_step, init_state
+from fl_sim.records import LocalOptimizer
 from fl_sim.tasks.base import Batch
 
 __all__ = ["cosine_distance", "l2_distance", "total_variation", "BNStatistics", "bn_prior",
@@ -181,14 +183,16 @@ def _step_loss(task: Any, buffers: Mapping[str, Tensor], x: Tensor, y: Tensor,
 
 def unrolled_delta(task: Any, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
                    images: Tensor, labels: Tensor, lr: float, steps: int, batch_size: int,
-                   *, bn: BNStatistics | None = None, aux: Mapping[str, Tensor] | None = None
-                   ) -> tuple[Params, Tensor]:
-    """Differentiable ``new - global`` of ``steps`` plain SGD steps (Geiping et al. 2020 sec. 5).
+                   *, bn: BNStatistics | None = None, aux: Mapping[str, Tensor] | None = None,
+                   optimizer: LocalOptimizer | None = None) -> tuple[Params, Tensor]:
+    """Differentiable ``new - global`` of ``steps`` local steps (Geiping et al. 2020 sec. 5).
 
     ``images`` ``[n, C, H, W]`` in [0, 1] and ``labels`` ``[n]`` are the client's data in the
     order it used them: step ``k`` takes images ``k*batch_size .. (k+1)*batch_size - 1``
-    (indices modulo ``n``, i.e. further epochs repeat the same order). No momentum, no weight
-    decay, constant ``lr``, buffers fixed (eval-mode BatchNorm). Differentiable with respect to
+    (indices modulo ``n``, i.e. further epochs repeat the same order). ``optimizer``: the
+    client's (:class:`~fl_sim.records.LocalOptimizer`; default plain SGD, the paper's case),
+    its state fresh at the first step (:mod:`attacks.local_optimizers`); constant ``lr``,
+    buffers fixed (eval-mode BatchNorm). Differentiable with respect to
     ``images`` (torch.func, composes with ``vmap``). Returns ``(delta keyed like params, BN
     prior averaged over steps (0 without ``bn``))``. ``aux`` (diffusion ``eps``/``t`` of ALL
     steps, concatenated) is sliced per step: step ``k`` gets rows ``k*batch_size ..``
@@ -200,6 +204,8 @@ def unrolled_delta(task: Any, params: Mapping[str, Tensor], buffers: Mapping[str
         raise ValueError(f"steps and batch_size must be >= 1, got {steps}, {batch_size}")
     n = images.shape[0]
     p = dict(params)
+    opt = optimizer or LocalOptimizer()
+    state = init_state(opt, p)
     prior = images.new_zeros(())
     for k in range(steps):
         idx = [(k * batch_size + j) % n for j in range(batch_size)]
@@ -210,19 +216,23 @@ def unrolled_delta(task: Any, params: Mapping[str, Tensor], buffers: Mapping[str
         ak = step_aux(aux, k, batch_size) if aux else None
         g, pk = torch.func.grad(_step_loss(task, buffers, x, y, bn, ak), has_aux=True)(p)
         prior = prior + pk / steps
-        p = {name: p[name] - lr * g[name] for name in p}
+        if opt.plain_sgd:
+            p = {name: p[name] - lr * g[name] for name in p}
+        else:
+            p, state = functional_step(opt, p, g, state, lr=lr, step=k + 1)
     return {name: p[name] - params[name] for name in params}, prior
 
 
 def simulated_update(task: Any, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
                      images: Tensor, labels: Tensor, *, unroll: tuple[float, int, int] | None,
-                     bn: BNStatistics | None = None, aux: Mapping[str, Tensor] | None = None
-                     ) -> tuple[Params, Tensor | None]:
+                     bn: BNStatistics | None = None, aux: Mapping[str, Tensor] | None = None,
+                     optimizer: LocalOptimizer | None = None) -> tuple[Params, Tensor | None]:
     """The update candidate ``images`` would produce, batched over restarts.
 
     ``images``: ``[R, N, C, H, W]``; ``labels``: ``[N]``. ``unroll=None`` gives one gradient
     of the mean loss over the N images (FedSGD); ``unroll=(lr, steps, batch_size)`` gives
-    :func:`unrolled_delta`. Returns ``({name: [R, *shape]}, bn_prior [R] or None)``. With
+    :func:`unrolled_delta` with the client's ``optimizer``. Returns ``({name: [R, *shape]},
+    bn_prior [R] or None)``. With
     ``R > 1`` the per-restart updates come from ONE :func:`torch.func.vmap` call; ``R = 1``
     skips vmap (cheaper batching rules). ``aux``: the step(s)' private randomness, shared by
     all restarts (diffusion ``eps``/``t``; see :func:`unrolled_delta` for the per-step rows).
@@ -233,7 +243,8 @@ def simulated_update(task: Any, params: Mapping[str, Tensor], buffers: Mapping[s
             return torch.func.grad(_step_loss(task, buffers, x, labels, bn, aux),
                                    has_aux=True)(dict(params))
         lr, steps, bs = unroll
-        return unrolled_delta(task, params, buffers, x, labels, lr, steps, bs, bn=bn, aux=aux)
+        return unrolled_delta(task, params, buffers, x, labels, lr, steps, bs, bn=bn, aux=aux,
+                              optimizer=optimizer)
 
     if images.shape[0] == 1:
         upd, prior = one(images[0])

@@ -46,4 +46,4 @@ class PeerInversion(InvertingGradients):
         if record.num_examples % clients:
             raise ConfigError(f"peer_inversion.multi_step: {record.num_examples} examples do "
                               f"not split evenly over {clients} clients; use 'single'")
-        return Unroll(plan.lr, plan.steps, plan.batch_size, clients)
+        return Unroll(plan.lr, plan.steps, plan.batch_size, clients, plan.optimizer)

@@ -264,13 +264,16 @@ def resolve_view(cfg: ExperimentConfig, name: str, view: str) -> tuple[str, str 
 
 def aggregate_training(cfg: ExperimentConfig) -> dict[str, Any]:
     """The public training config behind an aggregate record: FedAvg's delta is the mean of
-    ``local_steps`` steps of lr ``federation.lr``; FedSGD's is one step of the server lr."""
+    ``local_steps`` steps of lr ``federation.lr`` with the clients' optimiser; FedSGD's is
+    one plain SGD step of the server lr."""
+    from fl_sim.records import LocalOptimizer
     fed = cfg.federation
     if cfg.strategy.name == "fedsgd":
         from fl_sim.config import server_lr
-        return {"lr": float(server_lr(cfg)), "local_steps": 1, "batch_size": fed.batch_size}
+        return {"lr": float(server_lr(cfg)), "local_steps": 1, "batch_size": fed.batch_size,
+                "optimizer": LocalOptimizer("sgd")}
     return {"lr": float(fed.lr), "local_steps": int(fed.local_steps or 0),
-            "batch_size": fed.batch_size}
+            "batch_size": fed.batch_size, "optimizer": fed.local_optimizer()}
 
 
 def _truth(run: Any, record: ObservationRecord, view: str, client: int | None,

@@ -18,7 +18,7 @@ import inspect
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pydantic
 import tomllib
@@ -39,6 +39,9 @@ from fl_sim.registry import (
     validate_params,
 )
 from fl_sim.strict import StrictNumbers
+
+if TYPE_CHECKING:
+    from fl_sim.records import LocalOptimizer
 
 
 class _Section(StrictNumbers):
@@ -107,6 +110,12 @@ class FederationConfig(_Section):
     batch_size: int = Field(8, ge=1)
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.1, gt=0)
+    #: the local optimiser's other settings (torch's defaults; fresh state every round):
+    #: ``momentum`` for sgd only, ``weight_decay`` for both, ``adam_betas``/``adam_eps``
+    momentum: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = Field(1e-8, gt=0)
     client_failure_rate: float = Field(0.0, ge=0, lt=1)
     peer_clients: tuple[int, ...] = ()
     record_truth: bool = True
@@ -129,6 +138,26 @@ class FederationConfig(_Section):
             raise ValueError(f"record_clients {bad or []} outside 0..{self.num_clients - 1} "
                              "(omit record_clients to record every client)")
         return self
+
+    @model_validator(mode="after")
+    def _optimizer_settings(self) -> FederationConfig:
+        if self.optimizer != "sgd" and self.momentum:
+            raise ValueError(f"momentum = {self.momentum} is an sgd setting; optimizer = "
+                             f"{self.optimizer!r} (adam: adam_betas, adam_eps)")
+        if self.optimizer != "adam" and (self.adam_betas != (0.9, 0.999)
+                                         or self.adam_eps != 1e-8):
+            raise ValueError(f"adam_betas / adam_eps are adam settings; optimizer = "
+                             f"{self.optimizer!r}")
+        if not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"adam_betas {list(self.adam_betas)}: each must lie in [0, 1)")
+        return self
+
+    def local_optimizer(self) -> LocalOptimizer:
+        """The optimiser every client builds each round (what the records carry)."""
+        from fl_sim.records import LocalOptimizer  # torch only when asked
+        return LocalOptimizer(self.optimizer, momentum=self.momentum,
+                              weight_decay=self.weight_decay, betas=self.adam_betas,
+                              eps=self.adam_eps)
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> FederationConfig:

@@ -59,6 +59,56 @@ class ModelSpec:
 
 
 @dataclass(frozen=True)
+class LocalOptimizer:
+    """The optimiser a client trained with, as the client built it (fresh every round).
+
+    ``name``: ``"sgd"`` (``torch.optim.SGD``: ``momentum``, ``weight_decay``; no dampening,
+    no Nesterov) or ``"adam"`` (``torch.optim.Adam``: ``betas``, ``eps``, ``weight_decay``
+    added to the gradient, no AMSGrad). The learning rate is the record's ``lr``. The
+    defaults are torch's, i.e. what a client built from ``optimizer = "sgd"`` / ``"adam"``
+    alone used. Raises ``ValueError`` for an unknown name or a parameter the optimiser does
+    not have (momentum for Adam).
+    """
+
+    name: Literal["sgd", "adam"] = "sgd"
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        if self.name not in ("sgd", "adam"):
+            raise ValueError(f"unknown local optimizer {self.name!r}; known: adam, sgd")
+        if self.name == "adam" and self.momentum:
+            raise ValueError(f"adam has no momentum (got {self.momentum}); use betas")
+        object.__setattr__(self, "betas", (float(self.betas[0]), float(self.betas[1])))
+
+    @property
+    def plain_sgd(self) -> bool:
+        """SGD without momentum or weight decay: the delta is ``-lr`` x the sum of the
+        steps' gradients."""
+        return self.name == "sgd" and self.momentum == 0 and self.weight_decay == 0
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields that matter for ``name`` (SGD: momentum, weight decay; Adam: betas,
+        eps, weight decay)."""
+        if self.name == "sgd":
+            return {"name": "sgd", "momentum": self.momentum, "weight_decay": self.weight_decay}
+        return {"name": "adam", "betas": list(self.betas), "eps": self.eps,
+                "weight_decay": self.weight_decay}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> LocalOptimizer:
+        kw: dict[str, Any] = {"name": str(d["name"])}
+        for key in ("momentum", "weight_decay", "eps"):
+            if key in d:
+                kw[key] = float(d[key])
+        if "betas" in d:
+            kw["betas"] = tuple(float(b) for b in d["betas"])
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
 class ObservationRecord:
     """What one party observed at one tap in one round (see DESIGN.md).
 
@@ -70,6 +120,10 @@ class ObservationRecord:
     ``knowledge`` holds what the threat model grants beyond the transmitted data (e.g.
     ``labels``, diffusion ``eps``/``t``); ``defenses`` the defenses in force
     in the run (``{"name": ..., **params}`` each, see :mod:`defenses.base`).
+    ``optimizer``: the client's local optimiser (with ``lr``, ``local_steps`` and
+    ``batch_size`` what an attack that unrolls local training models; plain SGD when built
+    by hand; a view reads it from the record's entry, or from the run's config for a run
+    recorded before the field existed).
     """
 
     run_id: str
@@ -88,6 +142,7 @@ class ObservationRecord:
     knowledge: Mapping[str, Any] = field(default_factory=dict)
     own_update: Mapping[str, Tensor] | None = None
     num_clients_aggregated: int = 1
+    optimizer: LocalOptimizer = field(default_factory=LocalOptimizer)
 
     @property
     def role(self) -> str:

@@ -85,7 +85,8 @@ class Run:
         """
         if role == "server":
             return ServerView(self.run_id, self.spec, ObservationStore(self.path),
-                              TruthStore(self.path), grant=tuple(grant))
+                              TruthStore(self.path), grant=tuple(grant),
+                              optimizer=self.config.federation.local_optimizer())
         if role == "peer":
             peers = tuple(self.config.federation.peer_clients)
             if client is None or int(client) not in peers:
@@ -94,7 +95,8 @@ class Run:
             strategy = self.config.strategy
             eta = server_lr(self.config) if strategy.name == "fedsgd" else None
             return PeerView(self.run_id, self.spec, PeerStore(self.path, int(client)),
-                            strategy=strategy.name, server_lr=eta, grant=tuple(grant))
+                            strategy=strategy.name, server_lr=eta, grant=tuple(grant),
+                            optimizer=self.config.federation.local_optimizer())
         raise ValueError(f"unknown view role {role!r}; known: server, peer")
 
     def clients_in_round(self, server_round: int) -> list[int]:

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from fl_sim.errors import RunDirError, ThreatModelError
-from fl_sim.records import ModelSpec, ObservationRecord, frozen_tensors
+from fl_sim.records import LocalOptimizer, ModelSpec, ObservationRecord, frozen_tensors
 from fl_sim.stores import ObservationStore, PeerStore, TruthStore
 
 #: Strategies whose aggregate is the num-examples-weighted mean of the clients' deltas.
@@ -96,6 +96,14 @@ def _record(**kw: Any) -> ObservationRecord:
     return ObservationRecord(**kw)
 
 
+def _optimizer(e: Mapping[str, Any], fallback: LocalOptimizer | None) -> LocalOptimizer:
+    """The entry's local optimiser; an entry written before records carried one falls back
+    to the run's config (what its clients built), else to plain SGD."""
+    if "optimizer" in e:
+        return LocalOptimizer.from_json(e["optimizer"])
+    return fallback if fallback is not None else LocalOptimizer()
+
+
 def _grant_from_truth(truth: Any, grant: Sequence[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key in grant:
@@ -118,8 +126,11 @@ class ServerView:
     role = "server"
 
     def __init__(self, run_id: str, spec: ModelSpec, store: ObservationStore,
-                 truth: TruthStore, *, grant: Sequence[str] = ()) -> None:
+                 truth: TruthStore, *, grant: Sequence[str] = (),
+                 optimizer: LocalOptimizer | None = None) -> None:
         self.run_id, self.spec, self.grant = run_id, spec, tuple(grant)
+        #: the config's local optimiser, for entries recorded before they carried one
+        self.optimizer = optimizer
         self._store, self._truth = store, truth
 
     def clients(self, server_round: int) -> list[int]:
@@ -147,10 +158,12 @@ class ServerView:
                 yield self._build(e)
 
     def aggregate(self, server_round: int, *, lr: float = 0.0, local_steps: int = 0,
-                  batch_size: int = 0) -> ObservationRecord:
+                  batch_size: int = 0, optimizer: LocalOptimizer | None = None
+                  ) -> ObservationRecord:
         """What left aggregation in ``server_round`` (``new global − global``).
 
-        ``lr``/``local_steps``/``batch_size``: the public training config every client used
+        ``lr``/``local_steps``/``batch_size``/``optimizer``: the public training config every
+        client used
         (the attack runner passes them, so an attack can read the aggregate as the mean of
         the clients' updates). A grant (e.g. labels) is the union of the ground truths of
         every aggregated client, in client order."""
@@ -169,6 +182,7 @@ class ServerView:
                     update=self._store.load(e["file"]), update_kind="delta",
                     num_examples=int(e["num_examples"]), local_steps=local_steps, lr=lr,
                     batch_size=batch_size, knowledge=knowledge,
+                    optimizer=optimizer or self.optimizer or LocalOptimizer(),
                     defenses=tuple(e.get("defenses", ())),
                     num_clients_aggregated=int(e["num_clients_aggregated"]))
         raise RunDirError(f"no aggregate record for round {server_round}")
@@ -189,7 +203,8 @@ class ServerView:
                        update=self._store.load(e["file"]), update_kind=e["update_kind"],
                        num_examples=int(e["num_examples"]), local_steps=int(e["local_steps"]),
                        lr=float(e["lr"]), batch_size=int(e["batch_size"]),
-                       defenses=tuple(e.get("defenses", ())), knowledge=knowledge)
+                       defenses=tuple(e.get("defenses", ())), knowledge=knowledge,
+                       optimizer=_optimizer(e, self.optimizer))
 
 
 class PeerView:
@@ -202,12 +217,14 @@ class PeerView:
     role = "peer"
 
     def __init__(self, run_id: str, spec: ModelSpec, store: PeerStore, *, strategy: str,
-                 server_lr: float | None, grant: Sequence[str] = ()) -> None:
+                 server_lr: float | None, grant: Sequence[str] = (),
+                 optimizer: LocalOptimizer | None = None) -> None:
         if grant:
             raise ThreatModelError(f"a peer view cannot be granted {tuple(grant)}: that is "
                                    "other clients' ground truth")
         self.run_id, self.spec, self.client = run_id, spec, store.client_id
         self.strategy, self.server_lr, self.grant = strategy, server_lr, ()
+        self.optimizer = optimizer  # the config's, for entries recorded without one
         self._store = store
 
     def _check_client(self, client: int | None) -> None:
@@ -275,4 +292,5 @@ class PeerView:
                        num_examples=int(seen), local_steps=int(own_e["local_steps"]),
                        lr=float(own_e["lr"]), batch_size=int(own_e["batch_size"]),
                        knowledge=knowledge, own_update=own, num_clients_aggregated=others,
+                       optimizer=_optimizer(own_e, self.optimizer),
                        defenses=tuple(own_e.get("defenses", ())))

@@ -43,7 +43,7 @@ from fl_sim.federation.resources import apply_determinism, client_device
 from fl_sim.federation.retention import Retention
 from fl_sim.federation.shared_dir import check_probe
 from fl_sim.federation.taps import arrays_to_tensors
-from fl_sim.records import ModelSpec
+from fl_sim.records import LocalOptimizer, ModelSpec
 from fl_sim.seeding import numpy_rng, torch_generator
 from fl_sim.stores import PeerStore, TruthStore
 from strategies.fedsgd import step_reply
@@ -213,7 +213,8 @@ def train(msg: Message, context: Context) -> Message:
         mu = float(config.get(P.PROXIMAL_MU_KEY, 0.0))  # type: ignore[arg-type]
         res = local_train(task, data.images, data.labels, data.indices,
                           local_steps=fed.local_steps, local_epochs=fed.local_epochs,
-                          optimizer=fed.optimizer, lr=fed.lr, proximal_mu=mu, **common)
+                          optimizer=fed.local_optimizer(), lr=fed.lr, proximal_mu=mu,
+                          **common)
     update = res.update
     if defended:  # before anything leaves the client: server tap and peer record see it
         update = defend_reply(cfg, update, kind=res.kind, global_state=global_state,
@@ -228,14 +229,15 @@ def train(msg: Message, context: Context) -> Message:
     if cid in fed.peer_clients and fed.taps and global_state is not None:
         _record_peer(run_dir, cid, r, global_state, res, update, config,
                      lr=fed.lr, batch_size=fed.batch_size, keep=keep,
-                     defenses=defenses_in_force(cfg))
-    lr, kind = float(fed.lr), res.kind
+                     defenses=defenses_in_force(cfg), optimizer=fed.local_optimizer())
+    lr, kind, optimizer = float(fed.lr), res.kind, fed.local_optimizer()
     if sgd_step:  # one-step weights global − η·g, recorded as a delta with lr η (fedsgd.py)
         lr, kind = float(config[P.SERVER_LR_KEY]), P.SGD_STEP  # type: ignore[arg-type]
+        optimizer = LocalOptimizer("sgd")  # the server's step, not the client's optimiser
         update = step_reply(arrays_to_tensors(_arrays(msg)), update, lr)
     meta = ConfigRecord({P.PARTITION_ID: cid, P.UPDATE_KIND_KEY: kind,
                          "local-steps": len(res.steps), "batch-size": fed.batch_size,
-                         "lr": lr,
+                         "lr": lr, "optimizer": json.dumps(optimizer.to_json()),
                          **client_epsilons(cfg, cid, r, partition_size=len(data.labels),
                                            steps=len(res.steps))})
     loss = res.loss if math.isfinite(res.loss) else 0.0
@@ -254,7 +256,7 @@ def _poisoned(config: ConfigRecord) -> set[int]:
 def _record_peer(run_dir: Any, cid: int, r: int, global_state: dict[str, Tensor],
                  res: LocalResult, update: dict[str, Tensor], config: ConfigRecord, *,
                  lr: float, batch_size: int, keep: Retention,
-                 defenses: list[dict[str, Any]]) -> None:
+                 defenses: list[dict[str, Any]], optimizer: LocalOptimizer) -> None:
     """Peer tap: the global received this round + the client's own update (delta/gradient),
     as far as ``keep`` retains them."""
     store = PeerStore(run_dir, cid)
@@ -269,7 +271,8 @@ def _record_peer(run_dir: Any, cid: int, r: int, global_state: dict[str, Tensor]
         own, kind = dict(update), "gradient"
     store.write_update(r, own, {"update_kind": kind, "num_examples": res.num_examples,
                                 "local_steps": len(res.steps), "lr": float(lr),
-                                "batch_size": int(batch_size), "defenses": defenses})
+                                "batch_size": int(batch_size), "defenses": defenses,
+                                "optimizer": optimizer.to_json()})
 
 
 @app.evaluate()

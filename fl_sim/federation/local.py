@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fl_sim.records import TruthStep
+from fl_sim.records import LocalOptimizer, TruthStep
 from fl_sim.seeding import derive_seed, torch_generator
 from fl_sim.tasks.base import Batch, StepResult, Task, module_tensors
 
@@ -111,13 +111,19 @@ def distinct_examples(steps: tuple[TruthStep, ...] | list[TruthStep]) -> int:
     return len({int(i) for s in steps for i in s.indices.tolist()})
 
 
-def make_optimizer(name: str, params: Iterator[torch.nn.Parameter], lr: float
-                   ) -> torch.optim.Optimizer:
-    """``sgd`` (plain) or ``adam`` over ``params``; fresh each round."""
-    optimizers = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
-    if name not in optimizers:
-        raise ValueError(f"unknown optimizer {name!r}; known: {sorted(optimizers)}")
-    return optimizers[name](params, lr=lr)
+def make_optimizer(spec: str | LocalOptimizer, params: Iterator[torch.nn.Parameter],
+                   lr: float) -> torch.optim.Optimizer:
+    """The client's optimiser over ``params``, built fresh each round (so Adam's moments
+    and SGD's momentum buffer start at zero every round, as :mod:`attacks.local_optimizers`
+    models them). ``spec``: a :class:`~fl_sim.records.LocalOptimizer` or a bare name
+    (``"sgd"``/``"adam"`` with torch's defaults). Raises ``ValueError`` for an unknown name.
+    """
+    opt = LocalOptimizer(spec) if isinstance(spec, str) else spec  # type: ignore[arg-type]
+    if opt.name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=opt.momentum,
+                               weight_decay=opt.weight_decay)
+    return torch.optim.Adam(params, lr=lr, betas=opt.betas, eps=opt.eps,
+                            weight_decay=opt.weight_decay)
 
 
 def _batch(images: Tensor, labels: Tensor, pos: Tensor, device: torch.device) -> Batch:
@@ -134,7 +140,8 @@ def _truth_step(step: int, images: Tensor, labels: Tensor, dataset_indices: Tens
 
 def local_train(task: Task, images: Tensor, labels: Tensor, dataset_indices: Tensor, *,
                 seed: int, server_round: int, client_id: int, batch_size: int,
-                local_steps: int | None, local_epochs: int | None, optimizer: str, lr: float,
+                local_steps: int | None, local_epochs: int | None,
+                optimizer: str | LocalOptimizer, lr: float,
                 proximal_mu: float = 0.0, device: torch.device | str = "cpu",
                 dp: Any = None) -> LocalResult:
     """Train ``task.model`` (already holding the global weights) on the client's data.

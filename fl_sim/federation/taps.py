@@ -16,6 +16,7 @@ INSIDE it so that their accountant sees the stock aggregation) and
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -282,7 +283,9 @@ class TapStrategy(Strategy):
                             "server_in", server_round, cid, arrays, {
             "update_kind": kind, "num_examples": int(_num_examples(msg)),
             "local_steps": int(meta.get("local-steps", 1)), "lr": float(meta.get("lr", 0.0)),
-            "batch_size": int(meta.get("batch-size", 0)), "defenses": self.defenses})
+            "batch_size": int(meta.get("batch-size", 0)), "defenses": self.defenses,
+            **({"optimizer": json.loads(str(meta["optimizer"]))} if "optimizer" in meta
+               else {})})
 
     def _write_delta(self, tap: str, server_round: int, cid: int | None,
                      arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
