@@ -18,7 +18,7 @@ import inspect
 import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import pydantic
 import tomllib
@@ -42,6 +42,9 @@ from fl_sim.strict import StrictNumbers
 
 if TYPE_CHECKING:
     from fl_sim.records import LocalOptimizer
+
+
+_M = TypeVar("_M", bound=BaseModel)
 
 
 class _Section(StrictNumbers):
@@ -416,6 +419,15 @@ def from_dict(raw: Mapping[str, Any], *, check_plugins: bool = True) -> Experime
     if check_plugins:
         validate_plugins(cfg)
     return cfg
+
+
+def validate_section(model: type[_M], raw: Any, where: str) -> _M:
+    """``raw`` validated as ``model`` (a config section), or a one-line ConfigError whose
+    fields are named under ``where`` (e.g. ``identity.epochs``)."""
+    try:
+        return model.model_validate(raw)
+    except pydantic.ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, where, model)) from None
 
 
 def _model_for(exc: pydantic.ValidationError) -> type[BaseModel] | None:

@@ -14,9 +14,9 @@ reconstruction by WHO it shows, with a small CNN trained on HELD-OUT images of e
   embedding to the embeddings of the attacked user's held-out ("gallery") images / to those
   of every other user's.
 
-The saved model directory holds ``identity.pt`` (state dict + gallery embeddings and their
-identities, loaded with ``weights_only``) and ``identity.json`` (shape, classes, training
-config, held-out accuracy). Nothing is downloaded; no flwr/ray import.
+The saved model directory holds ``identity.safetensors`` (state dict + gallery embeddings
+and their identities; safetensors only, never a pickle) and ``identity.json`` (shape,
+classes, training config, held-out accuracy). Nothing is downloaded; no flwr/ray import.
 """
 
 from __future__ import annotations
@@ -27,17 +27,21 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+import pydantic
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fl_sim.errors import ConfigError, DataError, MissingResourceError
+from fl_sim.strict import StrictNumbers
 
 logger = logging.getLogger(__name__)
 
-WEIGHTS_FILE = "identity.pt"
+WEIGHTS_FILE = "identity.safetensors"
+#: formats that load through pickle: refused, never opened (see :func:`load_identity`)
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 META_FILE = "identity.json"
 EMBED_DIM = 64
 
@@ -132,8 +136,10 @@ def train_identity(images: Tensor, identities: Tensor, out: str | Path, *, epoch
         train_acc = float((net(images).argmax(1) == ids).float().mean())
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": net.state_dict(), "gallery": gallery, "gallery_ids": ids},
-               root / WEIGHTS_FILE)
+    from safetensors.torch import save_file
+    tensors = {f"net.{k}": v.contiguous() for k, v in net.state_dict().items()}
+    save_file({**tensors, "gallery": gallery.contiguous(), "gallery_ids": ids.contiguous()},
+              str(root / WEIGHTS_FILE))
     meta = {"format": "fl-sim-identity", "in_channels": int(images.shape[1]),
             "image_size": int(images.shape[-1]), "num_classes": num_classes,
             "num_images": n, "epochs": epochs, "lr": lr, "batch_size": batch_size,
@@ -147,22 +153,34 @@ def train_identity(images: Tensor, identities: Tensor, out: str | Path, *, epoch
 def load_identity(path: str | Path) -> IdentityModel:
     """The identity model saved at ``path`` by :func:`train_identity`.
 
-    Raises :class:`~fl_sim.errors.MissingResourceError` (no such directory) or
-    :class:`~fl_sim.errors.DataError` (not an identity model), one line each.
+    Only ``identity.safetensors`` is read: a directory holding a pickled checkpoint
+    (``identity.pt`` & co.) instead is refused without opening it, since unpickling runs
+    code. Raises :class:`~fl_sim.errors.MissingResourceError` (no such directory) or
+    :class:`~fl_sim.errors.DataError` (not an identity model, or a pickle), one line each.
     """
+    from safetensors.torch import load_file
+
     root = Path(path)
     if not root.exists():
         raise MissingResourceError(f"identity model {root}: no such directory (train one with "
                                    "`fl-sim train-identity`)")
+    if not (root / WEIGHTS_FILE).is_file() and root.is_dir():
+        pickled = sorted(f.name for f in root.iterdir() if f.suffix in PICKLE_SUFFIXES)
+        if pickled:
+            raise DataError(f"identity model {root}: refusing {pickled[0]} (a pickle, which "
+                            f"would run code when loaded); only {WEIGHTS_FILE} is read -- "
+                            "convert it with safetensors.torch.save_file or retrain with "
+                            "`fl-sim train-identity`")
     try:
         meta = json.loads((root / META_FILE).read_text())
-        blob = torch.load(root / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+        blob = load_file(str(root / WEIGHTS_FILE), device="cpu")
         net = IdentityNet(int(meta["in_channels"]), int(meta["num_classes"]))
-        net.load_state_dict(blob["state_dict"])
-    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+        net.load_state_dict({k[4:]: v for k, v in blob.items() if k.startswith("net.")})
+        gallery, gallery_ids = blob["gallery"], blob["gallery_ids"]
+    except Exception as exc:  # noqa: BLE001 -- json/safetensors/torch raise many types
         raise DataError(f"identity model {root}: not a valid fl-sim identity model "
                         f"({type(exc).__name__}: {' '.join(str(exc).split())[:200]})") from None
-    return IdentityModel(net=net.eval(), gallery=blob["gallery"], gallery_ids=blob["gallery_ids"],
+    return IdentityModel(net=net.eval(), gallery=gallery, gallery_ids=gallery_ids,
                          image_size=int(meta["image_size"]),
                          in_channels=int(meta["in_channels"]), metadata=meta)
 
@@ -206,24 +224,35 @@ def train_identity_from_config(cfg: Mapping[str, Any], out: str | Path) -> Path:
     and optional ``[identity]`` (``split`` "test" (default: the held-out split) or "train",
     ``epochs``, ``lr``, ``batch_size``, ``seed``). Identities are the source's groups when it
     has them, else its labels. Raises :class:`~fl_sim.errors.ConfigError` for unknown keys."""
-    from fl_sim.config import DataConfig
+    from fl_sim.config import DataConfig, validate_section
     from fl_sim.data import load_data
+    from fl_sim.preflight import check_output_dir
 
     unknown = sorted(set(cfg) - {"data", "identity"})
-    opts = dict(cfg.get("identity", {}))
-    bad = sorted(set(opts) - {"split", "epochs", "lr", "batch_size", "seed"})
-    if unknown or bad:
-        raise ConfigError(f"train-identity: unknown keys {unknown + bad}; allowed: [data], "
+    if unknown:
+        raise ConfigError(f"train-identity: unknown keys {unknown}; allowed: [data], "
                           "[identity] split/epochs/lr/batch_size/seed")
-    data = DataConfig.model_validate(cfg.get("data", {}))
-    split = opts.pop("split", "test")
-    if split not in ("train", "test"):
-        raise ConfigError(f"identity.split: got {split!r}; allowed: train, test")
+    data = validate_section(DataConfig, cfg.get("data", {}), "data")
+    opts = validate_section(IdentityOptions, cfg.get("identity", {}), "identity").model_dump()
+    split = opts.pop("split")
+    check_output_dir(Path(out), what="identity model", markers=(META_FILE, WEIGHTS_FILE))
     splits = load_data(data.name, **data.params)
     part = splits.test if split == "test" else splits.train
     ids = part.groups if part.groups is not None else part.labels
     return train_identity(torch.as_tensor(part.images).float(), torch.as_tensor(ids).long(), out,
                           metadata={"data": data.model_dump(), "split": split}, **opts)
+
+
+class IdentityOptions(StrictNumbers):
+    """``[identity]`` of a ``train-identity`` config (unknown keys, zero epochs, non-finite
+    or non-positive rates refused)."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False)
+    split: Literal["train", "test"] = "test"
+    epochs: int = pydantic.Field(60, ge=1)
+    lr: float = pydantic.Field(3e-3, gt=0)
+    batch_size: int = pydantic.Field(32, ge=1)
+    seed: int = pydantic.Field(0, ge=0)
 
 
 @functools.lru_cache(maxsize=4)

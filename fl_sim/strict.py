@@ -7,7 +7,10 @@ rule covers every float and int a user can write:
 * ``inf`` / ``nan`` are refused for every float field (pydantic's ``allow_inf_nan=False``);
   a non-finite learning rate would make every client fail and the run unresumable;
 * ``true`` / ``false`` are refused where a number is expected (pydantic's lax mode would take
-  ``num_clients = true`` as 1), also inside lists (``peer_clients = [true]``).
+  ``num_clients = true`` as 1), also inside lists (``peer_clients = [true]``);
+* a string is refused where only a number is expected (lax mode would store
+  ``ratio = "0.5"`` as 0.5 and a plug-in's ``Any``-typed copy as the string), also inside
+  lists.
 
 Everything else stays in pydantic's lax mode (TOML ``lr = 1`` is the float 1.0).
 """
@@ -57,6 +60,26 @@ def bool_for_number(ann: Any, value: Any) -> bool:
     return False
 
 
+def str_for_number(ann: Any, value: Any) -> bool:
+    """True if ``value`` is (or holds) a string where ``ann`` admits only numbers.
+
+    >>> str_for_number(float, "0.5"), str_for_number(float | None, "1"), str_for_number(
+    ...     float | str, "1"), str_for_number(tuple[int, ...], [1, "2"])
+    (True, True, False, True)
+    """
+    leaves = [leaf for leaf in _leaves(ann) if leaf is not type(None)]
+    if isinstance(value, str):
+        return bool(leaves) and all(leaf in _NUMBERS for leaf in leaves)
+    if isinstance(value, list | tuple):
+        for leaf in leaves:
+            if typing.get_origin(leaf) in (tuple, list):
+                items = [a for a in typing.get_args(leaf) if a is not Ellipsis]
+                if items and any(str_for_number(items[min(i, len(items) - 1)], v)
+                                 for i, v in enumerate(value)):
+                    return True
+    return False
+
+
 class StrictNumbers(BaseModel):
     """Refuses non-finite floats and booleans given for numbers (see module doc)."""
 
@@ -69,4 +92,6 @@ class StrictNumbers(BaseModel):
         if field is not None and bool_for_number(field.annotation, value):
             raise PydanticCustomError("bool_for_number",
                                       "a boolean where a number is expected")
+        if field is not None and str_for_number(field.annotation, value):
+            raise PydanticCustomError("str_for_number", "a string where a number is expected")
         return value

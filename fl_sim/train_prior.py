@@ -75,6 +75,14 @@ class TrainingConfig(_Section):
     sample_images: int = Field(16, ge=1)
     sample_steps: int = Field(50, ge=1)
 
+    @pydantic.field_validator("device")
+    @classmethod
+    def _device_exists(cls, device: str) -> str:
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("'cuda' requested but CUDA is not available on this machine; "
+                             "use \"cpu\" or \"auto\"")
+        return device
+
 
 class PriorConfig(_Section):
     """A ``train-prior`` config: ``[data]``, ``[filter]``, ``[model]``, ``[task]``,
@@ -215,12 +223,33 @@ def _save_checkpoint(out: Path, step: int, model: torch.nn.Module,
             f.unlink(missing_ok=True)
 
 
-def _load_checkpoint(out: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
-    """Restore the last checkpoint into ``model``/``opt``; returns its step (0 if none)."""
+def checkpoint_state(out: Path) -> dict[str, Any] | None:
+    """``checkpoint/state.json`` of ``out`` (None if there is none), checked: a step >= 0
+    and a checkpoint file inside ``checkpoint/`` that exists. Raises a one-line
+    :class:`~fl_sim.errors.RunDirError` for a torn or forged state (delete ``checkpoint/``
+    to start over)."""
+    from fl_sim.errors import RunDirError
+    from fl_sim.run_dir import read_json_object
+    from fl_sim.store_guard import is_count, resolve_inside
     state = out / CKPT_DIR / "state.json"
     if not state.is_file():
+        return None
+    info = read_json_object(state)
+    name = info.get("file")
+    if not is_count(info.get("step")) or not isinstance(name, str):
+        raise RunDirError(f"{state}: corrupt checkpoint state {info!r}; delete {out / CKPT_DIR} "
+                          "to train from the start")
+    if not resolve_inside(out / CKPT_DIR, name).is_file():
+        raise RunDirError(f"{state}: names a missing file {name}; delete {out / CKPT_DIR} to "
+                          "train from the start")
+    return info
+
+
+def _load_checkpoint(out: Path, model: torch.nn.Module, opt: torch.optim.Optimizer) -> int:
+    """Restore the last checkpoint into ``model``/``opt``; returns its step (0 if none)."""
+    info = checkpoint_state(out)
+    if info is None:
         return 0
-    info = json.loads(state.read_text())
     tensors, meta = read_tensors(out / CKPT_DIR / info["file"])
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     opt_state: dict[int, dict[str, Any]] = {}
@@ -240,7 +269,8 @@ def _check_resumable(out: Path, cfg: PriorConfig) -> None:
     saved_file = out / CONFIG_FILE
     if not saved_file.is_file():
         return
-    saved, now = json.loads(saved_file.read_text()), cfg.to_json_dict()
+    from fl_sim.run_dir import read_json_object
+    saved, now = read_json_object(saved_file), cfg.to_json_dict()
     for c in (saved, now):
         for key in _RESUME_FREE:
             c.get("training", {}).pop(key, None)
@@ -285,20 +315,29 @@ def train_prior(cfg: PriorConfig | Mapping[str, Any] | str | Path, out_dir: str 
     receives ``{"step", "total", "loss"}`` (+ ``"eval_loss"`` at checkpoints).
     Raises :class:`~fl_sim.errors.ConfigError` / :class:`~fl_sim.errors.DataError`.
     """
+    from fl_sim.preflight import check_output_dir
     from fl_sim.priors import METADATA_FILE, read_metadata, save_prior
 
     cfg = prior_config(cfg, overrides)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out, what="prior", markers=(CONFIG_FILE, METADATA_FILE))
     _check_resumable(out, cfg)
+    checkpoint_state(out)  # a torn state.json fails here, before anything is written
+    out.mkdir(parents=True, exist_ok=True)
     tr = cfg.training
     if ((out / CONFIG_FILE).is_file() and (out / METADATA_FILE).is_file()
             and read_metadata(out).get("steps_done") == tr.steps):
         return out  # already trained with this config (checked above)
     splits, images, indices, held = _load_data(cfg)
     task, spec, opt = _build(cfg, splits)
+    try:
+        start = _load_checkpoint(out, task.model, opt)
+    except (RuntimeError, KeyError, ValueError, TypeError) as exc:  # torch's own mismatches
+        from fl_sim.errors import RunDirError
+        raise RunDirError(f"{out / CKPT_DIR}: cannot restore the checkpoint ({type(exc).__name__}"
+                          f": {' '.join(str(exc).split())[:200]}); delete it to train from the "
+                          "start") from None
     (out / CONFIG_FILE).write_text(json.dumps(cfg.to_json_dict(), indent=2, sort_keys=True))
-    start = _load_checkpoint(out, task.model, opt)
     if start > tr.steps:
         raise ConfigError(f"training.steps = {tr.steps} but {out} already holds step {start}")
     rewrite_jsonl(out / LOG_FILE, [r for r in read_jsonl(out / LOG_FILE) if r["step"] <= start])

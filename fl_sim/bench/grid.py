@@ -144,6 +144,11 @@ def expand(raw: Mapping[str, Any], *, source: Path = Path("grid.toml")) -> Plan:
         raise ConfigError(f"{source}: a grid needs at least one [[attacks]] entry")
     fed_axes = {k: v for k, v in axes.items() if not k.startswith(ATTACK_AXIS)}
     att_axes = {k: v for k, v in axes.items() if k.startswith(ATTACK_AXIS)}
+    for k in att_axes:
+        if not any(_accepts(spec.name, k[len(ATTACK_AXIS):]) for spec in attacks):
+            raise ConfigError(f"{source}: axis {k!r}: no attack of the grid takes a parameter "
+                              f"{k[len(ATTACK_AXIS):]!r} ({', '.join(a.name for a in attacks)})")
+    name = _bench_name(bench.get("name"), source)
     sims: dict[str, Simulation] = {}
     cells: list[Cell] = []
     for combo in itertools.product(*fed_axes.values()):
@@ -157,6 +162,7 @@ def expand(raw: Mapping[str, Any], *, source: Path = Path("grid.toml")) -> Plan:
                            if _accepts(spec.name, k[len(ATTACK_AXIS):])}
                 params = {**spec.params,
                           **{k[len(ATTACK_AXIS):]: v for k, v in avalues.items()}}
+                _check_attack_params(spec.name, params, avalues, source)
                 for r in sorted(set(spec.rounds)):
                     key = _hash([sim.key, spec.name, spec.view, spec.client, r, params], 12)
                     cells.append(Cell(key=key, sim=sim, attack=spec.name, params=params,
@@ -164,7 +170,6 @@ def expand(raw: Mapping[str, Any], *, source: Path = Path("grid.toml")) -> Plan:
                                       axes={**values, **avalues}))
     seen: set[str] = set()
     unique = [c for c in cells if not (c.key in seen or seen.add(c.key))]
-    name = str(bench.get("name") or source.stem)
     return Plan(name=name, source=source, axes=axes, simulations=tuple(sims.values()),
                 cells=tuple(unique))
 
@@ -209,6 +214,31 @@ def _attack_spec(a: Any, i: int, source: Path) -> AttackSpec:
         raise ConfigError(f"{source}: attacks[{i}]: {exc}") from None
     return AttackSpec(name=a["name"], params=params, view=a.get("view"),
                       client=a.get("client"), rounds=tuple(rounds))
+
+
+def _bench_name(name: Any, source: Path) -> str:
+    """``[bench] name`` (default: the grid file's stem): the default bench directory is
+    ``bench/<name>``, so a name must be one plain path component -- no separator, no
+    ``..``, not hidden."""
+    if name is None or name == "":
+        name = source.stem
+    if not isinstance(name, str) or "/" in name or "\\" in name or ".." in name \
+            or name.startswith(".") or "\0" in name or not name.strip():
+        raise ConfigError(f"{source}: [bench] name {name!r}: must be a plain directory name "
+                          "(no path separator, no '..', not starting with '.')")
+    return name
+
+
+def _check_attack_params(attack: str, params: Mapping[str, Any], avalues: Mapping[str, Any],
+                         source: Path) -> None:
+    """The cell's parameters as the attack's signature types them (a string where a number
+    is expected, an unknown key, a non-finite value: one line, before any simulation)."""
+    from fl_sim.registry import ATTACKS, validate_params
+    where = ", ".join(f"{k}={v!r}" for k, v in avalues.items())
+    try:
+        validate_params(ATTACKS.get(attack), params, where=attack)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}{f' ({where})' if where else ''}: {exc}") from None
 
 
 def _accepts(attack: str, param: str) -> bool:

@@ -103,6 +103,14 @@ def ensure_simulation(sim: Simulation, bench_dir: Path, simulate: Simulate | Non
     return d, False, time.perf_counter() - t0
 
 
+def check_bench_dir(bench_dir: Path) -> None:
+    """RunDirError (one line) unless ``bench_dir`` is new, empty or an earlier bench's
+    directory (resumed): a file, or a directory holding other things, is left alone."""
+    from fl_sim.preflight import check_output_dir
+    check_output_dir(Path(bench_dir), what="bench",
+                     markers=("grid.toml", RESULTS, SIMS, "sims"))
+
+
 def done_keys(bench_dir: Path) -> set[str]:
     return {r["key"] for r in read_jsonl(Path(bench_dir) / RESULTS)
             if isinstance(r, dict) and isinstance(r.get("key"), str)}
@@ -145,6 +153,7 @@ def run_bench(plan: Plan, bench_dir: Path, *, simulate: Simulate | None = None,
     attack = attack or _default_attack
     parallel = workers > 1 or bool(ray_address)
     bench_dir = Path(bench_dir)
+    check_bench_dir(bench_dir)
     bench_dir.mkdir(parents=True, exist_ok=True)
     if plan.source.is_file():
         shutil.copyfile(plan.source, bench_dir / "grid.toml")

@@ -35,7 +35,10 @@ def test_unknown_name_lists_known_ones() -> None:
 
 def test_create_validates_params_from_the_signature() -> None:
     with pytest.raises(ConfigError, match=r"model\.width: Input should be a valid integer"):
-        MODELS.create("convnet", 3, 10, 32, _where="model", width="wide")
+        MODELS.create("convnet", 3, 10, 32, _where="model", width=[4])
+    # a number written as a string is refused, not converted (lax mode took "4" as 4)
+    with pytest.raises(ConfigError, match=r"model\.width: a string where a number is expected"):
+        MODELS.create("convnet", 3, 10, 32, _where="model", width="4")
     with pytest.raises(ConfigError, match=r"model\.depth: unknown key; allowed: width"):
         MODELS.create("convnet", 3, 10, 32, _where="model", depth=3)
     net = MODELS.create("convnet", 3, 10, 32, width=4)
