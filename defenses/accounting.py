@@ -13,6 +13,18 @@ N(0, σ²C²). Both accountants assume Poisson sampling; fl-sim draws batches by
 (fixed-size batches without replacement, :func:`fl_sim.federation.local.batch_plan`), and
 accounting it with q = batch_size / partition_size is the standard approximation (Opacus'
 own examples do the same with shuffled loaders). Pure python/numpy: no flwr, no torch.
+
+**Unit of privacy and neighbouring relation.** An ε means nothing without the pair of
+datasets it bounds. Every DP defense declares its *unit* (:data:`EXAMPLE` or :data:`CLIENT`:
+whose data two neighbouring datasets differ in) and its *relation*
+(:data:`ADD_OR_REMOVE_ONE` or :data:`REPLACE_ONE`, spelled as Flower's
+``NeighboringRelation``), and the sensitivity follows from the relation: a quantity clipped
+to L2 norm C moves by at most C when one unit is added or removed (the other's contribution
+is zero) and by at most 2C when one unit is replaced (C one way, C the other). Opacus'
+accountants are written for sensitivity C (add/remove, Poisson sampling — their convention),
+so a replace-one mechanism with noise std σC is accounted with the effective noise
+multiplier σ / 2 (:func:`effective_noise_multiplier`). Results carry both words beside ε under
+the names :data:`UNIT_FIELD` and :data:`RELATION_FIELD` (``metrics.jsonl``, report.html).
 """
 
 from __future__ import annotations
@@ -29,6 +41,56 @@ Accountant = Literal["rdp", "prv"]
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
 #: δ used when a defense does not set one
 DEFAULT_DELTA = 1e-5
+
+#: units of privacy: one training example, or one client's whole data
+EXAMPLE, CLIENT = "example", "client"
+#: neighbouring relations (the spelling of Flower's ``NeighboringRelation``)
+ADD_OR_REMOVE_ONE, REPLACE_ONE = "add-or-remove-one", "replace-one"
+#: how far a quantity clipped to norm C moves between neighbours, in units of C
+SENSITIVITY_IN_C = {ADD_OR_REMOVE_ONE: 1.0, REPLACE_ONE: 2.0}
+#: the result fields written beside ε (client-side DP; central DP prefixes ``central_``)
+UNIT_FIELD, RELATION_FIELD = "dp_unit", "dp_neighbouring"
+
+
+def effective_noise_multiplier(noise_multiplier: float, relation: str) -> float:
+    """σ / (sensitivity in units of C): the multiplier an accountant written for sensitivity
+    C must be fed for a mechanism with noise std σ·C under ``relation``.
+
+    >>> effective_noise_multiplier(1.0, REPLACE_ONE)
+    0.5
+    >>> effective_noise_multiplier(1.0, ADD_OR_REMOVE_ONE)
+    1.0
+
+    Raises ``ValueError`` for an unknown relation."""
+    if relation not in SENSITIVITY_IN_C:
+        raise ValueError(f"unknown neighbouring relation {relation!r}; known: "
+                         f"{list(SENSITIVITY_IN_C)}")
+    return float(noise_multiplier) / SENSITIVITY_IN_C[relation]
+
+
+def privacy_fields(unit: str, relation: str, prefix: str = "") -> dict[str, str]:
+    """``{prefix + "dp_unit": unit, prefix + "dp_neighbouring": relation}``: what a result
+    writes beside its ε.
+
+    >>> privacy_fields(CLIENT, REPLACE_ONE)
+    {'dp_unit': 'client', 'dp_neighbouring': 'replace-one'}
+    """
+    return {prefix + UNIT_FIELD: unit, prefix + RELATION_FIELD: relation}
+
+
+def describe_relation(unit: str, relation: str) -> str:
+    """Words for report.html: ``"replace one client's data (sensitivity 2C)"``.
+
+    >>> describe_relation(EXAMPLE, ADD_OR_REMOVE_ONE)
+    'add or remove one example (sensitivity C)'
+    """
+    what = "one example" if unit == EXAMPLE else "one client's data" if unit == CLIENT \
+        else f"one {unit}"
+    verb = "replace" if relation == REPLACE_ONE else "add or remove" \
+        if relation == ADD_OR_REMOVE_ONE else relation
+    factor = SENSITIVITY_IN_C.get(relation)
+    sens = "C" if factor == 1.0 else f"{factor:g}C" if factor else "?"
+    return f"{verb} {what} (sensitivity {sens})"
 
 
 def make_accountant(accountant: str) -> object:
@@ -72,11 +134,19 @@ def compose(history: Sequence[tuple[float, float, int]], delta: float = DEFAULT_
 
 
 def gaussian_epsilon(noise_multiplier: float, delta: float = DEFAULT_DELTA,
-                     accountant: str = "rdp", releases: int = 1) -> float:
-    """ε of ``releases`` Gaussian mechanisms with sensitivity C and std σ·C (no subsampling:
-    q = 1) — what :mod:`defenses.local_dp` spends per round (``releases = 1``) and over the
-    rounds a client took part in."""
-    return epsilon(noise_multiplier, 1.0, releases, delta, accountant)
+                     accountant: str = "rdp", releases: int = 1, *,
+                     relation: str = ADD_OR_REMOVE_ONE) -> float:
+    """ε of ``releases`` Gaussian mechanisms with std σ·C on a quantity clipped to norm C (no
+    subsampling: q = 1), the sensitivity following from ``relation`` (C for add/remove, 2C for
+    replace-one: the accountant gets :func:`effective_noise_multiplier`) — what
+    :mod:`defenses.local_dp` spends per round (``releases = 1``, replace-one) and over the
+    rounds a client took part in.
+
+    >>> round(gaussian_epsilon(1.0, 1e-5, relation=REPLACE_ONE), 2)  # = σ/2 with sensitivity C
+    10.73
+    """
+    return epsilon(effective_noise_multiplier(noise_multiplier, relation), 1.0, releases,
+                   delta, accountant)
 
 
 def dp_sgd_round_epsilon(noise_multiplier: float, sample_rate: float, steps_per_round: int,

@@ -30,10 +30,23 @@ against everyone who sees only the new global model: a curious peer's derivation
 ``global_{r+1} − global_r`` carries the noise. With client-side clipping the server sees
 clipped (but noise-free) updates.
 
+**Unit of privacy and neighbouring relation: one client, add-or-remove-one** (McMahan et
+al. 2018's user-level DP, and Flower's own: its fixed-clipping accountant accepts only
+``add-or-remove-one`` without amplification and feeds the Google accountant σ itself).
+Flower's wrappers divide the sum of the clipped updates by the FIXED m
+(``num_sampled_clients``) and add N(0, (σC/m)²) — ``compute_stdv(σ, C, m) = σC/m`` in
+``flwr.supercore.differential_privacy`` — i.e. noise σC on the sum. Adding or removing one
+client moves that sum by at most C: sensitivity C relative to the noise σC, so the
+accountant gets σ (:func:`defenses.accounting.effective_noise_multiplier` with
+``"add-or-remove-one"`` is the identity). Replace-one would move the sum by 2C and halve the
+effective multiplier; it is not the relation the Poisson-sampled accountant (nor the paper)
+is written for. Results write ``central_dp_unit = "client"`` and
+``central_dp_neighbouring = "add-or-remove-one"`` beside ε.
+
 **ε** is not read from Flower (its accountant covers only fixed clipping with uniform
 weights and no sampling amplification): fl-sim accounts each round as one sampled Gaussian
-mechanism with noise multiplier σ (sensitivity C of one client's clipped update in the mean)
-and sampling rate q = m / num_clients, by Opacus' accountant
+mechanism with noise multiplier σ (sensitivity C of one client's clipped update in the sum
+over a fixed m, as above) and sampling rate q = m / num_clients, by Opacus' accountant
 (:func:`defenses.accounting.epsilon`, steps = rounds released): user-level (ε, δ)-DP of the
 sequence of global models. Approximations, as in the papers: fl-sim samples exactly m clients
 without replacement (the accountants assume Poisson sampling), and FedAvg weights replies by
@@ -51,7 +64,14 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field
 
-from defenses.accounting import DEFAULT_DELTA, epsilon
+from defenses.accounting import (
+    ADD_OR_REMOVE_ONE,
+    CLIENT,
+    DEFAULT_DELTA,
+    describe_relation,
+    effective_noise_multiplier,
+    epsilon,
+)
 from defenses.base import Defense
 from fl_sim.registry import DEFENSES
 
@@ -79,6 +99,9 @@ class CentralDP(Defense):
     name: ClassVar[str] = "central_dp"
     stage: ClassVar[str] = "server"
     protects_server_view: ClassVar[bool] = False
+    #: unit of privacy and neighbouring relation (module doc): sensitivity C on the sum
+    privacy_unit: ClassVar[str] = CLIENT
+    neighbouring: ClassVar[str] = ADD_OR_REMOVE_ONE
 
     #: who clips and whether C adapts (see module doc)
     clipping: Clipping = "server_fixed"
@@ -139,7 +162,8 @@ class CentralDP(Defense):
         """ε at ``delta`` after ``releases`` noisy aggregates (q = m / num_clients); ``inf``
         for σ = 0 (clipping only)."""
         q = min(1.0, self.sampled(cfg) / cfg.federation.num_clients)
-        return epsilon(self.noise_multiplier, q, releases, self.delta, self.accountant)
+        sigma = effective_noise_multiplier(self.noise_multiplier, self.neighbouring)
+        return epsilon(sigma, q, releases, self.delta, self.accountant)
 
 
 #: what report.html says beside an attack result under central DP, by view
@@ -176,8 +200,11 @@ def epsilon_note(metrics: Any) -> str:
     last = rows[-1]
     eps = last["central_dp_epsilon"]
     text = "∞ (no noise)" if eps is None else f"{float(eps):.2f}"
+    unit = last.get("central_dp_unit", CLIENT)
+    rel = last.get("central_dp_neighbouring", ADD_OR_REMOVE_ONE)
     return (f"Central DP: the global models after round {last['round']} are ({text}, δ)-DP "
-            f"per client (user level; Opacus accountant, sampling rate = fraction of clients "
-            f"sampled; noise std {float(last.get('central_dp_noise_std', 0)):.4g} on the "
-            f"aggregate). It does not protect against the server, which sees every update "
+            f"per {unit} (unit of privacy: {unit}; neighbouring datasets: "
+            f"{describe_relation(unit, rel)}; Opacus accountant, sampling rate = fraction of "
+            f"clients sampled; noise std {float(last.get('central_dp_noise_std', 0)):.4g} on "
+            f"the aggregate). It does not protect against the server, which sees every update "
             f"before the noise; it protects against curious peers.")

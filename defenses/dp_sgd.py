@@ -20,6 +20,18 @@ by shuffling (fixed-size batches without replacement), not by Poisson sampling a
 accountants assume — the standard approximation (Opacus' examples make it too). Deviation from
 the paper: Abadi et al. use "lots" sampled with probability q; here a lot is the batch.
 
+**Unit of privacy and neighbouring relation: one example, add-or-remove-one.** Opacus'
+convention and Abadi et al.'s: two datasets are neighbours when one has one example more
+(of this client's partition). The clipped per-example gradients are summed before the noise,
+so adding or removing one example moves the sum by at most C — sensitivity C, and the
+accountant gets σ itself (:func:`defenses.accounting.effective_noise_multiplier` with
+``"add-or-remove-one"`` is the identity); the Poisson-sampled Gaussian mechanism the
+accountants analyse is defined for this relation. (Replace-one would double the sensitivity
+to 2C; it is the relation that fits fixed-size batches exactly — fl-sim's shuffled batches
+are accounted as Poisson batches, the approximation above.) The guarantee is per EXAMPLE: it
+says nothing about a client's data as a whole beyond group privacy. Results write
+``dp_unit = "example"``, ``dp_neighbouring = "add-or-remove-one"`` beside ε.
+
 Models with BatchNorm cannot be trained with per-example DP (the batch statistics mix the
 examples, so one example's influence is not its own gradient): :meth:`DPSGD.problem` rejects
 them before training, as Opacus' ``ModuleValidator`` does. Use a model without BatchNorm
@@ -37,7 +49,13 @@ from pydantic import Field
 from torch import Tensor, nn
 from torch.func import grad_and_value, vmap
 
-from defenses.accounting import DEFAULT_DELTA, epsilon
+from defenses.accounting import (
+    ADD_OR_REMOVE_ONE,
+    DEFAULT_DELTA,
+    EXAMPLE,
+    effective_noise_multiplier,
+    epsilon,
+)
 from defenses.base import Defense
 from fl_sim.registry import DEFENSES
 from fl_sim.tasks.base import Batch, module_tensors
@@ -94,6 +112,9 @@ class DPSGD(Defense):
 
     name: ClassVar[str] = "dp_sgd"
     stage: ClassVar[str] = "train"
+    #: unit of privacy and neighbouring relation (module doc): sensitivity C
+    privacy_unit: ClassVar[str] = EXAMPLE
+    neighbouring: ClassVar[str] = ADD_OR_REMOVE_ONE
 
     #: σ: noise std relative to the clip bound (0: clipping only, ε = inf)
     noise_multiplier: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] = 1.0
@@ -135,7 +156,8 @@ class DPSGD(Defense):
         """ε at ``delta`` of ``rounds`` client-rounds of ``steps`` DP-SGD steps each, with
         q = min(batch_size, partition_size) / partition_size (module doc)."""
         q = min(batch_size, partition_size) / partition_size
-        return epsilon(self.noise_multiplier, q, steps * rounds, self.delta, self.accountant)
+        sigma = effective_noise_multiplier(self.noise_multiplier, self.neighbouring)
+        return epsilon(sigma, q, steps * rounds, self.delta, self.accountant)
 
 
 def _probe_model(cfg: Any) -> nn.Module | None:

@@ -15,12 +15,23 @@ gradient), through :func:`fl_sim.defended.defend_reply`, so FedSGD and FedAvg ge
 mechanism. Deviation from ``LocalDpMod``: Flower's mod takes ``sensitivity`` and ``epsilon``
 and derives the std from the classic bound; here σ is the parameter and ε is derived.
 
-ε per round: one release of the Gaussian mechanism with sensitivity C (the clipped update of
-one client's whole data; neighbouring = one client's data replaced, "user-level") and std σC,
-accounted by Opacus' RDP (or PRV) accountant with sample_rate = 1 and steps = 1
-(:func:`defenses.accounting.gaussian_epsilon`); over the k rounds a client took part in it is
-the same accountant with steps = k. (The classic bound ε = sqrt(2 ln(1.25/δ))/σ holds only for
-ε < 1; the accountant's is valid for every σ and is tighter.)
+**Unit of privacy and neighbouring relation: one client, replace-one.** Local DP protects
+a client's whole data against everyone who sees the update (the server included), and a
+client always sends an update, so "add or remove" a client does not describe what a curious
+server compares: two neighbouring inputs are ANY two datasets of that client (its data
+replaced, user-level local DP). Their clipped updates can differ by up to 2C (C one way, C
+the other), so the sensitivity is 2C and the std σC buys the Gaussian mechanism of
+noise multiplier σ / 2 (:func:`defenses.accounting.effective_noise_multiplier`). Earlier
+fl-sim versions accounted this with sensitivity C, which understated ε (σ = 1, δ = 1e-5,
+one release: 4.73 instead of 10.73).
+
+ε per round: one release of that mechanism, accounted by Opacus' RDP (or PRV) accountant
+on σ / 2 with sample_rate = 1 and steps = 1 (:func:`defenses.accounting.gaussian_epsilon`
+with ``relation = "replace-one"``); over the k rounds a client took part in it is the same
+accountant with steps = k. (The classic bound ε = sqrt(2 ln(1.25/δ))·Δ/(σC) holds only for
+ε < 1; the accountant's is valid for every σ and is tighter.) Results write
+``dp_unit = "client"`` and ``dp_neighbouring = "replace-one"`` beside ε (:attr:`LocalDP.
+privacy_unit`, :attr:`LocalDP.neighbouring`).
 """
 
 from __future__ import annotations
@@ -33,7 +44,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from defenses.accounting import DEFAULT_DELTA, gaussian_epsilon
+from defenses.accounting import CLIENT, DEFAULT_DELTA, REPLACE_ONE, gaussian_epsilon
 from defenses.base import UpdateContext, UpdateDefense
 from fl_sim.registry import DEFENSES
 
@@ -60,6 +71,9 @@ class LocalDP(UpdateDefense):
     """Local DP (Gaussian mechanism on the clipped update, as Flower's LocalDpMod)."""
 
     name: ClassVar[str] = "local_dp"
+    #: unit of privacy and neighbouring relation (module doc): sensitivity 2C
+    privacy_unit: ClassVar[str] = CLIENT
+    neighbouring: ClassVar[str] = REPLACE_ONE
 
     #: C: L2 bound of the whole update
     clipping_norm: Annotated[float, Field(gt=0.0, allow_inf_nan=False)] = 1.0
@@ -82,5 +96,7 @@ class LocalDP(UpdateDefense):
         return out
 
     def round_epsilon(self, rounds: int = 1) -> float:
-        """ε at ``delta`` of ``rounds`` releases (one per round the client took part in)."""
-        return gaussian_epsilon(self.noise_multiplier, self.delta, self.accountant, rounds)
+        """ε at ``delta`` of ``rounds`` releases (one per round the client took part in),
+        client-level replace-one: the accountant runs on σ / 2 (sensitivity 2C)."""
+        return gaussian_epsilon(self.noise_multiplier, self.delta, self.accountant, rounds,
+                                relation=self.neighbouring)

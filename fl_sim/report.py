@@ -227,7 +227,21 @@ def _epsilon_line(metrics: Sequence[Mapping[str, Any]]) -> str:
     return (f"<p>Client-side differential privacy (dp_sgd / local_dp): ε spent per round "
             f"≤ {eps(max((r.get('dp_epsilon_round') for r in rows), key=_eps_key))}, cumulative "
             f"ε after round {last['round']} = {eps(last['dp_epsilon'])} (max over clients, at "
-            f"each defense's δ; Opacus accountant).</p>")
+            f"each defense's δ; Opacus accountant). {html.escape(_relation_words(last))}</p>")
+
+
+def _relation_words(row: Mapping[str, Any], prefix: str = "") -> str:
+    """"Unit of privacy: client; neighbouring datasets: replace one client's data
+    (sensitivity 2C)." from a metrics row's ``dp_unit`` / ``dp_neighbouring`` (or the
+    ``central_`` ones); says so where a run recorded before these fields has none."""
+    from defenses.accounting import describe_relation
+    unit, rel = row.get(f"{prefix}dp_unit"), row.get(f"{prefix}dp_neighbouring")
+    if not unit or not rel:
+        return ("Unit of privacy and neighbouring relation: not recorded (a run from before "
+                "fl-sim wrote them; its local_dp ε may be understated by a factor-2 "
+                "sensitivity).")
+    return (f"Unit of privacy: {unit}; neighbouring datasets: "
+            f"{describe_relation(str(unit), str(rel))}.")
 
 
 def _eps_key(v: Any) -> float:
@@ -272,6 +286,9 @@ def _config_summary(cfg: Mapping[str, Any]) -> str:
 #: diffusion loss of a diffusion task), then the privacy budgets spent, if any.
 UTILITY_KEYS = ("eval_accuracy", "eval_loss")
 EPSILON_KEYS = ("dp_epsilon", "central_dp_epsilon")
+#: what each ε is about (:mod:`defenses.accounting`): shown beside it wherever it is shown
+PRIVACY_SEMANTICS_KEYS = {"dp_epsilon": ("dp_unit", "dp_neighbouring"),
+                          "central_dp_epsilon": ("central_dp_unit", "central_dp_neighbouring")}
 
 
 def utility(metrics: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -284,7 +301,10 @@ def utility(metrics: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     last = metrics[-1] if metrics else {}
     key = next((k for k in UTILITY_KEYS if last.get(k) is not None), None)
     out = {key: last[key]} if key else {}
-    out.update({k: last[k] for k in EPSILON_KEYS if k in last})
+    for k in EPSILON_KEYS:
+        if k in last:
+            out[k] = last[k]
+            out.update({f: last[f] for f in PRIVACY_SEMANTICS_KEYS[k] if f in last})
     return out
 
 

@@ -29,18 +29,21 @@ METRICS = ("psnr", "ssim", "label_accuracy")
 #: pushes the attack towards; blank for attacks without a random start (iDLG, GIDM+ ...)
 START = ("start_psnr", "start_ssim")
 FIXED = ("attack", "view", "round", "client", "params", "defenses", *METRICS, *START, "utility",
-         "utility_metric", "epsilon", "attack_seconds", "cell_seconds", "iterations", "grid",
-         "error", "sim", "key")
+         "utility_metric", "epsilon", "epsilon_unit", "attack_seconds", "cell_seconds",
+         "iterations", "grid", "error", "sim", "key")
 
 
 def sim_facts(sim_dir: Path) -> dict[str, Any]:
     """Utility and ε of a finished simulation: the last ``metrics.jsonl`` row's
     ``eval_accuracy`` (classifier) or ``eval_loss`` (diffusion: held-out diffusion loss), and
-    every key ending in ``epsilon`` (``dp_epsilon``, ``central_dp_epsilon``; null = ∞)."""
+    every key ending in ``epsilon`` (``dp_epsilon``, ``central_dp_epsilon``; null = ∞), with
+    ``epsilon_unit``: what each ε bounds, ``"unit/relation"`` from the row's ``dp_unit`` /
+    ``dp_neighbouring`` (:mod:`defenses.accounting`), ``"; "``-joined, ``"?"`` where a run
+    from before those fields has none."""
     from fl_sim.report import read_metrics
     rows = read_metrics(Path(sim_dir))
     out: dict[str, Any] = {"utility": None, "utility_metric": None, "epsilon": None,
-                           "epsilons": {}}
+                           "epsilons": {}, "epsilon_unit": None}
     for key in ("eval_accuracy", "eval_loss"):
         vals = [r[key] for r in rows if isinstance(r.get(key), int | float)]
         if vals:
@@ -53,6 +56,9 @@ def sim_facts(sim_dir: Path) -> dict[str, Any]:
         if out["epsilons"]:  # two client-side/central guarantees: basic composition
             vals = list(out["epsilons"].values())
             out["epsilon"] = INF if INF in vals else sum(vals)
+            out["epsilon_unit"] = "; ".join(
+                f"{last.get(k[:-len('epsilon')] + 'unit', '?')}/"
+                f"{last.get(k[:-len('epsilon')] + 'neighbouring', '?')}" for k in eps)
     return out
 
 
@@ -80,6 +86,7 @@ def cell_row(cell: Cell, result: Mapping[str, Any] | None, facts: Mapping[str, A
         **{k: _num(m.get(k)) for k in (*METRICS, *START)},
         "utility": facts.get("utility"), "utility_metric": facts.get("utility_metric"),
         "epsilon": facts.get("epsilon"), "epsilons": dict(facts.get("epsilons") or {}),
+        "epsilon_unit": facts.get("epsilon_unit"),
         "attack_seconds": result.get("seconds"), "cell_seconds": round(cell_seconds, 3),
         "iterations": result.get("iterations"), "grid": grid, "error": error,
     }
@@ -132,7 +139,8 @@ def write_outputs(plan: Plan, bench_dir: Path) -> dict[str, Path]:
         w.writeheader()
         w.writerows(records)
     md_cols = [*axes, "attack", "view", "round", "defenses", "psnr", "start_psnr", "ssim",
-               "label_accuracy", "utility", "epsilon", "attack_seconds", "error"]
+               "label_accuracy", "utility", "epsilon", "epsilon_unit", "attack_seconds",
+               "error"]
     out["md"].write_text(markdown_table(records, md_cols))
     plot = plot_privacy_utility(rows, axes, bench_dir / "privacy_utility.png")
     if plot is not None:

@@ -17,7 +17,12 @@ clipping only) is written as ``null`` in ``metrics.jsonl``.
 
 The server tap keeps each accepted reply's pair; the round's ``metrics.jsonl`` row gets
 ``dp_epsilon_round`` and ``dp_epsilon``, each the MAX over that round's clients (the weakest
-guarantee in force).
+guarantee in force), and beside them what the ε is about (:func:`privacy_semantics`):
+``dp_unit`` and ``dp_neighbouring`` — ``"example"`` / ``"add-or-remove-one"`` for
+``dp_sgd``, ``"client"`` / ``"replace-one"`` for ``local_dp``. With both defenses the summed
+ε is reported per EXAMPLE, add-or-remove-one: local DP's client-level replace-one guarantee
+covers any change of the client's data, so it bounds adding or removing one example too,
+and the sum bounds the two together (DP-SGD gives no finite client-level ε).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from collections.abc import Callable, Iterable, Mapping
 from functools import lru_cache
 from typing import Any
 
+from defenses.accounting import ADD_OR_REMOVE_ONE, EXAMPLE, privacy_fields
 from fl_sim.defended import build_defenses
 
 ROUND_KEY = "dp-epsilon-round"
@@ -78,9 +84,22 @@ def client_epsilons(cfg: Any, client_id: int, server_round: int, *, partition_si
     return {ROUND_KEY: float(per_round), CUMULATIVE_KEY: float(total)}
 
 
-def epsilon_row(epsilons: Mapping[int, tuple[float, float]]) -> dict[str, float | None]:
+def privacy_semantics(cfg: Any) -> dict[str, str]:
+    """``{"dp_unit": ..., "dp_neighbouring": ...}`` of the configured client-side DP
+    defenses' ε (module doc), ``{}`` without one."""
+    dps = [d for d in build_defenses(cfg) if d.name in CLIENT_DP]
+    if not dps:
+        return {}
+    if len(dps) == 1:
+        return privacy_fields(dps[0].privacy_unit, dps[0].neighbouring)
+    return privacy_fields(EXAMPLE, ADD_OR_REMOVE_ONE)
+
+
+def epsilon_row(epsilons: Mapping[int, tuple[float, float]], cfg: Any = None
+                ) -> dict[str, float | str | None]:
     """``metrics.jsonl`` columns from ``client -> (round ε, cumulative ε)``: the max over
-    clients of each (``None`` for ``inf``); ``{}`` when no client reported ε.
+    clients of each (``None`` for ``inf``), with :func:`privacy_semantics` of ``cfg`` beside
+    them when given; ``{}`` when no client reported ε.
 
     >>> epsilon_row({0: (1.0, 2.0), 1: (1.5, 1.5)})
     {'dp_epsilon_round': 1.5, 'dp_epsilon': 2.0}
@@ -91,7 +110,11 @@ def epsilon_row(epsilons: Mapping[int, tuple[float, float]]) -> dict[str, float 
         return {}
     rnd = max(e[0] for e in epsilons.values())
     cum = max(e[1] for e in epsilons.values())
-    return {"dp_epsilon_round": _finite_or_none(rnd), "dp_epsilon": _finite_or_none(cum)}
+    row: dict[str, float | str | None] = {"dp_epsilon_round": _finite_or_none(rnd),
+                                          "dp_epsilon": _finite_or_none(cum)}
+    if cfg is not None:
+        row.update(privacy_semantics(cfg))
+    return row
 
 
 def reply_epsilons(replies: Iterable[Any], client_of: Callable[[Any], int]

@@ -263,7 +263,7 @@ def run_round(grid: Grid, tap: TapStrategy, cfg: ExperimentConfig, run_dir: Path
                            "clients_rejected": log.rejected, "num_examples": log.num_examples,
                            "aggregated": log.aggregated,
                            "client_errors": log_failures(r, log.errors)}
-    row.update(epsilon_row(eps))  # DP clients' ε
+    row.update(epsilon_row(eps, cfg))  # DP clients' ε, its unit and relation
     row.update(central_dp_row(tap.inner))  # central DP's ε, clipping norm, noise std
     ev_msgs = list(tap.configure_evaluate(r, arrays, P.config_record(cfg, run_dir), grid))
     if ev_msgs:

@@ -32,9 +32,10 @@ for ε) is plain attributes of the wrapped strategies, which
 
 **ε.** :meth:`CentralDPStrategy.metrics_row` gives the round's ``metrics.jsonl`` columns:
 ``central_dp_epsilon`` (cumulative over the noisy aggregates released so far),
-``central_dp_epsilon_round`` (one release), ``central_dp_clipping_norm`` (C after the round)
-and ``central_dp_noise_std`` (σC/m of the round), from
-:meth:`defenses.central_dp.CentralDP.round_epsilon` (Opacus' accountant).
+``central_dp_epsilon_round`` (one release), ``central_dp_unit`` /
+``central_dp_neighbouring`` (what the ε bounds: one client, add-or-remove-one),
+``central_dp_clipping_norm`` (C after the round) and ``central_dp_noise_std`` (σC/m of the
+round), from :meth:`defenses.central_dp.CentralDP.round_epsilon` (Opacus' accountant).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ from flwr.serverapp.strategy import (
     Strategy,
 )
 
+from defenses.accounting import privacy_fields
 from fl_sim.defended import build_defenses
 from fl_sim.seeding import derive_seed
 from strategies.fedsgd import FedSGD
@@ -197,16 +199,17 @@ class CentralDPStrategy(Strategy):
         """C now (changes under adaptive clipping)."""
         return float(self.dp.clipping_norm)  # type: ignore[attr-defined]
 
-    def metrics_row(self) -> dict[str, float | None]:
+    def metrics_row(self) -> dict[str, float | str | None]:
         """This round's ``metrics.jsonl`` columns (``None`` for an infinite ε, σ = 0)."""
         d, cfg = self._defense, self._cfg
         return {"central_dp_epsilon": _finite(d.round_epsilon(cfg, self.releases)),
                 "central_dp_epsilon_round": _finite(d.round_epsilon(cfg, 1)),
+                **privacy_fields(d.privacy_unit, d.neighbouring, prefix="central_"),
                 "central_dp_clipping_norm": self.clipping_norm,
                 "central_dp_noise_std": self._noise_std}
 
 
-def central_dp_row(strategy: Strategy) -> dict[str, float | None]:
+def central_dp_row(strategy: Strategy) -> dict[str, float | str | None]:
     """The central-DP columns of a round's metrics row, ``{}`` without central DP."""
     return strategy.metrics_row() if isinstance(strategy, CentralDPStrategy) else {}
 

@@ -98,6 +98,7 @@ def test_dp_sgd_run_reports_epsilon(runs_dir: Path) -> None:
         assert row["dp_epsilon"] == pytest.approx(_opacus_eps(1.0, q, 3 * r), rel=1e-9)
     html = (Path(run.path) / "report.html").read_text()
     assert "ε" in html and f"{rows[-1]['dp_epsilon']:.2f}" in html
+    assert "add or remove one example (sensitivity C)" in html  # what the ε bounds
 
 
 def test_local_dp_run_reports_epsilon(runs_dir: Path) -> None:
@@ -112,7 +113,8 @@ def test_local_dp_run_reports_epsilon(runs_dir: Path) -> None:
     n = sum(v.numel() for v in recs[0].update.values())
     assert norm == pytest.approx(2.0 * 0.5 * n ** 0.5, rel=0.05)
     rows = read_jsonl(Path(run.path) / "metrics.jsonl")
-    for r, row in enumerate(rows, start=1):
-        assert row["dp_epsilon_round"] == pytest.approx(_opacus_eps(2.0, 1.0, 1))
-        assert row["dp_epsilon"] == pytest.approx(_opacus_eps(2.0, 1.0, r))
+    for r, row in enumerate(rows, start=1):  # replace-one, sensitivity 2C: σ/2 = 1.0
+        assert row["dp_epsilon_round"] == pytest.approx(_opacus_eps(1.0, 1.0, 1))
+        assert row["dp_epsilon"] == pytest.approx(_opacus_eps(1.0, 1.0, r))
+        assert (row["dp_unit"], row["dp_neighbouring"]) == ("client", "replace-one")
 

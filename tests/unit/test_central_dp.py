@@ -153,6 +153,8 @@ def test_server_records_are_untouched_and_the_aggregate_carries_seeded_noise(
     assert all(np.array_equal(noisy[k], again[k]) for k in noisy)
     row = central_dp_row(tap.inner)
     assert row["central_dp_noise_std"] == pytest.approx(0.25)
+    assert (row["central_dp_unit"], row["central_dp_neighbouring"]) == ("client",
+                                                                        "add-or-remove-one")
     assert row["central_dp_epsilon"] == pytest.approx(CentralDP(noise_multiplier=0.5)
                                                       .round_epsilon(cfg, 1))
 

@@ -70,8 +70,9 @@ def test_defense_round_epsilon() -> None:
     d = DPSGD(noise_multiplier=1.2, delta=1e-6, accountant="prv")
     assert d.round_epsilon(batch_size=8, partition_size=200, steps=5, rounds=3) == \
         pytest.approx(_opacus(PRVAccountant, 1.2, 8 / 200, 15, 1e-6), rel=1e-9)
+    # local DP is replace-one (sensitivity 2C): the accountant runs on σ / 2
     assert LocalDP(noise_multiplier=3.0).round_epsilon(rounds=2) == pytest.approx(
-        _opacus(RDPAccountant, 3.0, 1.0, 2, 1e-5))
+        _opacus(RDPAccountant, 1.5, 1.0, 2, 1e-5))
 
 
 # -- clipping (seeded property tests) ------------------------------------------------------
