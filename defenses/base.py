@@ -63,7 +63,7 @@ class UpdateContext:
 class Defense:
     """Base of every defense: a frozen dataclass of public parameters (see module doc)."""
 
-    #: registry name, set by the subclass (e.g. ``"pruning"``)
+    #: registry name: set by ``@DEFENSES.register("pruning")`` (declared there only)
     name: ClassVar[str] = ""
     #: one of :data:`STAGES`
     stage: ClassVar[str] = "update"

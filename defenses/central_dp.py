@@ -96,7 +96,6 @@ def sampled_clients(num_clients: int, fraction: float) -> int:
 class CentralDP(Defense):
     """Central DP with Flower's strategy wrappers (clipping + noise on the aggregate)."""
 
-    name: ClassVar[str] = "central_dp"
     stage: ClassVar[str] = "server"
     protects_server_view: ClassVar[bool] = False
     #: unit of privacy and neighbouring relation (module doc): sensitivity C on the sum

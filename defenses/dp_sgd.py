@@ -110,7 +110,6 @@ def has_batchnorm(model: nn.Module) -> bool:
 class DPSGD(Defense):
     """DP-SGD (Abadi et al. 2016): clip each example's gradient, add Gaussian noise."""
 
-    name: ClassVar[str] = "dp_sgd"
     stage: ClassVar[str] = "train"
     #: unit of privacy and neighbouring relation (module doc): sensitivity C
     privacy_unit: ClassVar[str] = EXAMPLE

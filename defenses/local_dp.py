@@ -70,7 +70,6 @@ def update_norm(update: Mapping[str, Tensor]) -> float:
 class LocalDP(UpdateDefense):
     """Local DP (Gaussian mechanism on the clipped update, as Flower's LocalDpMod)."""
 
-    name: ClassVar[str] = "local_dp"
     #: unit of privacy and neighbouring relation (module doc): sensitivity 2C
     privacy_unit: ClassVar[str] = CLIENT
     neighbouring: ClassVar[str] = REPLACE_ONE

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
@@ -59,7 +59,6 @@ def _keep_largest(v: Tensor, ratio: float) -> Tensor:
 class Pruning(UpdateDefense):
     """Pruning (DLG, Zhu et al. 2019): zero the smallest ``ratio`` of the update's entries."""
 
-    name: ClassVar[str] = "pruning"
 
     #: fraction of coordinates zeroed, in [0, 1)
     ratio: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.9

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Literal
 
 import torch
 from pydantic import Field
@@ -77,7 +77,6 @@ def scaled_sign(x: Tensor) -> Tensor:
 class Quantization(UpdateDefense):
     """Quantisation of the update: k-bit stochastic (QSGD-style) or scaled sign (signSGD)."""
 
-    name: ClassVar[str] = "quantization"
 
     #: "stochastic": 2**bits unbiased levels per tensor; "sign": mean|x| · sign(x)
     mode: Literal["stochastic", "sign"] = "stochastic"

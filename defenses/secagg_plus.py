@@ -58,7 +58,6 @@ class SecAggPlus(Defense):
     * ``timeout`` — seconds per protocol stage (0 = wait for every reply).
     """
 
-    name: ClassVar[str] = "secagg_plus"
     stage: ClassVar[str] = "protocol"
     protects_server_view: ClassVar[bool] = True
 

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import Field
@@ -169,7 +169,6 @@ class Soteria(UpdateDefense):
     input features with the largest ``|r_i| / ||∇_x r_i||`` (see the module doc).
     """
 
-    name: ClassVar[str] = "soteria"
 
     #: fraction of the defended layer's input features pruned, in [0, 1)
     pruning_rate: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.8

@@ -187,6 +187,10 @@ def bench(grid: str | Path, *, out: str | Path | None = None, workers: int = 1,
     from fl_sim.bench.runner import run_bench
     plan = load_grid(grid)
     bench_dir = Path(out) if out is not None else Path("bench") / plan.name
+    if workers > 1 or ray_address:  # attack cells become Ray tasks in other processes
+        from fl_sim.plugin_reach import check_attack_installed
+        for attack in sorted({c.attack for c in plan.cells}):
+            check_attack_installed(attack)
     summary = run_bench(plan, bench_dir, ray_address=ray_address, workers=workers,
                         progress=progress, after_simulation=after_simulation)
     return BenchResult(dir=bench_dir, plan=plan, summary=summary)

@@ -69,10 +69,14 @@ def _first_doc_line(obj: Any) -> str:
 class Registry(Generic[T]):
     """A name -> plug-in mapping of one kind, filled by :meth:`register`."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, *, name_attribute: str | None = None) -> None:
         self.kind = kind
+        # a class attribute that carries the registered name (defenses' ``name``): set by
+        # :meth:`register`, so a plug-in declares its name once, in the decorator
+        self.name_attribute = name_attribute
         self._entries: dict[str, Entry[T]] = {}
         self._entry_points_loaded = False
+        self._ep_packages: set[str] = set()  # top-level packages of installed entry points
 
     # -- filling -------------------------------------------------------------------------
     def register(self, name: str, *, description: str | None = None) -> Callable[[T], T]:
@@ -82,6 +86,13 @@ class Registry(Generic[T]):
             if name in self._entries and self._entries[name].obj is not obj:
                 raise PluginError(f"duplicate {self.kind} '{name}': already registered by "
                                   f"{_qualname(self._entries[name].obj)}")
+            if self.name_attribute and inspect.isclass(obj):
+                declared = obj.__dict__.get(self.name_attribute)
+                if declared not in (None, "", name):
+                    raise PluginError(f"{self.kind} '{name}': {_qualname(obj)} declares "
+                                      f"{self.name_attribute} = {declared!r}; the name is "
+                                      "given once, in the decorator")
+                setattr(obj, self.name_attribute, name)
             self._entries[name] = Entry(name, obj, description or _first_doc_line(obj))
             return obj
 
@@ -92,9 +103,10 @@ class Registry(Generic[T]):
         if not self._entry_points_loaded:
             self._entry_points_loaded = True
             for module in BUILTIN_PLUGIN_MODULES.get(self.kind, ()):
-                importlib.import_module(module)
+                check_not_shadowed(importlib.import_module(module))
             group = entry_point_group(self.kind)
             for ep in metadata.entry_points(group=group):
+                self._ep_packages.add(ep.value.split(":")[0].split(".")[0].strip())
                 if ep.name not in self._entries:
                     logger.debug("loading %s plug-in %s from %s", self.kind, ep.name, ep.value)
                     ep.load()
@@ -120,6 +132,15 @@ class Registry(Generic[T]):
         self._ensure_loaded()
         return name in self._entries
 
+    def installed(self, name: str) -> bool:
+        """Whether plug-in ``name`` lives in a package every process imports when it reads
+        this registry: fl-sim's own packages or one that declares entry points of this kind.
+        A plug-in registered only by running its decorator (a notebook cell, a script, a
+        module nobody installed) is not: Ray's client actors and SuperNodes never see it."""
+        obj = self.get(name)
+        top = str(getattr(obj, "__module__", "") or "").split(".")[0]
+        return top in BUILTIN_PACKAGES or top in self._ep_packages
+
     def create(self, name: str, /, *args: Any, _where: str | None = None,
                **params: Any) -> Any:
         """Call plug-in ``name`` with ``params`` validated against its keyword parameters.
@@ -130,6 +151,28 @@ class Registry(Generic[T]):
         obj = self.get(name)
         validated = validate_params(obj, params, where=_where or self.kind, skip=len(args))
         return obj(*args, **validated)
+
+
+#: fl-sim's top-level packages (pyproject's packages.find); their plug-ins reach every process
+BUILTIN_PACKAGES = ("fl_sim", "attacks", "defenses", "strategies")
+
+
+def check_not_shadowed(module: Any) -> None:
+    """Raise :class:`PluginError` (one line) if ``module`` (one of fl-sim's top-level plug-in
+    packages, e.g. ``attacks``) was imported from somewhere else than fl-sim itself: a user's
+    package of the same name earlier on ``sys.path`` would hide every built-in plug-in."""
+    from pathlib import Path
+    top = module.__name__.split(".")[0]
+    if top not in BUILTIN_PACKAGES or top == "fl_sim":
+        return
+    home = Path(__file__).resolve().parent.parent  # the directory holding fl_sim/
+    where = getattr(module, "__file__", None)
+    if where is None or Path(where).resolve().parent.parent != home:
+        found = Path(where).parent if where else "a namespace package"
+        raise PluginError(
+            f"the package '{top}' was imported from {found}, not from fl-sim ({home / top}): "
+            f"a package of the same name earlier on sys.path hides fl-sim's built-in "
+            f"{top}; rename yours (plug-ins go in your own package, see docs/PLUGINS.md)")
 
 
 def _qualname(obj: Any) -> str:
@@ -268,7 +311,7 @@ PARTITIONERS: Registry[Callable[..., Any]] = Registry("partitioner")
 MODELS: Registry[Callable[..., Any]] = Registry("model")
 TASKS: Registry[Callable[..., Any]] = Registry("task")
 ATTACKS: Registry[Callable[..., Any]] = Registry("attack")
-DEFENSES: Registry[Callable[..., Any]] = Registry("defense")
+DEFENSES: Registry[Callable[..., Any]] = Registry("defense", name_attribute="name")
 STRATEGIES: Registry[Callable[..., Any]] = Registry("strategy")
 
 ALL_REGISTRIES: dict[str, Registry[Any]] = {

@@ -336,6 +336,8 @@ def deploy_local(cfg: ExperimentConfig, *, run_dir: Path | str | None = None,
         raise RunDirError(f"{out} already holds a run; choose another run directory")
     from fl_sim.preflight import check_before_start
     check_before_start(cfg, run_dir=out, resume=False)  # bad data / run dir: before any process
+    from fl_sim.plugin_reach import check_plugins_reach_workers
+    check_plugins_reach_workers(cfg, engine="deployment")  # SuperNodes load installed ones only
     log_dir = out / LOG_DIR
     log_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fl-sim-deploy-") as tmp:

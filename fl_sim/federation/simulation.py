@@ -73,6 +73,9 @@ def run_experiment(cfg: ExperimentConfig, *, run_dir: str | Path | None = None,
     # impossible run dirs, bad data, clients left without data: one line, before any
     # directory is created (or cleaned) and before Ray starts
     check_before_start(cfg, run_dir=out, resume=resume)
+    # a plug-in defined in a notebook/script only: one line now, not a failure in every actor
+    from fl_sim.plugin_reach import check_plugins_reach_workers
+    check_plugins_reach_workers(cfg, engine="simulation")
     if resume:
         remove_partial_files(out)
     if not resume and (out / server_app.RUN_FILE).exists():
