@@ -11,7 +11,10 @@ so a diffusers user loads it with ``UNet2DModel.from_pretrained("PATH/unet")`` a
 ``DDPMScheduler.from_pretrained("PATH/scheduler")``. ``fl_sim_prior.json`` is written last
 (atomically): a crash while saving leaves a directory without it, which :func:`load_prior`
 refuses as "not a prior" instead of loading half-written weights; the recorded digests catch
-weights changed or damaged afterwards. Nothing is ever downloaded (``local_files_only``).
+weights changed or damaged afterwards. Nothing is ever downloaded (``local_files_only``),
+and only safetensors weights are read (``use_safetensors=True``): a pickled checkpoint
+(``diffusion_pytorch_model.bin``, ``*.pt``, ``*.pkl``, ...) is refused without being opened,
+since unpickling runs whatever code the file names.
 
 Importing this module imports neither flwr nor ray (attacks use it); diffusers is imported
 lazily.
@@ -19,13 +22,15 @@ lazily.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
 import uuid
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +47,9 @@ UNET_DIR = "unet"
 SCHEDULER_DIR = "scheduler"
 FORMAT = "fl-sim-prior"
 FORMAT_VERSION = 1
+#: weight formats that load through pickle (refused, never opened)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+SAFE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 __all__ = ["METADATA_FILE", "Prior", "load_prior", "load_unet", "prior_task", "read_metadata",
            "save_prior"]
@@ -159,12 +167,45 @@ def _check_digests(root: Path, recorded: Mapping[str, str]) -> None:
                             "recorded at save time)")
 
 
+@contextlib.contextmanager
+def quiet_diffusers() -> Iterator[None]:
+    """diffusers' own log lines and warnings off while it loads: on an error path they would
+    add lines ("Defaulting to unsafe serialization", ...) to the one-line error we raise."""
+    lib = logging.getLogger("diffusers")
+    level = lib.level
+    lib.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        lib.setLevel(level)
+
+
+def check_safe_weights(d: Path) -> None:
+    """``d`` holds safetensors weights (``diffusion_pytorch_model.safetensors`` or its
+    sharded index); a pickled checkpoint in their place is refused by name, unopened.
+
+    Raises :class:`~fl_sim.errors.DataError` (one line, naming the file and how to convert
+    it)."""
+    if (d / SAFE_WEIGHTS).is_file() or (d / f"{SAFE_WEIGHTS}.index.json").is_file():
+        return
+    pickled = sorted(f.name for f in d.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    if pickled:
+        raise DataError(f"{d / pickled[0]}: refusing a pickled checkpoint (loading it could run "
+                        f"code); only {SAFE_WEIGHTS} is read -- convert it once with "
+                        "safetensors.torch.save_file(state_dict, "
+                        f"'{SAFE_WEIGHTS}')")
+    raise DataError(f"{d}: no weights ({SAFE_WEIGHTS} is missing)")
+
+
 def load_unet(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Module:
-    """A diffusers ``UNet2DModel`` from a local directory (``config.json`` + weights), with the
-    classic attention processor, on ``device``, in eval mode.
+    """A diffusers ``UNet2DModel`` from a local directory (``config.json`` + safetensors
+    weights), with the classic attention processor, on ``device``, in eval mode.
 
     Raises :class:`~fl_sim.errors.MissingResourceError` for a missing directory and
-    :class:`~fl_sim.errors.DataError` for one diffusers cannot load (one line).
+    :class:`~fl_sim.errors.DataError` for one diffusers cannot load or whose weights are not
+    safetensors (one line; diffusers' own warnings are silenced).
     """
     from diffusers import UNet2DModel
 
@@ -175,9 +216,11 @@ def load_unet(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Mod
         raise MissingResourceError(f"UNet directory {d}: not found (nothing is downloaded)")
     if not (d / "config.json").is_file():
         raise DataError(f"{d}: not a diffusers model directory (no config.json)")
+    check_safe_weights(d)
     try:
-        unet = UNet2DModel.from_pretrained(str(d), local_files_only=True,
-                                           low_cpu_mem_usage=False)
+        with quiet_diffusers():
+            unet = UNet2DModel.from_pretrained(str(d), local_files_only=True,
+                                               low_cpu_mem_usage=False, use_safetensors=True)
     except Exception as exc:  # diffusers/safetensors raise many types for bad files
         msg = " ".join(str(exc).split())[:300]
         raise DataError(f"{d}: cannot load the UNet weights: {type(exc).__name__}: "
@@ -202,8 +245,10 @@ def load_prior(path: str | Path, *, device: str | torch.device = "cpu") -> Prior
     unet = load_unet(root / UNET_DIR, device=device)
     unet.requires_grad_(False)
     try:
-        scheduler = DDPMScheduler.from_pretrained(str(root / SCHEDULER_DIR),
-                                                  local_files_only=True)
+        with quiet_diffusers():  # a scheduler is a JSON config; no weights to unpickle
+            scheduler = DDPMScheduler.from_pretrained(str(root / SCHEDULER_DIR),
+                                                      local_files_only=True,
+                                                      use_safetensors=True)
     except Exception as exc:
         raise DataError(f"prior {root}: cannot load the scheduler: {type(exc).__name__}: "
                         f"{' '.join(str(exc).split())[:300]}") from None
