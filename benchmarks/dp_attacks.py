@@ -8,10 +8,13 @@ IG on DP-SGD's private gradient at each ``--sigmas`` (clip bound ``--clip``; σ 
 clipping only). DLG's "no leakage at noise variance ≥ 1e-2" is σ = 0.1 at C = 1.
 
     .venv/bin/python benchmarks/dp_attacks.py [--images 3] [--iterations 200]
-        [--sigmas 0.1] [--clip 1.0] [--threads 1]
+        [--sigmas 0.1] [--clip 1.0] [--threads 1] [--epsilon-only]
 
 Prints a table and writes ``benchmarks/out/dp_attacks.json``; also prints ε (RDP and PRV,
-δ = 1e-5) of a few DP-SGD / local-DP settings. Run from the repository root.
+δ = 1e-5) of a few DP-SGD / local-DP settings, each through the defense's own accounting
+(``round_epsilon``: DP-SGD add/remove one example, sensitivity C; local DP replace one
+client's data, sensitivity 2C — the unit and relation are printed beside ε).
+``--epsilon-only`` prints just those (no attack). Run from the repository root.
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ from attack_cases import cifar_images, cifar_labels, make_record, make_task  # n
 
 from attacks.inverting_gradients import InvertingGradients  # noqa: E402
 from attacks.objectives import NormalisedImages  # noqa: E402
-from defenses.accounting import epsilon  # noqa: E402
 from defenses.dp_sgd import DPSGD  # noqa: E402
+from defenses.local_dp import LocalDP  # noqa: E402
 from fl_sim.metrics import psnr, score_reconstruction  # noqa: E402
 from fl_sim.tasks.base import Batch  # noqa: E402
 
@@ -68,22 +71,43 @@ def main() -> None:
     ap.add_argument("--sigmas", type=lambda s: [float(v) for v in s.split(",")], default=[0.1])
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--epsilon-only", action="store_true", help="print the ε figures only")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     rows = []
-    for i in range(a.images):
+    for i in range(0 if a.epsilon_only else a.images):
         rows.append(one_image(i, a.iterations, a.sigmas, a.clip))
         print(json.dumps({k: round(v, 2) if isinstance(v, float) else v
                           for k, v in rows[-1].items()}), flush=True)
-    eps = [{"setting": f"sigma={s}, q={q}, steps={n}", "rdp": epsilon(s, q, n, 1e-5, "rdp"),
-            "prv": epsilon(s, q, n, 1e-5, "prv")}
-           for s, q, n in [(1.0, 1.0, 1), (1.0, 0.1, 10), (1.0, 0.01, 1000), (0.1, 1.0, 1),
-                           (2.0, 1.0, 25)]]
+    eps = epsilon_figures()
     for e in eps:
-        print(f"{e['setting']}: RDP {e['rdp']:.3f}, PRV {e['prv']:.3f}")
+        print(f"{e['setting']} [{e['dp_unit']}, {e['dp_neighbouring']}]: RDP {e['rdp']:.3f}, "
+              f"PRV {e['prv']:.3f}")
+    if a.epsilon_only:  # keep an earlier run's attack figures
+        return
     out = ROOT / "benchmarks" / "out" / "dp_attacks.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"args": vars(a), "rows": rows, "epsilon": eps}, indent=1))
+
+
+def epsilon_figures() -> list[dict[str, object]]:
+    """ε at δ = 1e-5 (RDP and PRV) of a few settings, each through the defense's own
+    ``round_epsilon`` (so the sensitivity follows from its neighbouring relation)."""
+    out: list[dict[str, object]] = []
+    # DP-SGD: (σ, batch, partition, steps): q = batch / partition
+    for s, b, n, k in [(1.0, 10, 100, 10), (1.0, 1, 100, 1000), (0.1, 1, 1, 1)]:
+        d = {acc: DPSGD(noise_multiplier=s, accountant=acc) for acc in ("rdp", "prv")}
+        out.append({"setting": f"dp_sgd sigma={s}, q={b / n:g}, steps={k}",
+                    "dp_unit": DPSGD.privacy_unit, "dp_neighbouring": DPSGD.neighbouring,
+                    **{acc: d[acc].round_epsilon(batch_size=b, partition_size=n, steps=k)
+                       for acc in d}})
+    # local DP: (σ, rounds the client took part in)
+    for s, r in [(1.0, 1), (0.1, 1), (2.0, 25)]:
+        d = {acc: LocalDP(noise_multiplier=s, accountant=acc) for acc in ("rdp", "prv")}
+        out.append({"setting": f"local_dp sigma={s}, rounds={r}",
+                    "dp_unit": LocalDP.privacy_unit, "dp_neighbouring": LocalDP.neighbouring,
+                    **{acc: d[acc].round_epsilon(rounds=r) for acc in d}})
+    return out
 
 
 if __name__ == "__main__":
