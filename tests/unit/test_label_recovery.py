@@ -67,6 +67,8 @@ def test_batch_labels_distinct(case) -> None:
     result = ATTACKS.create("idlg")(record, generator=torch.Generator().manual_seed(0))
     assert result.extras["label_method"] == "batch"
     assert label_accuracy(result.labels, labels) >= 0.9
+    # the method's order: ascending class index (images are matched to labels after)
+    assert result.labels.tolist() == sorted(labels.tolist())
 
 
 def test_batch_labels_with_repeats(case) -> None:
@@ -75,6 +77,7 @@ def test_batch_labels_with_repeats(case) -> None:
     record = make_record(task, spec, cifar_images(8), labels)
     found = recover_labels(record, "batch", task=task, generator=torch.Generator().manual_seed(0))
     assert label_accuracy(found, labels) >= 0.875
+    assert found.tolist() == sorted(found.tolist())  # ascending, as documented
 
 
 def test_batch_labels_without_bias_uses_weight_rows() -> None:
@@ -88,6 +91,7 @@ def test_batch_labels_without_bias_uses_weight_rows() -> None:
     found = batch_labels(record.update["fc.weight"], None, 8, mean_probs=probs,
                          mean_feature_sum=feature_sum)
     assert label_accuracy(found, labels) >= 0.9
+    assert found.tolist() == sorted(labels.tolist())  # ascending, as documented
     with pytest.raises(ValueError, match="mean_feature_sum"):
         batch_labels(record.update["fc.weight"], None, 8, mean_probs=probs)
 
@@ -100,7 +104,7 @@ def test_delta_record_is_read_as_gradient() -> None:
         record, update_kind="delta", lr=0.1, num_examples=4,
         update={k: -0.1 * v for k, v in record.update.items()})
     found = recover_labels(delta, "batch", task=task, generator=torch.Generator().manual_seed(0))
-    assert sorted(found.tolist()) == sorted(labels.tolist())
+    assert found.tolist() == sorted(labels.tolist())  # ascending, as documented
 
 
 def test_find_last_layer_and_errors() -> None:
