@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -186,9 +187,13 @@ def run_attack(run_dir: Path, cfg: ExperimentConfig, name: str, params: Mapping[
         save_grid(grid_path, truth_m, recon_m,
                   plain=recon.extras[plain_key][r_idx] if plain_key else None)
         grid = str(grid_path.relative_to(run_dir))
+    if exact := exact_metrics(metrics):  # +inf (a perfect PSNR) is null in strict JSON
+        metrics["exact"] = exact
     result = {
         "key": key, "attack": name, "view": view, "round": server_round,
-        **({"fallback_from": fallback_from} if fallback_from else {}),
+        **({"fallback_from": fallback_from,  # the view asked for, and in words (item 7a)
+            "view_fallback": view_fallback_text(fallback_from, view, run.config)}
+           if fallback_from else {}),
         # every parameter the attack ran with, defaults included (the key hashes the given)
         "client": record.client_id, "params": resolved_params(name, params),
         "knowledge": {**{k: "granted" for k in grant}, **dict(recon.assumed)},
@@ -252,14 +257,35 @@ def resolve_view(cfg: ExperimentConfig, name: str, view: str) -> tuple[str, str 
     attack that needs one client's update cannot run on an aggregate (one-line error)."""
     fallback = None
     if view == "server" and any(d.name == "secagg_plus" for d in cfg.defenses):
-        logger.info("%s: under SecAgg+ the server holds only the aggregate; attacking the "
-                    "aggregate instead of one client's update", name)
+        # a warning, and ``view_fallback`` in the result: the figure is NOT a per-client one
+        logger.warning("%s: under SecAgg+ the server holds only the aggregate; attacking the "
+                       "aggregate instead of one client's update (view_fallback in the "
+                       "result)", name)
         view, fallback = "aggregate", "server"
     if view == "aggregate" and getattr(ATTACKS.get(name), "needs_client_update", False):
         why = "under SecAgg+ the server has only the aggregate" if fallback else \
             "view = \"aggregate\" holds the sum of several clients"
         raise ConfigError(f"attack {name} needs one client's update; {why}")
     return view, fallback
+
+
+def view_fallback_text(asked: str, used: str, cfg: ExperimentConfig) -> str:
+    """``"server→aggregate (secagg_plus)"``: the view asked for, the one used, and the
+    defense that forced it (the result's ``view_fallback``)."""
+    why = ", ".join(d.name for d in cfg.defenses if d.name == "secagg_plus") or \
+        "no per-client view"
+    return f"{asked}→{used} ({why})"
+
+
+def exact_metrics(metrics: Mapping[str, Any]) -> list[str]:
+    """The metric names whose value is +inf — a perfect reconstruction's PSNR — which strict
+    JSON writes as null; the result lists them in ``metrics["exact"]`` so tables can show
+    "exact" and never confuse them with a missing or failed value.
+
+    >>> exact_metrics({"psnr": float("inf"), "ssim": 1.0, "start_psnr": 9.5, "mse": 0.0})
+    ['psnr']
+    """
+    return sorted(k for k, v in metrics.items() if isinstance(v, float) and v == math.inf)
 
 
 def aggregate_training(cfg: ExperimentConfig) -> dict[str, Any]:

@@ -59,23 +59,29 @@ class Progress:
 
 
 def print_results(results: Sequence[dict[str, Any]]) -> None:
+    """The results table: PSNR ``exact (∞)`` for a perfect reconstruction, ``failed`` for an
+    attack that raised, ``-`` where there is no value; a view fallback (SecAgg+: the server's
+    attack ran on the aggregate) is written in the view column."""
     from rich.console import Console
     from rich.table import Table
+
+    from fl_sim.report import metric_value, view_text
     if not results:
         return
     table = Table(title="attack results", header_style="bold")
     for col in ("attack", "view", "round", "client", "PSNR dB", "SSIM", "label acc", "s"):
         table.add_column(col)
     for r in results:
-        m = r.get("metrics", {})
         name = r["attack"] + (" (adaptive)" if r.get("adaptive") else "")
-        table.add_row(name, r["view"], str(r["round"]), str(r.get("client")),
-                      _fmt(m.get("psnr")), _fmt(m.get("ssim"), 3),
-                      _fmt(m.get("label_accuracy"), 2), _fmt(r.get("seconds"), 1))
+        table.add_row(name, view_text(r), str(r["round"]), str(r.get("client")),
+                      _fmt(metric_value(r, "psnr")), _fmt(metric_value(r, "ssim"), 3),
+                      _fmt(metric_value(r, "label_accuracy"), 2), _fmt(r.get("seconds"), 1))
     Console(width=120).print(table)
 
 
 def _fmt(v: Any, nd: int = 2) -> str:
+    if isinstance(v, str):  # "exact (∞)", "failed"
+        return v
     return "-" if v is None else f"{v:.{nd}f}"
 
 

@@ -147,6 +147,50 @@ def _table(rows: Sequence[Mapping[str, Any]], cols: Sequence[str]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+#: what a table shows for a metric that is +inf: a perfect reconstruction's PSNR (written as
+#: null in strict JSON and named in the result's ``metrics["exact"]``)
+EXACT_TEXT = "exact (∞)"
+#: what a table shows for a metric of an attack that raised (its row has ``error``)
+FAILED_TEXT = "failed"
+
+
+def metric_value(result: Mapping[str, Any], key: str) -> Any:
+    """A result's metric as tables show it: the number; :data:`EXACT_TEXT` where it was +inf
+    (listed in ``metrics["exact"]``; rows written before that field: a ``psnr`` with
+    ``mse == 0``); :data:`FAILED_TEXT` for an attack that raised; None where the attack has
+    no such value (e.g. no images: PSNR is NaN, also null in JSON).
+
+    >>> metric_value({"metrics": {"psnr": None, "mse": 0.0, "exact": ["psnr"]}}, "psnr")
+    'exact (∞)'
+    >>> metric_value({"error": "ValueError: x"}, "psnr"), metric_value({"metrics": {}}, "psnr")
+    ('failed', None)
+    """
+    if result.get("error"):
+        return FAILED_TEXT
+    m = result.get("metrics") or {}
+    v = m.get(key)
+    if key in (m.get("exact") or ()) or v == float("inf") or (
+            v is None and key == "psnr" and m.get("mse") == 0):
+        return EXACT_TEXT
+    return v
+
+
+def fallback_text(result: Mapping[str, Any]) -> str | None:
+    """The view fallback an attack took (``"server→aggregate (secagg_plus)"``), or None."""
+    if result.get("view_fallback"):
+        return str(result["view_fallback"])
+    if result.get("fallback_from"):  # rows written before ``view_fallback``
+        return f"{result['fallback_from']}→{result.get('view')}"
+    return None
+
+
+def view_text(result: Mapping[str, Any]) -> str:
+    """The view an attack used, with the fallback it took if any:
+    ``"aggregate (fallback: server→aggregate (secagg_plus))"``."""
+    view, fb = str(result.get("view")), fallback_text(result)
+    return f"{view} (fallback: {fb})" if fb else view
+
+
 def _cell(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -317,11 +361,11 @@ def _privacy_utility(results: Sequence[Mapping[str, Any]],
     for r in results:
         m = r.get("metrics") or {}
         rows.append({"attack": f"{r.get('attack')}{' (adaptive)' if r.get('adaptive') else ''}",
-                     "view": r.get("view"), "round": r.get("round"),
+                     "view": view_text(r), "round": r.get("round"),
                      "defenses": ", ".join(format_defense(d) for d in r.get("defenses", []))
-                     or "none", "psnr": m.get("psnr"),
+                     or "none", "psnr": metric_value(r, "psnr"),
                      # the PSNR of the attack's random start: the floor a defense pushes to
-                     "start_psnr": m.get("start_psnr"), "ssim": m.get("ssim"),
+                     "start_psnr": metric_value(r, "start_psnr"), "ssim": m.get("ssim"),
                      "label_accuracy": m.get("label_accuracy"),
                      # identity metric (fl_sim/identity.py), where the truth is one identity
                      **{k: m.get(k) for k in _IDENTITY_COLS},
@@ -341,13 +385,18 @@ _IDENTITY_COLS = ("identity_top1", "identity_correct", "sim_own", "sim_others")
 def _attack_section(run_dir: Path, r: Mapping[str, Any]) -> str:
     title = (f"{r.get('attack')}{' (adaptive)' if r.get('adaptive') else ''} — "
              f"{r.get('view')} view, round {r.get('round')}, client {r.get('client')}")
-    m = dict(r.get("metrics", {}))
-    summary = {k: m.get(k) for k in ("psnr", "start_psnr", "ssim", "mse", "label_accuracy",
-                                     "lpips", *_IDENTITY_COLS, "before_psnr", "before_ssim",
-                                     "phase1_psnr", "phase1_ssim")
-               if m.get(k) is not None}
+    summary = {k: metric_value(r, k) for k in ("psnr", "start_psnr", "ssim", "mse",
+                                               "label_accuracy", "lpips", *_IDENTITY_COLS,
+                                               "before_psnr", "before_ssim", "phase1_psnr",
+                                               "phase1_ssim")}
+    summary = {k: v for k, v in summary.items() if v is not None}
     summary["seconds"] = r.get("seconds")
     out = [f"<h3>{html.escape(title)}</h3>"]
+    if fb := fallback_text(r):  # never a silent change of view
+        out.append(f"<p class='error'><strong>View fallback: {html.escape(fb)}</strong> — "
+                   "the attack asked for one client's update, but under secure aggregation "
+                   "the server holds only the aggregate: this result is an attack on the "
+                   "sum of the round's updates, not on one client's.</p>")
     if r.get("error"):  # the attack raised: say so, with its error text
         out.append("<p class='error'><strong>This attack failed:</strong></p><pre>"
                    + html.escape(str(r["error"])) + "</pre>")

@@ -24,6 +24,8 @@ from fl_sim.stores import read_jsonl
 
 #: ε of a mechanism without noise (null in metrics.jsonl), kept as text in JSON and CSV
 INF = "inf"
+#: a +inf metric (a perfect reconstruction's PSNR) in results.csv / .md / report.html
+EXACT = "exact (∞)"
 METRICS = ("psnr", "ssim", "label_accuracy")
 #: the attack's random start scored like its result (IG, DLG): the floor that a defense
 #: pushes the attack towards; blank for attacks without a random start (iDLG, GIDM+ ...)
@@ -84,6 +86,9 @@ def cell_row(cell: Cell, result: Mapping[str, Any] | None, facts: Mapping[str, A
         "defenses": [format_defense(d) for d in result.get("defenses", [])] or
         [format_defense({"name": d.name, **d.params}) for d in cell.sim.config.defenses],
         **{k: _num(m.get(k)) for k in (*METRICS, *START)},
+        # +inf metrics (a perfect PSNR): null in strict JSON, "exact" in the tables
+        "exact": sorted(set(m.get("exact") or ()) | {k for k in (*METRICS, *START)
+                                                     if m.get(k) == float("inf")}),
         "utility": facts.get("utility"), "utility_metric": facts.get("utility_metric"),
         "epsilon": facts.get("epsilon"), "epsilons": dict(facts.get("epsilons") or {}),
         "epsilon_unit": facts.get("epsilon_unit"),
@@ -108,6 +113,11 @@ def flat(row: Mapping[str, Any], axes: Sequence[str]) -> dict[str, Any]:
     out: dict[str, Any] = {a: _cell(row.get("axes", {}).get(a)) for a in axes}
     for k in FIXED:
         v = row.get(k)
+        if k in (*METRICS, *START) and v in (None, float("inf")) and k in (row.get("exact")
+                                                                          or ()):
+            v = EXACT  # a perfect reconstruction, not a missing value
+        elif k in (*METRICS, *START) and v is None and row.get("error"):
+            v = "failed"
         if k == "params":
             v = json.dumps(v, sort_keys=True)
         elif k == "defenses":

@@ -124,6 +124,8 @@ def test_server_attack_falls_back_to_the_aggregate(runs: dict[str, Path]) -> Non
         out[name] = res
     sec, plain = out["secagg"], out["plain"]
     assert sec["view"] == "aggregate" and sec["fallback_from"] == "server"
+    assert sec["view_fallback"] == "server→aggregate (secagg_plus)"  # visible, not an INFO line
+    assert "view_fallback" not in out["plain"]
     assert sec["client"] is None and sec["num_images"] == NUM_CLIENTS * STEPS * BATCH
     assert plain["view"] == "server" and plain["num_images"] == STEPS * BATCH
     # measured (seed 0, 60 iterations, 2026-12-03): aggregate 9.03 dB, one client 15.33 dB
