@@ -23,6 +23,7 @@ runs instead of eight; ``restart_pruning="none"`` is the paper's protocol.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -50,7 +51,7 @@ from attacks.inversion import (  # noqa: F401  (re-exported: the engine's histor
 from attacks.local_optimizers import describe as describe_optimizer
 from attacks.restarts import pruning_schedule  # noqa: F401  (re-exported)
 from fl_sim.errors import ConfigError, ThreatModelError
-from fl_sim.records import ObservationRecord
+from fl_sim.records import LocalOptimizer, ObservationRecord
 from fl_sim.registry import ATTACKS
 
 LabelSource = Literal["granted", "idlg", "batch", "auto"]
@@ -60,6 +61,7 @@ Distance = Literal["cosine", "l2"]
 RestartPruning = Literal["halving", "none"]
 DoubleBackward = Literal["lean", "autograd"]
 AuxSource = Literal["none", "granted"]
+OptimizerModel = Literal["record", "sgd"]
 
 
 def _check(name: str, ok: bool, value: Any, allowed: str) -> None:
@@ -105,6 +107,9 @@ class InvertingGradients(Attack):
     each round; :mod:`attacks.local_optimizers`), and BatchNorm
     running statistics that do not change during local training (eval mode). Those
     ``num_examples`` images are reconstructed.
+    ``local_optimizer``: ``"record"`` (default) unrolls with the optimiser the record says the
+    client used; ``"sgd"`` assumes plain SGD at the record's lr whatever the client used (the
+    paper's assumption; an ablation, e.g. against a client that trained with Adam).
     ``adaptive``: model the public defenses named in ``record.defenses`` when matching
     (:mod:`attacks.adaptive`: only a pruned update's surviving coordinates, a smooth scaled
     sign for signSGD, the clip bound of local DP, ...); ``extras["adapted_to"]`` says what
@@ -118,7 +123,7 @@ class InvertingGradients(Attack):
                  schedule: Schedule = "step", distance: Distance = "cosine",
                  restart_pruning: RestartPruning = "halving", restart_keep: int = 1,
                  double_backward: DoubleBackward = "lean", aux: AuxSource = "none",
-                 adaptive: bool = False) -> None:
+                 adaptive: bool = False, local_optimizer: OptimizerModel = "record") -> None:
         _check("max_iterations", max_iterations >= 1, max_iterations, ">= 1")
         _check("restarts", restarts >= 1, restarts, ">= 1")
         _check("lr", lr > 0, lr, "> 0")
@@ -138,6 +143,9 @@ class InvertingGradients(Attack):
                "lean, autograd")
         _check("aux", aux in ("none", "granted"), aux, "none, granted")
         _check("adaptive", isinstance(adaptive, bool), adaptive, "true, false")
+        _check("local_optimizer", local_optimizer in ("record", "sgd"), local_optimizer,
+               "record, sgd")
+        self.local_optimizer = local_optimizer
         self.double_backward, self.aux, self.adaptive = double_backward, aux, adaptive
         self.restart_pruning, self.restart_keep = restart_pruning, restart_keep
         self.max_iterations, self.restarts, self.lr = max_iterations, restarts, lr
@@ -170,6 +178,8 @@ class InvertingGradients(Attack):
     def problem(self, record: ObservationRecord, *,
                 generator: torch.Generator) -> tuple[InversionProblem, str]:
         """The :class:`InversionProblem` of ``record`` and where its labels came from."""
+        if self.local_optimizer == "sgd":  # the ablation: assume plain SGD whatever was used
+            record = dataclasses.replace(record, optimizer=LocalOptimizer())
         task = attack_task(record, device=self.device)
         params, buffers = split_state(task, record.global_params)
         unroll = self.unroll_plan(record)

@@ -100,7 +100,11 @@ def _optimizer(e: Mapping[str, Any], fallback: LocalOptimizer | None) -> LocalOp
     """The entry's local optimiser; an entry written before records carried one falls back
     to the run's config (what its clients built), else to plain SGD."""
     if "optimizer" in e:
-        return LocalOptimizer.from_json(e["optimizer"])
+        try:
+            return LocalOptimizer.from_json(e["optimizer"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise RunDirError(f"invalid optimizer {e['optimizer']!r} in the index row of round "
+                              f"{e.get('round')} ({type(exc).__name__}: {exc})") from None
     return fallback if fallback is not None else LocalOptimizer()
 
 
