@@ -105,3 +105,31 @@ def test_adam_unroll_is_differentiable_in_the_images(one_thread):
     h = 1e-6
     fd = (objective(x.double() + h * direction) - objective(x.double() - h * direction)) / (2 * h)
     torch.testing.assert_close((grad * direction).sum(), fd, rtol=1e-3, atol=1e-9)
+
+
+def _delta_record(opt: LocalOptimizer, steps: int = 3):
+    from attack_cases import fedavg_delta_record
+    task = _task()
+    x, y = _data(4)
+    rec = fedavg_delta_record(task, make_spec("lenet", {}, image_size=16), x, y, lr=0.1,
+                              steps=steps, batch_size=2)
+    import dataclasses
+    return dataclasses.replace(rec, optimizer=opt)
+
+
+def test_reading_a_delta_as_a_gradient_follows_the_optimiser():
+    """Momentum mu: step j's gradient enters with weight (1 - mu^(S-j)) / (1 - mu); for mu =
+    0.5 and S = 3 they sum to 1.75 + 1.5 + 1 = 4.25 (plain SGD: 3)."""
+    from attacks.gradients import delta_scale
+    assert delta_scale(_delta_record(LocalOptimizer("sgd"))) == pytest.approx(-1 / (0.1 * 3))
+    assert delta_scale(_delta_record(LocalOptimizer("sgd", momentum=0.5))) == pytest.approx(
+        -1 / (0.1 * 4.25))
+
+
+def test_attacks_that_cannot_model_adam_refuse_in_one_line():
+    from attacks.dlg import DLG
+    from fl_sim.errors import ConfigError
+    rec = _delta_record(LocalOptimizer("adam"))
+    with pytest.raises(ConfigError, match="trained with Adam") as err:
+        DLG(max_iterations=1)(rec, generator=torch.Generator().manual_seed(0))
+    assert "\n" not in str(err.value)
