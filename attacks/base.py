@@ -85,8 +85,22 @@ class Attack(ABC):
     #: does the attack's maths assume ONE client's update (e.g. label recovery from a single
     #: client's last-layer gradient)? Such an attack cannot run on an aggregate (SecAgg+).
     needs_client_update: ClassVar[bool] = False
+    #: the tasks ("classifier", "diffusion") whose updates this attack inverts (None: any);
+    #: the pre-flight refuses a run that attacks another task's updates
+    tasks: ClassVar[tuple[str, ...] | None] = None
     #: where ``reconstruct`` computes (set by ``__call__``; CPU when called directly)
     device: torch.device = torch.device("cpu")
+
+    @classmethod
+    def max_images_per_update(cls, params: Mapping[str, Any]) -> tuple[int, str] | None:
+        """``(most, why)``: the most images one attacked update may hold for the validated
+        keyword ``params`` and the reason in words, or None for no limit (the default).
+
+        Declared by attacks whose maths is exact only for small batches (iDLG's label rule
+        reads ONE image's label off the last layer's gradient). The pre-flight
+        (:func:`fl_sim.preflight.check_attack_fit`) compares it with the images each
+        recorded update will hold, which the config fixes before the run."""
+        return None
 
     def required_knowledge(self) -> tuple[str, ...]:
         """Knowledge beyond the transmitted data this configuration needs granted."""

@@ -169,9 +169,11 @@ class GIAS(Attack):
     """GIAS (Jeon et al. 2021) with a diffusion prior: latent search, then per-image weights.
 
     Hyper-parameters: ``prior`` (REQUIRED): path of a prior saved by ``fl-sim train-prior``
-    making images of the classifier's channels and size, ASSUMED trained on public data
-    disjoint from the victims'; ``phase1_iterations`` (100) Adam steps on the DDIM latents
-    (``lr_latent`` 0.1, cosine decay); ``phase2_iterations`` (50) Adam steps on per-image
+    making images of the classifier's channels and size, meant to be trained on public data
+    disjoint from the victims' (not assumed: the scorer measures the overlap of its training
+    images with the victims, result ``prior_overlap``, :mod:`fl_sim.prior_overlap`);
+    ``phase1_iterations`` (100) Adam steps on the DDIM latents (``lr_latent`` 0.1, cosine
+    decay); ``phase2_iterations`` (50) Adam steps on per-image
     copies of the prior's parameters (``lr_params`` 1e-4, cosine decay; 0 returns phase 1's
     images); ``drift_weight`` (0.1) of the relative parameter-drift penalty;
     ``sampler_steps`` (5) K of the DDIM sampler; ``distance``: ``"cosine"`` (Inverting
@@ -185,6 +187,7 @@ class GIAS(Attack):
     """
 
     view = "server"
+    tasks = ("classifier",)
 
     def __init__(self, *, prior: str | None = None, phase1_iterations: int = 100,
                  phase2_iterations: int = 50, sampler_steps: int = 5, lr_latent: float = 0.1,
@@ -242,7 +245,7 @@ class GIAS(Attack):
         meta = prior.metadata
         assumed = {**self._ig._assumed(record, problem, label_source), "prior": str(self.prior),
                    "prior_data": {"data": meta.get("data"), "filter": meta.get("filter"),
-                                  "public": True, "disjoint_from_victims": True}}
+                                  "num_examples": meta.get("num_examples")}}
         extras: dict[str, Any] = {
             "phase1_images": p1_images.clamp(0, 1), "phase1_matching_loss": p1_loss,
             "phase2_matching_loss": loss, "phase1_seconds": t1 - t0, "phase2_seconds": t2 - t1,

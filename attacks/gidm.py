@@ -248,6 +248,7 @@ class GIDM(Attack):
     """
 
     view = "server"
+    tasks = ("diffusion",)
 
     def __init__(self, *, phase1_iterations: int = 200, phase2_iterations: int = 200,
                  sampler_steps: int = 10, lr_latent: float = 0.1, lr_pixels: float = 0.02,

@@ -223,6 +223,8 @@ class GIDMPlus(Attack):
     ``phase1_matching_loss``. Raises :class:`~fl_sim.errors.ConfigError` for bad values.
     """
 
+    tasks = ("diffusion",)
+
     def __init__(self, *, phase1_iterations: int = 100, phase2_iterations: int = 100,
                  sampler_steps: int = 5, prior: str | None = None, t_search: str = "sweep",
                  t_candidates: int = 4, sweep_iterations: int = 24,

@@ -7,7 +7,8 @@ Zhao, Mopuri, Bilen, "iDLG: Improved Deep Leakage from Gradients", arXiv:2001.02
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import torch
 
@@ -31,6 +32,14 @@ class IDLG(Attack):
     view = "server"
     #: the label trick reads ONE client's last-layer gradient (not an aggregate's)
     needs_client_update = True
+    tasks = ("classifier",)
+
+    @classmethod
+    def max_images_per_update(cls, params: Mapping[str, Any]) -> tuple[int, str] | None:
+        """``method = "idlg"`` reads the label of ONE image (``"auto"`` / ``"batch"``: any)."""
+        if params.get("method") == "idlg":
+            return 1, "method = 'idlg' recovers the label of ONE image (use 'auto' or 'batch')"
+        return None
 
     def __init__(self, *, method: Literal["auto", "idlg", "batch"] = "auto",
                  model_mode: Literal["eval", "train"] = "eval", num_dummy: int = 16) -> None:

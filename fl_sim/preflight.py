@@ -12,7 +12,12 @@ what needs the disk:
   here instead of in every Ray actor;
 * the attack schedule: each attack's client is sampled in its rounds (sampling is seeded);
 * the model: built as the server will build it, so it must fit the data, and ``[model]
-  pretrained`` weights must exist and have the configured architecture.
+  pretrained`` weights must exist (safetensors) and have the configured architecture;
+* the attacks' parameters against the federation: each attack declares the tasks it inverts
+  (``tasks``) and, for its parameters, the most images one attacked update may hold
+  (``max_images_per_update``); the images in each recorded update follow from the config
+  (:func:`images_per_update`), so iDLG's one-image label rule on a 4-image update fails here;
+* the metrics: ``metrics.identity_model`` must load.
 
 Everything raises a :class:`~fl_sim.errors.FlSimError` subclass.
 """
@@ -39,7 +44,9 @@ def check_before_start(cfg: ExperimentConfig, *, run_dir: Path, resume: bool) ->
     check_attack_schedule(cfg)
     check_defenses(cfg)
     check_data(cfg)
+    check_attack_fit(cfg)
     check_model(cfg)
+    check_metrics(cfg)
 
 
 def check_fresh_run_dir(run_dir: Path) -> None:
@@ -162,6 +169,79 @@ def check_attack_schedule(cfg: ExperimentConfig) -> None:
                     f"attacks[{i}] ({a.name}): client {client} is not {need} "
                     f"(fraction_train = {fed.fraction_train}, run.seed = {cfg.run.seed}: "
                     f"round {r} samples {now}); pick a sampled client or other rounds")
+
+
+def images_per_update(cfg: ExperimentConfig, partition_size: int) -> tuple[int, str]:
+    """``(images, how)``: the distinct images one client's recorded update is computed from,
+    for a client holding ``partition_size`` examples (what the record's ``num_examples``
+    will say, :mod:`fl_sim.federation.local`), and how that number arises.
+
+    A strategy that asks for ONE batch's gradient declares it (``client_update =
+    "gradient"`` on its registered factory, e.g. FedSGD); otherwise clients train locally.
+    """
+    from fl_sim.registry import STRATEGIES
+    fed = cfg.federation
+    n = partition_size
+    if getattr(STRATEGIES.get(cfg.strategy.name), "client_update", "delta") == "gradient":
+        return min(fed.batch_size, n), f"one batch of batch_size = {fed.batch_size}"
+    if fed.local_epochs is not None:
+        return n, f"local_epochs = {fed.local_epochs} over the client's {n} examples"
+    steps = fed.local_steps or 1
+    return (min(steps * fed.batch_size, n),
+            f"local_steps x batch_size = {steps} x {fed.batch_size}")
+
+
+def check_attack_fit(cfg: ExperimentConfig) -> None:
+    """ConfigError for an attack whose declared limits the configured federation breaks:
+    a task it does not invert (``Attack.tasks``), or more images in the update it would
+    attack than its parameters can handle (``Attack.max_images_per_update(params)``). The
+    peer view's update is the other sampled clients' aggregate, the aggregate view's the
+    sum of every sampled client's. Needs the partitions (:func:`check_data` first)."""
+    from fl_sim.federation.client_app import load_partitions
+    from fl_sim.federation.taps import sample_clients
+    from fl_sim.registry import ATTACKS, validate_params
+    fed = cfg.federation
+    parts = load_partitions(json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True),
+                            json.dumps(cfg.partition.model_dump(mode="json"), sort_keys=True),
+                            fed.num_clients, cfg.run.seed)
+    for i, a in enumerate(cfg.attacks):
+        attack = ATTACKS.get(a.name)
+        tasks = getattr(attack, "tasks", None)
+        if tasks is not None and cfg.task.name not in tasks:
+            raise ConfigError(f"attacks[{i}] ({a.name}): inverts {' / '.join(tasks)} updates; "
+                              f"task.name = {cfg.task.name!r}")
+        declared = getattr(attack, "max_images_per_update", None)
+        limit = declared(validate_params(attack, a.params, where=f"attacks[{i}]")) \
+            if declared is not None else None
+        if limit is None:
+            continue
+        most, why = limit
+        for r in a.rounds or (1,):
+            sampled = sample_clients(cfg.run.seed, r, list(range(fed.num_clients)),
+                                     fed.fraction_train)
+            peer = a.client if a.client is not None else (fed.peer_clients or (0,))[0]
+            groups = ({"server": [[c] for c in ([a.client] if a.client is not None
+                                                else sampled)],
+                       "peer": [[c for c in sampled if c != peer]],
+                       "aggregate": [sampled]})[a.view]
+            for group in groups:
+                sizes = [images_per_update(cfg, len(parts[c])) for c in group]
+                n = sum(k for k, _ in sizes)
+                if n > most:
+                    whose = (f"client {group[0]}'s update" if a.view == "server" else
+                             f"the {a.view} view's update ({len(group)} clients)")
+                    raise ConfigError(
+                        f"attacks[{i}] ({a.name}): {why}, but {whose} in round {r} holds "
+                        f"{n} images ({sizes[0][1]}); change the attack's parameters or "
+                        "the federation")
+
+
+def check_metrics(cfg: ExperimentConfig) -> None:
+    """``metrics.identity_model`` is loaded now (safetensors only), not after training: a
+    directory that is not an identity model, or holds a pickle, is a one-line DataError."""
+    if cfg.metrics.identity_model is not None:
+        from fl_sim.identity import load_identity
+        load_identity(cfg.metrics.identity_model)
 
 
 def check_data(cfg: ExperimentConfig) -> None:

@@ -154,3 +154,8 @@ def fedsgd(*, server_lr: Annotated[float, Field(gt=0.0)] | None = None) -> FedSG
     ``server_lr`` defaults to ``federation.lr`` (resolved by the server app).
     """
     return FedSGD(server_lr=server_lr, **SAMPLE_ALL)
+
+
+#: what a client sends under FedSGD, declared for the pre-flight (fl_sim.preflight): ONE
+#: batch's gradient (the record holds batch_size images), not the result of local training
+fedsgd.client_update = "gradient"  # type: ignore[attr-defined]
