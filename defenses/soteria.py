@@ -20,10 +20,14 @@ What is computed here (shapes: images ``[B, C, H, W]``, ``r`` ``[B, F]``):
   to the PIXELS in [0, 1] (what an attacker reconstructs; the paper differentiates its
   network input, i.e. the normalised image: the two differ by the per-channel std only),
   per image, over all the client's private images of the round (``ctx.steps``);
-* the score of feature ``i`` is ``sum_b |r_bi| / ||∇_x r_bi||`` (the paper states the
-  ratio for one input; summing over the batch follows its reference code, which sums
-  per-image ratios); dead features (``r_bi = 0`` for every image, zero gradient columns
-  anyway) score 0 and are never chosen;
+* the score of feature ``i`` is the paper's ``||r_i|| / ||∇_X r_i||`` with ``X`` the
+  client's private data of the round taken as ONE input (the paper defines the criterion
+  for the representation ``r = f(X)`` of the data ``X`` a client trains on, as the
+  first-order effect of removing ``r_i`` on the reconstruction of ``X``): over a batch,
+  ``r_i = (r_1i, ..., r_Bi)`` and its Jacobian is block-diagonal (images are independent in
+  eval mode), so the score is ``sqrt(sum_b r_bi²) / sqrt(sum_b ||∇_{x_b} r_bi||²)``; for one
+  image it is ``|r_i| / ||∇_x r_i||``. Dead features (``r_bi = 0`` for every image, zero
+  gradient columns anyway) score 0 and are never chosen;
 * the ``pruning_rate`` fraction of features with the highest score is pruned (ties: the
   lower index survives).
 
@@ -39,6 +43,19 @@ Cost: the exact scores need ``F`` backward passes per private image (LeNet 16×1
 ConvNet-64 at 32×32: 2,304, minutes per image on a CPU); ``jacobian = "projected"``
 estimates the gradient norms from ``probes`` random projections instead (a deviation from
 the paper, off by default; the selection then differs from the exact one at the margin).
+
+**Where the reference code differs** (github.com/jeremy313/Soteria, DLG notebook and
+``GS_attack/reconstruct_image.py``; read, not copied): it scores each feature by the SUM over
+the batch of the per-image INVERSE ratio ``||∇_{x_b} r_bi|| / r_bi`` (its GS script adds 0.1
+to ``r_bi``; its README calls this an approximation chosen for speed) and prunes the features
+whose sum lies BELOW the ``pruning_rate`` percentile. For one image this is the paper's
+criterion (the smallest inverse ratio is the largest ratio); for a batch it is not: a sum of
+inverse ratios is dominated by the images on which a feature is nearly off, so a feature
+that is large on most images but small on one is kept. fl-sim follows the paper. (fl-sim
+before 2026-12-07 summed the per-image ratios ``|r_bi| / ||∇_{x_b} r_bi||``, a third
+variant that agrees with both only at batch 1; every Soteria figure in the README and
+``benchmarks/RESULTS.md`` is at batch 1 except the projected-Jacobian agreement, re-measured
+on the new criterion.)
 
 Deviation: the paper picks features with a percentile threshold of the score; we rank and
 prune exactly ``round(pruning_rate * F)`` features (same set up to ties). ``pruning_rate``
@@ -86,7 +103,9 @@ def defended_linear(model: nn.Module, layer: str = "") -> tuple[str, nn.Linear]:
 def representation_scores(task: Any, state: Mapping[str, Tensor], images: Tensor,
                           layer: str = "", *, jacobian: str = "exact", probes: int = 64,
                           generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """``(scores [F], r [B, F])``: Soteria's ``sum_b |r_bi| / ||∇_x r_bi||`` per feature.
+    """``(scores [F], r [B, F])``: Soteria's ``||r_i|| / ||∇_X r_i||`` per feature, the
+    norms over the whole batch ``X`` (module doc): ``sqrt(sum_b r_bi²) /
+    sqrt(sum_b ||∇_{x_b} r_bi||²)``, 0 for a feature that is 0 on every image.
 
     ``task`` is a classifier task (``task.model``, ``task.normalize``), ``state`` the weights
     to evaluate the model at (a ``state_dict``), ``images`` ``[B, C, H, W]`` in [0, 1]. The
@@ -114,19 +133,20 @@ def representation_scores(task: Any, state: Mapping[str, Tensor], images: Tensor
     was_training = model.training
     model.eval()
     try:
-        scores = None
+        rep_sq, grad_sq = None, None  # sum_b r_bi², sum_b ||∇_{x_b} r_bi||²  [F]
         reps = []
         for x in images:
             r = features(x).detach()
             grad_norm = (_exact_norms(features, x) if jacobian == "exact"
                          else _projected_norms(features, x, probes, generator))
-            ratio = torch.where(r != 0, r.abs() / grad_norm.clamp_min(1e-12),
-                                torch.zeros_like(r))
-            scores = ratio if scores is None else scores + ratio
+            rep_sq = r.pow(2) if rep_sq is None else rep_sq + r.pow(2)
+            grad_sq = grad_norm.pow(2) if grad_sq is None else grad_sq + grad_norm.pow(2)
             reps.append(r)
     finally:
         model.train(was_training)
-    assert scores is not None
+    assert rep_sq is not None and grad_sq is not None
+    scores = torch.where(rep_sq > 0, rep_sq.sqrt() / grad_sq.sqrt().clamp_min(1e-12),
+                         torch.zeros_like(rep_sq))
     return scores, torch.stack(reps)
 
 
@@ -166,7 +186,9 @@ class Soteria(UpdateDefense):
     """Soteria (Sun et al., CVPR 2021): prune the defended layer's most revealing features.
 
     Zeros the defended Linear layer's update columns of the ``pruning_rate`` fraction of
-    input features with the largest ``|r_i| / ||∇_x r_i||`` (see the module doc).
+    input features with the largest ``||r_i|| / ||∇_X r_i||``, norms over the client's
+    private images of the round (the paper's criterion; see the module doc for where the
+    reference code differs at batch > 1).
     """
 
 

@@ -1,7 +1,10 @@
 """Soteria (Sun et al., CVPR 2021; defenses/soteria.py) on real CIFAR-10 images.
 
-The selection is checked against an independent computation written the way the paper's
-reference code does it (one autograd backward per feature of the module's representation),
+The selection is checked against an independent computation of the paper's criterion
+``||r_i|| / ||∇_X r_i||`` over the client's batch (one autograd backward per feature of the
+module's representation, as the reference code computes its gradients), and at batch > 1 on a
+ReLU MLP it is shown to differ from the reference code's sum of inverse ratios and from the
+sum of per-image ratios fl-sim used before 2026-12-07,
 the update against the paper's statement (exactly the selected columns of the defended
 layer's weight gradient are zero, everything else bit-identical), and the attack against
 Inverting Gradients (slow).
@@ -45,22 +48,31 @@ def context(task, record, x, y, kind: str = "gradient") -> UpdateContext:
                          generator=torch.Generator().manual_seed(0))
 
 
-def reference_scores(model: torch.nn.Module, task, x: torch.Tensor) -> torch.Tensor:
-    """sum_b |r_bf| / ||d r_bf / dx_b|| with one backward per feature (reference-code style)."""
+def representation_and_input_gradient_norms(model: torch.nn.Module, layer: torch.nn.Module,
+                                             task, x: torch.Tensor
+                                             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(r [B, F], ||d r_bf / dx_b|| [B, F])`` with one autograd backward per feature."""
     captured = []
-    h = model.fc.register_forward_pre_hook(lambda _m, inp: captured.append(inp[0]))
+    h = layer.register_forward_pre_hook(lambda _m, inp: captured.append(inp[0]))
     xr = x.clone().requires_grad_(True)
     model(task.normalize(xr))
     h.remove()
     r = captured[0]
-    scores = torch.zeros(r.shape[1])
+    norms = torch.zeros(r.shape)
     for f in range(r.shape[1]):
         (g,) = torch.autograd.grad(r[:, f].sum(), xr, retain_graph=True)
-        norms = g.flatten(1).norm(dim=1)  # images are independent (eval mode)
-        rf = r[:, f].detach()
-        scores[f] = torch.where(rf != 0, rf.abs() / norms.clamp_min(1e-12),
-                                torch.zeros_like(rf)).sum()
-    return scores
+        norms[:, f] = g.flatten(1).norm(dim=1)  # images are independent (eval mode)
+    return r.detach(), norms
+
+
+def reference_scores(model: torch.nn.Module, task, x: torch.Tensor,
+                     layer: torch.nn.Module | None = None) -> torch.Tensor:
+    """The paper's ||r_f|| / ||∇_X r_f|| with X the whole batch: sqrt(sum_b r_bf²) /
+    sqrt(sum_b ||d r_bf / dx_b||²); 0 for a feature that is 0 on every image."""
+    r, norms = representation_and_input_gradient_norms(model, layer or model.fc, task, x)
+    rep = r.pow(2).sum(0)
+    return torch.where(rep > 0, rep.sqrt() / norms.pow(2).sum(0).sqrt().clamp_min(1e-12),
+                       torch.zeros_like(rep))
 
 
 def test_exactly_the_largest_ratio_columns_of_the_defended_layer_are_zeroed(one_thread):
@@ -80,6 +92,34 @@ def test_exactly_the_largest_ratio_columns_of_the_defended_layer_are_zeroed(one_
     for name, v in rec.update.items():
         if name != "fc.weight":
             assert torch.equal(out[name], v), name  # bit-identical
+
+
+def test_batch_criterion_is_the_papers_not_the_reference_codes(one_thread):
+    """Batch > 1 on a ReLU MLP (hidden 64, 16x16 CIFAR test images 0-1, the first two by
+    index; pruning rate 0.5 = 32 of 64 features): the zeroed columns are exactly the paper's
+    selection; the reference code's rule (prune the smallest sum_b ||∇r_bf|| / r_bf) and the
+    sum of per-image ratios pick other sets (measured overlap with the paper's 32: 16 and 29),
+    so this test fails if either replaced the paper's criterion."""
+    spec = make_spec("mlp", {"hidden": [64]}, image_size=SIZE)
+    task = build_task(spec, seed=0)
+    task.model.eval()
+    x = F.adaptive_avg_pool2d(cifar_images(2), SIZE)
+    y = cifar_labels(2)
+    rec = make_record(task, spec, x, y)
+    out = Soteria(pruning_rate=0.5).apply(rec.update, context(task, rec, x, y))
+    name, layer = defended_linear(task.model)
+    def zero(u: dict) -> set[int]:
+        return set(torch.nonzero((u[f"{name}.weight"] == 0).all(0)).flatten().tolist())
+    zero_cols = zero(out) - zero(rec.update)  # dead ReLU features have zero columns anyway
+    r, norms = representation_and_input_gradient_norms(task.model, layer, task, x)
+    paper = set(torch.topk(reference_scores(task.model, task, x, layer), 32).indices.tolist())
+    inverse = torch.where(r != 0, norms / r.abs(), torch.full_like(r, float("inf"))).sum(0)
+    reference_code = set(torch.topk(-inverse, 32).indices.tolist())
+    per_image = torch.where(r != 0, r.abs() / norms.clamp_min(1e-12), torch.zeros_like(r))
+    summed = set(torch.topk(per_image.sum(0), 32).indices.tolist())
+    assert zero_cols == paper and len(paper) == 32
+    assert len(paper & reference_code) <= 24, len(paper & reference_code)  # measured 16
+    assert len(paper & summed) <= 31, len(paper & summed)  # measured 29
 
 
 def test_delta_updates_select_at_the_global_weights(one_thread):
