@@ -28,6 +28,9 @@ from fl_sim.tasks import build_task
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCAL_DP = {"name": "local_dp", "clipping_norm": 0.5, "noise_multiplier": 1.0}
+#: bars of the slow quality test (measured values and margins: tests/QUALITY_MARGINS.md)
+MIN_DROP_DB = 3.0  # mean PSNR pruning 90 % takes from plain IG
+MIN_RECOVERED_FRACTION = 0.5  # share of that drop the adaptive attack wins back
 
 
 def case(start: int = 0, pruned: float | None = 0.9):
@@ -175,8 +178,9 @@ def test_pruning_90_percent_costs_plain_ig_3db_and_the_adaptive_attack_recovers(
                 r, generator=torch.Generator().manual_seed(0))
             score[label].append(float(psnr(out.images, x).mean()))
     mean = {k: sum(v) / len(v) for k, v in score.items()}
-    assert mean["plain"] <= mean["undefended"] - 3.0, score
-    assert mean["adaptive"] - mean["plain"] >= 0.5 * (mean["undefended"] - mean["plain"]), score
+    assert mean["undefended"] - mean["plain"] >= MIN_DROP_DB, score
+    assert ((mean["adaptive"] - mean["plain"]) / (mean["undefended"] - mean["plain"])
+            >= MIN_RECOVERED_FRACTION), score
 
 
 # -- bad defense parameters at the CLI: one line, exit 2, before anything starts ------------

@@ -36,6 +36,12 @@ from fl_sim.tasks import build_task
 from fl_sim.tasks.base import Batch
 
 BN_PRIOR_WEIGHT = 1e-3  # BN prior ~12 at a real batch, ~90 at the random start (ConvNet-64)
+#: bars of the quality tests below (measured values and margins: tests/QUALITY_MARGINS.md)
+MIN_GAIN_DB = 6.0  # LeNet 16x16, image 0, 120 it: PSNR gain over the random start
+REF_CONVNET_B1_DB = 17.5  # breaching: 17.6 dB
+REF_CONVNET_B4_DB = 14.0  # breaching: 14.0 dB
+REF_RESNET18_B1_DB = 15.8  # breaching: 15.85 dB
+BN_PRIOR_MAX_LOSS_DB = 0.5  # the BN prior may cost at most this much PSNR
 
 
 def small_case(model: str = "convnet", n: int = 1, size: int = 16, seed: int = 0,
@@ -203,7 +209,7 @@ def test_small_reconstruction_beats_random_start(one_thread):
     assert out.images.shape == x.shape and out.labels.tolist() == y.tolist()
     assert out.assumed["labels"] == "idlg"
     gained = float(psnr(out.images, x).mean()) - init_psnr(spec, x, seed=0)
-    assert gained >= 6.0, gained
+    assert gained >= MIN_GAIN_DB, gained
 
 
 def test_best_restart_is_returned(one_thread):
@@ -287,17 +293,17 @@ def _reference(model: str, n: int, iterations: int, **kw) -> float:
 
 @pytest.mark.slow
 def test_reference_convnet_batch1_600_iterations():
-    assert _reference("convnet", 1, 600) >= 17.5  # breaching: 17.6 dB
+    assert _reference("convnet", 1, 600) >= REF_CONVNET_B1_DB
 
 
 @pytest.mark.slow
 def test_reference_convnet_batch4_200_iterations():
-    assert _reference("convnet", 4, 200) >= 14.0  # breaching: 14.0 dB
+    assert _reference("convnet", 4, 200) >= REF_CONVNET_B4_DB
 
 
 @pytest.mark.slow
 def test_reference_resnet18_batch1_600_iterations():
-    assert _reference("resnet18", 1, 600) >= 15.8  # breaching: 15.9 dB
+    assert _reference("resnet18", 1, 600) >= REF_RESNET18_B1_DB
 
 
 def test_unrolled_objective_is_exact_where_single_gradient_is_not(one_thread):
@@ -349,4 +355,4 @@ def test_bn_prior_does_not_hurt_batch4_with_real_running_statistics():
         scores[weight] = score_reconstruction(out.images, x)["psnr"]
         images[weight] = out.images
     assert not torch.equal(images[0.0], images[BN_PRIOR_WEIGHT])  # the prior is in use
-    assert scores[BN_PRIOR_WEIGHT] >= scores[0.0] - 0.5, scores
+    assert scores[0.0] - scores[BN_PRIOR_WEIGHT] <= BN_PRIOR_MAX_LOSS_DB, scores

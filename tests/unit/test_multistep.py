@@ -49,6 +49,9 @@ from fl_sim.records import ObservationRecord
 from fl_sim.tasks import build_task
 
 LR, STEPS, BATCH = 0.3, 4, 2
+#: bars (measured values and margins: tests/QUALITY_MARGINS.md)
+MIN_GAIN_OVER_START_DB = 6.0  # fast case: unroll's PSNR over the random start
+MIN_UNROLL_GAIN_DB = 2.0  # unroll's PSNR over single's (the requirement)
 
 
 def fedavg_record(task, spec, images, labels) -> ObservationRecord:
@@ -70,7 +73,8 @@ def both_modes(rec, truth, iterations: int) -> dict[str, float]:
 
 def test_unrolled_beats_single_gradient_small_lenet(one_thread):
     """Cheap variant: sigmoid LeNet on 16x16 crops, 2 images (4 local epochs), 300 it.
-    Measured: unroll 16.69 dB, single 11.21 dB; the random start is ~9 dB. (With 4 images:
+    Measured 2026-12-07: unroll 16.58 dB, single 11.22 dB, random start 8.95 dB (16.69 /
+    11.21 on 2026-12-03; tests/QUALITY_MARGINS.md). (With 4 images:
     15.67 vs 11.33 dB, start 9.02 -- too close to the +6 dB bar to be robust.)"""
     spec = make_spec("lenet", {}, image_size=16)
     task = build_task(spec, seed=0)
@@ -81,8 +85,8 @@ def test_unrolled_beats_single_gradient_small_lenet(one_thread):
                              generator=torch.Generator().manual_seed(0))
     start.clamp_()
     init = float(psnr(start.images()[0].detach(), x).mean())
-    assert scores["unroll"] >= init + 6.0, (scores, init)
-    assert scores["unroll"] >= scores["single"] + 2.0, scores
+    assert scores["unroll"] - init >= MIN_GAIN_OVER_START_DB, (scores, init)
+    assert scores["unroll"] - scores["single"] >= MIN_UNROLL_GAIN_DB, scores
 
 
 @pytest.mark.slow
@@ -92,4 +96,4 @@ def test_unrolled_beats_single_gradient_by_2db_reference_lenet(one_thread):
     task, spec = make_task("lenet")
     x, y = cifar_images(8), cifar_labels(8)
     scores = both_modes(fedavg_record(task, spec, x, y), x, 400)
-    assert scores["unroll"] >= scores["single"] + 2.0, scores
+    assert scores["unroll"] - scores["single"] >= MIN_UNROLL_GAIN_DB, scores

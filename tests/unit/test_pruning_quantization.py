@@ -22,6 +22,11 @@ from fl_sim.metrics import psnr
 from fl_sim.registry import DEFENSES
 from fl_sim.tasks import build_task
 
+#: bars of the slow quality test (measured values and margins: tests/QUALITY_MARGINS.md)
+MIN_DROP_DB = 3.0  # 4-bit stochastic and sign quantisation each cost plain IG this much
+MIN_SIGN_ADAPTIVE_GAIN_DB = 0.5  # the adaptive attack's gain on sign updates
+MIN_STOCHASTIC_ADAPTIVE_GAIN_DB = 2.0  # ... on 4-bit stochastic updates
+
 
 def ctx(seed: int = 0) -> UpdateContext:
     return UpdateContext(kind="gradient", global_state={}, task=None, steps=(), lr=0.1,
@@ -145,7 +150,8 @@ def test_inverting_gradients_on_quantised_updates(one_thread):
         out = InvertingGradients(max_iterations=300, labels="granted", adaptive=adaptive)(
             r, generator=torch.Generator().manual_seed(0))
         scores[label] = float(psnr(out.images, x).mean())
-    assert scores["stochastic"] <= scores["undefended"] - 3.0, scores
-    assert scores["sign"] <= scores["undefended"] - 3.0, scores
-    assert scores["sign adaptive"] >= scores["sign"] + 0.5, scores
-    assert scores["stochastic adaptive"] >= scores["stochastic"] + 2.0, scores
+    assert scores["undefended"] - scores["stochastic"] >= MIN_DROP_DB, scores
+    assert scores["undefended"] - scores["sign"] >= MIN_DROP_DB, scores
+    assert scores["sign adaptive"] - scores["sign"] >= MIN_SIGN_ADAPTIVE_GAIN_DB, scores
+    assert (scores["stochastic adaptive"] - scores["stochastic"]
+            >= MIN_STOCHASTIC_ADAPTIVE_GAIN_DB), scores

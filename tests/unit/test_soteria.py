@@ -30,6 +30,9 @@ from fl_sim.registry import DEFENSES
 from fl_sim.tasks import build_task
 
 SIZE = 16  # LeNet on 16x16: the defended fc layer has 12*4*4 = 192 input features
+#: bars of the slow quality test (measured values and margins: tests/QUALITY_MARGINS.md)
+MIN_DROP_DB = 3.0  # mean PSNR Soteria takes from plain IG
+MIN_RECOVERED_FRACTION = 0.5  # share of that drop the adaptive attack wins back
 
 
 def case(n: int = 2, start: int = 0):
@@ -197,5 +200,5 @@ def test_soteria_degrades_inverting_gradients_and_the_adaptive_attack_recovers(o
             score[label] = float(psnr(out.images, x).mean())
         drops.append(score["plain"] - score["soteria"])
         recovered.append(score["adaptive"] - score["soteria"])
-    assert sum(drops) / 2 >= 3.0, drops
-    assert sum(recovered) / 2 >= 0.5 * sum(drops) / 2, (drops, recovered)
+    assert sum(drops) / 2 >= MIN_DROP_DB, drops
+    assert sum(recovered) / sum(drops) >= MIN_RECOVERED_FRACTION, (drops, recovered)
