@@ -36,7 +36,10 @@ Deviations from the paper, and why: the paper enhances its reconstructions with 
 pretrained diffusion models; here the restoration is the pooled latent projection above
 through the project's shared differentiable sampler (no new sampler code), with a prior saved
 by ``fl-sim train-prior`` on public data of the classifier's image shape (no pretrained weights
-can be downloaded here). The prior is ASSUMED to have seen data disjoint from the peers'.
+can be downloaded here). The prior is meant to have seen data disjoint from the peers'; the
+attack cannot check that (it never sees the victims): the scorer measures the overlap of the
+prior's training images with the attacked ones (result ``prior_overlap``,
+:mod:`fl_sim.prior_overlap`).
 """
 
 from __future__ import annotations
@@ -149,7 +152,8 @@ class PeerDiffusionPrior(PeerInversion):
     """Curious peer (Wilson et al. 2024): peer inversion, then projection onto a diffusion prior.
 
     ``prior`` (REQUIRED): path of a prior saved by ``fl-sim train-prior`` whose images have the
-    classifier's channels and size; ASSUMED trained on public data disjoint from the peers'.
+    classifier's channels and size; meant to be trained on public data disjoint from the
+    peers' (measured by the scorer: ``prior_overlap``).
     ``projection_iterations`` (20) Adam steps on the DDIM latent (``lr_latent`` 0.05, cosine
     decay; 0 = the DDIM round trip alone) through a ``sampler_steps``-step (5) sampler,
     matching ``fidelity_pool`` x ``fidelity_pool`` (4) average-pooled images (1 = full
@@ -241,7 +245,7 @@ class PeerDiffusionPrior(PeerInversion):
         meta = prior.metadata  # what `fl-sim train-prior` recorded about the prior's data
         return {**dict(assumed), "prior": str(self.prior),
                 "prior_data": {"data": meta.get("data"), "filter": meta.get("filter"),
-                               "public": True, "disjoint_from_victims": True}}
+                               "num_examples": meta.get("num_examples")}}
 
 
 def _mse(a: Tensor, b: Tensor) -> float:

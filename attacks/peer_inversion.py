@@ -12,8 +12,18 @@ Hitaj et al. (CCS 2017) with Geiping et al.'s optimisation attack.
 
 from __future__ import annotations
 
-from attacks.inverting_gradients import InvertingGradients, Unroll
-from fl_sim.errors import ConfigError
+from attacks.inverting_gradients import (
+    AuxSource,
+    Distance,
+    DoubleBackward,
+    InvertingGradients,
+    LabelSource,
+    MultiStep,
+    RestartPruning,
+    Schedule,
+    Unroll,
+)
+from fl_sim.errors import ConfigError, ThreatModelError
 from fl_sim.records import ObservationRecord
 from fl_sim.registry import ATTACKS
 
@@ -32,6 +42,27 @@ class PeerInversion(InvertingGradients):
     """
 
     view = "peer"
+
+    def __init__(self, *, max_iterations: int = 600, restarts: int = 1, lr: float = 0.1,
+                 tv_weight: float = 0.2, labels: LabelSource = "auto",
+                 bn_prior_weight: float = 0.0, multi_step: MultiStep = "auto",
+                 schedule: Schedule = "step", distance: Distance = "cosine",
+                 restart_pruning: RestartPruning = "halving", restart_keep: int = 1,
+                 double_backward: DoubleBackward = "lean", aux: AuxSource = "none",
+                 adaptive: bool = False) -> None:
+        """Inverting Gradients' parameters (:class:`InvertingGradients`); a peer is granted
+        no ground truth, so ``labels = "granted"`` and ``aux = "granted"`` are refused here
+        (:class:`~fl_sim.errors.ThreatModelError`), before any record is read."""
+        super().__init__(max_iterations=max_iterations, restarts=restarts, lr=lr,
+                         tv_weight=tv_weight, labels=labels, bn_prior_weight=bn_prior_weight,
+                         multi_step=multi_step, schedule=schedule, distance=distance,
+                         restart_pruning=restart_pruning, restart_keep=restart_keep,
+                         double_backward=double_backward, aux=aux, adaptive=adaptive)
+        asked = [f"{k} = \"granted\"" for k in ("labels", "aux") if getattr(self, k) == "granted"]
+        if asked:
+            raise ThreatModelError(f"{type(self).__name__}: {', '.join(asked)}: a peer is "
+                                   "granted no ground truth (labels are recovered: 'auto', "
+                                   "'batch' or 'idlg')")
 
     def num_images(self, record: ObservationRecord) -> int:
         """All images behind the others' aggregate: ``record.num_examples``."""

@@ -166,7 +166,7 @@ class UserLevelDiffusion(Attack):
                      "prior": str(self.prior),
                      "prior_data": {"data": prior.metadata.get("data"),
                                     "filter": prior.metadata.get("filter"),
-                                    "disjoint_from_victims": True}},
+                                    "num_examples": prior.metadata.get("num_examples")}},
             extras={"generated_images": generated.detach(), "label": label,
                     "representative": self.representative, "distance_history": history[::10],
                     "seconds": time.perf_counter() - start})

@@ -1,15 +1,19 @@
 """Curious peer + diffusion prior (``peer_diffusion_prior``): per-image figures before/after.
 
-The case of ``tests/unit/test_peer_diffusion_prior.py``: the sigmoid LeNet on grey 16x16 digits,
-``--others`` clients with one digit of the TEST split each (FedSGD), the peer inverts their mean
-gradient (Inverting Gradients, ``--iterations``, labels granted, no TV), then each
-reconstruction is projected onto the digits prior (TRAIN split, ``tests/diffusion_cases.py``).
-Prints per-image PSNR / SSIM before and after the prior (images in true order), an ablation of
-the projection on the SAME plain reconstructions (pooling, iterations, latent start), and the
-cost of one projection iteration relative to one plain training step of the classifier
-(forward + backward + SGD step on the same N images) and to one sampler pass (K DDIM steps,
-no gradient). Writes everything as JSON to ``--out``. One thread; wall-clock times on a shared
-machine: compare the ratios of one run. Example::
+The case of ``tests/unit/test_peer_diffusion_prior.py``, a recorded run directory written by
+:func:`fl_sim.cases.digits_peer_case` and read through the PEER view (nothing granted): the
+sigmoid LeNet on grey 16x16 digits, ``--others`` clients with one digit of the TEST split each
+(FedSGD), the peer inverts the others' mean gradient it derives from consecutive globals
+(Inverting Gradients, ``--iterations``, labels recovered by the peer itself, no TV), then
+each reconstruction is projected onto the digits prior (TRAIN split,
+:data:`fl_sim.cases.DIGITS_PRIOR_CONFIG`). Prints per-image PSNR / SSIM before and after the
+prior (images in true order), the peer's label accuracy, the prior's measured overlap with
+the victims (content hashes), an ablation of the projection on the SAME plain
+reconstructions (pooling, iterations, latent start), and the cost of one projection
+iteration relative to one plain training step of the classifier (forward + backward + SGD
+step on the same N images) and to one sampler pass (K DDIM steps, no gradient). Writes
+everything as JSON to ``--out``. One thread; wall-clock times on a shared machine: compare
+the ratios of one run. Example::
 
     .venv/bin/python benchmarks/peer_prior.py --prior /tmp/prior   # or --train-prior DIR
 """
@@ -17,28 +21,27 @@ machine: compare the ratios of one run. Example::
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
+from prior_costs import seconds_per_call, unit_costs
+
+from attacks.ddim_sampler import DDIMSampler
+from attacks.peer_diffusion_prior import PeerDiffusionPrior, ddim_invert, project
+from fl_sim.cases import DIGITS_PRIOR_CONFIG, digits_peer_case, others_truth
+from fl_sim.metrics import label_accuracy, score_reconstruction
+from fl_sim.prior_overlap import prior_overlap
+from fl_sim.priors import load_prior_for
+from fl_sim.run_dir import load_run
+from fl_sim.train_prior import train_prior
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "unit")]
-
-from diffusion_cases import train_digits_prior  # noqa: E402
-from prior_costs import seconds_per_call, unit_costs  # noqa: E402
-from test_peer_diffusion_prior import INVERSION, peer_case  # noqa: E402
-
-from attacks.ddim_sampler import DDIMSampler  # noqa: E402
-from attacks.peer_diffusion_prior import (  # noqa: E402
-    PeerDiffusionPrior,
-    ddim_invert,
-    project,
-)
-from fl_sim.metrics import score_reconstruction  # noqa: E402
-from fl_sim.priors import load_prior_for  # noqa: E402
+#: the inversion of the tests' quality case (tests/unit/test_peer_diffusion_prior.py)
+INVERSION = {"max_iterations": 200, "labels": "auto", "tv_weight": 0.0}
 
 #: projection variants scored on the same plain reconstructions: (label, pool, iterations, init)
 ABLATION = [("round trip only", 4, 0, "inversion"), ("pool 4, 20 it (default)", 4, 20, "inversion"),
@@ -77,15 +80,23 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "peer_prior.json"))
     args = ap.parse_args()
     torch.set_num_threads(1)
-    prior = args.prior or str(train_digits_prior(Path(args.train_prior or "/tmp/peer_prior")))
-    record, truth = peer_case(args.others)
+    prior = args.prior or str(train_prior(copy.deepcopy(DIGITS_PRIOR_CONFIG),
+                                          Path(args.train_prior or "/tmp/peer_prior")))
+    run = load_run(digits_peer_case(Path(tempfile.mkdtemp(prefix="peer_case-")),
+                                    args.others))
     kw = {**INVERSION, "max_iterations": args.iterations}
-    out = PeerDiffusionPrior(prior=prior, **kw)(record,
-                                                generator=torch.Generator().manual_seed(args.seed))
+    attack = PeerDiffusionPrior(prior=prior, **kw)
+    record = run.view("peer", client=0, grant=attack.required_knowledge()).record(1)
+    truth, true_labels = others_truth(run, 1, 0)
+    out = attack(record, generator=torch.Generator().manual_seed(args.seed))
     before, after = _scores(out.extras["before_images"], truth), _scores(out.images, truth)
+    labels_acc = float(label_accuracy(out.labels, true_labels))
+    overlap = prior_overlap(prior, truth)
     print(f"{args.others} images, IG {args.iterations} it ({out.extras['inversion_seconds']:.1f}"
           f" s), projection {out.extras['projection_iterations']} it "
-          f"({out.extras['projection_seconds']:.1f} s)")
+          f"({out.extras['projection_seconds']:.1f} s); labels recovered by the peer "
+          f"({out.extras.get('labels')}): accuracy {labels_acc:.3f}; prior overlap with the "
+          f"victims: {overlap['count']} of {overlap['victims']} ({overlap['source']})")
     print("image  PSNR before  PSNR after  SSIM before  SSIM after")
     rows = list(zip(before["psnr_per_image"], after["psnr_per_image"],
                     before["ssim_per_image"], after["ssim_per_image"], strict=True))
@@ -98,7 +109,9 @@ def main() -> None:
         *_unet_and_scheduler(prior, record), 5), args.others, args.repeats)
     print(json.dumps(timing))
     result = {"others": args.others, "iterations": args.iterations, "seed": args.seed,
-              "prior": prior, "before": before, "after": after, "ablation": ablation,
+              "prior": prior, "case": str(run.path), "labels": out.extras.get("labels"),
+              "label_accuracy": labels_acc, "prior_overlap": overlap,
+              "before": before, "after": after, "ablation": ablation,
               "timing": timing, "extras": {k: v for k, v in out.extras.items()
                                            if isinstance(v, (int, float, str))}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -27,11 +27,13 @@ import torch
 from fl_sim.config import AttackConfig, ExperimentConfig, attack_problem
 from fl_sim.errors import ConfigError, FlSimError, InvalidRecordError
 from fl_sim.extras import extras_to_json
+from fl_sim.prior_overlap import overlap_field
 from fl_sim.records import GroundTruthRecord, ObservationRecord
 from fl_sim.registry import ATTACKS, validate_params
 from fl_sim.report import RESULTS_FILE, load_results, save_grid
 from fl_sim.seeding import torch_generator
 from fl_sim.stores import append_jsonl
+from fl_sim.threat_class import threat_class
 
 logger = logging.getLogger(__name__)
 
@@ -196,6 +198,7 @@ def run_attack(run_dir: Path, cfg: ExperimentConfig, name: str, params: Mapping[
            if fallback_from else {}),
         # every parameter the attack ran with, defaults included (the key hashes the given)
         "client": record.client_id, "params": resolved_params(name, params),
+        "update_kind": record.update_kind,
         "knowledge": {**{k: "granted" for k in grant}, **dict(recon.assumed)},
         "budget": {k: params.get(k, getattr(attack, k, None)) for k in _BUDGET_KEYS
                    if params.get(k, getattr(attack, k, None)) is not None},
@@ -205,11 +208,15 @@ def run_attack(run_dir: Path, cfg: ExperimentConfig, name: str, params: Mapping[
         "adapted_to": list(recon.extras.get("adapted_to", [])),
         "iterations": recon.iterations, "matching_loss": _finite(recon.matching_loss),
         "num_images": int(truth_images.shape[0]), "metrics": metrics, "grid": grid,
+        # a prior's measured overlap with the attacked images (fl_sim.prior_overlap)
+        **overlap_field(attack, truth_images),
         **({"grid_plain": plain_key} if grid and plain_key else {}),
         # JSON-safe; large tensors (e.g. phase images) saved beside the grid, path in the row
         "extras": extras_to_json(recon.extras, run_dir, f"attacks/{name}_{view}_r{server_round}"
                                                         f"_c{record.client_id}_{key[-6:]}"),
     }
+    # the SoK attacker class (A-E) derived from what the row says the attack used
+    result["threat_class"] = threat_class(result)
     _append(run_dir, result)
     logger.info("%s on round %d client %s: %s", name, server_round, record.client_id,
                 {k: v for k, v in metrics.items() if not isinstance(v, list)})

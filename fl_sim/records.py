@@ -144,9 +144,28 @@ class ObservationRecord:
     num_clients_aggregated: int = 1
     optimizer: LocalOptimizer = field(default_factory=LocalOptimizer)
 
+    def __post_init__(self) -> None:
+        """A peer record carries no ground truth: a peer is granted nothing (threat model;
+        :class:`~fl_sim.views.PeerView` refuses every grant), and a record built by hand
+        for a benchmark or a test cannot slip one in either. Raises
+        :class:`~fl_sim.errors.ThreatModelError`."""
+        if self.tap == "peer_view":
+            held = sorted(k for k in self.knowledge if k in GROUND_TRUTH_KNOWLEDGE)
+            if held or tuple(self.knowledge.get("granted") or ()):
+                from fl_sim.errors import ThreatModelError
+                raise ThreatModelError(
+                    f"a peer record cannot carry ground truth (knowledge {held or ''}"
+                    f"{'' if held else 'granted ' + str(self.knowledge.get('granted'))}): a "
+                    "peer is granted nothing; let the attack recover labels itself")
+
     @property
     def role(self) -> str:
         return "peer" if self.tap == "peer_view" else "server"
+
+
+#: knowledge keys that are some client's ground truth (what a view can grant from the truth
+#: store: the labels and a task's private randomness, diffusion ``eps`` / ``t``)
+GROUND_TRUTH_KNOWLEDGE = frozenset({"labels", "eps", "t"})
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from torch import Tensor
 from defenses import central_dp
 from defenses.base import format_defense
 from fl_sim.stores import read_jsonl
+from fl_sim.threat_class import class_of_row, threat_class_label
 
 logger = logging.getLogger(__name__)
 
@@ -210,11 +211,15 @@ def write_report(run_dir: Path) -> Path:
     """(Re)write ``run_dir/report.html``; returns its absolute path.
 
     Raises :class:`~fl_sim.errors.RunDirError` unless ``run_dir`` is a run directory (a
-    directory with a readable ``config.json``): nothing is written anywhere else.
+    directory with a readable ``config.json``, and a readable ``run.json`` when it has one:
+    both are written atomically, so a corrupt one was damaged afterwards): nothing is
+    written anywhere else.
     """
     from fl_sim.run_dir import read_json_object, require_run_dir
     run_dir = require_run_dir(Path(run_dir))
     cfg = read_json_object(run_dir / "config.json")
+    if (run_dir / "run.json").exists():
+        read_json_object(run_dir / "run.json")
     metrics = read_metrics(run_dir)
     results = load_results(run_dir)
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>fl-sim report: "
@@ -361,7 +366,10 @@ def _privacy_utility(results: Sequence[Mapping[str, Any]],
     for r in results:
         m = r.get("metrics") or {}
         rows.append({"attack": f"{r.get('attack')}{' (adaptive)' if r.get('adaptive') else ''}",
-                     "view": view_text(r), "round": r.get("round"),
+                     "view": view_text(r),
+                     # the SoK attacker class (fl_sim.threat_class) and the vantage point
+                     "threat": "" if r.get("error") else threat_class_label(r),
+                     "round": r.get("round"),
                      "defenses": ", ".join(format_defense(d) for d in r.get("defenses", []))
                      or "none", "psnr": metric_value(r, "psnr"),
                      # the PSNR of the attack's random start: the floor a defense pushes to
@@ -370,7 +378,7 @@ def _privacy_utility(results: Sequence[Mapping[str, Any]],
                      # identity metric (fl_sim/identity.py), where the truth is one identity
                      **{k: m.get(k) for k in _IDENTITY_COLS},
                      "error": "failed" if r.get("error") else "", **util})
-    cols = ["attack", "view", "round", "defenses", "psnr", "start_psnr", "ssim",
+    cols = ["attack", "view", "threat", "round", "defenses", "psnr", "start_psnr", "ssim",
             "label_accuracy", *_IDENTITY_COLS, *util, "error"]
     cols = [c for c in cols if any(row.get(c) not in (None, "") for row in rows)]
     return ("<h3>Privacy and utility</h3><p>Each attack's result beside the final global "
@@ -397,6 +405,14 @@ def _attack_section(run_dir: Path, r: Mapping[str, Any]) -> str:
                    "the attack asked for one client's update, but under secure aggregation "
                    "the server holds only the aggregate: this result is an attack on the "
                    "sum of the round's updates, not on one client's.</p>")
+    if overlap := r.get("prior_overlap"):  # measured by the scorer (fl_sim.prior_overlap)
+        from fl_sim.prior_overlap import overlap_warning
+        if warn := overlap_warning(overlap):
+            out.append(f"<p class='error'><strong>{html.escape(warn)}</strong></p>")
+        else:
+            source = html.escape(str(overlap.get("source")))
+            out.append(f"<p>Prior overlap with the attacked images: {overlap['count']} of "
+                       f"{overlap['victims']} (content hashes, {source}).</p>")
     if r.get("error"):  # the attack raised: say so, with its error text
         out.append("<p class='error'><strong>This attack failed:</strong></p><pre>"
                    + html.escape(str(r["error"])) + "</pre>")
@@ -409,6 +425,7 @@ def _attack_section(run_dir: Path, r: Mapping[str, Any]) -> str:
             "bottom: reconstructions (matched)</p>"))
         out.append(_run_img_tag(run_dir, r["grid"], title))
     out.append(_table([summary], list(summary)))
+    out.append(_threat_paragraph(r))
     out.append(_table([{"assumed knowledge": _cell(r.get("knowledge", {})),
                         "budget": _cell(r.get("budget", {})),
                         "defenses": ", ".join(format_defense(d) for d in r.get(
@@ -421,6 +438,16 @@ def _attack_section(run_dir: Path, r: Mapping[str, Any]) -> str:
         out.append(f"<p><em>{html.escape(note)}</em></p>")
     out += _extras_figures(run_dir, r.get("extras") or {})
     return "".join(out)
+
+
+def _threat_paragraph(r: Mapping[str, Any]) -> str:
+    """The result's attacker class in the SoK's vocabulary, with the reasons it was derived
+    from (:mod:`fl_sim.threat_class`) and the vantage point beside it."""
+    tc = class_of_row(r)
+    why = "; ".join(html.escape(str(x)) for x in tc["reasons"])
+    return (f"<p><strong>Attacker class {html.escape(tc['class'])}</strong> "
+            f"({html.escape(tc['name'])}; Carletti et al., SoK: Gradient Inversion Attacks in "
+            f"FL, 2025), vantage point: {html.escape(tc['vantage'])}. Derived from: {why}.</p>")
 
 
 def _extras_figures(run_dir: Path, extras: Mapping[str, Any]) -> list[str]:

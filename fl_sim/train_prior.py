@@ -8,7 +8,8 @@ output directory IS the prior (:mod:`fl_sim.priors` layout) plus training record
     OUT/unet/ OUT/scheduler/ OUT/fl_sim_prior.json   the prior (diffusers format)
     OUT/samples.png                                  DDIM samples of the final model
     OUT/train_log.jsonl                              step, train loss, held-out loss
-    OUT/examples.json                                split + dataset indices trained on
+    OUT/examples.json                                split + dataset indices trained on,
+                                                     one content hash per image
     OUT/prior_config.json                            the resolved training config
     OUT/checkpoint/                                  model + optimizer + step (resume)
 
@@ -323,7 +324,6 @@ def train_prior(cfg: PriorConfig | Mapping[str, Any] | str | Path, out_dir: str 
     check_output_dir(out, what="prior", markers=(CONFIG_FILE, METADATA_FILE))
     _check_resumable(out, cfg)
     checkpoint_state(out)  # a torn state.json fails here, before anything is written
-    out.mkdir(parents=True, exist_ok=True)
     tr = cfg.training
     if ((out / CONFIG_FILE).is_file() and (out / METADATA_FILE).is_file()
             and read_metadata(out).get("steps_done") == tr.steps):
@@ -337,12 +337,15 @@ def train_prior(cfg: PriorConfig | Mapping[str, Any] | str | Path, out_dir: str 
         raise RunDirError(f"{out / CKPT_DIR}: cannot restore the checkpoint ({type(exc).__name__}"
                           f": {' '.join(str(exc).split())[:200]}); delete it to train from the "
                           "start") from None
+    out.mkdir(parents=True, exist_ok=True)  # the first write: every check is behind us
     (out / CONFIG_FILE).write_text(json.dumps(cfg.to_json_dict(), indent=2, sort_keys=True))
     if start > tr.steps:
         raise ConfigError(f"training.steps = {tr.steps} but {out} already holds step {start}")
     rewrite_jsonl(out / LOG_FILE, [r for r in read_jsonl(out / LOG_FILE) if r["step"] <= start])
-    (out / EXAMPLES_FILE).write_text(json.dumps(
-        {"split": cfg.filter.split, "indices": indices.tolist()}))
+    from fl_sim.prior_overlap import HASH_RULE, image_hashes
+    (out / EXAMPLES_FILE).write_text(json.dumps(  # hashes: checked against victims by scorers
+        {"split": cfg.filter.split, "indices": indices.tolist(), "hash": HASH_RULE,
+         "hashes": image_hashes(images)}))
     if start:
         logger.info("resuming prior training in %s at step %d", out, start)
     losses: list[float] = []

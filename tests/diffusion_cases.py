@@ -29,21 +29,13 @@ import pytest
 import torch
 from torch import Tensor
 
+from fl_sim.cases import DIGITS_PRIOR_CONFIG
 from fl_sim.records import ModelSpec, ObservationRecord
 
 IMAGE_SIZE = 16
 NUM_TRAIN_TIMESTEPS = 1000
-#: the prior of the quality tests: 400 Adam steps of batch 16 (~0.15 s of CPU each on one
-#: thread: ~60 s); samples look like rough digits, which is all a global model needs to be
-PRIOR_CONFIG: dict[str, Any] = {
-    "data": {"name": "digits", "image_size": IMAGE_SIZE},
-    "filter": {"split": "train"},
-    "model": {"name": "unet", "preset": "tiny"},
-    "task": {"name": "diffusion", "num_train_timesteps": NUM_TRAIN_TIMESTEPS},
-    "training": {"steps": 400, "batch_size": 16, "lr": 2e-3, "seed": 0,
-                 "checkpoint_every": 400, "eval_examples": 64, "sample_images": 4,
-                 "sample_steps": 10},
-}
+#: the prior of the quality tests (the library's, so benchmarks train the very same one)
+PRIOR_CONFIG: dict[str, Any] = DIGITS_PRIOR_CONFIG
 
 
 def train_digits_prior(out_dir: Path, *, steps: int | None = None) -> Path:

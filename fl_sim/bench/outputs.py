@@ -21,6 +21,7 @@ from typing import Any
 from defenses.base import format_defense
 from fl_sim.bench.grid import Cell, Plan
 from fl_sim.stores import read_jsonl
+from fl_sim.threat_class import class_of_row
 
 #: ε of a mechanism without noise (null in metrics.jsonl), kept as text in JSON and CSV
 INF = "inf"
@@ -30,9 +31,10 @@ METRICS = ("psnr", "ssim", "label_accuracy")
 #: the attack's random start scored like its result (IG, DLG): the floor that a defense
 #: pushes the attack towards; blank for attacks without a random start (iDLG, GIDM+ ...)
 START = ("start_psnr", "start_ssim")
-FIXED = ("attack", "view", "round", "client", "params", "defenses", *METRICS, *START, "utility",
+FIXED = ("attack", "view", "threat_class", "round", "client",
+         "params", "defenses", *METRICS, *START, "utility",
          "utility_metric", "epsilon", "epsilon_unit", "attack_seconds", "cell_seconds",
-         "iterations", "grid", "error", "sim", "key")
+         "iterations", "prior_overlap", "grid", "error", "sim", "key")
 
 
 def sim_facts(sim_dir: Path) -> dict[str, Any]:
@@ -81,7 +83,10 @@ def cell_row(cell: Cell, result: Mapping[str, Any] | None, facts: Mapping[str, A
             grid = str(dst.relative_to(bench_dir))
     return {
         "key": cell.key, "sim": cell.sim.key, "axes": dict(cell.axes), "attack": cell.attack,
-        "view": result.get("view", cell.view), "round": cell.round,
+        "view": result.get("view", cell.view),
+        # the SoK attacker class (fl_sim.threat_class); the vantage point is the view
+        "threat_class": class_of_row(result)["class"] if result and not error else None,
+        "round": cell.round,
         "client": result.get("client", cell.client), "params": dict(cell.params),
         "defenses": [format_defense(d) for d in result.get("defenses", [])] or
         [format_defense({"name": d.name, **d.params}) for d in cell.sim.config.defenses],
@@ -94,7 +99,19 @@ def cell_row(cell: Cell, result: Mapping[str, Any] | None, facts: Mapping[str, A
         "epsilon_unit": facts.get("epsilon_unit"),
         "attack_seconds": result.get("seconds"), "cell_seconds": round(cell_seconds, 3),
         "iterations": result.get("iterations"), "grid": grid, "error": error,
+        # a prior-based attack: how many attacked images its prior was trained on (measured)
+        "prior_overlap": overlap_text(result.get("prior_overlap")),
     }
+
+
+def overlap_text(overlap: Mapping[str, Any] | None) -> str | None:
+    """``"0/16"``, ``"WARNING 3/16 (19%)"``, ``"unknown"`` or None (no prior)."""
+    if not overlap:
+        return None
+    if overlap.get("count") is None:
+        return "unknown"
+    text = f"{overlap['count']}/{overlap['victims']}"
+    return f"WARNING {text} ({overlap['fraction']:.0%})" if overlap["count"] else text
 
 
 def _num(v: Any) -> float | None:
@@ -148,9 +165,12 @@ def write_outputs(plan: Plan, bench_dir: Path) -> dict[str, Path]:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         w.writerows(records)
-    md_cols = [*axes, "attack", "view", "round", "defenses", "psnr", "start_psnr", "ssim",
+    md_cols = [*axes, "attack", "view", "threat_class", "round",
+               "defenses", "psnr", "start_psnr", "ssim",
                "label_accuracy", "utility", "epsilon", "epsilon_unit", "attack_seconds",
                "error"]
+    if any(r.get("prior_overlap") for r in rows):  # prior-based attacks in the grid
+        md_cols.insert(md_cols.index("label_accuracy") + 1, "prior_overlap")
     out["md"].write_text(markdown_table(records, md_cols))
     plot = plot_privacy_utility(rows, axes, bench_dir / "privacy_utility.png")
     if plot is not None:
