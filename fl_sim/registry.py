@@ -267,11 +267,35 @@ def describe_params(obj: Callable[..., Any], *, skip: int = 0) -> list[ParamInfo
     doc = inspect.getdoc(obj.__init__ if inspect.isclass(obj) else obj) or ""
     doc = "\n".join(x for x in (inspect.getdoc(obj) or "", doc if inspect.isclass(obj) else "")
                     if x)
+    comments = _attribute_comments(obj) if inspect.isclass(obj) else {}
     out = []
     for name, field in model.model_fields.items():
         required = field.is_required()
         out.append(ParamInfo(name, _type_name(field.annotation), None if required else
-                             field.default, required, param_help(doc, name)))
+                             field.default, required,
+                             comments.get(name) or param_help(doc, name)))
+    return out
+
+
+def _attribute_comments(cls: type) -> dict[str, str]:
+    """``#: text`` comments above a dataclass' fields (the defenses' convention), by field."""
+    import re
+    out: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            lines = inspect.getsource(klass).splitlines()
+        except (OSError, TypeError):
+            continue
+        pending: list[str] = []
+        for line in lines:
+            if m := re.match(r"\s+#:\s?(.*)$", line):
+                pending.append(m.group(1).strip())
+            elif m := re.match(r"\s+(\w+)\s*:", line):
+                if pending:
+                    out[m.group(1)] = " ".join(pending)
+                pending = []
+            else:
+                pending = []
     return out
 
 

@@ -241,6 +241,18 @@ def run_server(grid: Grid, setup: ServerSetup) -> None:
     plot_metrics(run_dir)
     info = json.loads((run_dir / RUN_FILE).read_text())
     write_json_atomic(run_dir / RUN_FILE, {**info, "status": "complete"})
+    _write_report(run_dir)
+
+
+def _write_report(run_dir: Path) -> None:
+    """report.html at the end of every run, also under ``flwr run .`` / deployment, where
+    no fl-sim CLI is there to write it; a failing report never fails the finished run."""
+    from fl_sim.report import write_report
+    try:
+        logger.info("report: %s", write_report(run_dir))
+    except Exception:  # noqa: BLE001 -- the run is complete; `fl-sim report` can retry
+        logger.exception("writing %s/report.html failed (`fl-sim report` rewrites it)",
+                         run_dir)
 
 
 def run_round(grid: Grid, tap: TapStrategy, cfg: ExperimentConfig, run_dir: Path, r: int,
