@@ -12,75 +12,79 @@ from pathlib import Path
 
 from fl_sim import api
 
-out = Path(sys.argv[1])
-sigmas = [float(s) for s in sys.argv[2].split(",")]
-base = out / "base.toml"
-base.write_text("""
-[run]
-name = "plugin"
-seed = 0
-[data]
-name = "digits"
-image_size = 16
-max_train = 200
-max_test = 50
-[model]
-name = "mlp"
-hidden = [32]
-[federation]
-num_clients = 2
-num_rounds = 2
-batch_size = 1
-lr = 0.03
-[strategy]
-name = "fedsgd"
-server_lr = 0.03
-""")
-report: dict = {}
 
-# 1. a federation with the plug-in defense on every client and the plug-in attack online
-run = api.run(base, [f'defenses=[{{name = "update_noise", sigma = {sigmas[-1]}}}]',
-                     'attacks=[{name = "fc_analytic", view = "server", client = 1, '
-                     'rounds = [1]}]'], run_dir=out / "run")
-report["online"] = run.attacks()
-# 2. the plug-in attack replayed offline on round 2 of the same recording
-report["replay"] = api.replay(run, "fc_analytic", rounds=[2], client=0)
-# 3. a grid: the plug-in defense's sigma as an axis, the plug-in attack in every cell
-grid = out / "grid.toml"
-grid.write_text(f"""
-[bench]
-name = "plugin_grid"
-base = "{base}"
-[[base.defenses]]
-name = "update_noise"
-[axes]
-"defenses.0.params.sigma" = {sigmas}
-[[attacks]]
-name = "fc_analytic"
-client = 1
-rounds = [1]
-""")
-table = api.bench(grid, out=out / "bench")
-report["grid"] = table.records()
-report["grid_rows"] = table.rows()
+def main() -> None:
+    out = Path(sys.argv[1])
+    sigmas = [float(s) for s in sys.argv[2].split(",")]
+    base = out / "base.toml"
+    base.write_text("""
+    [run]
+    name = "plugin"
+    seed = 0
+    [data]
+    name = "digits"
+    image_size = 16
+    max_train = 200
+    max_test = 50
+    [model]
+    name = "mlp"
+    hidden = [32]
+    [federation]
+    num_clients = 2
+    num_rounds = 2
+    batch_size = 1
+    lr = 0.03
+    [strategy]
+    name = "fedsgd"
+    server_lr = 0.03
+    """)
+    report: dict = {}
 
-# 4. a defense defined here only (as in a notebook): refused before its run directory exists
-from defenses.base import UpdateDefense  # noqa: E402
-from fl_sim.errors import PluginError  # noqa: E402
-from fl_sim.registry import DEFENSES  # noqa: E402
+    # 1. a federation with the plug-in defense on every client and the plug-in attack online
+    run = api.run(base, [f'defenses=[{{name = "update_noise", sigma = {sigmas[-1]}}}]',
+                         'attacks=[{name = "fc_analytic", view = "server", client = 1, '
+                         'rounds = [1]}]'], run_dir=out / "run")
+    report["online"] = run.attacks()
+    # 2. the plug-in attack replayed offline on round 2 of the same recording
+    report["replay"] = api.replay(run, "fc_analytic", rounds=[2], client=0)
+    # 3. a grid: the plug-in defense's sigma as an axis, the plug-in attack in every cell
+    grid = out / "grid.toml"
+    grid.write_text(f"""
+    [bench]
+    name = "plugin_grid"
+    base = "{base}"
+    [[base.defenses]]
+    name = "update_noise"
+    [axes]
+    "defenses.0.params.sigma" = {sigmas}
+    [[attacks]]
+    name = "fc_analytic"
+    client = 1
+    rounds = [1]
+    """)
+    table = api.bench(grid, out=out / "bench")
+    report["grid"] = table.records()
+    report["grid_rows"] = table.rows()
+
+    # 4. a defense defined here only (as in a notebook): refused before its run directory exists
+    from defenses.base import UpdateDefense
+    from fl_sim.errors import PluginError
+    from fl_sim.registry import DEFENSES
+
+    @DEFENSES.register("notebook_zero")
+    @dataclass(frozen=True)
+    class NotebookZero(UpdateDefense):
+        def apply(self, update, ctx):
+            return {k: v * 0 for k, v in update.items()}
+
+    try:
+        api.run(base, ['defenses=[{name = "notebook_zero"}]'], run_dir=out / "refused")
+        report["refused"] = None
+    except PluginError as exc:
+        report["refused"] = str(exc)
+    report["refused_dir_exists"] = (out / "refused").exists()
+    print(json.dumps(report, default=str))
 
 
-@DEFENSES.register("notebook_zero")
-@dataclass(frozen=True)
-class NotebookZero(UpdateDefense):
-    def apply(self, update, ctx):
-        return {k: v * 0 for k, v in update.items()}
-
-
-try:
-    api.run(base, ['defenses=[{name = "notebook_zero"}]'], run_dir=out / "refused")
-    report["refused"] = None
-except PluginError as exc:
-    report["refused"] = str(exc)
-report["refused_dir_exists"] = (out / "refused").exists()
-print(json.dumps(report, default=str))
+if __name__ == "__main__":  # never at import (pytest's doctest collection)
+    main()

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from fl_sim import api, cli
 from fl_sim.errors import ConfigError, MissingDependencyError
