@@ -116,3 +116,68 @@ def bad_idx(tmp: Path) -> Path:
                  "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
         (root / name).write_bytes(b"\x00\x00\x08\x03" + (10**6).to_bytes(4, "big") * 3)
     return root
+
+
+# -- model directories and outputs of the newer commands (train-prior, train-identity, bench) --
+class PicklePayload:
+    """Unpickling this calls ``os.mkdir(marker)``: a pickle that runs code, observably."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        import os
+        return os.mkdir, (str(self.marker),)
+
+
+def pickled_pretrained(tmp: Path) -> Path:
+    """A diffusers UNet directory (the 16x16 tiny preset) whose weights are a pickle."""
+    import pickle
+
+    from fl_sim.models import build_model
+    d = tmp / "pretrained"
+    build_model("unet", 1, 10, 16, seed=0, params={"preset": "tiny"}).save_config(d)
+    (d / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps(PicklePayload(tmp / "pwned")))
+    return d
+
+
+def config_only_pretrained(tmp: Path) -> Path:
+    """A diffusers UNet directory with config.json and no weights at all."""
+    from fl_sim.models import build_model
+    d = tmp / "pretrained"
+    build_model("unet", 1, 10, 16, seed=0, params={"preset": "tiny"}).save_config(d)
+    return d
+
+
+def pickled_identity(tmp: Path) -> Path:
+    """An identity-model directory whose weights are a pickle (identity.pt)."""
+    import json
+    import pickle
+    d = tmp / "identity"
+    d.mkdir()
+    (d / "identity.json").write_text(json.dumps({"format": "fl-sim-identity", "in_channels": 1,
+                                                 "num_classes": 2, "image_size": 8}))
+    (d / "identity.pt").write_bytes(pickle.dumps(PicklePayload(tmp / "pwned")))
+    return d
+
+
+def prior_with_state(tmp: Path, config: Path, state: str) -> Path:
+    """A train-prior output of ``config`` whose checkpoint/state.json holds ``state``."""
+    import json
+
+    from fl_sim.train_prior import CONFIG_FILE, prior_config
+    d = tmp / "prior"
+    (d / "checkpoint").mkdir(parents=True)
+    (d / CONFIG_FILE).write_text(json.dumps(prior_config(config).to_json_dict()))
+    (d / "checkpoint" / "state.json").write_text(state)
+    return d
+
+
+def grid(tmp: Path, base: Path, *, bench: str = "", axes: str = "",
+         attack: str = 'name = "inverting_gradients"') -> Path:
+    """A bench grid over ``base`` (one round) with ``[bench]`` extras, ``[axes]`` lines and
+    one ``[[attacks]]`` entry."""
+    p = tmp / "grid.toml"
+    p.write_text(f'[bench]\nbase = "{base}"\nset = ["federation.num_rounds=1"]\n{bench}\n'
+                 f"[axes]\n{axes}\n[[attacks]]\n{attack}\n")
+    return p

@@ -20,14 +20,19 @@ import pytest
 import torch
 from bad_files import (
     bad_idx,
+    config_only_pretrained,
     corrupt_png,
     corrupt_stream,
+    grid,
     huge_header,
     huge_label,
     malformed_header,
     nan_images,
     negative_label,
     object_array,
+    pickled_identity,
+    pickled_pretrained,
+    prior_with_state,
     truncated_zip,
     wrong_keys,
 )
@@ -39,6 +44,8 @@ from fl_sim.stores import ObservationStore, PeerStore, TruthStore
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT = str(ROOT / "configs" / "default.toml")
+DIFFUSION = str(ROOT / "configs" / "diffusion_digits.toml")
+PRIOR = str(ROOT / "configs" / "prior_digits.toml")
 SPEC = ModelSpec(model="mlp", model_params={"hidden": (4,)}, task="classifier",
                  task_params={}, in_channels=1, num_classes=3, image_size=2, mean=(0.5,),
                  std=(0.5,))
@@ -111,6 +118,46 @@ def run_data(name: str, make: Callable[[Path], Path], *extra: str) -> Case:
     def case(tmp: Path) -> list[str]:
         return run_with(f'data={{name="{name}", path="{make(tmp)}"}}', *extra)(tmp)
     return case
+
+
+def _sets(*sets: str) -> list[str]:
+    return [a for s in sets for a in ("--set", s)]
+
+
+def prior_to(out: Callable[[Path], Path], *sets: str) -> Case:
+    """``fl-sim train-prior configs/prior_digits.toml --out OUT --set ...``."""
+    return lambda tmp: ["train-prior", PRIOR, "--out", str(out(tmp)), "--no-progress",
+                        *_sets(*sets)]
+
+
+def prior_with(*sets: str) -> Case:
+    return prior_to(lambda t: t / "prior", *sets)
+
+
+def prior_state(state: str) -> Case:
+    return prior_to(lambda t: prior_with_state(t, Path(PRIOR), state))
+
+
+#: a train-identity config on the bundled digits (its labels are the identities)
+IDENTITY_DATA = '[data]\nname = "digits"\nimage_size = 8\n'
+
+
+def identity(text: str, out: Callable[[Path], Path] = lambda t: t / "idm") -> Case:
+    return lambda tmp: ["train-identity", str(_write(tmp, "id.toml", text)), "--out",
+                        str(out(tmp))]
+
+
+def bench(out: Callable[[Path], Path] | None = None, **grid_text: str) -> Case:
+    """``fl-sim bench GRID`` over configs/default.toml; no ``--out``: the default
+    bench/<name> under the working directory."""
+    def case(tmp: Path) -> list[str]:
+        argv = ["bench", str(grid(tmp, Path(DEFAULT), **grid_text)), "--no-progress"]
+        return argv + (["--out", str(out(tmp))] if out is not None else [])
+    return case
+
+
+def diffusion_with(*sets: str) -> Case:
+    return lambda tmp: ["run", DIFFUSION, *_sets("federation.num_rounds=1", *sets)]
 
 
 def attack_on(make: Callable[[Path], Path], *args: str) -> Case:
@@ -265,7 +312,92 @@ CASES: dict[str, tuple[Case, str]] = {
                                     "noop", "--client", "1"), "holds NaN/inf"),
     "replay NaN own update": (attack_on(lambda t: make_run(t, nan_own=True), "--attack",
                                         "noop", "--view", "peer"), "own update holds NaN/inf"),
+    # values are what they claim to be; attacks that cannot work are refused before the run
+    "defense param a string": (run_with('defenses=[{name="pruning", ratio="0.5"}]'),
+                               "defenses[0].ratio: a string where a number is expected"),
+    "idlg rule on 4-image updates": (run_with('strategy={name="fedavg"}',
+                                              "federation.local_steps=2",
+                                              "federation.batch_size=2",
+                                              'attacks=[{name="idlg", method="idlg", '
+                                              'client=1}]'),
+                                     "client 1's update in round 1 holds 4 images "
+                                     "(local_steps x batch_size = 2 x 2)"),
+    "gidm on a classifier": (run_with('attacks=[{name="gidm", client=1}]'),
+                             "inverts diffusion updates; task.name = 'classifier'"),
+    # model files: safetensors only, library warnings silenced, checked before training
+    "pretrained is a pickle": (lambda t: diffusion_with(
+        f'model.pretrained="{pickled_pretrained(t)}"')(t),
+                               "diffusion_pytorch_model.bin: refusing a pickled checkpoint"),
+    "pretrained has no weights": (lambda t: diffusion_with(
+        f'model.pretrained="{config_only_pretrained(t)}"')(t),
+                                  "no weights (diffusion_pytorch_model.safetensors is missing)"),
+    "identity_model is a pickle": (lambda t: run_with(
+        f'metrics.identity_model="{pickled_identity(t)}"')(t), "refusing identity.pt"),
+    # the other subcommands: list, validate, deploy-local, report
+    "list unknown kind": (lambda t: ["list", "gadgets"], "unknown plug-in kind 'gadgets'"),
+    "validate string for a number": (lambda t: ["validate", DEFAULT, *_sets(
+        "federation.num_rounds=\"3\"")], "federation.num_rounds: a string where a number"),
+    "validate missing config": (lambda t: ["validate", str(t / "nope.toml")],
+                                "config file not found"),
+    "deploy-local lr nan": (lambda t: ["deploy-local", DEFAULT, *_sets("federation.lr=nan")],
+                            "federation.lr: Input should be a finite"),
+    "report corrupt run.json": (lambda t: ["report", str(_run_file("run.json", "{")(t))],
+                                "run.json: corrupt"),
+    # train-prior
+    "train-prior --out a run dir": (prior_to(make_run), "(a run directory) holds other files"),
+    "train-prior --out a file": (prior_to(lambda t: _write(t, "f", "x")), "is a file"),
+    "train-prior --out under a file": (prior_to(lambda t: _write(t, "f", "x") / "p"),
+                                       "is a file"),
+    "train-prior cuda without CUDA": (prior_with('training.device="cuda"'),
+                                      "training.device: Value error, 'cuda' requested but "
+                                      "CUDA is not available"),
+    "train-prior torn checkpoint state": (prior_state('{"step": 1, "fi'), "state.json: corrupt"),
+    "train-prior state names a missing file": (
+        prior_state('{"step": 1, "file": "step-00000001.safetensors"}'), "names a missing file"),
+    "train-prior state escapes": (prior_state('{"step": 1, "file": "../../f"}'), "refusing"),
+    "train-prior lr a string": (prior_with('training.lr="0.1"'),
+                                "training.lr: a string where a number is expected"),
+    "train-prior steps 0": (prior_with("training.steps=0"), "training.steps: Input should be"),
+    "train-prior filter keeps nothing": (prior_with("filter.classes=[42]"),
+                                         "no train example passes it"),
+    "train-prior missing config": (lambda t: ["train-prior", str(t / "nope.toml")],
+                                   "config file not found"),
+    # train-identity
+    "train-identity --out a file": (identity(IDENTITY_DATA, lambda t: _write(t, "f", "x")),
+                                    "is a file"),
+    "train-identity --out a run dir": (identity(IDENTITY_DATA, make_run),
+                                       "holds other files and no identity model"),
+    "train-identity epochs 0": (identity(IDENTITY_DATA + "[identity]\nepochs = 0\n"),
+                                "identity.epochs: Input should be greater than or equal to 1"),
+    "train-identity lr nan": (identity(IDENTITY_DATA + "[identity]\nlr = nan\n"),
+                              "identity.lr: Input should be a finite number"),
+    "train-identity lr a string": (identity(IDENTITY_DATA + '[identity]\nlr = "0.1"\n'),
+                                   "identity.lr: a string where a number is expected"),
+    "train-identity unknown option": (identity(IDENTITY_DATA + "[identity]\nepoch = 3\n"),
+                                      "identity.epoch: unknown key"),
+    "train-identity split": (identity(IDENTITY_DATA + '[identity]\nsplit = "val"\n'),
+                             "identity.split"),
+    "train-identity unknown source": (identity('[data]\nname = "faces"\n'),
+                                      "unknown data source 'faces'"),
+    "train-identity missing config": (lambda t: ["train-identity", str(t / "nope.toml"),
+                                                 "--out", str(t / "m")], "cannot read"),
+    # bench
+    "bench --out a file": (bench(lambda t: _write(t, "f", "x")), "is a file"),
+    "bench --out a run dir": (bench(make_run), "holds other files and no bench"),
+    "bench axis no attack takes": (bench(axes='"attack.foo" = [1, 2]'),
+                                   "axis 'attack.foo': no attack of the grid takes"),
+    "bench name ..": (bench(bench='name = ".."'), "must be a plain directory name"),
+    "bench name escapes": (bench(bench='name = "../../outside"'), "plain directory name"),
+    "bench name with a separator": (bench(bench='name = "a/b"'), "plain directory name"),
+    "bench cell param a string": (bench(axes='"attack.max_iterations" = ["5"]'),
+                                  "max_iterations: a string where a number is expected"),
+    "bench federation axis bad": (bench(axes='"federation.lr" = [0.1, nan]'),
+                                  "federation.lr: Input should be a finite number"),
+    "bench missing grid": (lambda t: ["bench", str(t / "nope.toml")], "grid file not found"),
 }
+
+#: Cases that need a machine without CUDA (they ask for it).
+NEEDS_NO_CUDA = {"train-prior cuda without CUDA"}
 
 
 #: Cases that refuse invalid recorded data: they write one error row to attacks.jsonl.
@@ -281,6 +413,8 @@ def test_bad_input_is_one_line_exit_2_before_any_work(
         name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str], no_ray: None, keep_logging: None) -> None:
     make, expected = CASES[name]
+    if name in NEEDS_NO_CUDA and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)  # the default run.output_dir ("runs") lands here
