@@ -61,19 +61,23 @@ class Progress:
 def print_results(results: Sequence[dict[str, Any]]) -> None:
     """The results table: PSNR ``exact (∞)`` for a perfect reconstruction, ``failed`` for an
     attack that raised, ``-`` where there is no value; a view fallback (SecAgg+: the server's
-    attack ran on the aggregate) is written in the view column."""
+    attack ran on the aggregate) is written in the view column; ``threat`` is the SoK attacker
+    class A-E (:mod:`fl_sim.threat_class`) -- the vantage point is the view column."""
     from rich.console import Console
     from rich.table import Table
 
     from fl_sim.report import metric_value, view_text
+    from fl_sim.threat_class import class_of_row
     if not results:
         return
     table = Table(title="attack results", header_style="bold")
-    for col in ("attack", "view", "round", "client", "PSNR dB", "SSIM", "label acc", "s"):
+    for col in ("attack", "view", "threat", "round", "client", "PSNR dB", "SSIM", "label acc",
+                "s"):
         table.add_column(col)
     for r in results:
         name = r["attack"] + (" (adaptive)" if r.get("adaptive") else "")
-        table.add_row(name, view_text(r), str(r["round"]), str(r.get("client")),
+        threat = "-" if "error" in r else class_of_row(r)["class"]
+        table.add_row(name, view_text(r), threat, str(r["round"]), str(r.get("client")),
                       _fmt(metric_value(r, "psnr")), _fmt(metric_value(r, "ssim"), 3),
                       _fmt(metric_value(r, "label_accuracy"), 2), _fmt(r.get("seconds"), 1))
     Console(width=120).print(table)

@@ -68,7 +68,8 @@ def write_html(plan: Plan, bench_dir: Path, rows: Sequence[Mapping[str, Any]],
               "<div class='wrap'>" + _table(records, cols, "results") + "</div>",
               "<h2>Cells</h2>"]
     for r in rows:
-        title = (f"{r['attack']} ({r.get('view')}) round {r.get('round')} — "
+        sok = f", class {r['threat_class']}" if r.get("threat_class") else ""
+        title = (f"{r['attack']} ({r.get('view')}{sok}) round {r.get('round')} — "
                  f"{point_label(r, plan.axis_names) or 'base'}; defenses: "
                  f"{'; '.join(r.get('defenses') or []) or 'none'}")
         parts.append(f"<div class='cell'><h3>{html.escape(title)}</h3>")
