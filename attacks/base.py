@@ -30,29 +30,49 @@ from fl_sim.errors import ConfigError, ThreatModelError
 from fl_sim.records import ObservationRecord
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class Reconstruction:
     """What an attack produced.
 
     ``images``: [B, C, H, W] float32 in [0, 1] on CPU (may be empty for label-only attacks);
     ``labels``: [B] int64 or None; ``matching_loss``: the attack objective at the returned
-    candidate; ``iterations``: optimisation steps spent (per restart); ``assumed``: what the
-    attack assumed known and where it came from (e.g. ``{"labels": "idlg"}``).
+    candidate; ``iterations``: optimisation steps spent (per restart); ``knowledge``: what
+    the attack assumed known beyond the record and where it came from (e.g.
+    ``{"labels": "idlg"}``), written with what the threat model granted as the result's
+    ``knowledge`` (one name in code and files). ``assumed=`` is accepted as its former name.
     """
 
     images: Tensor
     labels: Tensor | None
     matching_loss: float = float("nan")
     iterations: int = 0
-    assumed: Mapping[str, Any] = field(default_factory=dict)
+    knowledge: Mapping[str, Any] = field(default_factory=dict)
     extras: Mapping[str, Any] = field(default_factory=dict)
+
+    def __init__(self, images: Tensor, labels: Tensor | None,
+                 matching_loss: float = float("nan"), iterations: int = 0,
+                 knowledge: Mapping[str, Any] | None = None,
+                 extras: Mapping[str, Any] | None = None, *,
+                 assumed: Mapping[str, Any] | None = None) -> None:
+        set_ = object.__setattr__  # frozen
+        set_(self, "images", images)
+        set_(self, "labels", labels)
+        set_(self, "matching_loss", matching_loss)
+        set_(self, "iterations", iterations)
+        set_(self, "knowledge", {**dict(assumed or {}), **dict(knowledge or {})})
+        set_(self, "extras", dict(extras or {}))
+
+    @property
+    def assumed(self) -> Mapping[str, Any]:
+        """Former name of :attr:`knowledge` (plug-ins written before 2026-12-07)."""
+        return self.knowledge
 
     def cpu(self) -> Reconstruction:
         """The same reconstruction with every tensor (also in ``extras``) on CPU."""
         def move(v: Any) -> Any:
             return v.detach().cpu() if isinstance(v, Tensor) else v
         return Reconstruction(move(self.images), move(self.labels), self.matching_loss,
-                              self.iterations, dict(self.assumed),
+                              self.iterations, dict(self.knowledge),
                               {k: move(v) for k, v in self.extras.items()})
 
 

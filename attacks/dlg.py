@@ -158,12 +158,12 @@ class DLG(Attack):
             source = "batch"
         if aux:
             return Reconstruction(images=images, labels=None, matching_loss=loss,
-                                  iterations=n_iter, assumed={"eps": "granted", "t": "granted"},
+                                  iterations=n_iter, knowledge={"eps": "granted", "t": "granted"},
                                   extras={"box": "unconstrained, clamped to [0, 1] at the end",
                                           **extra})
         return Reconstruction(
             images=images, labels=labels, matching_loss=loss, iterations=n_iter,
-            assumed={"labels": source} if source != "optimize" else {},
+            knowledge={"labels": source} if source != "optimize" else {},
             extras={"box": "unconstrained, clamped to [0, 1] at the end",
                     "label_source": self.labels, **extra})
 

@@ -254,4 +254,4 @@ class GIAS(Attack):
             "phase2_iterations": self.phase2_iterations, "distance": self.distance}
         return Reconstruction(images=images.clamp(0, 1), labels=problem.labels.clone(),
                               matching_loss=loss, iterations=self.iterations,
-                              assumed=assumed, extras=extras)
+                              knowledge=assumed, extras=extras)

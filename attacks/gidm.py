@@ -378,4 +378,4 @@ class GIDM(Attack):
             extras["phase1_images"] = p1_images.clamp(0, 1)
         return Reconstruction(images=images.clamp(0, 1), labels=None, matching_loss=loss,
                               iterations=self.iterations,
-                              assumed=assumed, extras=extras)
+                              knowledge=assumed, extras=extras)

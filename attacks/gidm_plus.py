@@ -296,4 +296,4 @@ class GIDMPlus(Attack):
         spent = self.phase1_iterations + self.phase2_iterations + (
             (self.sweep_iterations if log else 0) + (self.refine_iterations if refined else 0))
         return Reconstruction(images, None, matching_loss=float(total[0]), iterations=spent,
-                              assumed={}, extras=extras)
+                              knowledge={}, extras=extras)

@@ -62,6 +62,6 @@ class IDLG(Attack):
             images=torch.empty(0, spec.in_channels, spec.image_size, spec.image_size),
             labels=labels,
             # What the analytic recovery relies on beyond the transmitted update.
-            assumed={"labels": method, "num_images": int(labels.numel()),
+            knowledge={"labels": method, "num_images": int(labels.numel()),
                      "batchnorm": self.model_mode},
             extras={"label_method": method})

@@ -257,7 +257,7 @@ class InvertingGradients(Attack):
         return Reconstruction(
             images=res.images[pos], labels=problem.labels.clone(),
             matching_loss=float(total[pos]), iterations=self.max_iterations,
-            assumed=self._assumed(record, problem, label_source),
+            knowledge=self._assumed(record, problem, label_source),
             extras={"restart_objectives": total.tolist(),
                     "restart_distances": res.distance.tolist(),
                     "survivors": res.survivors, "best_restart": res.survivors[pos],

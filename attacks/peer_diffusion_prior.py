@@ -238,7 +238,7 @@ class PeerDiffusionPrior(PeerInversion):
             "inversion_seconds": inverted - start, "projection_seconds": projected - inverted}
         return Reconstruction(images=after, labels=plain.labels,
                               matching_loss=plain.matching_loss, iterations=plain.iterations,
-                              assumed=self._assumed_prior(plain.assumed, prior),
+                              knowledge=self._assumed_prior(plain.knowledge, prior),
                               extras=extras)
 
     def _assumed_prior(self, assumed: Mapping[str, Any], prior: Any) -> dict[str, Any]:

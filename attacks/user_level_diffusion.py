@@ -162,7 +162,7 @@ class UserLevelDiffusion(Attack):
         return Reconstruction(
             images=rep, labels=torch.tensor([label]),
             matching_loss=history[-1], iterations=self.iterations,
-            assumed={"labels": "given" if self.labels == "given" else "bias_sign",
+            knowledge={"labels": "given" if self.labels == "given" else "bias_sign",
                      "prior": str(self.prior),
                      "prior_data": {"data": prior.metadata.get("data"),
                                     "filter": prior.metadata.get("filter"),

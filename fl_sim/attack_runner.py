@@ -199,7 +199,7 @@ def run_attack(run_dir: Path, cfg: ExperimentConfig, name: str, params: Mapping[
         # every parameter the attack ran with, defaults included (the key hashes the given)
         "client": record.client_id, "params": resolved_params(name, params),
         "update_kind": record.update_kind,
-        "knowledge": {**{k: "granted" for k in grant}, **dict(recon.assumed)},
+        "knowledge": {**{k: "granted" for k in grant}, **dict(recon.knowledge)},
         "budget": {k: params.get(k, getattr(attack, k, None)) for k in _BUDGET_KEYS
                    if params.get(k, getattr(attack, k, None)) is not None},
         "defenses": list(record.defenses), "seconds": round(seconds, 3),

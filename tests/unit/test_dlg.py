@@ -43,7 +43,7 @@ def test_dlg_improves_far_beyond_its_start(lenet) -> None:
     assert result.images.shape == (1, 3, 32, 32)
     assert 0.0 <= float(result.images.min()) and float(result.images.max()) <= 1.0
     assert 0 < result.iterations <= 100 and result.matching_loss >= 0
-    assert result.assumed == {"labels": "idlg"}
+    assert result.knowledge == {"labels": "idlg"}
 
 
 def test_dlg_optimised_labels_are_returned(lenet) -> None:
@@ -54,7 +54,7 @@ def test_dlg_optimised_labels_are_returned(lenet) -> None:
         record, generator=torch.Generator().manual_seed(1))
     assert result.labels.tolist() == label.tolist()  # the optimised label, not a random one
     assert float(psnr(result.images, image)) > MIN_OPTIMIZED_PSNR_DB
-    assert result.assumed == {}
+    assert result.knowledge == {}
 
 
 def test_dlg_granted_labels_need_knowledge(lenet) -> None:

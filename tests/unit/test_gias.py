@@ -164,7 +164,7 @@ def test_fedavg_delta_is_unrolled_as_inverting_gradients(tmp_path):
                   phase2_iterations=1, sampler_steps=2, labels="granted")
     out = attack.reconstruct(rec, generator=torch.Generator().manual_seed(0))
     assert out.images.shape == (4, 1, 16, 16)
-    assert out.assumed["local_training"]["local_steps"] == 2
+    assert out.knowledge["local_training"]["local_steps"] == 2
     assert 0 <= out.extras["phase1_matching_loss"] <= 2
 
 

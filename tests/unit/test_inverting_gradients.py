@@ -207,7 +207,7 @@ def test_small_reconstruction_beats_random_start(one_thread):
     attack = InvertingGradients(max_iterations=120)
     out = attack(rec, generator=torch.Generator().manual_seed(0))
     assert out.images.shape == x.shape and out.labels.tolist() == y.tolist()
-    assert out.assumed["labels"] == "idlg"
+    assert out.knowledge["labels"] == "idlg"
     gained = float(psnr(out.images, x).mean()) - init_psnr(spec, x, seed=0)
     assert gained >= MIN_GAIN_DB, gained
 

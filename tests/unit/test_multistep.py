@@ -66,7 +66,7 @@ def both_modes(rec, truth, iterations: int) -> dict[str, float]:
     for mode in ("unroll", "single"):
         out = InvertingGradients(max_iterations=iterations, labels="granted", multi_step=mode)(
             rec, generator=torch.Generator().manual_seed(0))
-        assert isinstance(out.assumed["local_training"], dict) == (mode == "unroll")
+        assert isinstance(out.knowledge["local_training"], dict) == (mode == "unroll")
         scores[mode] = score_reconstruction(out.images, truth)["psnr"]
     return scores
 

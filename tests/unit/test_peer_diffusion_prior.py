@@ -138,9 +138,9 @@ def test_round_trip_and_projection_on_an_untrained_prior(tmp_path):
     plain = PeerInversion(**kw)(record, generator=torch.Generator().manual_seed(0))
     assert torch.equal(out.extras["before_images"], plain.images)
     assert out.images.shape == plain.images.shape and not torch.equal(out.images, plain.images)
-    assert out.assumed["prior"] == str(prior.path)
+    assert out.knowledge["prior"] == str(prior.path)
     # independence from the victims is measured by the scorer (prior_overlap), never asserted
-    assert "disjoint_from_victims" not in out.assumed["prior_data"]
+    assert "disjoint_from_victims" not in out.knowledge["prior_data"]
 
 
 @pytest.mark.slow

@@ -63,5 +63,5 @@ class FCAnalytic(Attack):
         std = torch.tensor(spec.std, dtype=z.dtype).view(1, -1, 1, 1)
         image = (z * std + mean).clamp(0, 1).to(torch.float32)  # undo the task's normalisation
         return Reconstruction(images=image, labels=None, iterations=0,
-                              assumed={"num_images": 1, "first_layer": "fully_connected"},
+                              knowledge={"num_images": 1, "first_layer": "fully_connected"},
                               extras={"unit": unit, "bias_update": float(gb[unit])})
