@@ -362,6 +362,7 @@ def _privacy_utility(results: Sequence[Mapping[str, Any]],
     """One row per attack: what it recovered beside the run's final utility and ε, so the
     price of the defenses in force is visible next to what they buy."""
     util = utility(metrics)
+    varying = varying_params(results)
     rows = []
     for r in results:
         m = r.get("metrics") or {}
@@ -369,7 +370,10 @@ def _privacy_utility(results: Sequence[Mapping[str, Any]],
                      "view": view_text(r),
                      # the SoK attacker class (fl_sim.threat_class) and the vantage point
                      "threat": "" if r.get("error") else threat_class_label(r),
-                     "round": r.get("round"),
+                     "round": r.get("round"), "client": r.get("client"),
+                     # the parameters that tell this result from another of the same attack
+                     "params": ", ".join(f"{k}={(r.get('params') or {}).get(k)}"
+                                         for k in varying.get(r.get("attack"), ())),
                      "defenses": ", ".join(format_defense(d) for d in r.get("defenses", []))
                      or "none", "psnr": metric_value(r, "psnr"),
                      # the PSNR of the attack's random start: the floor a defense pushes to
@@ -378,12 +382,35 @@ def _privacy_utility(results: Sequence[Mapping[str, Any]],
                      # identity metric (fl_sim/identity.py), where the truth is one identity
                      **{k: m.get(k) for k in _IDENTITY_COLS},
                      "error": "failed" if r.get("error") else "", **util})
-    cols = ["attack", "view", "threat", "round", "defenses", "psnr", "start_psnr", "ssim",
+    cols = ["attack", "view", "threat", "round", "client", "params", "defenses", "psnr",
+            "start_psnr", "ssim",
             "label_accuracy", *_IDENTITY_COLS, *util, "error"]
     cols = [c for c in cols if any(row.get(c) not in (None, "") for row in rows)]
     return ("<h3>Privacy and utility</h3><p>Each attack's result beside the final global "
             "model's utility and the privacy budget spent (last round).</p>"
             + _table(rows, cols))
+
+
+def varying_params(results: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:
+    """Per attack name, the parameters whose value differs between its results (in the
+    order of the first result): what the privacy table shows so that two results of one
+    attack never read identically.
+
+    >>> varying_params([{"attack": "ig", "params": {"lr": 0.1, "restarts": 1}},
+    ...                 {"attack": "ig", "params": {"lr": 0.1, "restarts": 4}},
+    ...                 {"attack": "dlg", "params": {"lr": 1.0}}])
+    {'ig': ['restarts']}
+    """
+    by_attack: dict[str, list[Mapping[str, Any]]] = {}
+    for r in results:
+        by_attack.setdefault(str(r.get("attack")), []).append(r.get("params") or {})
+    out: dict[str, list[str]] = {}
+    for name, params in by_attack.items():
+        keys = list(dict.fromkeys(k for p in params for k in p))
+        diff = [k for k in keys if len({repr(p.get(k)) for p in params}) > 1]
+        if diff:
+            out[name] = diff
+    return out
 
 
 #: identity-metric columns (``[metrics] identity_model``), shown where a result has them

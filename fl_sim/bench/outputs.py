@@ -87,7 +87,9 @@ def cell_row(cell: Cell, result: Mapping[str, Any] | None, facts: Mapping[str, A
         # the SoK attacker class (fl_sim.threat_class); the vantage point is the view
         "threat_class": class_of_row(result)["class"] if result and not error else None,
         "round": cell.round,
-        "client": result.get("client", cell.client), "params": dict(cell.params),
+        # the attack's resolved parameters (defaults included) as its result recorded them
+        "client": result.get("client", cell.client),
+        "params": dict(result.get("params") or cell.params),
         "defenses": [format_defense(d) for d in result.get("defenses", [])] or
         [format_defense({"name": d.name, **d.params}) for d in cell.sim.config.defenses],
         **{k: _num(m.get(k)) for k in (*METRICS, *START)},

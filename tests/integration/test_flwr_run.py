@@ -3,7 +3,10 @@
 The app is copied to a temporary directory first: on a fresh ``$FLWR_HOME`` ``flwr`` migrates
 ``[tool.flwr.federations]`` out of ``pyproject.toml`` by REWRITING that file, which must never
 happen to the checkout. ``flwr run`` starts a detached local SuperLink (simulation runtime) and
-leaves it running; the test gives it private ports and stops it (and its process tree) by pid.
+leaves it running; the test gives it private ports and stops it (and its process tree, the
+SuperExec included) by pid. Run-time dependency installation stays disabled
+(``FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1``): the venv already holds every dependency,
+and the managed runtime's ``uv sync`` would resolve and install them all again.
 """
 
 from __future__ import annotations
@@ -71,9 +74,13 @@ def local_superlink_ports():
     """Private ports for the managed local SuperLink; stops it (by pid) afterwards."""
     http_port, control_port = processes.free_port(), processes.free_port()
     yield http_port, control_port
-    for pid, start_time in processes.find_pids("flower-superlink", f"--port {http_port}"):
+    superlinks = processes.find_pids("flower-superlink", f"--port {http_port}")
+    # its SuperExec (and any app process) runs as the SuperLink's child: stopped with it
+    children = [c for pid, _ in superlinks for c in processes.descendants(pid)]
+    for pid, start_time in superlinks:
         processes.terminate_tree(pid, start_time, grace_s=10.0)
     assert not processes.find_pids("flower-superlink", f"--port {http_port}")
+    assert not [c for c in children if processes._alive(*c)], children
 
 
 def test_flwr_run_local_simulation(tmp_path: Path, local_superlink_ports) -> None:
@@ -121,4 +128,8 @@ def test_flwr_run_local_simulation(tmp_path: Path, local_superlink_ports) -> Non
     assert server.rounds() == list(range(1, NUM_ROUNDS + 1))
     for r in range(1, NUM_ROUNDS + 1):
         assert server.clients(r) == list(range(NUM_CLIENTS)), f"round {r}"
+    # the ServerApp writes report.html itself (no fl-sim CLI around it under `flwr run`)
+    html = (run_dirs[0] / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 1  # the training curves, self-contained
+    assert f"{run_dirs[0].name}" in html
     assert seconds < 300, f"flwr run took {seconds:.0f} s"

@@ -58,7 +58,7 @@ def test_list_shows_the_installed_plugins_parameters(installed: Path, tmp_path: 
                           "update_noise"], env=_env(tmp_path, installed), cwd=tmp_path,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    row = next(line for line in out.stdout.splitlines() if "sigma" in line)
+    row = next(line for line in out.stdout.splitlines() if line.startswith("│ sigma "))
     assert "float" in row and "0.01" in row and "standard deviation of the noise" in row
 
 

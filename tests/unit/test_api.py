@@ -82,3 +82,23 @@ def test_import_fl_sim_and_api_stay_light() -> None:
                          cwd=ROOT, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_privacy_table_tells_results_of_one_attack_apart() -> None:
+    """Two IG results that differ only in ``restarts``, and one on another client: the
+    report's privacy table has client and parameter columns, so no two rows read alike."""
+    from fl_sim.attack_runner import resolved_params
+    from fl_sim.report import _privacy_utility
+
+    def result(client: int, psnr: float, **given: object) -> dict:
+        return {"attack": "inverting_gradients", "view": "server", "round": 1,
+                "client": client, "params": resolved_params("inverting_gradients", given),
+                "metrics": {"psnr": psnr}, "defenses": []}
+
+    rows = [result(1, 30.0), result(1, 35.0, restarts=4), result(2, 31.0)]
+    html = _privacy_utility(rows, [])
+    assert "<th>client</th>" in html and "<th>params</th>" in html
+    assert html.count("restarts=1") == 2 and html.count("restarts=4") == 1
+    assert "max_iterations=" not in html  # the same in every row: not repeated
+    body = [r for r in html.split("<tr>")[2:]]
+    assert len(body) == 3 and len(set(body)) == 3
