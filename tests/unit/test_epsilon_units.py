@@ -180,3 +180,17 @@ def test_metrics_rows_and_report_lines_name_unit_and_relation() -> None:
                           "central_dp_noise_std": 0.1}])
     assert describe_relation("client", "add-or-remove-one") in note
     assert "(sensitivity C)" in note
+
+
+def test_every_defense_that_reports_epsilon_declares_its_unit_and_relation() -> None:
+    """The class, not just three members: a registered defense with ``round_epsilon`` must
+    say whose data its ε is about and under which relation (a new DP plug-in without them
+    fails here)."""
+    from defenses.accounting import SENSITIVITY_IN_C
+    from fl_sim.registry import DEFENSES
+    reporting = [n for n in DEFENSES.names() if hasattr(DEFENSES.get(n), "round_epsilon")]
+    assert {"dp_sgd", "local_dp", "central_dp"} <= set(reporting)
+    for n in reporting:
+        d = DEFENSES.get(n)
+        assert getattr(d, "privacy_unit", None) in ("example", "client"), n
+        assert getattr(d, "neighbouring", None) in SENSITIVITY_IN_C, n
