@@ -39,7 +39,6 @@ AWAITING_REMEASUREMENT = {
     "tests/unit/test_gidm_quality.py::test_gidm_phase2_never_ends_worse_than_phase1",
     "tests/unit/test_inverting_gradients.py::"
     "test_bn_prior_does_not_hurt_batch4_with_real_running_statistics",
-    "tests/unit/test_user_level_diffusion.py::test_reconstruction_carries_the_users_identity",
 }
 _NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 _ASSERTED = re.compile(r"^`(?P<name>[A-Z][A-Z0-9_]*)`\s*(?P<op>>=|<=|>|<)\s*"

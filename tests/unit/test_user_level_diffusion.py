@@ -1,12 +1,21 @@
 """user_level_diffusion (attacks/user_level_diffusion.py) on Olivetti faces, 16x16 grey.
 
-The quality test trains, in one module fixture, a small prior on the users NOT attacked
-(``fl-sim train-prior``'s function, ``filter.groups``) and the identity classifier on every
-user's held-out images, then attacks two users' FedSGD updates (an untrained MLP, 40
-classes, batch 7) and checks the issue's bar on what fits the CI budget: the reconstruction
-is nearer the own user's images than the others' and the own identity ranks high.
-The full >= 10-user figures: ``benchmarks/user_level.py`` (benchmarks/RESULTS.md).
-Olivetti is read from ``../shared/data`` (fails under CI=true when missing).
+The quality test trains, in one module fixture, a small prior on users 10-39 (never
+attacked: ``fl-sim train-prior``'s function, ``filter.groups``) and the identity classifier on
+every user's held-out images, then attacks the FedSGD updates (an untrained MLP, 40 classes,
+batch 7) of the users in :data:`ATTACKED`, fixed by a rule that does not look at the outcome:
+the FIRST THREE users by index. It asserts what holds there with a stated margin (measured
+values: tests/QUALITY_MARGINS.md): the label is recovered, every reconstruction is nearer its
+own user's images than the others' by at least :data:`MIN_SIM_GAP`, and the own identity ranks
+within the top :data:`MAX_IDENTITY_RANK` of 40.
+
+Not asserted, recorded as measured: top-1 identity accuracy on these users is 0 / 3 at this
+budget (2026-12-07: nearest gallery identities 7, 26, 25; own rank 3, 3, 3). Users (0, 7, 9)
+were asserted here before, 7 and 9 chosen because they were the benchmark's only top-1 hits:
+that made the top-1 bar (one hit of three) hold by selection, so it was dropped with them.
+The >= 10-user figures (top-1 0.20 at 150 iterations and an 800-step prior):
+``benchmarks/user_level.py`` (benchmarks/RESULTS.md). Olivetti is read from
+``../shared/data`` (fails under CI=true when missing).
 """
 
 from __future__ import annotations
@@ -24,8 +33,14 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import user_level  # noqa: E402  (benchmarks/user_level.py: the shared case builders)
 
-ATTACKED = (0, 7, 9)
+#: the first three users by index (the prior is trained on users 10-39)
+ATTACKED = (0, 1, 2)
 BATCH = 7
+#: sim_own - sim_others, every attacked user: measured min 0.156 (users 0-2: 0.193, 0.156,
+#: 0.244 on 2026-12-07), asserted >= 0.08 (margin 0.076, about half the measured gap)
+MIN_SIM_GAP = 0.08
+#: rank of the own identity among 40 (1 = top-1): measured worst 3, asserted <= 6
+MAX_IDENTITY_RANK = 6
 
 
 def test_bad_parameters() -> None:
@@ -68,7 +83,5 @@ def test_reconstruction_carries_the_users_identity(faces) -> None:
                                    batch=BATCH, attack_params={"iterations": 60})
     for r in rows:
         assert r["label_recovered"] == r["user"]
-        assert r["sim_own"] > r["sim_others"], r
-        assert r["identity_rank"] <= 4, r  # of 40: within the top 10 %
-    # the issue's bar on these users: top-1 identity accuracy >= 3x chance (1/40)
-    assert sum(r["identity_correct"] for r in rows) / len(rows) >= 3 / 40, rows
+        assert r["sim_own"] - r["sim_others"] >= MIN_SIM_GAP, r
+        assert r["identity_rank"] <= MAX_IDENTITY_RANK, r  # of 40: within the top 15 %
