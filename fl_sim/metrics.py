@@ -37,7 +37,8 @@ from torch import Tensor
 from fl_sim.errors import MissingResourceError
 
 __all__ = ["mse", "psnr", "ssim", "match_pairs", "match_batch", "label_accuracy",
-           "score_reconstruction", "lpips_available", "lpips"]
+           "score_reconstruction", "lpips_available", "lpips", "roc_curve", "tpr_at_fpr",
+           "roc_metrics", "ROC_FPR_LEVELS"]
 
 MatchMetric = Literal["mse", "psnr"]
 
@@ -253,3 +254,80 @@ def lpips(x: Tensor, y: Tensor, *, weights_path: str | Path | None, net: str = "
     with torch.no_grad():
         d = model(xb.float() * 2 - 1, yb.float() * 2 - 1)  # LPIPS expects [-1, 1]
     return d.flatten().double()
+
+
+# -- membership / property inference: ROC metrics -------------------------------------------
+#: the FPR levels the field reports TPR at (Carlini et al. 2022, "Membership Inference Attacks
+#: From First Principles": low-FPR TPR, not average accuracy, is the figure of merit)
+ROC_FPR_LEVELS = (0.1, 0.01, 0.001, 0.0001)
+
+
+def roc_curve(scores: Tensor | np.ndarray, membership: Tensor | np.ndarray
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """``(fpr, tpr)`` over every distinct threshold, from ``(0, 0)`` to ``(1, 1)``.
+
+    ``scores`` ``[N]`` (higher = more likely a member / has the property), ``membership``
+    ``[N]`` bool (the truth; only the scorer holds it). Tied scores form one step (as
+    scikit-learn's ``roc_curve(drop_intermediate=False)``). Raises ``ValueError`` without
+    both classes or for non-finite scores.
+
+    >>> fpr, tpr = roc_curve(np.array([0.9, 0.8, 0.1]), np.array([True, False, False]))
+    >>> fpr.tolist(), tpr.tolist()
+    ([0.0, 0.0, 0.5, 1.0], [0.0, 1.0, 1.0, 1.0])
+    """
+    s = np.asarray(torch.as_tensor(scores).detach().cpu().double().numpy()).ravel()
+    y = np.asarray(torch.as_tensor(membership).detach().cpu().bool().numpy()).ravel()
+    if s.shape != y.shape:
+        raise ValueError(f"scores {s.shape} and membership {y.shape} differ in shape")
+    if not np.isfinite(s).all():
+        raise ValueError("scores hold NaN/inf")
+    pos, neg = int(y.sum()), int((~y).sum())
+    if pos == 0 or neg == 0:
+        raise ValueError(f"ROC needs members and non-members (got {pos} and {neg})")
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s)), s.size - 1]  # last index of each tie group
+    tp = np.cumsum(y)[last]
+    fp = np.cumsum(~y)[last]
+    return np.r_[0.0, fp / neg], np.r_[0.0, tp / pos]
+
+
+def tpr_at_fpr(fpr: np.ndarray, tpr: np.ndarray, level: float) -> float:
+    """The highest TPR among thresholds whose FPR is at most ``level`` (0 allowed).
+
+    >>> tpr_at_fpr(np.array([0.0, 0.0, 0.5, 1.0]), np.array([0.0, 1.0, 1.0, 1.0]), 0.0)
+    1.0
+    """
+    ok = fpr <= level + 1e-12
+    return float(tpr[ok].max())
+
+
+def roc_metrics(scores: Tensor | np.ndarray, membership: Tensor | np.ndarray
+                ) -> dict[str, Any]:
+    """The figures membership / property inference is reported with.
+
+    ``auc`` (ROC AUC, trapezoidal = Mann-Whitney with ties counted 1/2),
+    ``tpr_at_fpr_10pct`` / ``_1pct`` / ``_0.1pct`` / ``_0.01pct`` (None where fewer than
+    ``1 / level`` non-members make the level unresolvable: one false positive would already
+    exceed it), ``tpr_at_fpr_0`` (members scored above every non-member),
+    ``balanced_accuracy`` (the best threshold's ``(TPR + TNR) / 2``, as LiRA reports
+    "accuracy" on balanced sets), ``num_members``, ``num_nonmembers`` and the curve itself
+    (``roc_fpr`` / ``roc_tpr``, for the report's log-scale plot). Raises ``ValueError`` as
+    :func:`roc_curve`.
+
+    >>> m = roc_metrics(np.array([3.0, 2.0, 1.0, 0.0]), np.array([1, 0, 1, 0]))
+    >>> m["auc"], m["balanced_accuracy"], m["tpr_at_fpr_0"]
+    (0.75, 0.75, 0.5)
+    """
+    fpr, tpr = roc_curve(scores, membership)
+    y = np.asarray(torch.as_tensor(membership).bool().numpy()).ravel()
+    neg = int((~y).sum())
+    out: dict[str, Any] = {"auc": float(np.trapezoid(tpr, fpr))}
+    for level in ROC_FPR_LEVELS:
+        name = f"tpr_at_fpr_{level * 100:g}pct"
+        out[name] = tpr_at_fpr(fpr, tpr, level) if neg * level >= 1 - 1e-9 else None
+    out["tpr_at_fpr_0"] = tpr_at_fpr(fpr, tpr, 0.0)
+    out["balanced_accuracy"] = float(((tpr + 1.0 - fpr) / 2).max())
+    out["num_members"], out["num_nonmembers"] = int(y.sum()), neg
+    out["roc_fpr"], out["roc_tpr"] = fpr.tolist(), tpr.tolist()
+    return out
