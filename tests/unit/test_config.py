@@ -35,7 +35,7 @@ def test_default_config_validates() -> None:
         ("[run]\nseed = -1\n", "run.seed: Input should be greater than or equal to 0"),
         ("[run]\ndevice = 'tpu'\n", "run.device: Input should be 'cpu', 'cuda' or 'auto'"),
         ("[federation]\nnum_clients = 0\n", "federation.num_clients: Input should be greater"),
-        ("[federation]\nclients = 3\n", "federation.clients: unknown key; allowed: batch_size"),
+        ("[federation]\nclients = 3\n", "federation.clients: unknown key; allowed: adam_betas, adam_eps, batch_size"),
         ("[federation]\nnum_clients = 2\npeer_clients = [5]\n", "peer_clients [5] outside"),
         ("[model]\nname = 'nope'\n", "model.name: unknown model 'nope'; known: convnet, lenet"),
         ("[model]\nname = 'convnet'\nwidth = 'wide'\n",
