@@ -152,6 +152,14 @@ class InvertingGradients(Attack):
         self.tv_weight, self.labels, self.bn_prior_weight = tv_weight, labels, bn_prior_weight
         self.multi_step, self.schedule, self.distance = multi_step, schedule, distance
 
+    @classmethod
+    def max_images_per_update(cls, params: Mapping[str, Any]) -> tuple[int, str] | None:
+        """``labels = "idlg"`` takes iDLG's label of ONE image (other sources: any batch)."""
+        if params.get("labels") == "idlg":
+            return 1, ("labels = 'idlg' (iDLG's label rule) recovers the label of ONE image "
+                       "(use 'auto' or 'batch')")
+        return None
+
     def required_knowledge(self) -> tuple[str, ...]:
         labels = ("labels",) if self.labels == "granted" else ()
         return labels + (("eps", "t") if self.aux == "granted" else ())

@@ -322,6 +322,11 @@ CASES: dict[str, tuple[Case, str]] = {
                                               'client=1}]'),
                                      "client 1's update in round 1 holds 4 images "
                                      "(local_steps x batch_size = 2 x 2)"),
+    "issue 23's IG on 4-image updates": (run_with('strategy={name="fedavg"}',
+                                                  "federation.local_steps=2",
+                                                  "federation.batch_size=2"),
+                                         "attacks[1] (inverting_gradients): labels = 'idlg' "
+                                         "(iDLG's label rule) recovers the label of ONE image"),
     "gidm on a classifier": (run_with('attacks=[{name="gidm", client=1}]'),
                              "inverts diffusion updates; task.name = 'classifier'"),
     # model files: safetensors only, library warnings silenced, checked before training
