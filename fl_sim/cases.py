@@ -152,6 +152,7 @@ def build_case(run_dir: str | Path, *, spec: ModelSpec, global_state: Mapping[st
                             peer_clients=peer_clients, seed=seed,
                             data=data or {"name": "digits"}, name=name))
     eta = float(server_lr if server_lr is not None else lr)
+    optimizer = cfg.federation.local_optimizer()  # plain SGD: what the records say
     out = Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(cfg.to_json_dict(), indent=2, sort_keys=True))
@@ -175,12 +176,12 @@ def build_case(run_dir: str | Path, *, spec: ModelSpec, global_state: Mapping[st
             else:
                 res = local_train(task, data_c.images, data_c.labels, data_c.indices,
                                   local_steps=local_steps, local_epochs=None,
-                                  optimizer="sgd", lr=lr, **common)
+                                  optimizer=optimizer, lr=lr, **common)
                 sent, kind = res.update, "delta"
                 recorded = {k: v - glob[k] for k, v in sent.items()}
             meta = {"update_kind": kind, "num_examples": int(res.num_examples),
                     "local_steps": len(res.steps), "lr": float(lr), "batch_size": bs,
-                    "defenses": []}
+                    "defenses": [], "optimizer": optimizer.to_json()}
             truth.write(r, cid, res.steps)
             if cid in peers:
                 peers[cid].write_global(r, glob, published)
