@@ -31,7 +31,13 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from attacks.gradients import attack_task, mean_gradient_target, parameter_names, split_state
+from attacks.gradients import (
+    attack_task,
+    mean_gradient_target,
+    parameter_names,
+    split_state,
+    target_from_record,
+)
 from fl_sim.errors import ConfigError
 from fl_sim.records import ObservationRecord
 from fl_sim.tasks.base import Batch
@@ -165,9 +171,9 @@ def recover_labels(record: ObservationRecord, method: LabelMethod = "auto",
     ``record.batch_size`` for a gradient and ``record.num_examples`` for a delta. ``task``
     (a task already built from ``record.spec``, in the mode the client used) is built in eval
     mode when omitted. Raises :class:`~fl_sim.errors.ConfigError` for a bad ``method`` or
-    ``num_images`` (iDLG on several images) or a diffusion record (an unconditional UNet has
-    no labels) and ``ValueError`` for a model without a final
-    ``num_classes``-wide linear layer.
+    ``num_images`` (iDLG on several images), a diffusion record (an unconditional UNet has
+    no labels) or batch counts on an Adam client's delta (iDLG's signs survive Adam), and
+    ``ValueError`` for a model without a final ``num_classes``-wide linear layer.
     """
     if record.spec.task == "diffusion":
         raise ConfigError("label recovery does not apply to an unconditional diffusion model "
@@ -184,7 +190,16 @@ def recover_labels(record: ObservationRecord, method: LabelMethod = "auto",
     if task is None:
         task = attack_task(record)
     names = parameter_names(task)
-    grads = {k: v.double() for k, v in mean_gradient_target(record, task).items()}
+    if record.update_kind == "delta" and record.optimizer.name == "adam":
+        # Adam normalises every coordinate: the delta keeps the gradient's signs (all iDLG
+        # reads) but not its magnitudes (what the counts need)
+        if method != "idlg":
+            raise ConfigError("batch label recovery reads gradient magnitudes, which an Adam "
+                              "client's delta does not keep: grant the labels, or attack one "
+                              "image (iDLG reads only signs)")
+        grads = {k: -v.double() for k, v in target_from_record(record, task).items()}
+    else:
+        grads = {k: v.double() for k, v in mean_gradient_target(record, task).items()}
     layer = find_last_layer(names, {n: grads[n].shape for n in names if n in grads},
                             record.spec.num_classes)
     if method == "idlg":

@@ -170,3 +170,28 @@ def test_gidm_unroll_reproduces_an_adam_trained_diffusion_client(one_thread):
     # measured: rel 9.9e-5, 99.997 % of coordinates within 1e-6, SGD-model cosine 0.327
     assert rel < 1e-3 and exact > 0.999, (rel, exact)
     assert cos_sgd < 0.6, cos_sgd  # modelling Adam as SGD would miss the delta
+
+
+def test_idlg_reads_the_signs_an_adam_delta_keeps_and_counts_refuse(one_thread):
+    """iDLG on one image's Adam delta (3 local steps, lr 1e-3; images 0-7, the first eight):
+    the label is recovered from the signs for 8/8 (measured 8/8); batch counts refuse."""
+    from attacks.label_recovery import recover_labels
+    from fl_sim.errors import ConfigError
+    from fl_sim.records import ObservationRecord
+    spec = make_spec("lenet", {}, image_size=16)
+    x, y = _data(8)
+    opt = LocalOptimizer("adam")
+    hits = 0
+    for i in range(8):
+        task = _task()
+        glob = {k: v.detach().clone() for k, v in task.model.state_dict().items()}
+        res = local_train(task, x[i:i + 1], y[i:i + 1], torch.tensor([i]), seed=0,
+                          server_round=1, client_id=0, batch_size=1, local_steps=3,
+                          local_epochs=None, optimizer=opt, lr=1e-3)
+        rec = ObservationRecord("t", 1, 0, "server_in", spec, glob,
+                                {k: res.update[k] - glob[k] for k in glob}, "delta", 1, 3,
+                                1e-3, 1, optimizer=opt)
+        hits += int(recover_labels(rec, "idlg")[0]) == int(y[i])
+    assert hits == 8
+    with pytest.raises(ConfigError, match="magnitudes"):
+        recover_labels(rec, "batch", 2)
