@@ -168,3 +168,43 @@ def test_the_runner_writes_it(tmp_path, one_thread):
     assert any(r.startswith("C: local training unrolled") for r in tc["reasons"])
     assert any(r.startswith("B: pixel range") for r in tc["reasons"])
     assert tc == threat_class(row)  # the stored class is the derivation from the row
+
+
+def test_bench_tables_carry_the_class(tmp_path):
+    """A bench grid (fake simulation and attack writing what the real ones write): the class
+    of each cell's result reaches results.csv, the markdown table and report.html, beside the
+    view; a result row without the field (an old one) gets it derived."""
+    import csv
+    import json
+    from pathlib import Path
+
+    from fl_sim.bench.grid import load_grid
+    from fl_sim.bench.runner import run_bench
+    base = Path(__file__).resolve().parents[2] / "configs" / "default.toml"
+    grid = tmp_path / "grid.toml"
+    grid.write_text(f'[bench]\nname = "t"\nbase = "{base}"\nset = ["federation.num_rounds=1"]\n'
+                    '[axes]\n"attack.tv_weight" = [0.0, 0.2]\n'
+                    '[[attacks]]\nname = "inverting_gradients"\nclient = 1\n')
+
+    def simulate(cfg, *, run_dir, resume):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(cfg.to_json_dict()))
+        (run_dir / "metrics.jsonl").write_text('{"round": 1, "eval_accuracy": 0.5}\n')
+        (run_dir / "run.json").write_text(json.dumps({"status": "complete"}))
+        return run_dir
+
+    def attack(sim_dir, cell):
+        row = {"view": "server", "client": 1, "seconds": 0.01, "iterations": 5,
+               "params": {"tv_weight": float(cell.axes["attack.tv_weight"])},
+               "knowledge": {"labels": "granted"} if cell.axes["attack.tv_weight"] else {},
+               "metrics": {"psnr": 20.0, "num_reconstructed": 0}}
+        return {**row, "threat_class": threat_class(row)} if row["knowledge"] else row
+
+    run_bench(load_grid(grid), tmp_path / "b", simulate=simulate, attack=attack)
+    with (tmp_path / "b" / "results.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["threat_class"] for r in rows) == ["A", "E"]
+    assert all(list(r).index("threat_class") == list(r).index("view") + 1 for r in rows)
+    assert "threat_class" in (tmp_path / "b" / "results.md").read_text()
+    html = (tmp_path / "b" / "report.html").read_text()
+    assert "(server, class E)" in html and "(server, class A)" in html
