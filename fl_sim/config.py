@@ -1,11 +1,11 @@
 """Experiment configuration: TOML files validated into typed, frozen objects.
 
 Sections: ``run``, ``data``, ``partition``, ``model``, ``task``, ``federation``, ``strategy``
-and the lists ``attacks`` / ``defenses``. Unknown keys are rejected everywhere. Plug-in
-sections (``data``, ``partition``, ``model``, ``task``, ``strategy``, each attack and defense)
-name a registered plug-in and carry its parameters beside the name; those parameters are
-validated against the plug-in's own signature, so an error names the field, the bad value and
-what is allowed.
+and the lists ``attacks`` / ``defenses`` / ``audits``. Unknown keys are rejected everywhere.
+Plug-in sections (``data``, ``partition``, ``model``, ``task``, ``strategy``, each attack,
+defense and audit) name a registered plug-in and carry its parameters beside the name;
+those parameters are validated against the plug-in's own signature, so an error names the
+field, the bad value and what is allowed.
 
 ``--set a.b=value`` overrides are applied to the raw TOML dict before validation; the value is
 parsed as a TOML value (``3``, ``0.1``, ``true``, ``"text"``, ``[1, 2]``) and falls back to a
@@ -28,6 +28,7 @@ from fl_sim.config_overrides import apply_overrides, parse_override  # noqa: F40
 from fl_sim.errors import ConfigError, PluginError
 from fl_sim.registry import (
     ATTACKS,
+    AUDITS,
     DATA_SOURCES,
     DEFENSES,
     MODELS,
@@ -238,6 +239,10 @@ class DefenseConfig(_PluginSection):
     pass
 
 
+class AuditConfig(_PluginSection):
+    """One ``[[audits]]`` entry: a registered audit (``fl-sim list audits``) and its params."""
+
+
 class SamplesConfig(_Section):
     """Per-round DDIM samples of the global model, for diffusion tasks only
     (``RUN_DIR/samples/r0003.png``, same noise every round): ``num_images`` (0 = none),
@@ -260,6 +265,7 @@ class ExperimentConfig(_Section):
     samples: SamplesConfig = SamplesConfig()
     attacks: tuple[AttackConfig, ...] = ()
     defenses: tuple[DefenseConfig, ...] = ()
+    audits: tuple[AuditConfig, ...] = ()
 
     @model_validator(mode="after")
     def _attacks_can_run(self) -> ExperimentConfig:
@@ -374,6 +380,24 @@ def validate_plugins(cfg: ExperimentConfig) -> None:
         _check_plugin(a, ATTACKS, f"attacks[{i}]")
     for i, d in enumerate(cfg.defenses):
         _check_plugin(d, DEFENSES, f"defenses[{i}]")
+    for i in range(len(cfg.audits)):
+        check_audit(cfg, i)
+
+
+def check_audit(cfg: ExperimentConfig, i: int) -> Any:
+    """Build ``[[audits]]`` entry ``i`` (params validated from its signature) and refuse it
+    (one-line :class:`ConfigError`) if it cannot run in ``cfg``'s federation: e.g. more
+    canary clients than clients, or per-client updates under ``secagg_plus``."""
+    a = cfg.audits[i]
+    where = f"audits[{i}]"
+    obj = _get(AUDITS, a.name, where)
+    audit = obj(**validate_params(obj, a.params, where=where))
+    problem = audit.problem(num_clients=cfg.federation.num_clients,
+                            num_rounds=cfg.federation.num_rounds,
+                            defense_names=tuple(d.name for d in cfg.defenses))
+    if problem:
+        raise ConfigError(f"{where} ({a.name}): {problem}")
+    return audit
 
 
 def data_seed_from_run_seed(raw: Mapping[str, Any]) -> dict[str, Any]:

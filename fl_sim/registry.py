@@ -39,6 +39,7 @@ BUILTIN_PLUGIN_MODULES: dict[str, tuple[str, ...]] = {
     "attack": ("attacks",),
     "defense": ("defenses",),
     "strategy": ("strategies",),
+    "audit": ("fl_sim.audits",),
 }
 
 
@@ -337,7 +338,9 @@ TASKS: Registry[Callable[..., Any]] = Registry("task")
 ATTACKS: Registry[Callable[..., Any]] = Registry("attack")
 DEFENSES: Registry[Callable[..., Any]] = Registry("defense", name_attribute="name")
 STRATEGIES: Registry[Callable[..., Any]] = Registry("strategy")
+AUDITS: Registry[Callable[..., Any]] = Registry("audit", name_attribute="name")
 
 ALL_REGISTRIES: dict[str, Registry[Any]] = {
-    r.kind: r for r in (DATA_SOURCES, PARTITIONERS, MODELS, TASKS, STRATEGIES, ATTACKS, DEFENSES)
+    r.kind: r for r in (DATA_SOURCES, PARTITIONERS, MODELS, TASKS, STRATEGIES, ATTACKS, DEFENSES,
+                        AUDITS)
 }
