@@ -372,11 +372,12 @@ def cmd_train_identity(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from fl_sim import api
-    from fl_sim.bench.grid import load_grid
+    from fl_sim.bench.grid import check_cells, load_grid
     from fl_sim.bench.runner import auto_workers, check_bench_dir, estimate
     plan = load_grid(args.grid)
     out = args.out if args.out is not None else Path("bench") / plan.name
     check_bench_dir(out)
+    check_cells(plan)  # an attack that cannot work on its simulation: before any work
     est = estimate(plan, out)
     workers = auto_workers(plan, out) if args.workers == "auto" else args.workers
     how = (f"on the Ray cluster at {args.ray_address}" if args.ray_address else

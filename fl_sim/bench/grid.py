@@ -216,6 +216,26 @@ def _attack_spec(a: Any, i: int, source: Path) -> AttackSpec:
                       client=a.get("client"), rounds=tuple(rounds))
 
 
+def check_cells(plan: Plan) -> None:
+    """Each attack cell against its simulation's federation, as the pre-flight of ``fl-sim
+    run`` checks configured attacks (:func:`fl_sim.preflight.check_attack_fit`: the task,
+    and the images per recorded update against the attack's declared limit). Loads each
+    simulation's data (cached). Raises a one-line ConfigError naming the cell."""
+    from fl_sim.config import AttackConfig
+    from fl_sim.preflight import check_attack_fit
+    for c in plan.cells:
+        entry = {"name": c.attack, "view": c.view, "client": c.client, "rounds": [c.round],
+                 **c.params}
+        try:
+            attack = AttackConfig.model_validate(entry)
+            check_attack_fit(c.sim.config.model_copy(update={"attacks": (attack,)}))
+        except (ConfigError, ValueError) as exc:
+            axes = ", ".join(f"{k}={v!r}" for k, v in c.axes.items()) or "base"
+            msg = str(exc).replace("attacks[0] ", "")
+            raise ConfigError(f"{plan.source} ({axes}): cell {c.attack} r{c.round}: "
+                              f"{' '.join(msg.split())}") from None
+
+
 def _bench_name(name: Any, source: Path) -> str:
     """``[bench] name`` (default: the grid file's stem): the default bench directory is
     ``bench/<name>``, so a name must be one plain path component -- no separator, no

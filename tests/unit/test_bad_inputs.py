@@ -398,6 +398,11 @@ CASES: dict[str, tuple[Case, str]] = {
                                   "max_iterations: a string where a number is expected"),
     "bench federation axis bad": (bench(axes='"federation.lr" = [0.1, nan]'),
                                   "federation.lr: Input should be a finite number"),
+    "bench iDLG cell on 4-image updates": (
+        bench(axes='strategy = [{name = "fedavg"}]\n"federation.local_steps" = [2]\n'
+                   '"federation.batch_size" = [2]',
+              attack='name = "idlg"\nmethod = "idlg"\nclient = 1'),
+        "cell idlg r1: (idlg): method = 'idlg' recovers the label of ONE image"),
     "bench missing grid": (lambda t: ["bench", str(t / "nope.toml")], "grid file not found"),
 }
 
