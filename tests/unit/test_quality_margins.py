@@ -35,8 +35,6 @@ AWAITING_REMEASUREMENT = {
     "tests/unit/test_gias.py::test_gias_beats_ig_at_equal_wall_time",
     "tests/unit/test_gidm_plus.py::"
     "test_gidm_plus_on_digits_recovers_t_and_beats_pixel_matching_with_guessed_eps_t",
-    "tests/unit/test_gidm_quality.py::test_gidm_reaches_25_db_at_batch_1_with_eps_t_granted",
-    "tests/unit/test_gidm_quality.py::test_gidm_phase2_never_ends_worse_than_phase1",
     "tests/unit/test_inverting_gradients.py::"
     "test_bn_prior_does_not_hurt_batch4_with_real_running_statistics",
 }
