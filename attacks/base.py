@@ -40,6 +40,8 @@ class Reconstruction:
     the attack assumed known beyond the record and where it came from (e.g.
     ``{"labels": "idlg"}``), written with what the threat model granted as the result's
     ``knowledge`` (one name in code and files). ``assumed=`` is accepted as its former name.
+    ``scores``: ``[N]`` float64, an inference attack's score per candidate (higher = more
+    likely a member; :mod:`attacks.inference`), None for a reconstruction.
     """
 
     images: Tensor
@@ -48,12 +50,14 @@ class Reconstruction:
     iterations: int = 0
     knowledge: Mapping[str, Any] = field(default_factory=dict)
     extras: Mapping[str, Any] = field(default_factory=dict)
+    scores: Tensor | None = None
 
     def __init__(self, images: Tensor, labels: Tensor | None,
                  matching_loss: float = float("nan"), iterations: int = 0,
                  knowledge: Mapping[str, Any] | None = None,
                  extras: Mapping[str, Any] | None = None, *,
-                 assumed: Mapping[str, Any] | None = None) -> None:
+                 assumed: Mapping[str, Any] | None = None,
+                 scores: Tensor | None = None) -> None:
         set_ = object.__setattr__  # frozen
         set_(self, "images", images)
         set_(self, "labels", labels)
@@ -61,6 +65,7 @@ class Reconstruction:
         set_(self, "iterations", iterations)
         set_(self, "knowledge", {**dict(assumed or {}), **dict(knowledge or {})})
         set_(self, "extras", dict(extras or {}))
+        set_(self, "scores", scores)
 
     @property
     def assumed(self) -> Mapping[str, Any]:
@@ -73,7 +78,8 @@ class Reconstruction:
             return v.detach().cpu() if isinstance(v, Tensor) else v
         return Reconstruction(move(self.images), move(self.labels), self.matching_loss,
                               self.iterations, dict(self.knowledge),
-                              {k: move(v) for k, v in self.extras.items()})
+                              {k: move(v) for k, v in self.extras.items()},
+                              scores=move(self.scores))
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -36,6 +36,8 @@ DEFAULTS: dict[str, tuple[dict, bool, str]] = {
     "gidm_plus": ({}, True, "B"),
     "idlg": ({"labels": "idlg", "num_images": 1, "batchnorm": "eval"}, False, "A"),
     "inverting_gradients": (IG_ASSUMED, True, "B"),
+    # membership inference (issue 22): candidates without membership, no images
+    "mia_gradient": ({"candidates": "without membership"}, False, "A"),
     "noop": ({}, False, "A"),
     "peer_diffusion_prior": ({**IG_ASSUMED, "prior": PRIOR, "prior_data": PRIOR_DATA}, True,
                              "D"),

@@ -1,0 +1,205 @@
+"""Membership inference in the attack runner: the candidate set, the attacker's auxiliary
+data, and the ROC scoring (issue 22).
+
+The candidate set is ground truth: members are drawn from the target's training data as the
+truth store recorded it (server view: the client's batch of the round; peer view: the other
+clients' batches of the round, which the derived update aggregates; final model: every batch
+the target client trained on in the run), non-members from the data source's examples that no
+client trained on in this run (held out, same distribution; identified by content, so a case
+built from test images stays correct). Both are drawn with
+``torch_generator(seed, "mia-candidates", ...)`` and shuffled together; images, labels and
+membership are written to ``run_dir/truth/candidates/<key>.safetensors`` (the truth store's
+directory: metrics only). The attack receives :class:`~attacks.inference.Candidates` (images,
+labels), never the membership; :func:`score_membership` alone reads it.
+
+The attacker's auxiliary data (shadow / reference models, :mod:`attacks.shadow`) is the rest
+of the held-out pool, disjoint from the candidates; its content hash keys the shadow cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fl_sim.errors import ConfigError, FlSimError
+from fl_sim.seeding import torch_generator
+from fl_sim.stores import read_tensors, write_tensors
+
+CANDIDATES_DIR = Path("truth") / "candidates"
+
+
+def _keys(images: Tensor) -> list[bytes]:
+    """Per-image content keys (pixels rounded to 1/255: stored truth may be uint8)."""
+    q = (images.detach().cpu().double().clamp(0, 1) * 255).round().to(torch.uint8)
+    return [hashlib.sha1(row.numpy().tobytes()).digest() for row in q.flatten(1)]
+
+
+def digest(images: Tensor, labels: Tensor) -> str:
+    """Content hash of a labelled image set (order-sensitive)."""
+    h = hashlib.sha256()
+    for k in _keys(images):
+        h.update(k)
+    h.update(labels.to(torch.int64).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _source(cfg: Any) -> tuple[Tensor, Tensor]:
+    """Every example of the run's data source (train then test split)."""
+    return _load_source(json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True))
+
+
+@lru_cache(maxsize=2)
+def _load_source(data_json: str) -> tuple[Tensor, Tensor]:
+    from fl_sim.data import load_data
+    section = json.loads(data_json)
+    splits = load_data(section.pop("name"), **section)
+    images = torch.cat([torch.as_tensor(splits.train.images), torch.as_tensor(splits.test.images)])
+    labels = torch.cat([torch.as_tensor(splits.train.labels), torch.as_tensor(splits.test.labels)])
+    return images.float(), labels.long()
+
+
+def _member_pool(run: Any, view: str, client: int | None, server_round: int,
+                 target_model: str) -> tuple[Tensor, Tensor]:
+    if target_model == "final":
+        keys = [(r, c) for r, c in _truth_keys(run) if c == client]
+    elif view == "peer":
+        keys = [(server_round, c) for c in run.clients_in_round(server_round) if c != client]
+    else:
+        keys = [(server_round, client)]
+    truths = [run.truth(r, c) for r, c in keys]
+    images = [t.images for t in truths if t.images.numel()]
+    if not images:
+        raise FlSimError(f"no ground truth of the target ({view} view, round {server_round}, "
+                         f"client {client}): no members to draw candidates from (was "
+                         "federation.record_truth disabled?)")
+    x, y = torch.cat(images).float(), torch.cat([t.labels for t in truths if t.labels.numel()])
+    _, first = np.unique(np.array(_keys(x), dtype=object), return_index=True)
+    keep = torch.as_tensor(np.sort(first))
+    return x[keep], y[keep]
+
+
+def _truth_keys(run: Any) -> list[tuple[int, int]]:
+    from fl_sim.stores import TruthStore
+    return TruthStore(run.path).keys()
+
+
+def held_out(run: Any) -> tuple[Tensor, Tensor]:
+    """The data source's examples no client trained on in this run (any round), in source
+    order: the pool of non-member candidates and of the attacker's auxiliary data."""
+    x, y = _source(run.config)
+    used: set[bytes] = set()
+    for r, c in _truth_keys(run):
+        used.update(_keys(run.truth(r, c).images))
+    keep = torch.as_tensor([k not in used for k in _keys(x)])
+    return x[keep], y[keep]
+
+
+def build_candidates(run: Any, *, view: str, client: int | None, server_round: int,
+                     target_model: str, num_members: int, num_nonmembers: int,
+                     key: str) -> tuple[Any, Tensor, Any]:
+    """``(Candidates, membership [N] bool, Auxiliary)`` for one attack (module doc); writes
+    them to the truth store. Raises :class:`~fl_sim.errors.ConfigError` when the run holds
+    too few members or held-out examples for the numbers asked."""
+    from attacks.inference import Auxiliary, Candidates
+    seed = int(run.config.run.seed)
+    mx, my = _member_pool(run, view, client, server_round, target_model)
+    hx, hy = held_out(run)
+    if num_nonmembers > len(hy):
+        raise ConfigError(f"num_nonmembers = {num_nonmembers} but the data source holds only "
+                          f"{len(hy)} examples no client trained on")
+    g = torch_generator(seed, "mia-candidates", view, server_round, client or 0)
+    m_idx = torch.randperm(len(my), generator=g)[:num_members]
+    h_perm = torch.randperm(len(hy), generator=g)
+    n_idx, aux_idx = h_perm[:num_nonmembers], torch.sort(h_perm[num_nonmembers:]).values
+    images = torch.cat([mx[m_idx], hx[n_idx]])
+    labels = torch.cat([my[m_idx], hy[n_idx]])
+    member = torch.cat([torch.ones(len(m_idx), dtype=torch.bool),
+                        torch.zeros(len(n_idx), dtype=torch.bool)])
+    order = torch.randperm(len(labels), generator=g)
+    images, labels, member = images[order], labels[order], member[order]
+    write_tensors(Path(run.path) / CANDIDATES_DIR / f"{key}.safetensors",
+                  {"images": images, "labels": labels, "membership": member},
+                  {"seed": seed, "view": view, "round": server_round, "client": client,
+                   "target_model": target_model, "num_members": int(member.sum()),
+                   "num_nonmembers": int((~member).sum())})
+    ax, ay = hx[aux_idx], hy[aux_idx]
+    return (Candidates(images, labels), member,
+            Auxiliary(ax, ay, digest(ax, ay)))
+
+
+def read_membership(run_dir: Path, key: str) -> Tensor:
+    """The recorded membership of candidate set ``key`` (scorer only)."""
+    return read_tensors(Path(run_dir) / CANDIDATES_DIR / f"{key}.safetensors")[0]["membership"]
+
+
+def score_membership(run_dir: Path, key: str, scores: Tensor) -> dict[str, Any]:
+    """ROC metrics (:func:`fl_sim.metrics.roc_metrics`) of ``scores`` against the recorded
+    membership of candidate set ``key``."""
+    from fl_sim.metrics import roc_metrics
+    return roc_metrics(scores, read_membership(run_dir, key))
+
+
+def run_membership_attack(run_dir: Path, cfg: Any, name: str, params: Any, attack: Any, *,
+                          view: str, client: int | None, server_round: int, key: str,
+                          run: Any, device: str | None) -> list[dict[str, Any]]:
+    """The runner's path for a membership-inference attack (:func:`fl_sim.attack_runner.
+    run_attack` hands it over): build the view's record, draw and record the candidates, run
+    the attack on candidates without membership, score, append one result row."""
+    import time
+
+    from fl_sim.attack_runner import (
+        _append,
+        _record,
+        check_finite_record,
+        resolve_view,
+        resolved_params,
+        view_fallback_text,
+    )
+    from fl_sim.threat_class import threat_class
+
+    grant = tuple(attack.required_knowledge())
+    view, fallback_from = resolve_view(run.config, name, view)
+    record = _record(run, view, client, server_round, grant)
+    check_finite_record(record)
+    target = getattr(attack, "target_model", "update")
+    target_client = record.client_id if record.client_id is not None else client
+    candidates, member, aux = build_candidates(
+        run, view=view, client=target_client, server_round=server_round,
+        target_model=target, num_members=int(attack.num_members),
+        num_nonmembers=int(attack.num_nonmembers), key=key)
+    del member  # the attack never sees it; the scorer re-reads it from the truth store
+    gen = torch_generator(cfg.run.seed, "attack", name, server_round, record.client_id or 0)
+    t0 = time.perf_counter()
+    result_ = attack.infer(record, candidates, auxiliary=aux if attack.needs_auxiliary else None,
+                           final_model=run.final_model() if target == "final" else None,
+                           generator=gen, device=device or getattr(cfg.run, "device", "cpu"))
+    seconds = time.perf_counter() - t0
+    metrics = score_membership(run_dir, key, result_.scores)
+    from fl_sim.extras import extras_to_json
+    result = {
+        "key": key, "attack": name, "view": view, "round": server_round,
+        **({"fallback_from": fallback_from,
+            "view_fallback": view_fallback_text(fallback_from, view, run.config)}
+           if fallback_from else {}),
+        "client": record.client_id, "params": resolved_params(name, params),
+        "update_kind": record.update_kind, "inference": "membership",
+        "target_model": target,
+        "knowledge": {**{k: "granted" for k in grant}, **dict(result_.knowledge)},
+        "budget": {}, "defenses": list(record.defenses), "seconds": round(seconds, 3),
+        "adaptive": False, "adapted_to": [], "iterations": 0, "matching_loss": None,
+        "num_images": len(candidates), "metrics": metrics, "grid": None,
+        "candidates": str(CANDIDATES_DIR / f"{key}.safetensors"),
+        "scores": [float(s) for s in result_.scores],
+        "extras": extras_to_json(result_.extras, run_dir, f"attacks/{name}_{view}_r"
+                                                          f"{server_round}_{key[-6:]}"),
+    }
+    result["threat_class"] = threat_class(result)
+    _append(run_dir, result)
+    return [result]
