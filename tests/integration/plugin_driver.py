@@ -1,7 +1,7 @@
 """Driver of tests/integration/test_plugin_package.py, run in a subprocess whose PYTHONPATH
 holds the installed example plug-in package (examples/plugin_example): a federation, a
 replay and a bench grid through fl_sim.api, then a notebook-only plug-in refused before
-its run. Prints one JSON object (the last line)."""
+its run. ``plugin_driver.py OUT SIGMA``; prints one JSON object (the last line)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from fl_sim import api
 
 def main() -> None:
     out = Path(sys.argv[1])
-    sigmas = [float(s) for s in sys.argv[2].split(",")]
+    sigma = float(sys.argv[2])
     base = out / "base.toml"
     base.write_text("""
     [run]
@@ -41,13 +41,14 @@ def main() -> None:
     report: dict = {}
 
     # 1. a federation with the plug-in defense on every client and the plug-in attack online
-    run = api.run(base, [f'defenses=[{{name = "update_noise", sigma = {sigmas[-1]}}}]',
+    run = api.run(base, [f'defenses=[{{name = "update_noise", sigma = {sigma}}}]',
                          'attacks=[{name = "fc_analytic", view = "server", client = 1, '
                          'rounds = [1]}]'], run_dir=out / "run")
     report["online"] = run.attacks()
     # 2. the plug-in attack replayed offline on round 2 of the same recording
     report["replay"] = api.replay(run, "fc_analytic", rounds=[2], client=0)
-    # 3. a grid: the plug-in defense's sigma as an axis, the plug-in attack in every cell
+    # 3. a 2-cell grid: one simulation with the plug-in defense at sigma = 0 (a no-op), the
+    #    plug-in attack on the same client and round as online above, and on another
     grid = out / "grid.toml"
     grid.write_text(f"""
     [bench]
@@ -55,12 +56,15 @@ def main() -> None:
     base = "{base}"
     [[base.defenses]]
     name = "update_noise"
-    [axes]
-    "defenses.0.params.sigma" = {sigmas}
+    sigma = 0.0
     [[attacks]]
     name = "fc_analytic"
     client = 1
     rounds = [1]
+    [[attacks]]
+    name = "fc_analytic"
+    client = 0
+    rounds = [2]
     """)
     table = api.bench(grid, out=out / "bench")
     report["grid"] = table.records()
