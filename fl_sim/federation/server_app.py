@@ -35,6 +35,7 @@ from fl_sim.config import ExperimentConfig, server_lr
 from fl_sim.defended import defenses_in_force
 from fl_sim.errors import FlSimError
 from fl_sim.federation import protocol as P
+from fl_sim.federation.canaries import finish_audits, start_audits
 from fl_sim.federation.checkpoint import CheckpointStore, load_strategy_state
 from fl_sim.federation.client_app import load_splits
 from fl_sim.federation.dp_epsilon import epsilon_row, reply_epsilons
@@ -216,11 +217,14 @@ def run_server(grid: Grid, setup: ServerSetup) -> None:
                       store=ObservationStore(run_dir) if fed.taps else None,
                       retention=Retention.of(fed), defenses=defenses_in_force(cfg))
     tap.published = published
+    audits = start_audits(cfg, run_dir, arrays_to_tensors(arrays), tap)
     test = (splits.test.images[:MAX_EVAL_EXAMPLES], splits.test.labels[:MAX_EVAL_EXAMPLES])
     poison = _poison_clients()
     for r in range(start + 1, fed.num_rounds + 1):
         t0 = time.perf_counter()
         arrays, row = run_round(grid, tap, cfg, run_dir, r, arrays, poison)
+        for audit in audits:
+            audit.after_round(r, arrays_to_tensors(arrays))
         row.update(_central_eval(task, arrays, test, cfg.run.seed, r))
         _round_samples(task, arrays, cfg, run_dir, r)
         row["seconds"] = round(time.perf_counter() - t0, 4)
@@ -237,6 +241,7 @@ def run_server(grid: Grid, setup: ServerSetup) -> None:
         broadcast_final(grid, cfg, run_dir, node_to_client, arrays, tap.published)
     if cfg.attacks:
         _attack_hook("run_final_attacks", run_dir, cfg)
+    finish_audits(audits, cfg, arrays_to_tensors(arrays))
     from fl_sim.report import plot_metrics
     plot_metrics(run_dir)
     info = json.loads((run_dir / RUN_FILE).read_text())

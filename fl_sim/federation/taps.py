@@ -155,6 +155,10 @@ class TapStrategy(Strategy):
         self.store = store
         self.retention = retention or Retention()
         self.published: dict[str, int] = {}
+        #: audits' canary replies ``(round, global, accepted replies, inner) -> [Message]``
+        #: (:mod:`fl_sim.federation.canaries`): handed to the wrapped strategy after the
+        #: real replies, never recorded, so no view holds a canary
+        self.extra_replies: list[Any] = []
         self.log = RoundLog()
         self._global: dict[str, Tensor] = {}
         #: writes the round's records off the server's main thread (see :meth:`flush`)
@@ -223,8 +227,10 @@ class TapStrategy(Strategy):
         self.log.accepted = [cid for cid, _ in accepted]
         self.log.num_examples = int(sum(_num_examples(m) for _, m in accepted))
         self.log.train_loss = _weighted_loss([m for _, m in accepted])
-        new, metrics = self.inner.aggregate_train(
-            server_round, [m for _, m in accepted] + errors)
+        real = [m for _, m in accepted]
+        canaries = [c for hook in self.extra_replies
+                    for c in hook(server_round, self._global, real, self.inner)]
+        new, metrics = self.inner.aggregate_train(server_round, real + canaries + errors)
         return self._aggregated(server_round, new), metrics
 
     def _aggregated(self, server_round: int, new: ArrayRecord | None) -> ArrayRecord | None:

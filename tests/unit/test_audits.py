@@ -104,7 +104,7 @@ def _synthetic_estimate(sigma: float, seed: int) -> float:
 @pytest.mark.parametrize("sigma", sorted(SYNTH_TOLERANCE))
 def test_canary_clients_estimate_matches_the_gaussian_mechanism(sigma: float) -> None:
     true = cc.gaussian_pair_epsilon(0.0, 1.0, 1.0 / sigma, 1.0, SYNTH_DELTA)
-    for seed in range(3):  # the first three seeds
+    for seed in range(2):  # the first two seeds
         est = _synthetic_estimate(sigma, seed)
         assert abs(est - true) / true <= SYNTH_TOLERANCE[sigma], (sigma, seed, est, true)
 
