@@ -38,7 +38,7 @@ from hypothesis import strategies as st  # noqa: E402
 from fl_sim import cli  # noqa: E402
 from fl_sim.config import ExperimentConfig  # noqa: E402
 from fl_sim.registry import ATTACKS, DEFENSES, MODELS, TASKS, params_model  # noqa: E402
-from fl_sim.train_prior import TrainingConfig  # noqa: E402
+from fl_sim.train_prior import TrainingConfig, prior_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT = ROOT / "configs" / "default.toml"
@@ -113,15 +113,53 @@ def _plugin_keys() -> list[str]:
 KEYS = sorted(set(_section_keys() + _plugin_keys() + ["federation.bogus", "bogus.x"]))
 
 
+def _defaults() -> dict[str, Any]:
+    from fl_sim import config
+    return config.load(DEFAULT).to_json_dict()
+
+
+DEFAULTS = _defaults()
+PRIOR_DEFAULTS = prior_config(PRIOR).to_json_dict()
+
+
+def lookup(resolved: Any, key: str) -> Any:
+    """The value at dotted ``key`` of a resolved config (None where there is none)."""
+    node = resolved
+    for part in key.split("."):
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def edges(key: str, defaults: dict[str, Any] = DEFAULTS) -> st.SearchStrategy[Any]:
+    """``key``'s default and its wrong-kind neighbours: the number written as a string, a
+    boolean for a number, a number for a string or a list, and far out of range."""
+    d = lookup(defaults, key)
+    if isinstance(d, bool):
+        return st.sampled_from([d, 1, 0, "true"])
+    if isinstance(d, int | float):
+        return st.sampled_from([d, str(d), str(d + 1), True, -d - 1, d * 10**12,
+                                float(d) + 0.5])
+    if isinstance(d, str):
+        return st.sampled_from([d, 0, [d], d + "x", d.upper()])
+    if isinstance(d, list):
+        return st.sampled_from([d, d[0] if d else 1, [str(x) for x in d], [*d, *d]])
+    return _SCALARS
+
+
 @st.composite
-def overrides(draw: st.DrawFn, keys: list[str] = KEYS, max_size: int = 3) -> list[str]:
+def overrides(draw: st.DrawFn, keys: list[str] = KEYS, max_size: int = 3,
+              defaults: dict[str, Any] = DEFAULTS) -> list[str]:
     """``key=value`` strings: schema keys with edge values, or a whole attacks/defenses list
     naming a registered plug-in with one of its parameters."""
     out = []
-    for _ in range(draw(st.integers(1, max_size))):
+    for _ in range(draw(st.sampled_from([1, 1, 1, max_size]))):
         kind = draw(st.sampled_from(["key", "key", "key", "attack", "defense"]))
         if kind == "key":
-            out.append(f"{draw(st.sampled_from(keys))}={toml(draw(_VALUES))}")
+            key = draw(st.sampled_from(keys))
+            out.append(f"{key}={toml(draw(st.one_of(edges(key, defaults), _VALUES)))}")
             continue
         registry = ATTACKS if kind == "attack" else DEFENSES
         name = draw(st.sampled_from(registry.names()))
@@ -212,13 +250,12 @@ def assert_values_kept(sets: list[str], resolved: dict[str, Any]) -> None:
     import tomllib
 
     from fl_sim.registry import validate_params
-    last = dict(s.split("=", 1) for s in sets)
-    for key, raw in last.items():
+    pairs = [s.split("=", 1) for s in sets]
+    for i, (key, raw) in enumerate(pairs):
+        if any(k == key or key.startswith(k + ".") for k, _ in pairs[i + 1:]):
+            continue  # replaced by a later override
         given = tomllib.loads(f"v = {raw}")["v"]
-        node: Any = resolved
-        for part in key.split("."):
-            node = node[int(part)] if isinstance(node, list) and part.isdigit() and int(
-                part) < len(node) else node.get(part) if isinstance(node, dict) else None
+        node = lookup(resolved, key)
         if node is None or key in ("attacks", "defenses"):
             continue
         assert _kind(given) == _kind(node), (key, given, node)
@@ -246,7 +283,7 @@ _PRIOR_KEYS = [f"training.{f}" for f in TrainingConfig.model_fields] + [
 
 
 @settings(_SETTINGS, max_examples=50 * _SCALE)
-@given(sets=overrides(keys=_PRIOR_KEYS, max_size=2),
+@given(sets=overrides(keys=_PRIOR_KEYS, max_size=2, defaults=PRIOR_DEFAULTS),
        out=st.sampled_from(["prior", "file", "file/sub", ""]))
 def test_train_prior_never_crashes(stop_before_work: None, sets: list[str], out: str) -> None:
     with _sandbox() as root:
@@ -279,11 +316,14 @@ def test_train_identity_never_crashes(stop_before_work: None, opts: dict[str, An
 
 
 @settings(_SETTINGS, max_examples=50 * _SCALE)
-@given(name=st.one_of(st.none(), _SCALARS),
-       axes=st.dictionaries(st.sampled_from(KEYS + ["attack.max_iterations", "attack.lr",
-                                                    "attack.foo", "defenses.0.ratio"]),
-                            st.lists(_SCALARS, max_size=2), max_size=2),
-       attack=st.sampled_from(ATTACKS.names() + ["nope"]),
+@given(name=st.one_of(st.none(), st.sampled_from(["g", "sweep-1", "..", "../x", "a/b", ".h",
+                                                 "", " "]), _SCALARS),
+       axes=st.one_of(st.just({}), st.dictionaries(
+           st.sampled_from(KEYS + ["attack.max_iterations", "attack.lr", "attack.foo",
+                                   "defenses.0.ratio"]), st.lists(_SCALARS, max_size=2),
+           max_size=2)),
+       attack=st.sampled_from(["inverting_gradients", "idlg", "noop", *ATTACKS.names(),
+                               "nope"]),
        out=st.sampled_from(["", "", "file", "file/sub"]))
 def test_bench_dry_run_never_crashes(stop_before_work: None, name: Any,
                                      axes: dict[str, list[Any]], attack: str, out: str) -> None:
