@@ -24,7 +24,9 @@ reason is listed. fl-sim's mapping of its knowledge to the letters:
   optimiser); a FedAvg delta read as one gradient with the client's lr and local steps; the
   client's private training randomness granted (diffusion ``eps`` / ``t``).
 - D: a prior trained on other data (``knowledge.prior``; not GIDM's default, the global model
-  itself, which an A attacker already holds).
+  itself, which an A attacker already holds); an inference attack's auxiliary data
+  (``knowledge.auxiliary``: held-out examples, shadow models' training data). The candidate
+  set of a membership attack is the question it answers, not a letter.
 - E: BatchNorm statistics as a prior on the client's batch (``bn_prior_weight > 0``,
   GradInversion); the client's labels granted from its ground truth (recovered labels, e.g.
   iDLG's, come from the update and add nothing).
@@ -66,8 +68,8 @@ def _reasons(row: Mapping[str, Any]) -> list[tuple[str, str]]:
                          f"{lt.get('local_steps')} steps of batch {lt.get('batch_size')}, "
                          f"optimiser {name}"))
     elif row.get("update_kind") == "delta" or lt == "delta matched as one gradient":
-        out.append(("C", "a FedAvg delta read as one gradient with the client's lr and "
-                         "local steps"))
+        out.append(("C", "a FedAvg delta read as one gradient: assumes the client's "
+                         "optimiser (SGD) and its lr x local steps"))
     aux = [k for k in ("eps", "t") if knowledge.get(k) == "granted"]
     if aux:
         out.append(("C", f"the client's training randomness granted ({', '.join(aux)})"))
@@ -77,6 +79,8 @@ def _reasons(row: Mapping[str, Any]) -> list[tuple[str, str]]:
         what = f" trained on {data.get('data')}" if isinstance(data, Mapping) and \
             data.get("data") else ""
         out.append(("D", f"public data: the prior {prior}{what}"))
+    if knowledge.get("auxiliary"):  # an inference attack's population / shadow data
+        out.append(("D", f"surrogate data: {knowledge['auxiliary']}"))
     bn = params.get("bn_prior_weight") or 0
     if bn:
         out.append(("E", f"BatchNorm statistics as a prior on the client's batch "
