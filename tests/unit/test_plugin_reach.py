@@ -101,3 +101,12 @@ def test_a_users_attacks_package_cannot_hide_the_builtins(tmp_path: Path) -> Non
     assert len(lines) == 1, out.stderr
     assert f"'attacks' was imported from {tmp_path / 'attacks'}" in lines[0]
     assert "hides fl-sim's built-in attacks" in lines[0]
+
+
+def test_notebook_attack_refused_for_bench_cells_on_ray(notebook_plugins, tmp_path) -> None:
+    grid = tmp_path / "grid.toml"
+    grid.write_text(f'[bench]\nname = "g"\nbase = "{ROOT / "configs" / "default.toml"}"\n'
+                    '[[attacks]]\nname = "notebook_attack"\nclient = 1\n')
+    with pytest.raises(PluginError, match="attack 'notebook_attack'.*Ray tasks"):
+        api.bench(grid, out=tmp_path / "bench", workers=2)
+    assert not (tmp_path / "bench").exists()  # refused before anything was written
