@@ -44,8 +44,7 @@ DEFAULTS: dict[str, tuple[dict, bool, str]] = {
     "peer_inversion": (IG_ASSUMED, True, "B"),
     "user_level_diffusion": ({"labels": "bias_sign", "prior": PRIOR, "prior_data": PRIOR_DATA},
                              True, "D"),
-    # membership inference (attacks/inference.py writes the knowledge of every one)
-    "mia_gradient": ({"candidates": "without membership"}, False, "A"),
+    # shadow-model membership attacks: their auxiliary population is surrogate data (D)
     "mia_lira": ({"candidates": "without membership", "auxiliary": "200 held-out examples"},
                  False, "D"),
     "mia_rmia": ({"candidates": "without membership", "auxiliary": "200 held-out examples"},
