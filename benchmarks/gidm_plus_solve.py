@@ -1,0 +1,124 @@
+"""GIDM+ with eps solved from the output layer (issue 25) vs today's GIDM+ vs GIDM (eps, t granted).
+
+Cases (``tests/diffusion_cases.py``): the tests' digits prior (tiny UNet, T = 1000) is the
+global model; victims are digits of the TEST split from index ``--start`` (default 40: no test
+uses digits past 10), FedSGD gradient of the mean DDPM loss; eps and t drawn by ``draw_aux``
+with seed ``1000 + batch`` in three t ranges: low [0, 200), high [700, 1000), uniform [0, T).
+Attacks:
+
+- ``gidm_plus``: today's faithful GIDM+ (t sweep + relaxation, eps from a fresh draw);
+- ``gidm_plus_solve``: the same, then ``eps_solve="last_layer"`` (t rounded, L-BFGS over x_t
+  with eps solved from ``conv_out``'s gradient);
+- ``gidm``: GIDM with eps and t GRANTED (the upper reference).
+
+Per case: |t - t_true| (mean), eps relative error ``|eps_hat - eps| / |eps|`` (matched
+images), PSNR / SSIM, CPU seconds (``time.process_time``, one thread: robust to other load).
+Budgets are chosen so that the three take similar CPU time (``--budget`` scales all).
+
+    .venv/bin/python benchmarks/gidm_plus_solve.py --prior DIR [--batches 1,4]
+        [--ranges low,high,uniform] [--budget 1.0] [--out benchmarks/out/gidm_plus_solve.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from diffusion_cases import (  # noqa: E402
+    diffusion_record,
+    digits_victims,
+    draw_aux,
+    global_task,
+    train_digits_prior,
+)
+
+from attacks.gidm import GIDM  # noqa: E402
+from attacks.gidm_plus import GIDMPlus  # noqa: E402
+from fl_sim.attack_runner import score_diffusion_aux  # noqa: E402
+from fl_sim.metrics import score_reconstruction  # noqa: E402
+from fl_sim.records import GroundTruthRecord, TruthStep  # noqa: E402
+
+RANGES = {"low": (0, 200), "high": (700, 1000), "uniform": (0, 1000)}
+
+
+def attacks(budget: float) -> dict[str, Any]:
+    """The compared attacks at ``budget`` x the default iteration counts."""
+    n = lambda k: max(1, int(round(k * budget)))  # noqa: E731
+    plus = dict(phase1_iterations=n(30), phase2_iterations=n(20), sampler_steps=5,
+                t_candidates=2, sweep_iterations=4)
+    return {
+        "gidm_plus": lambda: GIDMPlus(**{**plus, "phase1_iterations": n(60),
+                                         "phase2_iterations": n(40)}),
+        "gidm_plus_solve": lambda: GIDMPlus(**plus, eps_solve="last_layer",
+                                            solve_iterations=n(60)),
+        "gidm": lambda: GIDM(phase1_iterations=n(40), phase2_iterations=n(60),
+                             sampler_steps=5),
+    }
+
+
+def run_case(task: Any, spec: Any, name: str, make: Any, images: torch.Tensor,
+             aux: dict[str, torch.Tensor]) -> dict[str, Any]:
+    attack = make()
+    record = diffusion_record(task, spec, images, aux=aux,
+                              grant=bool(attack.required_knowledge()))
+    t0 = time.process_time()
+    recon = attack(record, generator=torch.Generator().manual_seed(0))
+    cpu = time.process_time() - t0
+    s = score_reconstruction(recon.images, images)
+    out = {"attack": name, "psnr": s["psnr"], "ssim": s["ssim"],
+           "psnr_per_image": s["psnr_per_image"], "cpu_s": cpu}
+    if "t" in recon.extras:
+        truth = GroundTruthRecord("bench", 1, 0, (TruthStep(
+            0, images, torch.zeros(len(images), dtype=torch.long),
+            torch.arange(len(images)), aux),))
+        sc = score_diffusion_aux(recon.extras, truth, s)
+        out.update(t_abs_error_mean=sc["t_abs_error_mean"], eps_rel_error=sc["eps_rel_error"])
+        out["solve_kept"] = recon.extras.get("solve_kept")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--prior", type=Path, default=None)
+    ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--ranges", default="low,high,uniform")
+    ap.add_argument("--attacks", default="gidm_plus,gidm_plus_solve,gidm")
+    ap.add_argument("--start", type=int, default=40)
+    ap.add_argument("--budget", type=float, default=1.0)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" /
+                    "gidm_plus_solve.json")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    prior = args.prior or train_digits_prior(ROOT / "benchmarks" / "out" / "digits_prior")
+    task, spec = global_task(prior)
+    made = attacks(args.budget)
+    rows = []
+    for b in (int(v) for v in args.batches.split(",")):
+        for rng in args.ranges.split(","):
+            images = digits_victims(b, start=args.start)
+            aux = draw_aux(b, seed=1000 + b, t_range=RANGES[rng])
+            for name in args.attacks.split(","):
+                r = {"batch": b, "t_range": rng, "t_true": aux["t"].tolist(),
+                     **run_case(task, spec, name, made[name], images, aux)}
+                rows.append(r)
+                print(f"b{b} {rng:7s} {name:16s} PSNR {r['psnr']:6.2f} SSIM {r['ssim']:.3f} "
+                      f"t err {r.get('t_abs_error_mean', float('nan')):6.1f} eps err "
+                      f"{r.get('eps_rel_error', float('nan')):.3g} cpu {r['cpu_s']:.0f} s "
+                      f"kept {r.get('solve_kept')}", flush=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"budget": args.budget, "prior": str(prior),
+                                    "start": args.start, "rows": rows}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
