@@ -93,6 +93,10 @@ def test_modelling_adam_beats_assuming_sgd(run: Any) -> None:
     assert adam["knowledge"]["local_training"]["optimizer"]["name"] == "adam"
     assert sgd["knowledge"]["local_training"]["optimizer"]["name"] == "sgd"
     assert adam["metrics"]["num_reconstructed"] == STEPS * BATCH
+    # the SoK class of the row: labels granted (E); the unrolled Adam among the reasons (C)
+    assert adam["threat_class"]["class"] == "E" and adam["threat_class"]["vantage"] == "server"
+    assert any(r.startswith("C: ") and "optimiser adam" in r
+               for r in adam["threat_class"]["reasons"])
     a, s = adam["metrics"], sgd["metrics"]
     assert a["psnr"] >= 10.5, (a, s)
     assert a["psnr"] >= s["psnr"] + 5.0, (a, s)
