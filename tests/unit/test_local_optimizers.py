@@ -195,3 +195,32 @@ def test_idlg_reads_the_signs_an_adam_delta_keeps_and_counts_refuse(one_thread):
     assert hits == 8
     with pytest.raises(ConfigError, match="magnitudes"):
         recover_labels(rec, "batch", 2)
+
+
+def test_views_read_the_rows_optimiser_or_fall_back_to_the_config(tmp_path):
+    """A server_in row with the optimiser the tap writes gives it; a row from before the
+    field existed gets the view's fallback (Run.view passes the config's); a malformed one is
+    a one-line RunDirError."""
+    from fl_sim.errors import RunDirError
+    from fl_sim.stores import ObservationStore, TruthStore
+    from fl_sim.views import ServerView
+    task = _task()
+    state = {k: v.detach().clone() for k, v in task.model.state_dict().items()}
+    store = ObservationStore(tmp_path)
+    store.write_global(1, state)
+    meta = {"update_kind": "delta", "num_examples": 2, "local_steps": 2, "lr": 0.1,
+            "batch_size": 1, "defenses": []}
+    momentum = LocalOptimizer("sgd", momentum=0.9, weight_decay=1e-4)
+    zero = {k: torch.zeros_like(v) for k, v in state.items()}
+    store.write_update("server_in", 1, 0, zero, {**meta, "optimizer": momentum.to_json()})
+    store.write_update("server_in", 1, 1, zero, meta)  # written before the field existed
+    store.write_update("server_in", 1, 2, zero, {**meta, "optimizer": {"betas": [0.9]}})
+    spec = make_spec("lenet", {}, image_size=16)
+    view = ServerView("t", spec, store, TruthStore(tmp_path), optimizer=LocalOptimizer("adam"))
+    assert view.record(1, 0).optimizer == momentum
+    assert view.record(1, 1).optimizer == LocalOptimizer("adam")
+    assert ServerView("t", spec, store, TruthStore(tmp_path)).record(1, 1).optimizer == \
+        LocalOptimizer("sgd")
+    with pytest.raises(RunDirError, match="invalid optimizer") as err:
+        view.record(1, 2)
+    assert "\n" not in str(err.value)
