@@ -394,7 +394,8 @@ def check_audit(cfg: ExperimentConfig, i: int) -> Any:
     audit = obj(**validate_params(obj, a.params, where=where))
     problem = audit.problem(num_clients=cfg.federation.num_clients,
                             num_rounds=cfg.federation.num_rounds,
-                            defense_names=tuple(d.name for d in cfg.defenses))
+                            defense_names=tuple(d.name for d in cfg.defenses),
+                            strategy=cfg.strategy.name)
     if problem:
         raise ConfigError(f"{where} ({a.name}): {problem}")
     return audit

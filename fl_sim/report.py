@@ -250,7 +250,9 @@ def write_report(run_dir: Path) -> Path:
         parts.append(_privacy_utility(results, metrics))
     for r in results:
         parts.append(_attack_section(run_dir, r))
-    parts.append("</div><p><small>Metric convention: images in [0, 1]; reconstructions are "
+    from fl_sim.audit_report import audit_section  # measured ε beside claimed (audits)
+    parts.append("</div>" + audit_section(run_dir))
+    parts.append("<p><small>Metric convention: images in [0, 1]; reconstructions are "
                  "matched to the private batch by the Hungarian algorithm on MSE, then PSNR "
                  "(dB, per image over all pixels and channels) and SSIM (11×11 Gaussian "
                  "window, σ = 1.5) are averaged over the batch.</small></p></body></html>")

@@ -44,7 +44,7 @@ class Audit:
         return getattr(self, "view", "final_model") == "server"
 
     def problem(self, *, num_clients: int, num_rounds: int,
-                defense_names: tuple[str, ...]) -> str | None:
+                defense_names: tuple[str, ...], strategy: str = "") -> str | None:
         """Why this audit cannot run in the federation described (None if it can)."""
         if self.needs_client_update and "secagg_plus" in defense_names:
             return ('view = "server" needs per-client updates; under secagg_plus the '

@@ -185,9 +185,14 @@ class CanaryClients(Audit):
     delta: Annotated[float, Field(gt=0, lt=1)] = 1e-5
 
     def problem(self, *, num_clients: int, num_rounds: int,
-                defense_names: tuple[str, ...]) -> str | None:
+                defense_names: tuple[str, ...], strategy: str = "") -> str | None:
         if self.num_canaries > num_clients:
             return (f"num_canaries = {self.num_canaries} is more than the "
                     f"{num_clients} clients (federation.num_clients)")
+        if strategy == "fedsgd":
+            # FedSGD's replies are server steps global − η·g: a canary's weights-space update
+            # would enter with the wrong sign and a 1/η scale (measured: mean cosine −0.38)
+            return ("canary clients send a model delta; strategy fedsgd aggregates gradients "
+                    "(use fedavg or another delta-averaging strategy)")
         return super().problem(num_clients=num_clients, num_rounds=num_rounds,
                                defense_names=defense_names)

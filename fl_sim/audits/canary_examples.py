@@ -153,7 +153,7 @@ class CanaryExamples(Audit):
     confidence: Annotated[float, Field(gt=0, lt=1)] = 0.95
 
     def problem(self, *, num_clients: int, num_rounds: int,
-                defense_names: tuple[str, ...]) -> str | None:
+                defense_names: tuple[str, ...], strategy: str = "") -> str | None:
         if self.k_pos + self.k_neg > self.num_canaries:
             return (f"k_pos + k_neg = {self.k_pos + self.k_neg} guesses for "
                     f"{self.num_canaries} canaries (num_canaries)")

@@ -177,6 +177,8 @@ def write_outputs(plan: Plan, bench_dir: Path) -> dict[str, Path]:
     plot = plot_privacy_utility(rows, axes, bench_dir / "privacy_utility.png")
     if plot is not None:
         out["plot"] = plot
+    from fl_sim.bench.audits import write_audit_outputs  # audits.csv, audit_epsilon.png
+    out.update(write_audit_outputs(plan, bench_dir))
     from fl_sim.bench.html import write_html
     out["html"] = write_html(plan, bench_dir, rows, records, md_cols, plot)
     return out

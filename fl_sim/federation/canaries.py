@@ -33,6 +33,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import MessageType
 
+from fl_sim.audit_report import AUDITS_FILE
 from fl_sim.audits import canary_clients as est
 from fl_sim.federation import protocol as P
 from fl_sim.seeding import numpy_rng, torch_generator
@@ -40,8 +41,6 @@ from fl_sim.stores import append_jsonl, write_tensors
 
 logger = logging.getLogger(__name__)
 
-#: the run directory's audit results (one line per audit)
-AUDITS_FILE = "audits.jsonl"
 #: canary clients' partition ids in their replies (never a real client's 0..n-1)
 CANARY_ID_BASE = -1
 

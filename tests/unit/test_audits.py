@@ -24,7 +24,8 @@ from fl_sim.registry import AUDITS
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT = str(ROOT / "configs" / "default.toml")
-BASE = ("federation.num_clients=3", "federation.num_rounds=2", "attacks=[]")
+BASE = ("federation.num_clients=3", "federation.num_rounds=2", "attacks=[]",
+        'strategy={name="fedavg"}')
 
 
 # -- registry and config ----------------------------------------------------------------------
@@ -58,6 +59,10 @@ BAD = {
     "more guesses than canaries": (
         _run('audits=[{name="canary_examples", num_canaries=4, k_pos=3, k_neg=3}]'),
         "k_pos + k_neg = 6 guesses for 4 canaries"),
+    "canary clients under fedsgd": (
+        _run('audits=[{name="canary_clients", num_canaries=2}]',
+             'strategy={name="fedsgd"}'),
+        "strategy fedsgd aggregates gradients"),
     "unknown audit": (_run('audits=[{name="nope"}]'), "unknown audit 'nope'; known: "),
     "unknown audit param": (_run('audits=[{name="canary_clients", m=3}]'),
                             "audits[0].m: unknown key"),
