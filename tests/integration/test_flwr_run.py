@@ -77,6 +77,9 @@ def local_superlink_ports():
     superlinks = processes.find_pids("flower-superlink", f"--port {http_port}")
     # its SuperExec (and any app process) runs as the SuperLink's child: stopped with it
     children = [c for pid, _ in superlinks for c in processes.descendants(pid)]
+    cmdlines = [Path(f"/proc/{pid}/cmdline").read_bytes() for pid, _ in children
+                if Path(f"/proc/{pid}/cmdline").exists()]
+    assert any(b"superexec" in c for c in cmdlines), cmdlines  # what the README says lingers
     for pid, start_time in superlinks:
         processes.terminate_tree(pid, start_time, grace_s=10.0)
     assert not processes.find_pids("flower-superlink", f"--port {http_port}")
