@@ -21,6 +21,10 @@ from attacks.idlg import IDLG
 from attacks.inverting_gradients import InvertingGradients, _update_fn
 from fl_sim.errors import ConfigError, ThreatModelError
 
+#: L-BFGS-B's final matching distance over its random start's: measured 0.087 (0.043 / 0.495;
+#: tests/QUALITY_MARGINS.md), asserted below 0.5
+MAX_DISTANCE_RATIO = 0.5
+
 
 @pytest.fixture(scope="module")
 def untrained():
@@ -154,7 +158,7 @@ def test_lbfgsb_phase2_stays_in_the_box_and_lowers_the_distance(untrained):
     match = DiffusionMatching(task, params, buffers, target_from_record(rec, task),
                               granted_aux(rec, task, attack="test"))
     start = float(match(seen[0]).detach())
-    assert out.matching_loss < 0.5 * start, (out.matching_loss, start)
+    assert out.matching_loss / start < MAX_DISTANCE_RATIO, (out.matching_loss, start)
     assert float(match(out.images).detach()) == pytest.approx(out.matching_loss, rel=1e-4)
 
 
