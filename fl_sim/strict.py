@@ -10,7 +10,8 @@ rule covers every float and int a user can write:
   ``num_clients = true`` as 1), also inside lists (``peer_clients = [true]``);
 * a string is refused where only a number is expected (lax mode would store
   ``ratio = "0.5"`` as 0.5 and a plug-in's ``Any``-typed copy as the string), also inside
-  lists.
+  lists; a number or a string is refused where only a boolean is expected (lax mode took
+  ``adaptive = 0`` as false and ``"yes"`` as true).
 
 Everything else stays in pydantic's lax mode (TOML ``lr = 1`` is the float 1.0).
 """
@@ -80,6 +81,18 @@ def str_for_number(ann: Any, value: Any) -> bool:
     return False
 
 
+def not_bool_for_bool(ann: Any, value: Any) -> bool:
+    """True if ``value`` is a number or string where ``ann`` admits only booleans.
+
+    >>> not_bool_for_bool(bool, 0), not_bool_for_bool(bool | None, "yes"), not_bool_for_bool(
+    ...     bool, True), not_bool_for_bool(bool | int, 0)
+    (True, True, False, False)
+    """
+    leaves = [leaf for leaf in _leaves(ann) if leaf is not type(None)]
+    return (bool(leaves) and all(leaf is bool for leaf in leaves)
+            and isinstance(value, int | float | str) and not isinstance(value, bool))
+
+
 class StrictNumbers(BaseModel):
     """Refuses non-finite floats and booleans given for numbers (see module doc)."""
 
@@ -94,4 +107,7 @@ class StrictNumbers(BaseModel):
                                       "a boolean where a number is expected")
         if field is not None and str_for_number(field.annotation, value):
             raise PydanticCustomError("str_for_number", "a string where a number is expected")
+        if field is not None and not_bool_for_bool(field.annotation, value):
+            raise PydanticCustomError("not_bool_for_bool",
+                                      "a number or string where true or false is expected")
         return value

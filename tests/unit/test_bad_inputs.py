@@ -315,6 +315,9 @@ CASES: dict[str, tuple[Case, str]] = {
     # values are what they claim to be; attacks that cannot work are refused before the run
     "defense param a string": (run_with('defenses=[{name="pruning", ratio="0.5"}]'),
                                "defenses[0].ratio: a string where a number is expected"),
+    "attack flag 0 (found by test_fuzz_cli)": (
+        run_with("attacks.2.adaptive=0"),
+        "attacks[2].adaptive: a number or string where true or false is expected (got 0)"),
     "idlg rule on 4-image updates": (run_with('strategy={name="fedavg"}',
                                               "federation.local_steps=2",
                                               "federation.batch_size=2",
