@@ -40,6 +40,11 @@ from fl_sim.records import GroundTruthRecord, ModelSpec, ObservationRecord, Trut
 from fl_sim.registry import ATTACKS
 from fl_sim.tasks.base import Batch
 
+#: the digits bar (issue 8; measured values and margins: tests/QUALITY_MARGINS.md): |t - true t|
+#: on every image (10 % of T), and mean PSNR over pixel matching with guessed eps / t
+MAX_T_ERROR = 100
+MIN_GAIN_OVER_GUESSED_DB = 1.0
+
 SPEC = ModelSpec(model="unet", model_params={"preset": "tiny"}, task="diffusion",
                  task_params={}, in_channels=1, num_classes=10, image_size=16, mean=(0.5,),
                  std=(0.5,))
@@ -197,7 +202,10 @@ def test_gidm_plus_on_digits_recovers_t_and_beats_pixel_matching_with_guessed_ep
     """Issue 8's GIDM+ bar on the CI images (the benchmark measures all 8): the global model
     is a prior trained on digits the victims are not among; FedSGD, batch 1; nothing granted.
     t within 10 % of T on every image, and the mean PSNR above pixel-only matching with a
-    random eps and the midpoint t (``benchmarks/diffusion_attacks.py --sections quality``)."""
+    random eps and the midpoint t (``benchmarks/diffusion_attacks.py --sections quality``).
+    Cases: TEST digits 0 and 1 (first two by index), eps / t drawn as a client draws them from
+    seed 100 + index (t 127, 585). Measured 2026-12-07: t recovered 127.08 / 585.05; PSNR
+    10.22 / 12.61 dB vs guessed eps / t 8.84 / 8.78 dB (mean +2.61 dB)."""
     task, spec = global_task(digits_prior)
     plus, base = [], []
     for i in range(2):
@@ -206,12 +214,13 @@ def test_gidm_plus_on_digits_recovers_t_and_beats_pixel_matching_with_guessed_ep
         gen = torch.Generator().manual_seed(0)
         out = GIDMPlus(phase1_iterations=30, phase2_iterations=20, t_candidates=2,
                        sweep_iterations=4)(rec, generator=gen)
-        assert abs(out.extras["t"][0] - float(aux["t"][0])) <= 100, out.extras["t_search"]
+        assert abs(out.extras["t"][0] - float(aux["t"][0])) <= MAX_T_ERROR, \
+            out.extras["t_search"]
         guessed = GIDMPlus(phase1_iterations=0, phase2_iterations=50, t_search="fixed",
                            learn_eps=False, lr=0.05)(rec, generator=gen)
         plus.append(float(psnr(out.images, images).mean()))
         base.append(float(psnr(guessed.images, images).mean()))
-    assert sum(plus) / 2 > sum(base) / 2 + 1.0, (plus, base)
+    assert sum(plus) / 2 - sum(base) / 2 > MIN_GAIN_OVER_GUESSED_DB, (plus, base)
 
 
 def test_attack_runner_scores_recovered_t_and_eps_beside_psnr(task, tmp_path, one_thread):

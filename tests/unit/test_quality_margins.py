@@ -32,8 +32,6 @@ PENDING_MODULES = {"test_peer_inversion.py", "test_peer_diffusion_prior.py"}
 #: quality tests being re-pinned and re-measured by this change (issue 18, item 4); emptied
 #: when their rows are in
 AWAITING_REMEASUREMENT = {
-    "tests/unit/test_gidm_plus.py::"
-    "test_gidm_plus_on_digits_recovers_t_and_beats_pixel_matching_with_guessed_eps_t",
     "tests/unit/test_inverting_gradients.py::"
     "test_bn_prior_does_not_hurt_batch4_with_real_running_statistics",
 }
