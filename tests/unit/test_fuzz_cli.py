@@ -284,10 +284,12 @@ _PRIOR_KEYS = [f"training.{f}" for f in TrainingConfig.model_fields] + [
 
 @settings(_SETTINGS, max_examples=50 * _SCALE)
 @given(sets=overrides(keys=_PRIOR_KEYS, max_size=2, defaults=PRIOR_DEFAULTS),
-       out=st.sampled_from(["prior", "file", "file/sub", ""]))
+       out=st.sampled_from(["prior", "file", "file/sub", "", "run"]))
 def test_train_prior_never_crashes(stop_before_work: None, sets: list[str], out: str) -> None:
     with _sandbox() as root:
         (root / "file").write_text("x")
+        (root / "run").mkdir()
+        (root / "run" / "run.json").write_text("{}")
         args = [a for s in sets for a in ("--set", s)]
         argv = ["train-prior", str(PRIOR), "--no-progress", *args]
         if out:
