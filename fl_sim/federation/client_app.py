@@ -104,8 +104,14 @@ def client_data(cfg: ExperimentConfig, client_id: int) -> ClientData:
     idx = torch.as_tensor(parts[client_id], dtype=torch.int64)
     test_idx = torch.from_numpy(evaluation_share(len(splits.test), cfg.federation.num_clients,
                                                  client_id, cap=MAX_EVAL_EXAMPLES))
-    return ClientData(images=splits.train.images[idx], labels=splits.train.labels[idx],
-                      indices=idx, test_images=splits.test.images[test_idx],
+    images, labels = splits.train.images[idx], splits.train.labels[idx]
+    if cfg.audits:  # canary examples this client trains on (fl_sim.federation.canary_data)
+        from fl_sim.federation.canary_data import canaries_of_client
+        if (extra := canaries_of_client(cfg, client_id)) is not None:
+            images, labels = torch.cat([images, extra[0]]), torch.cat([labels, extra[1]])
+            idx = torch.cat([idx, extra[2]])
+    return ClientData(images=images, labels=labels, indices=idx,
+                      test_images=splits.test.images[test_idx],
                       test_labels=splits.test.labels[test_idx])
 
 

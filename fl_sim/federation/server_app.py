@@ -242,6 +242,9 @@ def run_server(grid: Grid, setup: ServerSetup) -> None:
     if cfg.attacks:
         _attack_hook("run_final_attacks", run_dir, cfg)
     finish_audits(audits, cfg, arrays_to_tensors(arrays))
+    if cfg.audits:
+        from fl_sim.federation.canary_data import score_and_write
+        score_and_write(cfg, task, arrays_to_tensors(arrays), run_dir)
     from fl_sim.report import plot_metrics
     plot_metrics(run_dir)
     info = json.loads((run_dir / RUN_FILE).read_text())

@@ -135,3 +135,50 @@ def test_measured_epsilon_never_exceeds_the_claim(tmp_path: Path, defense: str,
 
 RELATION = {"central_dp": "add or remove one client&#x27;s data (sensitivity C)",
             "local_dp": "replace one client&#x27;s data (sensitivity 2C)"}
+
+
+# -- canary_examples: the clients' extra data and the server's scoring (no Ray) ---------------
+def _examples_cfg(m: int = 30) -> object:
+    return from_dict({"model": {"name": "mlp", "hidden": [16]},
+                      "federation": {"num_clients": 3, "num_rounds": 1},
+                      "strategy": {"name": "fedavg"},
+                      "audits": [{"name": "canary_examples", "num_canaries": m, "k_pos": 5,
+                                  "k_neg": 5}]})
+
+
+def test_included_canary_examples_reach_exactly_their_client_with_a_wrong_label() -> None:
+    from fl_sim.federation.canary_data import canary_examples
+    from fl_sim.federation.client_app import client_data
+    cfg = _examples_cfg()
+    c = canary_examples(cfg)
+    plain = from_dict({**cfg.to_json_dict(), "audits": []})
+    seen = 0
+    for cid in range(3):
+        data, base = client_data(cfg, cid), client_data(plain, cid)
+        mine = np.flatnonzero(c.client == cid)
+        extra = len(data.labels) - len(base.labels)
+        assert extra == mine.size
+        assert (data.images[-extra:] == c.images[mine]).all()
+        assert (data.indices[-extra:] < 0).all()  # never a training-set position
+        seen += extra
+    assert seen == int(c.included.sum()) and 0 < seen < 30
+    # the canaries are test-split images with a label that is not their own
+    from fl_sim.federation.client_app import _section_json, load_splits
+    test = load_splits(_section_json(cfg.data)).test
+    for img, lab in zip(c.images, c.labels, strict=True):
+        match = (test.images == img).flatten(1).all(1).nonzero().flatten()
+        assert match.numel() >= 1 and all(test.labels[i] != lab for i in match)
+
+
+def test_canary_examples_are_scored_on_the_final_model_into_audits_jsonl(
+        tmp_path: Path) -> None:
+    from fl_sim.audits.canary_examples import epsilon_lower_bound
+    from fl_sim.federation.canary_data import score_and_write
+    from fl_sim.federation.server_app import server_task
+    cfg = _examples_cfg()
+    task, _, _ = server_task(cfg)
+    row = score_and_write(cfg, task, task.model.state_dict(), tmp_path)
+    assert row is not None and row["kind"] == "lower_bound" and row["guesses"] == 10
+    assert row["epsilon"] == epsilon_lower_bound(30, 10, row["correct"], delta=1e-5)
+    assert (tmp_path / "truth" / "audits" / "a0_canary_examples.safetensors").is_file()
+    assert json.loads((tmp_path / AUDITS_FILE).read_text())["name"] == "canary_examples"
