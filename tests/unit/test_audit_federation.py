@@ -182,3 +182,29 @@ def test_canary_examples_are_scored_on_the_final_model_into_audits_jsonl(
     assert row["epsilon"] == epsilon_lower_bound(30, 10, row["correct"], delta=1e-5)
     assert (tmp_path / "truth" / "audits" / "a0_canary_examples.safetensors").is_file()
     assert json.loads((tmp_path / AUDITS_FILE).read_text())["name"] == "canary_examples"
+
+
+def test_bench_takes_audits_as_an_axis_and_plots_measured_against_claimed(
+        tmp_path: Path) -> None:
+    from fl_sim.bench.audits import AUDIT_CSV, AUDIT_PLOT, write_audit_outputs
+    from fl_sim.bench.grid import expand
+    plan = expand({"bench": {"name": "a", "base": str(Path(__file__).parents[2] / "configs"
+                                                       / "default.toml"),
+                             "set": ["strategy={name=\"fedavg\"}", "attacks=[]"]},
+                   "base": {"audits": [{"name": "canary_clients", "num_canaries": 2}]},
+                   "axes": {"audits.0.num_canaries": [1, 3]},
+                   "attacks": [{"name": "noop", "view": "server", "client": 0,
+                                "rounds": [1]}]}, source=tmp_path / "g.toml")
+    assert [s.config.audits[0].params["num_canaries"] for s in plan.simulations] == [1, 3]
+    for k, sim in enumerate(plan.simulations):  # what two finished simulations wrote
+        d = tmp_path / "sims" / sim.dirname
+        d.mkdir(parents=True)
+        (d / AUDITS_FILE).write_text(json.dumps({
+            "name": "canary_clients", "view": "final_model", "unit": "client",
+            "epsilon": 0.5 + k, "kind": "estimate", "claimed_epsilon": 2.0 + k,
+            "claimed_by": "central_dp", "delta": 1e-5, "num_canaries": 1 + 2 * k}) + "\n")
+    out = write_audit_outputs(plan, tmp_path)
+    rows = (tmp_path / AUDIT_CSV).read_text().splitlines()
+    assert rows[0].startswith("audits.0.num_canaries,audit,view")
+    assert rows[1].startswith("1,canary_clients") and ",0.5,estimate,2.0," in rows[1]
+    assert out["audit_plot"] == tmp_path / AUDIT_PLOT and out["audit_plot"].is_file()
