@@ -91,11 +91,12 @@ def main() -> None:
     out = attack(record, generator=torch.Generator().manual_seed(args.seed))
     before, after = _scores(out.extras["before_images"], truth), _scores(out.images, truth)
     labels_acc = float(label_accuracy(out.labels, true_labels))
+    label_source = dict(out.knowledge).get("labels")  # how the peer got them (recovered)
     overlap = prior_overlap(prior, truth)
     print(f"{args.others} images, IG {args.iterations} it ({out.extras['inversion_seconds']:.1f}"
           f" s), projection {out.extras['projection_iterations']} it "
           f"({out.extras['projection_seconds']:.1f} s); labels recovered by the peer "
-          f"({out.extras.get('labels')}): accuracy {labels_acc:.3f}; prior overlap with the "
+          f"({label_source}): accuracy {labels_acc:.3f}; prior overlap with the "
           f"victims: {overlap['count']} of {overlap['victims']} ({overlap['source']})")
     print("image  PSNR before  PSNR after  SSIM before  SSIM after")
     rows = list(zip(before["psnr_per_image"], after["psnr_per_image"],
@@ -109,7 +110,7 @@ def main() -> None:
         *_unet_and_scheduler(prior, record), 5), args.others, args.repeats)
     print(json.dumps(timing))
     result = {"others": args.others, "iterations": args.iterations, "seed": args.seed,
-              "prior": prior, "case": str(run.path), "labels": out.extras.get("labels"),
+              "prior": prior, "case": str(run.path), "labels": label_source,
               "label_accuracy": labels_acc, "prior_overlap": overlap,
               "before": before, "after": after, "ablation": ablation,
               "timing": timing, "extras": {k: v for k, v in out.extras.items()

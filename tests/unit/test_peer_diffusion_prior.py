@@ -29,8 +29,9 @@ from fl_sim.attack_runner import _score_phases
 from fl_sim.cases import digits_peer_case, digits_splits, others_truth
 from fl_sim.cases import digits_spec as digits_spec
 from fl_sim.errors import ConfigError, FlSimError, MissingResourceError
-from fl_sim.metrics import score_reconstruction
+from fl_sim.metrics import label_accuracy, score_reconstruction
 from fl_sim.models import build_model
+from fl_sim.prior_overlap import prior_overlap
 from fl_sim.priors import load_prior, save_prior
 from fl_sim.records import ObservationRecord
 from fl_sim.registry import ATTACKS
@@ -41,6 +42,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 #: the inversion of the quality case: IG on the sigmoid LeNet (no TV, see README), labels
 #: recovered by the peer (``auto``: batch label recovery for several images)
 INVERSION = {"max_iterations": 200, "labels": "auto", "tv_weight": 0.0}
+#: bars of the slow quality test (measured values in its docstring and tests/QUALITY_MARGINS.md)
+MIN_SSIM_GAIN = 0.0  # mean SSIM after the prior − before
+MAX_BEFORE_SSIM = 0.95  # the plain reconstruction is imperfect
+MIN_MOVED_MSE = 0.001  # the prior really moved the images (MSE after vs before)
+MIN_LABEL_ACCURACY = 0.9  # the labels the peer recovered itself
 
 
 @functools.lru_cache(maxsize=1)
@@ -147,21 +153,29 @@ def test_round_trip_and_projection_on_an_untrained_prior(tmp_path):
 def test_prior_raises_mean_ssim_on_the_peer_reconstructions(digits_prior, tmp_path):  # noqa: F811
     """Issue 10's bar: mean SSIM after the prior >= before, per image recorded.
 
-    16 other clients, one TEST digit each (the prior saw only TRAIN digits), FedSGD, the
-    sigmoid LeNet; IG 200 iterations; the attack's defaults for the projection (20 iterations,
-    5 DDIM steps, 4x4 pooling, DDIM-inversion start). Measured 2026-12-03 (this seed, the
-    session's 400-step prior): mean SSIM 0.805 -> 0.890, PSNR 17.6 -> 20.0 dB (per image in
-    ``benchmarks/RESULTS.md``, "Peer + diffusion prior").
+    16 other clients, one TEST digit each (the prior saw only TRAIN digits: overlap 0 by
+    content hash), FedSGD, the sigmoid LeNet; the record is the peer's view of a recorded run
+    (:func:`fl_sim.cases.digits_peer_case`), labels recovered by the peer (``auto``); IG 200
+    iterations; the attack's defaults for the projection (20 iterations, 5 DDIM steps, 4x4
+    pooling, DDIM-inversion start). Re-measured 2026-12-07 (this seed, the session's 400-step
+    prior; before, the peer was wrongly granted the others' true labels on a hand-built
+    record: 0.805 -> 0.890): mean SSIM 0.806 -> 0.886, PSNR 17.73 -> 20.22 dB, labels 16/16,
+    MSE after vs before 0.0197 (per image in ``benchmarks/RESULTS.md``, "Peer +
+    diffusion prior").
     """
-    record, truth = peer_case(tmp_path / "case", 16)
+    run = load_run(digits_peer_case(tmp_path / "case", 16))
+    record = run.view("peer", client=0).record(1)
+    truth, true_labels = others_truth(run, 1, 0)
+    assert prior_overlap(digits_prior, truth)["count"] == 0  # the victims are unseen
     out = PeerDiffusionPrior(prior=str(digits_prior), **INVERSION)(
         record, generator=torch.Generator().manual_seed(0))
     before = score_reconstruction(out.extras["before_images"], truth)
     after = score_reconstruction(out.images, truth)
     per_image = list(zip(before["ssim_per_image"], after["ssim_per_image"], strict=True))
-    assert after["ssim"] >= before["ssim"], per_image
-    assert before["ssim"] < 0.95, before["ssim"]  # the plain reconstruction is imperfect
-    assert out.extras["mse_after_to_before"] > 1e-3  # the prior really moved the images
+    assert after["ssim"] - before["ssim"] >= MIN_SSIM_GAIN, per_image
+    assert before["ssim"] < MAX_BEFORE_SSIM, before["ssim"]
+    assert out.extras["mse_after_to_before"] > MIN_MOVED_MSE
+    assert float(label_accuracy(out.labels, true_labels)) >= MIN_LABEL_ACCURACY
     # the runner scores before_images beside the final images: both in one result
     phases = _score_phases(out.extras, truth)
     assert phases["before_ssim"] == pytest.approx(before["ssim"])

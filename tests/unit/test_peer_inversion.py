@@ -28,6 +28,12 @@ from fl_sim.registry import ATTACKS
 from fl_sim.run_dir import Run, load_run
 from fl_sim.tasks import build_task
 
+#: PSNR gain over the random start (dB) of the small case; measured 6.93 dB on 2026-12-07
+#: (labels recovered by the peer: 2 of 2 right), bar 6.0 (tests/QUALITY_MARGINS.md)
+MIN_SMALL_GAIN_DB = 6.0
+#: the same for the ConvNet-64 reference case (slow); measured CONVNET_MEASURED on 2026-12-07
+MIN_CONVNET_GAIN_DB = 6.0
+
 
 def init_psnr(spec, truth: torch.Tensor, seed: int) -> float:
     """PSNR of the attack's random start (same generator draw as restart 0)."""
@@ -102,14 +108,15 @@ def test_fedavg_peer_plan_reproduces_others_aggregate(tmp_path):
 def test_peer_reconstruction_small_beats_random_start(tmp_path, one_thread):
     """LeNet (sigmoid), 16x16, 3 clients with one image each, FedSGD; the peer recovers the
     two others' labels itself (``auto``: batch label recovery). Measured 2026-12-07: PSNR
-    gain over the random start +GAIN_SMALL dB; asserted >= MIN_SMALL (margin MARGIN_SMALL)."""
+    gain over the random start +6.93 dB (15.33 dB), both labels right; asserted
+    >= ``MIN_SMALL_GAIN_DB`` = 6.0 (margin 0.93)."""
     run = cifar_case(tmp_path / "c", "lenet", {}, 16, 3, 1, strategy="fedsgd")
     attack = PeerInversion(max_iterations=300)
     out = attack(peer_record(run, attack), generator=torch.Generator().manual_seed(0))
     truth, _ = others_truth(run, 1, 0)
     assert out.images.shape == truth.shape
     gained = score_reconstruction(out.images, truth)["psnr"] - init_psnr(run.spec, truth, 0)
-    assert gained >= 6.0, gained
+    assert gained >= MIN_SMALL_GAIN_DB, gained
 
 
 @pytest.mark.slow
@@ -121,4 +128,4 @@ def test_peer_reconstruction_convnet_3_clients_fedsgd(tmp_path):
     out = attack(peer_record(run, attack), generator=torch.Generator().manual_seed(0))
     truth, _ = others_truth(run, 1, 0)
     gained = score_reconstruction(out.images, truth)["psnr"] - init_psnr(run.spec, truth, 0)
-    assert gained >= 6.0, gained
+    assert gained >= MIN_CONVNET_GAIN_DB, gained
