@@ -156,7 +156,7 @@ class _Run:
             0, self.images, self.labels, torch.arange(len(self.labels))),))
 
 
-def test_the_runner_writes_it(tmp_path, one_thread):
+def test_the_runner_writes_it(tmp_path, one_thread, capsys):
     """run_attack on a FedAvg delta attacked by unrolled IG (labels granted): the row in
     attacks.jsonl carries class E (granted labels) with the unrolled local training (C) and
     the box (B) among its reasons, and the vantage point."""
@@ -177,6 +177,17 @@ def test_the_runner_writes_it(tmp_path, one_thread):
     assert any(r.startswith("C: local training unrolled") for r in tc["reasons"])
     assert any(r.startswith("B: pixel range") for r in tc["reasons"])
     assert tc == threat_class(row)  # the stored class is the derivation from the row
+    # report.html (paragraph + privacy table) and the CLI table show it
+    import json
+
+    from fl_sim.cli_output import print_results
+    from fl_sim.report import write_report
+    (tmp_path / "config.json").write_text(json.dumps(fake.config.model_dump(mode="json")))
+    html = write_report(tmp_path).read_text()
+    assert "<strong>Attacker class E</strong> (statistical eavesdropper" in html
+    assert "vantage point: server" in html and "<td>E (server)</td>" in html
+    print_results([row])
+    assert " E " in capsys.readouterr().out
 
 
 def test_bench_tables_carry_the_class(tmp_path):
