@@ -144,8 +144,11 @@ def test_config_params_exclude_framework_arguments() -> None:
     """A config section carries only a partitioner's own params (labels/num_clients/rng not)."""
     for entry in PARTITIONERS.entries():
         validate_params(entry.obj, {}, where="partition", skip=len(FRAMEWORK_PARAMS))
-    assert validate_params(PARTITIONERS.get("dirichlet"), {"alpha": "0.3"}, where="partition",
+    assert validate_params(PARTITIONERS.get("dirichlet"), {"alpha": 0.3}, where="partition",
                            skip=len(FRAMEWORK_PARAMS))["alpha"] == 0.3
+    with pytest.raises(ConfigError, match="partition.alpha: a string where a number"):
+        validate_params(PARTITIONERS.get("dirichlet"), {"alpha": "0.3"}, where="partition",
+                        skip=len(FRAMEWORK_PARAMS))  # not converted (issue 23)
 
 
 def test_partition_uses_labels_of_the_given_data() -> None:
