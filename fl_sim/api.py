@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fl_sim.errors import MissingDependencyError
+from fl_sim.frames import to_dataframe
 
 if TYPE_CHECKING:  # pragma: no cover
     from fl_sim.bench.grid import Plan
@@ -196,16 +196,3 @@ def bench(grid: str | Path, *, out: str | Path | None = None, workers: int = 1,
     return BenchResult(dir=bench_dir, plan=plan, summary=summary)
 
 
-def to_dataframe(records: Sequence[Mapping[str, Any]]) -> Any:
-    """``records`` as a pandas DataFrame; nested values (dicts, lists) stay as objects.
-
-    Raises :class:`~fl_sim.errors.MissingDependencyError` when pandas is not installed.
-    """
-    try:
-        import pandas as pd
-    except ImportError:
-        raise MissingDependencyError(
-            "pandas is not installed: DataFrames need the optional extra "
-            "(pip install 'fl-sim[pandas]'); the plain records (.metrics(), .attacks(), "
-            ".records()) need nothing") from None
-    return pd.DataFrame.from_records([dict(r) for r in records])

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from fl_sim.config import ExperimentConfig, from_dict, server_lr
 from fl_sim.errors import ConfigError, RunDirError, ThreatModelError
+from fl_sim.frames import to_dataframe
 from fl_sim.records import GroundTruthRecord, ModelSpec
 from fl_sim.report import read_metrics
 from fl_sim.stores import ObservationStore, PeerStore, TruthStore, read_tensors
@@ -67,13 +68,11 @@ class Run:
     def metrics_df(self) -> Any:
         """:meth:`metrics` as a pandas DataFrame (extra ``[pandas]``; else
         :class:`~fl_sim.errors.MissingDependencyError`)."""
-        from fl_sim.api import to_dataframe
         return to_dataframe(self.metrics())
 
     def attacks_df(self) -> Any:
         """:meth:`attacks` as a pandas DataFrame (extra ``[pandas]``; else
         :class:`~fl_sim.errors.MissingDependencyError`)."""
-        from fl_sim.api import to_dataframe
         return to_dataframe(self.attacks())
 
     def view(self, role: Literal["server", "peer"], *, client: int | None = None,
