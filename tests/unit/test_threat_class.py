@@ -49,6 +49,8 @@ DEFAULTS: dict[str, tuple[dict, bool, str]] = {
                  False, "D"),
     "mia_rmia": ({"candidates": "without membership", "auxiliary": "200 held-out examples"},
                  False, "D"),
+    # property inference (Melis et al.): classifiers fit on auxiliary batches (D)
+    "property_inference": ({"auxiliary": "200 held-out examples"}, False, "D"),
 }
 
 
