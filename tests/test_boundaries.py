@@ -13,7 +13,7 @@ import sys
 
 PLAIN_MODULES = ["attacks", "defenses", "fl_sim", "fl_sim.records", "fl_sim.metrics",
                  "fl_sim.config", "fl_sim.registry", "fl_sim.stores", "fl_sim.views",
-                 "fl_sim.run_dir"]
+                 "fl_sim.run_dir", "fl_sim.audits", "fl_sim.audit_report"]
 
 
 def test_plain_modules_and_attack_registry_do_not_load_flwr_or_ray() -> None:
