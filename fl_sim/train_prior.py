@@ -80,8 +80,9 @@ class TrainingConfig(_Section):
     @classmethod
     def _device_exists(cls, device: str) -> str:
         if device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("'cuda' requested but CUDA is not available on this machine; "
-                             "use \"cpu\" or \"auto\"")
+            from pydantic_core import PydanticCustomError
+            raise PydanticCustomError("no_cuda", "'cuda' requested but CUDA is not available "
+                                      "on this machine; use \"cpu\" or \"auto\"")
         return device
 
 

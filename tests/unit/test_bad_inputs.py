@@ -357,8 +357,8 @@ CASES: dict[str, tuple[Case, str]] = {
     "train-prior --out under a file": (prior_to(lambda t: _write(t, "f", "x") / "p"),
                                        "is a file"),
     "train-prior cuda without CUDA": (prior_with('training.device="cuda"'),
-                                      "training.device: Value error, 'cuda' requested but "
-                                      "CUDA is not available"),
+                                      "training.device: 'cuda' requested but CUDA is not "
+                                      "available"),
     "train-prior torn checkpoint state": (prior_state('{"step": 1, "fi'), "state.json: corrupt"),
     "train-prior state names a missing file": (
         prior_state('{"step": 1, "file": "step-00000001.safetensors"}'), "names a missing file"),
