@@ -14,7 +14,7 @@ __all__ = ["Attack", "Reconstruction"]
 # Each module registers its attack on import. Listed explicitly: a newcomer sees every attack.
 _MODULES = ("noop", "idlg", "dlg", "inverting_gradients", "peer_inversion", "gidm",
             "gidm_plus", "peer_diffusion_prior", "gias", "user_level_diffusion",
-            "mia_gradient", "mia_lira", "mia_rmia")
+            "mia_gradient", "mia_lira", "mia_rmia", "property_inference")
 
 for _name in _MODULES:
     try:

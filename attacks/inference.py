@@ -77,7 +77,7 @@ class InferenceAttack(Attack):
         raise ThreatModelError(f"{type(self).__name__} scores candidates: run it through "
                                "fl-sim's attack runner (it draws the candidate set)")
 
-    def infer(self, record: ObservationRecord, candidates: Candidates, *,
+    def infer(self, record: ObservationRecord, candidates: Candidates | None, *,
               auxiliary: Auxiliary | None = None,
               final_model: Mapping[str, Tensor] | None = None,
               generator: torch.Generator | None = None,
@@ -104,10 +104,11 @@ class InferenceAttack(Attack):
                                     final_model=final_model,
                                     generator=generator or torch.Generator())
         scores = torch.as_tensor(scores).detach().double().cpu().flatten()
-        if scores.shape != (len(candidates),):
-            raise ValueError(f"{type(self).__name__} returned {tuple(scores.shape)} scores for "
-                             f"{len(candidates)} candidates")
-        knowledge = {"candidates": "without membership"}
+        expected = len(candidates) if candidates is not None else 1  # property: one score
+        if scores.shape != (expected,):
+            raise ValueError(f"{type(self).__name__} returned {tuple(scores.shape)} scores, "
+                             f"expected {expected}")
+        knowledge = {"candidates": "without membership"} if candidates is not None else {}
         if auxiliary is not None:
             knowledge["auxiliary"] = f"{len(auxiliary.labels)} held-out examples"
         return Reconstruction(torch.empty(0), None, knowledge=knowledge, extras=extras,

@@ -156,9 +156,9 @@ def run_attack(run_dir: Path, cfg: ExperimentConfig, name: str, params: Mapping[
     run = run or _load_run(run_dir)
     device = device or getattr(cfg.run, "device", "cpu")
     attack = ATTACKS.create(name, _where=f"attack {name}", **params)
-    if getattr(attack, "inference", None) == "membership":  # scores candidates (issue 22)
-        from fl_sim.inference import run_membership_attack
-        return run_membership_attack(run_dir, cfg, name, params, attack, view=view,
+    if getattr(attack, "inference", None):  # membership / property scores (issue 22)
+        from fl_sim.inference import run_inference_attack
+        return run_inference_attack(run_dir, cfg, name, params, attack, view=view,
                                      client=client, server_round=server_round, key=key,
                                      run=run, device=device)
     grant = tuple(attack.required_knowledge())

@@ -146,12 +146,13 @@ def score_membership(run_dir: Path, key: str, scores: Tensor) -> dict[str, Any]:
     return roc_metrics(scores, read_membership(run_dir, key))
 
 
-def run_membership_attack(run_dir: Path, cfg: Any, name: str, params: Any, attack: Any, *,
-                          view: str, client: int | None, server_round: int, key: str,
-                          run: Any, device: str | None) -> list[dict[str, Any]]:
-    """The runner's path for a membership-inference attack (:func:`fl_sim.attack_runner.
-    run_attack` hands it over): build the view's record, draw and record the candidates, run
-    the attack on candidates without membership, score, append one result row."""
+def run_inference_attack(run_dir: Path, cfg: Any, name: str, params: Any, attack: Any, *,
+                         view: str, client: int | None, server_round: int, key: str,
+                         run: Any, device: str | None) -> list[dict[str, Any]]:
+    """The runner's path for an inference attack (:func:`fl_sim.attack_runner.run_attack`
+    hands it over): build the view's record; for membership draw and record the candidates,
+    run the attack on them without membership and score the ROC; for property inference score
+    the round and record whether the target's batch had the property. Appends one row."""
     import time
 
     from fl_sim.attack_runner import (
@@ -162,6 +163,7 @@ def run_membership_attack(run_dir: Path, cfg: Any, name: str, params: Any, attac
         resolved_params,
         view_fallback_text,
     )
+    from fl_sim.extras import extras_to_json
     from fl_sim.threat_class import threat_class
 
     grant = tuple(attack.required_knowledge())
@@ -169,37 +171,68 @@ def run_membership_attack(run_dir: Path, cfg: Any, name: str, params: Any, attac
     record = _record(run, view, client, server_round, grant)
     check_finite_record(record)
     target = getattr(attack, "target_model", "update")
-    target_client = record.client_id if record.client_id is not None else client
-    candidates, member, aux = build_candidates(
-        run, view=view, client=target_client, server_round=server_round,
-        target_model=target, num_members=int(attack.num_members),
-        num_nonmembers=int(attack.num_nonmembers), key=key)
-    del member  # the attack never sees it; the scorer re-reads it from the truth store
+    if attack.inference == "membership":
+        candidates, _, aux = build_candidates(  # membership: never handed to the attack
+            run, view=view, client=record.client_id if record.client_id is not None else client,
+            server_round=server_round, target_model=target,
+            num_members=int(attack.num_members), num_nonmembers=int(attack.num_nonmembers),
+            key=key)
+    else:
+        hx, hy = held_out(run)
+        from attacks.inference import Auxiliary
+        candidates, aux = None, Auxiliary(hx, hy, digest(hx, hy))
     gen = torch_generator(cfg.run.seed, "attack", name, server_round, record.client_id or 0)
     t0 = time.perf_counter()
-    result_ = attack.infer(record, candidates, auxiliary=aux if attack.needs_auxiliary else None,
-                           final_model=run.final_model() if target == "final" else None,
-                           generator=gen, device=device or getattr(cfg.run, "device", "cpu"))
+    out = attack.infer(record, candidates, auxiliary=aux if attack.needs_auxiliary else None,
+                       final_model=run.final_model() if target == "final" else None,
+                       generator=gen, device=device or getattr(cfg.run, "device", "cpu"))
     seconds = time.perf_counter() - t0
-    metrics = score_membership(run_dir, key, result_.scores)
-    from fl_sim.extras import extras_to_json
+    if candidates is not None:
+        metrics = score_membership(run_dir, key, out.scores)
+        fields: dict[str, Any] = {"candidates": str(CANDIDATES_DIR / f"{key}.safetensors"),
+                                  "scores": [float(s) for s in out.scores]}
+    else:
+        metrics = score_property(run, view, record.client_id, server_round,
+                                 attack.property_class, float(out.scores[0]))
+        fields = {"scores": [float(out.scores[0])]}
     result = {
         "key": key, "attack": name, "view": view, "round": server_round,
         **({"fallback_from": fallback_from,
             "view_fallback": view_fallback_text(fallback_from, view, run.config)}
            if fallback_from else {}),
         "client": record.client_id, "params": resolved_params(name, params),
-        "update_kind": record.update_kind, "inference": "membership",
+        "update_kind": record.update_kind, "inference": attack.inference,
         "target_model": target,
-        "knowledge": {**{k: "granted" for k in grant}, **dict(result_.knowledge)},
+        "knowledge": {**{k: "granted" for k in grant}, **dict(out.knowledge)},
         "budget": {}, "defenses": list(record.defenses), "seconds": round(seconds, 3),
         "adaptive": False, "adapted_to": [], "iterations": 0, "matching_loss": None,
-        "num_images": len(candidates), "metrics": metrics, "grid": None,
-        "candidates": str(CANDIDATES_DIR / f"{key}.safetensors"),
-        "scores": [float(s) for s in result_.scores],
-        "extras": extras_to_json(result_.extras, run_dir, f"attacks/{name}_{view}_r"
-                                                          f"{server_round}_{key[-6:]}"),
+        "num_images": len(candidates) if candidates is not None else 0, "metrics": metrics,
+        "grid": None, **fields,
+        "extras": extras_to_json(out.extras, run_dir, f"attacks/{name}_{view}_r"
+                                                      f"{server_round}_{key[-6:]}"),
     }
     result["threat_class"] = threat_class(result)
     _append(run_dir, result)
     return [result]
+
+
+def score_property(run: Any, view: str, client: int | None, server_round: int,
+                   property_class: int, score: float) -> dict[str, Any]:
+    """Whether the batch behind the attacked update had the property (truth store: the
+    client's labels; a peer's derived update: any other client of the round) and the round's
+    score: ``{"property": bool, "score": float, "correct": bool at threshold 1/2}``. The ROC
+    over rounds is :func:`property_roc`."""
+    clients = ([c for c in run.clients_in_round(server_round) if c != client]
+               if view == "peer" else [client])
+    has = any(bool((run.truth(server_round, c).labels == property_class).any())
+              for c in clients)
+    return {"property": has, "score": score, "correct": (score >= 0.5) == has}
+
+
+def property_roc(rows: Any) -> dict[str, Any]:
+    """ROC metrics (:func:`fl_sim.metrics.roc_metrics`) over property-inference result rows
+    (one score per round or case). Raises ``ValueError`` without both outcomes."""
+    from fl_sim.metrics import roc_metrics
+    rows = [r for r in rows if "property" in (r.get("metrics") or {})]
+    return roc_metrics(torch.tensor([float(r["metrics"]["score"]) for r in rows]),
+                       torch.tensor([bool(r["metrics"]["property"]) for r in rows]))
