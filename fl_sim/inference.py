@@ -236,3 +236,47 @@ def property_roc(rows: Any) -> dict[str, Any]:
     rows = [r for r in rows if "property" in (r.get("metrics") or {})]
     return roc_metrics(torch.tensor([float(r["metrics"]["score"]) for r in rows]),
                        torch.tensor([bool(r["metrics"]["property"]) for r in rows]))
+
+
+def check_inference_attacks(cfg: Any) -> None:
+    """Pre-flight (before any work): every configured inference attack can be built with its
+    parameters (no candidates, a bad shadow recipe: ConfigError), a property names a class
+    the data set has, and the examples no client can train on (the data source minus every
+    client's partition: an upper bound of the held-out pool) hold the non-member candidates
+    plus one shadow model's training set. One-line :class:`~fl_sim.errors.ConfigError`."""
+    from fl_sim.federation.client_app import load_partitions, load_splits
+    from fl_sim.registry import ATTACKS
+    todo = [(i, a) for i, a in enumerate(cfg.attacks)
+            if getattr(ATTACKS.get(a.name), "inference", None)]
+    if not todo:
+        return
+    data_json = json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True)
+    splits = load_splits(data_json)
+    total = len(splits.train.labels) + len(splits.test.labels)
+    parts = load_partitions(data_json, json.dumps(cfg.partition.model_dump(mode="json"),
+                                                  sort_keys=True),
+                            cfg.federation.num_clients, cfg.run.seed)
+    pool = total - sum(len(p) for p in parts)
+    classes = int(max(int(torch.as_tensor(splits.train.labels).max()),
+                      int(torch.as_tensor(splits.test.labels).max())) + 1)
+    for i, a in enumerate(cfg.attacks):
+        if (i, a) not in todo:
+            continue
+        where = f"attacks[{i}] ({a.name})"
+        try:
+            attack = ATTACKS.create(a.name, _where=f"attacks[{i}]", **dict(a.params))
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        k = getattr(attack, "property_class", None)
+        if k is not None and k >= classes:
+            raise ConfigError(f"{where}: property_class = {k} is no class of data "
+                              f"{cfg.data.name!r} (classes 0-{classes - 1})")
+        nonmembers = int(getattr(attack, "num_nonmembers", 0)) \
+            if attack.inference == "membership" else 0
+        recipe = getattr(attack, "recipe", None)
+        need = nonmembers + (recipe.size if recipe is not None and not attack.online else 0)
+        if need > pool:
+            shadow = f" + shadow_size {recipe.size}" if recipe is not None else ""
+            raise ConfigError(f"{where}: needs {need} held-out examples (num_nonmembers "
+                              f"{nonmembers}{shadow}) but at most {pool} of data "
+                              f"{cfg.data.name!r} are outside the clients' partitions")

@@ -45,6 +45,8 @@ def check_before_start(cfg: ExperimentConfig, *, run_dir: Path, resume: bool) ->
     check_defenses(cfg)
     check_data(cfg)
     check_attack_fit(cfg)
+    from fl_sim.inference import check_inference_attacks  # membership / property (issue 22)
+    check_inference_attacks(cfg)
     check_model(cfg)
     check_metrics(cfg)
 
