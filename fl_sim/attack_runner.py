@@ -48,16 +48,28 @@ def _load_run(run_dir: Path) -> Any:
 
 def run_round_attacks(run_dir: Path, cfg: ExperimentConfig, server_round: int,
                       ) -> list[dict[str, Any]]:
-    """Online hook: every configured SERVER attack scheduled for ``server_round``."""
+    """Online hook: every configured SERVER attack scheduled for ``server_round`` (those on
+    the final model wait for the end of the run)."""
     todo = [(a, server_round) for a in cfg.attacks
-            if a.view in ("server", "aggregate") and server_round in (a.rounds or (1,))]
+            if a.view in ("server", "aggregate") and server_round in (a.rounds or (1,))
+            and not _on_final_model(a)]
     return _run_configured(Path(run_dir), cfg, todo)
 
 
 def run_final_attacks(run_dir: Path, cfg: ExperimentConfig) -> list[dict[str, Any]]:
-    """End-of-run hook: PEER attacks on the recorded peer views (they need round r + 1)."""
-    todo = [(a, r) for a in cfg.attacks if a.view == "peer" for r in a.rounds or (1,)]
+    """End-of-run hook: PEER attacks on the recorded peer views (they need round r + 1) and
+    attacks on the final model (membership inference, ``target = "final"``)."""
+    todo = [(a, r) for a in cfg.attacks if a.view == "peer" or _on_final_model(a)
+            for r in a.rounds or (1,)]
     return _run_configured(Path(run_dir), cfg, todo)
+
+
+def _on_final_model(a: AttackConfig) -> bool:
+    """Does attack entry ``a`` attack the final global model (resolved ``target``)?"""
+    cls = ATTACKS.get(a.name)
+    if not hasattr(cls, "target_model"):
+        return False
+    return validate_params(cls, a.params, where=f"attack {a.name}").get("target") == "final"
 
 
 def _run_configured(run_dir: Path, cfg: ExperimentConfig,

@@ -95,3 +95,19 @@ def test_bad_parameters_are_one_line_config_errors(params: dict) -> None:
         with pytest.raises(ConfigError) as exc:
             cls(**params)
         assert "\n" not in str(exc.value)
+
+
+def test_attacks_on_the_final_model_run_at_the_end_of_the_run(monkeypatch: pytest.MonkeyPatch
+                                                               ) -> None:
+    """The online hook cannot attack a final model that does not exist yet: LiRA with
+    ``target = "final"`` is scheduled by the end-of-run hook, ``target = "local"`` per round."""
+    import fl_sim.attack_runner as runner
+    from fl_sim.config import from_dict
+    cfg = from_dict({"attacks": [{"name": "mia_lira"}, {"name": "mia_lira", "target": "local"},
+                                 {"name": "mia_gradient"}]})
+    seen: list[list[tuple[str, str]]] = []
+    monkeypatch.setattr(runner, "_run_configured", lambda _d, _c, todo: seen.append(
+        [(a.name, a.params.get("target", "-")) for a, _ in todo]) or [])
+    runner.run_round_attacks(Path("unused"), cfg, 1)
+    runner.run_final_attacks(Path("unused"), cfg)
+    assert seen == [[("mia_lira", "local"), ("mia_gradient", "-")], [("mia_lira", "-")]]
