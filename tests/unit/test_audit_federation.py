@@ -208,3 +208,62 @@ def test_bench_takes_audits_as_an_axis_and_plots_measured_against_claimed(
     assert rows[0].startswith("audits.0.num_canaries,audit,view")
     assert rows[1].startswith("1,canary_clients") and ",0.5,estimate,2.0," in rows[1]
     assert out["audit_plot"] == tmp_path / AUDIT_PLOT and out["audit_plot"].is_file()
+
+
+# -- canary_examples on one client's real local training (DP-SGD or none; no Ray) ------------
+#: one client trains 15 epochs (batch 16, lr 0.2) on 300 digits (8x8) + its included
+#: canaries; the auditor makes 30 guesses on 100 canaries (fixed before any outcome was seen)
+EX_EPOCHS, EX_CANARIES, EX_K = 15, 100, 15
+#: no defense: measured bound 1.74 (2026-12-07; 30 guesses can give at most
+#: logit(0.05^(1/30)) = 2.28 at 95 %); asserted with margin 1.16x. With DP-SGD at σ = 0.5 and
+#: 2 the bound measured 0.0 against claimed 33.0 and 2.03 (one client, 15 epochs, batch 16)
+EX_NO_DEFENSE_MIN = 1.5
+
+
+def _examples_bound(sigma: float | None) -> tuple[float, float | None]:
+    """(ε lower bound, ε claimed by dp_sgd) of one client's training with canaries."""
+    import torch
+
+    from defenses.dp_sgd import DPSGD
+    from fl_sim.audits.canary_examples import audit_scores
+    from fl_sim.federation.canary_data import canary_examples
+    from fl_sim.federation.client_app import client_data
+    from fl_sim.federation.local import local_train
+    from fl_sim.federation.server_app import server_task
+    cfg = from_dict({
+        "data": {"name": "digits", "image_size": 8, "max_train": 300},
+        "model": {"name": "mlp", "hidden": [64]},
+        "federation": {"num_clients": 1, "num_rounds": 1, "batch_size": 16, "lr": 0.2,
+                       "local_epochs": EX_EPOCHS},
+        "strategy": {"name": "fedavg"},
+        "defenses": [] if sigma is None else [{"name": "dp_sgd", "noise_multiplier": sigma}],
+        "audits": [{"name": "canary_examples", "num_canaries": EX_CANARIES, "k_pos": EX_K,
+                    "k_neg": EX_K}]})
+    task, _, _ = server_task(cfg)
+    data = client_data(cfg, 0)
+    dp = None if sigma is None else DPSGD(noise_multiplier=sigma)
+    res = local_train(task, data.images, data.labels, data.indices, seed=0, server_round=1,
+                      client_id=0, batch_size=16, local_steps=None, local_epochs=EX_EPOCHS,
+                      optimizer="sgd", lr=0.2, dp=dp)
+    c = canary_examples(cfg)
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(task.model(task.normalize(c.images)),
+                                                 c.labels, reduction="none")
+    bound = audit_scores((-loss).double().numpy(), c.included, k_pos=EX_K, k_neg=EX_K,
+                         delta=1e-5, confidence=0.95).epsilon
+    claimed = None if dp is None else dp.round_epsilon(
+        batch_size=16, partition_size=len(data.labels), steps=len(res.steps))
+    return bound, claimed
+
+
+def test_canary_examples_bound_is_large_without_dp_sgd() -> None:
+    bound, _ = _examples_bound(None)
+    assert bound >= EX_NO_DEFENSE_MIN, bound
+
+
+@pytest.mark.parametrize("sigma", [0.5, 2.0])
+def test_dp_sgd_lower_bound_never_exceeds_its_claim(sigma: float) -> None:
+    """A lower bound above the claim would be a bug in dp_sgd or its accounting."""
+    bound, claimed = _examples_bound(sigma)
+    assert claimed is not None and bound <= claimed, (
+        f"dp_sgd (σ={sigma}): lower bound {bound} above the claimed ε {claimed}")
