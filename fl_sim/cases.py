@@ -124,6 +124,44 @@ def _cast_like(new: Mapping[str, np.ndarray], ref: Mapping[str, Tensor]) -> dict
     return out
 
 
+def _client_round(task: Any, data: CaseClient, glob: Mapping[str, Tensor], *, strategy: str,
+                  seed: int, server_round: int, client_id: int, batch_size: int,
+                  local_steps: int, lr: float, optimizer: Any
+                  ) -> tuple[Any, dict[str, Tensor], dict[str, Tensor], dict[str, Any]]:
+    """One client's work as :mod:`fl_sim.federation.client_app` does it: ``(result, what it
+    sends, what the taps record, the record row)``; ``task`` holds the global."""
+    from fl_sim.federation.local import local_train, one_gradient
+
+    common = {"seed": seed, "server_round": server_round, "client_id": client_id,
+              "batch_size": batch_size}
+    if strategy == "fedsgd":
+        res = one_gradient(task, data.images, data.labels, data.indices, **common)
+        sent, kind = res.update, "gradient"
+        recorded = {k: v.clone() for k, v in sent.items()}
+    else:
+        res = local_train(task, data.images, data.labels, data.indices,
+                          local_steps=local_steps, local_epochs=None, optimizer=optimizer,
+                          lr=lr, **common)
+        sent, kind = res.update, "delta"
+        recorded = {k: v - glob[k] for k, v in sent.items()}
+    meta = {"update_kind": kind, "num_examples": int(res.num_examples),
+            "local_steps": len(res.steps), "lr": float(lr), "batch_size": batch_size,
+            "defenses": [], "optimizer": optimizer.to_json()}
+    return res, sent, recorded, meta
+
+
+def _server_step(glob: Mapping[str, Tensor], mean: Mapping[str, np.ndarray], strategy: str,
+                 eta: float) -> dict[str, Tensor]:
+    """The new global: FedAvg's mean, or FedSGD's ``global − η·mean``
+    (``strategies.fedsgd.fedsgd_step``), cast like the old global (the tap's cast)."""
+    if strategy == "fedsgd":
+        new_np = {k: (np.asarray(g.numpy() - eta * mean[k], dtype=g.numpy().dtype)
+                      if k in mean else g.numpy().copy()) for k, g in glob.items()}
+    else:
+        new_np = dict(mean)
+    return _cast_like(new_np, glob)
+
+
 def build_case(run_dir: str | Path, *, spec: ModelSpec, global_state: Mapping[str, Tensor],
                clients: Sequence[CaseClient], strategy: Strategy = "fedsgd",
                num_rounds: int = 1, lr: float = 0.1, server_lr: float | None = None,
@@ -140,8 +178,6 @@ def build_case(run_dir: str | Path, *, spec: ModelSpec, global_state: Mapping[st
     ``{"name": "digits"}``). Raises :class:`~fl_sim.errors.ConfigError` for an unknown
     strategy, no clients, or a config the project would not accept (``from_dict``).
     """
-    from fl_sim.federation.local import local_train, one_gradient
-
     if strategy not in ("fedsgd", "fedavg"):
         raise ConfigError(f"build_case.strategy: got {strategy!r}; allowed: fedsgd, fedavg")
     if not clients:
@@ -167,21 +203,10 @@ def build_case(run_dir: str | Path, *, spec: ModelSpec, global_state: Mapping[st
         replies, losses = [], []
         for cid, data_c in enumerate(clients):
             task.model.load_state_dict(glob, strict=True)
-            common = {"seed": seed, "server_round": r, "client_id": cid, "batch_size": bs}
-            if strategy == "fedsgd":
-                res = one_gradient(task, data_c.images, data_c.labels, data_c.indices,
-                                   **common)
-                sent, kind = res.update, "gradient"
-                recorded = {k: v.clone() for k, v in sent.items()}
-            else:
-                res = local_train(task, data_c.images, data_c.labels, data_c.indices,
-                                  local_steps=local_steps, local_epochs=None,
-                                  optimizer=optimizer, lr=lr, **common)
-                sent, kind = res.update, "delta"
-                recorded = {k: v - glob[k] for k, v in sent.items()}
-            meta = {"update_kind": kind, "num_examples": int(res.num_examples),
-                    "local_steps": len(res.steps), "lr": float(lr), "batch_size": bs,
-                    "defenses": [], "optimizer": optimizer.to_json()}
+            res, sent, recorded, meta = _client_round(
+                task, data_c, glob, strategy=strategy, seed=seed, server_round=r,
+                client_id=cid, batch_size=bs, local_steps=local_steps, lr=lr,
+                optimizer=optimizer)
             truth.write(r, cid, res.steps)
             if cid in peers:
                 peers[cid].write_global(r, glob, published)
@@ -189,13 +214,7 @@ def build_case(run_dir: str | Path, *, spec: ModelSpec, global_state: Mapping[st
             obs.write_update("server_in", r, cid, recorded, meta)
             replies.append(({k: v.numpy() for k, v in sent.items()}, float(res.num_examples)))
             losses.append((res.loss, float(res.num_examples)))
-        mean = _mean_by_examples(replies)
-        if strategy == "fedsgd":  # strategies.fedsgd.fedsgd_step
-            new_np = {k: (np.asarray(g.numpy() - eta * mean[k], dtype=g.numpy().dtype)
-                          if k in mean else g.numpy().copy()) for k, g in glob.items()}
-        else:
-            new_np = mean
-        new = _cast_like(new_np, glob)
+        new = _server_step(glob, _mean_by_examples(replies), strategy, eta)
         total = int(sum(w for _, w in replies))
         obs.write_update("aggregate", r, None, {k: new[k] - glob[k] for k in new}, {
             "update_kind": "delta", "num_examples": total,
