@@ -116,6 +116,7 @@ def test_no_defense_measures_a_large_epsilon_and_no_record_holds_a_canary(
 NO_DEFENSE_MIN = 2.5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("defense", "sigma"), [
     ("central_dp", 0.5), ("central_dp", 1.0), ("local_dp", 1.0), ("local_dp", 4.0)])
 def test_measured_epsilon_never_exceeds_the_claim(tmp_path: Path, defense: str,
@@ -256,11 +257,13 @@ def _examples_bound(sigma: float | None) -> tuple[float, float | None]:
     return bound, claimed
 
 
+@pytest.mark.slow
 def test_canary_examples_bound_is_large_without_dp_sgd() -> None:
     bound, _ = _examples_bound(None)
     assert bound >= EX_NO_DEFENSE_MIN, bound
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sigma", [0.5, 2.0])
 def test_dp_sgd_lower_bound_never_exceeds_its_claim(sigma: float) -> None:
     """A lower bound above the claim would be a bug in dp_sgd or its accounting."""
