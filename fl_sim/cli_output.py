@@ -72,14 +72,16 @@ def print_results(results: Sequence[dict[str, Any]]) -> None:
         return
     table = Table(title="attack results", header_style="bold")
     for col in ("attack", "view", "threat", "round", "client", "PSNR dB", "SSIM", "label acc",
-                "s"):
+                "AUC", "TPR@1%", "s"):  # AUC / TPR at 1 % FPR: membership inference
         table.add_column(col)
     for r in results:
         name = r["attack"] + (" (adaptive)" if r.get("adaptive") else "")
         threat = "-" if "error" in r else class_of_row(r)["class"]
         table.add_row(name, view_text(r), threat, str(r["round"]), str(r.get("client")),
                       _fmt(metric_value(r, "psnr")), _fmt(metric_value(r, "ssim"), 3),
-                      _fmt(metric_value(r, "label_accuracy"), 2), _fmt(r.get("seconds"), 1))
+                      _fmt(metric_value(r, "label_accuracy"), 2),
+                      _fmt(metric_value(r, "auc"), 3), _fmt(metric_value(r, "tpr_at_fpr_1pct"), 3),
+                      _fmt(r.get("seconds"), 1))
     Console(width=120).print(table)
 
 

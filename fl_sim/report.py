@@ -425,7 +425,11 @@ def _attack_section(run_dir: Path, r: Mapping[str, Any]) -> str:
     summary = {k: metric_value(r, k) for k in ("psnr", "start_psnr", "ssim", "mse",
                                                "label_accuracy", "lpips", *_IDENTITY_COLS,
                                                "before_psnr", "before_ssim", "phase1_psnr",
-                                               "phase1_ssim")}
+                                               "phase1_ssim",
+                                               # membership / property inference (issue 22)
+                                               "auc", "tpr_at_fpr_10pct", "tpr_at_fpr_1pct",
+                                               "tpr_at_fpr_0.1pct", "tpr_at_fpr_0",
+                                               "balanced_accuracy")}
     summary = {k: v for k, v in summary.items() if v is not None}
     summary["seconds"] = r.get("seconds")
     out = [f"<h3>{html.escape(title)}</h3>"]
@@ -454,6 +458,11 @@ def _attack_section(run_dir: Path, r: Mapping[str, Any]) -> str:
             "bottom: reconstructions (matched)</p>"))
         out.append(_run_img_tag(run_dir, r["grid"], title))
     out.append(_table([summary], list(summary)))
+    m = r.get("metrics") or {}
+    if m.get("roc_fpr") and m.get("roc_tpr"):  # membership inference: log-scale ROC curve
+        from fl_sim.inference import roc_svg
+        out.append(roc_svg(m["roc_fpr"], m["roc_tpr"], title=f"{r.get('attack')} ROC "
+                           f"(AUC {m.get('auc', float('nan')):.3f}; log-log)"))
     out.append(_threat_paragraph(r))
     out.append(_table([{"assumed knowledge": _cell(r.get("knowledge", {})),
                         "budget": _cell(r.get("budget", {})),

@@ -64,6 +64,12 @@ def write_html(plan: Plan, bench_dir: Path, rows: Sequence[Mapping[str, Any]],
     else:
         parts.append("<p>No plot (matplotlib missing or no cell with both an attack metric "
                      "and a utility).</p>")
+    mia = Path(bench_dir) / "membership_epsilon.png"  # membership inference (issue 22)
+    if mia.is_file() and any(r.get("auc") is not None for r in rows):
+        parts += ["<h2>Membership inference against ε</h2>",
+                  "<p>ROC AUC and TPR at 1 % FPR of each membership attack against the "
+                  "cell's ε (log scale; ∞ = no noise, at the right edge).</p>",
+                  img_tag(mia, "membership inference against epsilon")]
     parts += ["<h2>Results</h2>", f"<p>{len(rows)} of {len(plan.cells)} cells done.</p>",
               "<div class='wrap'>" + _table(records, cols, "results") + "</div>",
               "<h2>Cells</h2>"]

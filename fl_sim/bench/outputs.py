@@ -27,7 +27,8 @@ from fl_sim.threat_class import class_of_row
 INF = "inf"
 #: a +inf metric (a perfect reconstruction's PSNR) in results.csv / .md / report.html
 EXACT = "exact (∞)"
-METRICS = ("psnr", "ssim", "label_accuracy")
+#: reconstruction metrics, then membership inference's (ROC AUC, TPR at 1 % FPR; issue 22)
+METRICS = ("psnr", "ssim", "label_accuracy", "auc", "tpr_at_fpr_1pct")
 #: the attack's random start scored like its result (IG, DLG): the floor that a defense
 #: pushes the attack towards; blank for attacks without a random start (iDLG, GIDM+ ...)
 START = ("start_psnr", "start_ssim")
@@ -171,6 +172,9 @@ def write_outputs(plan: Plan, bench_dir: Path) -> dict[str, Path]:
                "defenses", "psnr", "start_psnr", "ssim",
                "label_accuracy", "utility", "epsilon", "epsilon_unit", "attack_seconds",
                "error"]
+    if any(r.get("auc") is not None for r in rows):  # membership inference in the grid
+        at = md_cols.index("label_accuracy") + 1
+        md_cols[at:at] = ["auc", "tpr_at_fpr_1pct"]
     if any(r.get("prior_overlap") for r in rows):  # prior-based attacks in the grid
         md_cols.insert(md_cols.index("label_accuracy") + 1, "prior_overlap")
     out["md"].write_text(markdown_table(records, md_cols))
@@ -179,6 +183,9 @@ def write_outputs(plan: Plan, bench_dir: Path) -> dict[str, Path]:
         out["plot"] = plot
     from fl_sim.bench.audits import write_audit_outputs  # audits.csv, audit_epsilon.png
     out.update(write_audit_outputs(plan, bench_dir))
+    from fl_sim.bench.inference import plot_membership_epsilon  # AUC, TPR@1% FPR against ε
+    if (mia := plot_membership_epsilon(rows, bench_dir / "membership_epsilon.png")):
+        out["membership_plot"] = mia
     from fl_sim.bench.html import write_html
     out["html"] = write_html(plan, bench_dir, rows, records, md_cols, plot)
     return out
