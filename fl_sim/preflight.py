@@ -44,6 +44,7 @@ def check_before_start(cfg: ExperimentConfig, *, run_dir: Path, resume: bool) ->
     check_attack_schedule(cfg)
     check_defenses(cfg)
     check_data(cfg)
+    check_audit_data(cfg)
     check_attack_fit(cfg)
     from fl_sim.inference import check_inference_attacks  # membership / property (issue 22)
     check_inference_attacks(cfg)
@@ -253,3 +254,11 @@ def check_data(cfg: ExperimentConfig) -> None:
     partition_json = json.dumps(cfg.partition.model_dump(mode="json"), sort_keys=True)
     load_splits(data_json)
     load_partitions(data_json, partition_json, cfg.federation.num_clients, cfg.run.seed)
+
+
+def check_audit_data(cfg: ExperimentConfig) -> None:
+    """Draw the canary examples as the clients will: more canaries than the test split
+    holds is a one-line ConfigError here, not a failure in every client."""
+    if any(a.name == "canary_examples" for a in cfg.audits):
+        from fl_sim.federation.canary_data import canary_examples
+        canary_examples(cfg)

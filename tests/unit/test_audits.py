@@ -63,6 +63,9 @@ BAD = {
         _run('audits=[{name="canary_clients", num_canaries=2}]',
              'strategy={name="fedsgd"}'),
         "strategy fedsgd aggregates gradients"),
+    "more canary examples than test images": (
+        _run('audits=[{name="canary_examples", num_canaries=100000}]'),
+        "num_canaries = 100000: the test split holds"),
     "unknown audit": (_run('audits=[{name="nope"}]'), "unknown audit 'nope'; known: "),
     "unknown audit param": (_run('audits=[{name="canary_clients", m=3}]'),
                             "audits[0].m: unknown key"),
