@@ -111,3 +111,26 @@ def test_attacks_on_the_final_model_run_at_the_end_of_the_run(monkeypatch: pytes
     runner.run_round_attacks(Path("unused"), cfg, 1)
     runner.run_final_attacks(Path("unused"), cfg)
     assert seen == [[("mia_lira", "local"), ("mia_gradient", "-")], [("mia_lira", "-")]]
+
+
+def test_local_target_rebuilds_the_clients_model_from_its_fedavg_delta(tmp_path: Path) -> None:
+    """target = "local": global + the client's FedAvg delta is the client's local model; with
+    one client FedAvg's new global IS that model, so round 2's rebuild equals the final model."""
+    from attacks.mia_lira import target_state
+    from fl_sim.run_dir import load_run
+    test = digits_splits().test
+    x, y = torch.as_tensor(test.images[:8]).float(), torch.as_tensor(test.labels[:8]).long()
+    spec = _spec()
+    run = load_run(build_case(tmp_path / "c", spec=spec,
+                              global_state=build_task(spec, seed=0).model.state_dict(),
+                              clients=[CaseClient(x, y, torch.arange(8))], data=DIGITS,
+                              strategy="fedavg", num_rounds=2, local_steps=3, lr=0.1,
+                              batch_size=4))
+    local = target_state(run.view("server").record(2, 0), "local", None)
+    final = run.final_model()
+    assert all(torch.allclose(local[k], final[k], atol=1e-6) for k in final)
+    with pytest.raises(ConfigError, match="FedAvg delta"):
+        fedsgd = build_case(tmp_path / "s", spec=spec, clients=[CaseClient(x, y, torch.arange(8))],
+                            global_state=build_task(spec, seed=0).model.state_dict(),
+                            data=DIGITS)
+        target_state(load_run(fedsgd).view("server").record(1, 0), "local", None)
