@@ -169,8 +169,9 @@ def estimate_epsilon(observed: np.ndarray, unobserved: np.ndarray,
 @AUDITS.register("canary_clients")
 @dataclass(frozen=True)
 class CanaryClients(Audit):
-    """Canary clients: ε estimated from the cosines of model deltas with canary directions
-    (Andrew et al., ICLR 2024)."""
+    """Canary clients: ε estimated from cosines of model deltas with canary directions.
+
+    Andrew et al., "One-shot Empirical Privacy Estimation for Federated Learning", ICLR 2024."""
 
     unit = "client"
     #: canary clients inserted into client sampling (each a fixed random direction)

@@ -134,8 +134,9 @@ def audit_scores(scores: np.ndarray, included: np.ndarray, *, k_pos: int, k_neg:
 @AUDITS.register("canary_examples")
 @dataclass(frozen=True)
 class CanaryExamples(Audit):
-    """Canary examples, each included with probability 1/2: a lower bound on ε from one
-    training run (Steinke, Nasr, Jagielski, NeurIPS 2023)."""
+    """Canary examples, each in training w.p. 1/2: a one-run lower bound on ε.
+
+    Steinke, Nasr, Jagielski, "Privacy Auditing with One (1) Training Run", NeurIPS 2023."""
 
     unit = "example"
     #: canary examples m (each included in one client's data with probability 1/2)
