@@ -29,7 +29,7 @@ def test_default_config_validates() -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("[runn]\nseed = 1\n", "runn: unknown key; allowed: attacks, data, defenses"),
+        ("[runn]\nseed = 1\n", "runn: unknown key; allowed: attacks, audits, data, defenses"),
         ("[run]\nsede = 1\n", "run.sede: unknown key; allowed: deterministic, device, name"),
         ("[run]\nseed = 'abc'\n", "run.seed: a string where a number is expected"),
         ("[run]\nseed = -1\n", "run.seed: Input should be greater than or equal to 0"),
