@@ -171,16 +171,9 @@ def run_inference_attack(run_dir: Path, cfg: Any, name: str, params: Any, attack
     record = _record(run, view, client, server_round, grant)
     check_finite_record(record)
     target = getattr(attack, "target_model", "update")
-    if attack.inference == "membership":
-        candidates, _, aux = build_candidates(  # membership: never handed to the attack
-            run, view=view, client=record.client_id if record.client_id is not None else client,
-            server_round=server_round, target_model=target,
-            num_members=int(attack.num_members), num_nonmembers=int(attack.num_nonmembers),
-            key=key)
-    else:
-        hx, hy = held_out(run)
-        from attacks.inference import Auxiliary
-        candidates, aux = None, Auxiliary(hx, hy, digest(hx, hy))
+    candidates, aux = _attack_inputs(run, attack, view=view, server_round=server_round, key=key,
+                                     client=record.client_id if record.client_id is not None
+                                     else client)
     gen = torch_generator(cfg.run.seed, "attack", name, server_round, record.client_id or 0)
     t0 = time.perf_counter()
     out = attack.infer(record, candidates, auxiliary=aux if attack.needs_auxiliary else None,
@@ -214,6 +207,22 @@ def run_inference_attack(run_dir: Path, cfg: Any, name: str, params: Any, attack
     result["threat_class"] = threat_class(result)
     _append(run_dir, result)
     return [result]
+
+
+def _attack_inputs(run: Any, attack: Any, *, view: str, client: int | None,
+                   server_round: int, key: str) -> tuple[Any, Any]:
+    """``(candidates or None, auxiliary)``: membership draws and records the candidate set
+    (the membership stays in the truth store); property inference gets the held-out pool."""
+    if attack.inference == "membership":
+        candidates, _, aux = build_candidates(
+            run, view=view, client=client, server_round=server_round,
+            target_model=getattr(attack, "target_model", "update"),
+            num_members=int(attack.num_members), num_nonmembers=int(attack.num_nonmembers),
+            key=key)
+        return candidates, aux
+    from attacks.inference import Auxiliary
+    hx, hy = held_out(run)
+    return None, Auxiliary(hx, hy, digest(hx, hy))
 
 
 def score_property(run: Any, view: str, client: int | None, server_round: int,
