@@ -41,7 +41,7 @@ MIN_GAIN_DB = 6.0  # LeNet 16x16, image 0, 120 it: PSNR gain over the random sta
 REF_CONVNET_B1_DB = 17.5  # breaching: 17.6 dB
 REF_CONVNET_B4_DB = 14.0  # breaching: 14.0 dB
 REF_RESNET18_B1_DB = 15.8  # breaching: 15.85 dB
-BN_PRIOR_MAX_LOSS_DB = 0.5  # the BN prior may cost at most this much PSNR
+BN_PRIOR_MAX_LOSS_DB = 0.5  # the BN prior may cost at most this much PSNR (measured: -0.21)
 
 
 def small_case(model: str = "convnet", n: int = 1, size: int = 16, seed: int = 0,

@@ -26,13 +26,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 TABLE = ROOT / "tests" / "QUALITY_MARGINS.md"
 COLUMNS = ["test", "case rule", "metric", "measured", "asserted", "margin"]
-#: quality tests being re-pinned and re-measured by this change (issue 18, item 4); emptied
-#: when their rows are in
+#: quality tests being re-measured by a change in progress; drop each once its rows are in
 AWAITING_REMEASUREMENT = {
     # the peer change (issue 18, item 2) re-measures this one and adds its row
     "tests/unit/test_peer_inversion.py::test_peer_reconstruction_convnet_3_clients_fedsgd",
-    "tests/unit/test_inverting_gradients.py::"
-    "test_bn_prior_does_not_hurt_batch4_with_real_running_statistics",
 }
 _NUMBER = re.compile(r"[-+]?\d+(?:\.\d+)?")
 _ASSERTED = re.compile(r"^`(?P<name>[A-Z][A-Z0-9_]*)`\s*(?P<op>>=|<=|>|<)\s*"
