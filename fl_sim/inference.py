@@ -3,8 +3,9 @@ data, and the ROC scoring (issue 22).
 
 The candidate set is ground truth: members are drawn from the target's training data as the
 truth store recorded it (server view: the client's batch of the round; peer view: the other
-clients' batches of the round, which the derived update aggregates; final model: every batch
-the target client trained on in the run), non-members from the data source's examples that no
+clients' batches of the round, which the derived update aggregates; the aggregate a SecAgg+
+server holds: every aggregated client's batch; final model: every batch the target client
+trained on in the run), non-members from the data source's examples that no
 client trained on in this run (held out, same distribution; identified by content, so a case
 built from test images stays correct). Both are drawn with
 ``torch_generator(seed, "mia-candidates", ...)`` and shuffled together; images, labels and
@@ -71,6 +72,8 @@ def _member_pool(run: Any, view: str, client: int | None, server_round: int,
         keys = [(r, c) for r, c in _truth_keys(run) if c == client]
     elif view == "peer":
         keys = [(server_round, c) for c in run.clients_in_round(server_round) if c != client]
+    elif view == "aggregate":  # SecAgg+: the sum holds every aggregated client's batch
+        keys = [(server_round, c) for c in run.view("server").aggregate_clients(server_round)]
     else:
         keys = [(server_round, client)]
     truths = [run.truth(r, c) for r, c in keys]

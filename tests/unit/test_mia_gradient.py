@@ -140,3 +140,12 @@ def test_bad_parameters_are_one_line_config_errors(params: dict) -> None:
     with pytest.raises(ConfigError) as exc:
         MiaGradient(**params)
     assert "\n" not in str(exc.value)
+
+
+def test_aggregate_view_scores_every_aggregated_clients_batch(tmp_path: Path) -> None:
+    """Under SecAgg+ the server's record is the aggregate: its members are every aggregated
+    client's batch (here 8 x 4 = 32), not one client's."""
+    row = replay(_case(tmp_path / "case"), "mia_gradient", view="aggregate",
+                 params={"num_members": 64, "num_nonmembers": 8})[0]
+    assert row["view"] == "aggregate" and row["client"] is None
+    assert row["metrics"]["num_members"] == CLIENTS * PER_CLIENT
