@@ -11,6 +11,10 @@ Attacks:
   with eps solved from ``conv_out``'s gradient);
 - ``gidm``: GIDM with eps and t GRANTED (the upper reference).
 
+``--basin``: instead, the oracle basin of the search over x_t (not an attack): digit
+``--start``, t in {50, 800}, L-BFGS over x_t from ``x_t_true + rho |x_t| u`` (u a seeded unit
+direction, rho in {0.5, 1.0}) with eps solved, and the same L-BFGS with the TRUE eps.
+
 Per case: |t - t_true| (mean), eps relative error ``|eps_hat - eps| / |eps|`` (matched
 images), PSNR / SSIM, CPU seconds (``time.process_time``, one thread: robust to other load).
 Budgets are chosen so that the three take similar CPU time (``--budget`` scales all).
@@ -86,6 +90,69 @@ def run_case(task: Any, spec: Any, name: str, make: Any, images: torch.Tensor,
     return out
 
 
+def _granted_distance(task: Any, problem: Any, x: torch.Tensor, t: torch.Tensor,
+                      eps: torch.Tensor) -> torch.Tensor:
+    """Matching distance of ``x_t`` with the TRUE eps (GIDM's objective in x_t units)."""
+    import torch.nn.functional as F
+
+    from attacks.relaxed_diffusion import matching_distance
+
+    g = torch.func.grad(lambda p: F.mse_loss(task.predict(p, problem.buffers, x, t), eps))(
+        dict(problem.params))
+    return matching_distance({k: v[None] for k, v in g.items()}, problem.target,
+                             problem.target_sq)[0]
+
+
+def _lbfgs_granted(task: Any, problem: Any, start: torch.Tensor, t: torch.Tensor,
+                   eps: torch.Tensor, iterations: int) -> torch.Tensor:
+    """The same L-BFGS as ``search_xt``, over x_t with the TRUE eps."""
+    var = start.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([var], max_iter=iterations, history_size=100, tolerance_grad=1e-12,
+                            tolerance_change=1e-15, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        d = _granted_distance(task, problem, var, t, eps)
+        d.backward()
+        return d
+    opt.step(closure)
+    return var.detach()
+
+
+def basin(task: Any, spec: Any, start: int, iterations: int) -> list[dict[str, Any]]:
+    """The oracle basin (module docstring): solved vs granted eps from perturbed x_t."""
+    from attacks.gidm_plus import abar_at, problem_from_record
+    from attacks.noise_solve import search_xt, x0_from
+    from fl_sim.metrics import psnr
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a - b).norm() / b.norm())
+
+    rows = []
+    for tt in (50, 800):
+        images, aux = digits_victims(1, start=start), draw_aux(1, seed=500, t=[tt])
+        problem = problem_from_record(diffusion_record(task, spec, images, aux=aux,
+                                                       grant=False))
+        t = aux["t"].float()
+        ab = abar_at(task.alphas_cumprod, t).view(-1, 1, 1, 1)
+        x_t = ab.sqrt() * (images * 2 - 1) + (1 - ab).sqrt() * aux["eps"]
+
+        def score(x0: torch.Tensor, images: torch.Tensor = images) -> float:
+            return float(psnr(((x0 + 1) / 2).clamp(0, 1), images).mean())
+        for rho in (0.5, 1.0):
+            u = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(1))
+            x_start = x_t + rho * u * x_t.norm() / u.norm()
+            got, eps, dist, _ = search_xt(problem, x_start, t, iterations=iterations)
+            var = _lbfgs_granted(task, problem, x_start, t, aux["eps"], iterations)
+            rows.append({"t": tt, "rho": rho, "solved": {
+                "distance": dist, "xt_err": rel(got, x_t), "eps_err": rel(eps, aux["eps"]),
+                "psnr": score(x0_from(problem, got, eps, t))}, "granted": {
+                "distance": float(_granted_distance(task, problem, var, t, aux["eps"])),
+                "xt_err": rel(var, x_t), "psnr": score(x0_from(problem, var, aux["eps"], t))}})
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--prior", type=Path, default=None)
@@ -94,12 +161,19 @@ def main() -> None:
     ap.add_argument("--attacks", default="gidm_plus,gidm_plus_solve,gidm")
     ap.add_argument("--start", type=int, default=40)
     ap.add_argument("--budget", type=float, default=1.0)
+    ap.add_argument("--basin", type=int, default=0, metavar="ITERATIONS",
+                    help="run the oracle basin measurement with this many L-BFGS iterations")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" /
                     "gidm_plus_solve.json")
     args = ap.parse_args()
     torch.set_num_threads(1)
     prior = args.prior or train_digits_prior(ROOT / "benchmarks" / "out" / "digits_prior")
     task, spec = global_task(prior)
+    if args.basin:
+        rows_b = basin(task, spec, args.start, args.basin)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"basin": rows_b, "prior": str(prior)}, indent=2))
+        return
     made = attacks(args.budget)
     rows = []
     for b in (int(v) for v in args.batches.split(",")):

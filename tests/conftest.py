@@ -99,7 +99,8 @@ def flower_task_identity() -> Iterator[None]:
 #: Test files that share the session-trained digits prior (tests/diffusion_cases.py): one
 #: xdist worker runs them all, so the prior is trained once.
 _PRIOR_FILES = ("test_gidm.py", "test_gidm_plus.py", "test_gidm_quality.py",
-                "test_peer_diffusion_prior.py", "test_gias.py", "test_prior_overlap.py")
+                "test_peer_diffusion_prior.py", "test_gias.py", "test_prior_overlap.py",
+                "test_gidm_plus_solve.py")
 #: Test files outside tests/integration whose tests start Ray (marker ``ray``).
 _FEDERATION_FILES = ("tests/unit/test_cli.py",)
 
