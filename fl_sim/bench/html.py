@@ -70,6 +70,13 @@ def write_html(plan: Plan, bench_dir: Path, rows: Sequence[Mapping[str, Any]],
                   "<p>ROC AUC and TPR at 1 % FPR of each membership attack against the "
                   "cell's ε (log scale; ∞ = no noise, at the right edge).</p>",
                   img_tag(mia, "membership inference against epsilon")]
+    audit = Path(bench_dir) / "audit_epsilon.png"  # privacy audits (issue 21)
+    if audit.is_file():
+        parts += ["<h2>Privacy audit: measured against claimed ε</h2>",
+                  "<p>ε measured by each simulation's audits (estimate or lower bound) "
+                  "against the accountant's claimed ε, log axes, the line y = x; runs without "
+                  "a DP claim at the right edge (numbers: audits.csv).</p>",
+                  img_tag(audit, "measured against claimed epsilon")]
     parts += ["<h2>Results</h2>", f"<p>{len(rows)} of {len(plan.cells)} cells done.</p>",
               "<div class='wrap'>" + _table(records, cols, "results") + "</div>",
               "<h2>Cells</h2>"]
