@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fl_sim.errors import ConfigError
+from fl_sim.errors import ConfigError, InvalidRecordError
 from fl_sim.records import ObservationRecord
 
 Params = dict[str, Tensor]
@@ -33,18 +33,21 @@ def split_state(task: Any, state: Mapping[str, Tensor], *,
 
     ``params`` holds the entries named by ``task.model.named_parameters()`` (float32, detached,
     no grad), ``buffers`` those of ``named_buffers()`` (e.g. BatchNorm running statistics).
-    Extra keys in ``state`` are ignored. Raises ``KeyError`` naming the first parameter or
-    buffer missing from ``state`` and ``ValueError`` on a shape mismatch.
+    Extra keys in ``state`` are ignored. Raises :class:`~fl_sim.errors.InvalidRecordError`
+    naming the first parameter or buffer missing from ``state`` or of another shape (a
+    recorded state that does not belong to the model: one line at the CLI, not a traceback).
     """
     def pick(named: Any) -> Params:
         out: Params = {}
         for name, ref in named:
             if name not in state:
-                raise KeyError(f"state has no entry {name!r} of model {type(task.model).__name__}")
+                raise InvalidRecordError(f"the recorded state has no entry {name!r} of model "
+                                         f"{type(task.model).__name__} (spec.json's model)")
             t = state[name].detach()
             if t.shape != ref.shape:
-                raise ValueError(f"state entry {name!r} has shape {tuple(t.shape)}, "
-                                 f"model expects {tuple(ref.shape)}")
+                raise InvalidRecordError(f"recorded state entry {name!r} has shape "
+                                         f"{tuple(t.shape)}, the model expects "
+                                         f"{tuple(ref.shape)}")
             out[name] = t.to(device=device or ref.device,
                              dtype=ref.dtype if t.is_floating_point() else t.dtype)
         return out
@@ -80,13 +83,15 @@ def target_from_record(record: ObservationRecord, task: Any | None = None) -> Pa
     ``new - global`` after local training (approximately ``-lr * sum of gradients``): it is
     returned as observed, the objective decides how to match it. Non-parameter entries
     (e.g. BatchNorm running statistics in a delta) are dropped. ``task`` defaults to
-    ``record.spec.build_task()``. Raises ``KeyError`` if a parameter has no update entry.
+    ``record.spec.build_task()``. Raises :class:`~fl_sim.errors.InvalidRecordError` if a
+    parameter has no update entry.
     """
     task = record.spec.build_task() if task is None else task
     out: Params = {}
     for name in parameter_names(task):
         if name not in record.update:
-            raise KeyError(f"record update has no entry for parameter {name!r}")
+            raise InvalidRecordError(f"the recorded update has no entry for parameter "
+                                     f"{name!r} of the model in spec.json")
         out[name] = record.update[name].detach().to(torch.float32)
     return out
 

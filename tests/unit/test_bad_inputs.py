@@ -312,6 +312,9 @@ CASES: dict[str, tuple[Case, str]] = {
                                     "noop", "--client", "1"), "holds NaN/inf"),
     "replay NaN own update": (attack_on(lambda t: make_run(t, nan_own=True), "--attack",
                                         "noop", "--view", "peer"), "own update holds NaN/inf"),
+    "replay record of another model": (attack_on(make_run, "--attack", "idlg", "--client",
+                                                 "1"),
+                                       "the recorded update has no entry for parameter"),
     # values are what they claim to be; attacks that cannot work are refused before the run
     "defense param a string": (run_with('defenses=[{name="pruning", ratio="0.5"}]'),
                                "defenses[0].ratio: a string where a number is expected"),
@@ -414,7 +417,8 @@ NEEDS_NO_CUDA = {"train-prior cuda without CUDA"}
 
 
 #: Cases that refuse invalid recorded data: they write one error row to attacks.jsonl.
-ERROR_ROW_CASES = {"replay NaN update", "replay NaN own update"}
+ERROR_ROW_CASES = {"replay NaN update", "replay NaN own update",
+                   "replay record of another model"}
 
 
 def _tree(path: Path) -> set[Path]:

@@ -29,7 +29,7 @@ from attacks.objectives import (
     total_variation,
     unrolled_delta,
 )
-from fl_sim.errors import ConfigError, ThreatModelError
+from fl_sim.errors import ConfigError, InvalidRecordError, ThreatModelError
 from fl_sim.metrics import psnr, score_reconstruction
 from fl_sim.registry import ATTACKS
 from fl_sim.tasks import build_task
@@ -82,7 +82,7 @@ def test_split_state_names_missing_entry():
     task, *_ = small_case("lenet")
     state = dict(task.model.state_dict())
     state.pop("fc.bias")
-    with pytest.raises(KeyError, match="fc.bias"):
+    with pytest.raises(InvalidRecordError, match="fc.bias"):
         split_state(task, state)
 
 
