@@ -217,7 +217,12 @@ def run_server(grid: Grid, setup: ServerSetup) -> None:
                       store=ObservationStore(run_dir) if fed.taps else None,
                       retention=Retention.of(fed), defenses=defenses_in_force(cfg))
     tap.published = published
-    audits = start_audits(cfg, run_dir, arrays_to_tensors(arrays), tap)
+    # canary state (inclusion, per-round cosines, θ_0) is not checkpointed: a resumed run
+    # cannot score its canary clients, so it writes no canary_clients row (logged)
+    audits = start_audits(cfg, run_dir, arrays_to_tensors(arrays), tap) if start == 0 else []
+    if start and any(a.name == "canary_clients" for a in cfg.audits):
+        logger.warning("canary_clients audits are not scored in a resumed run (canary state "
+                       "is not checkpointed)")
     test = (splits.test.images[:MAX_EVAL_EXAMPLES], splits.test.labels[:MAX_EVAL_EXAMPLES])
     poison = _poison_clients()
     for r in range(start + 1, fed.num_rounds + 1):
