@@ -1,7 +1,8 @@
 """The ``fl-sim`` command line.
 
 Every user error (a bad config, a missing file, an unknown plug-in) ends with ONE line on
-stderr and a non-zero exit status; ``--debug`` shows the traceback instead. The library never
+stderr and exit status 2; an unexpected error (a bug) with one ``internal error`` line and
+exit status 1; ``--debug`` shows the traceback instead. The library never
 prints: this module owns the terminal (logging handler, rich progress bar, tables).
 """
 
@@ -443,6 +444,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("fl-sim: interrupted (resume with `fl-sim run --resume RUN_DIR`)\n")
         return 130
+    except Exception as exc:  # a bug, not bad input: still one line (exit 1), never a traceback
+        if args.debug:
+            raise
+        logger.debug("unexpected error", exc_info=True)
+        text = " ".join(str(exc).split())[:300]
+        sys.stderr.write(f"fl-sim: internal error: {type(exc).__name__}: {text} (please report "
+                         "it; `fl-sim --debug ...` shows the traceback)\n")
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

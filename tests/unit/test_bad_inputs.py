@@ -514,3 +514,21 @@ def test_checkpoint_state_is_validated_when_loaded(tmp_path: Path, state: dict[s
     (tmp_path / "checkpoint" / "state.json").write_text(json.dumps(state))
     with pytest.raises(RunDirError, match=match):
         CheckpointStore(tmp_path).load()
+
+
+def test_an_unexpected_error_is_one_internal_error_line(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+        keep_logging: None) -> None:
+    """A bug (no FlSimError) in any subcommand: one line and exit 1, not a traceback; the
+    traceback stays available with --debug."""
+    def broken(args: object) -> int:
+        raise ZeroDivisionError("boom\nsecond line")
+
+    monkeypatch.setitem(cli.COMMANDS, "list", broken)
+    assert cli.main(["list"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [
+        "fl-sim: internal error: ZeroDivisionError: boom second line (please report it; "
+        "`fl-sim --debug ...` shows the traceback)"]
+    with pytest.raises(ZeroDivisionError):
+        cli.main(["--debug", "list"])

@@ -51,7 +51,7 @@ _SETTINGS = settings(derandomize=_SCALE == 1, deadline=None, database=None,
                                             HealthCheck.too_slow])
 
 
-class _Accepted(Exception):  # noqa: N818 -- a sentinel, not an error
+class _Accepted(BaseException):  # noqa: N818 -- a sentinel, not an error (not caught as one)
     """Raised where the real command would start its expensive work: the input passed."""
 
 
