@@ -42,14 +42,17 @@ solved at every evaluation from the output convolution's gradient, which is line
 residual ``eps_theta(x_t, t) - eps`` with coefficients from the layer's input at ``x_t``
 (:mod:`attacks.noise_solve`; batch 1 at 16x16: 289 equations for 256 unknowns, full rank);
 then ``x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)``. The stage keeps phase 2's result when
-it does not match the observed gradient better. What it buys (``benchmarks/RESULTS.md``,
-issue 25): at the TRUE x_t the solve returns eps to ~1e-6 and x0 at 90+ dB, and L-BFGS over
-x_t converges to image and noise from starts up to ~50 % (relative) off the true x_t; but
-from GIDM+'s own start (x_t 80-140 % off: its eps is a random draw) it does not reach that
-basin, so the end-to-end images do not improve by the 10 dB asked for -- a measured
-negative result. Why: the objective over x_t with eps solved has wrong-x_t points of very low
-distance (1.6e-4 relative at t = 800 with x_t 140 % off), because the solve lets eps absorb
-whatever the last layer needs; the gradient fixes the residual given x_t, not x_t itself.
+it does not match the observed gradient better or its x0 leaves the box. What it buys
+(``benchmarks/RESULTS.md``, issue 25): t exactly at batch 1; at the TRUE x_t the solve returns
+eps to ~1e-6 and x0 at 90+ dB; L-BFGS over x_t converges to image and noise from starts 20 %
+(relative) off the true x_t (eps error 0.02-0.07, 19-53 dB), only partly from 50 % off. But
+GIDM+'s own x_t is 82-138 % off (its eps is a random draw and x_t is mostly eps at high t),
+outside that basin, so the end-to-end images do not improve by the 10 dB asked for -- a
+measured negative result. Why: the gradient fixes the residual GIVEN x_t, not x_t itself;
+over x_t with eps solved there are far-off points of very low distance (1.6e-4 relative at
+t = 800 with x_t 140 % off: lower than GIDM's own objective with the true eps reaches from a
+50 % start), because the solve lets eps absorb whatever the output layer needs. The
+identity turns the 256-dim eps problem into a 256-dim x_t problem, not an easier one.
 
 Deviations from the paper, and why:
 

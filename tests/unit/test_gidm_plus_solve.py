@@ -36,7 +36,8 @@ from fl_sim.metrics import psnr
 SOLVE_CASES, SOLVE_RHO, SOLVE_ITERATIONS = (2, 3), 0.2, 40
 #: bars (measured 2026-12-07 with the tests' prior; margins in tests/QUALITY_MARGINS.md):
 #: PSNR of x0 from the solved x_t / eps, lowest of the two cases (measured 19.09 dB at
-#: t = 911 and 38.66 dB at t = 540: at t = 911 sqrt(abar) ~ 0.01 amplifies what is left)
+#: t = 911 and 38.66 dB at t = 540: at t = 911, sqrt((1 - abar) / abar) = 67 amplifies what
+#: is left of the residual's error)
 MIN_SOLVE_PSNR_DB = 15.0
 #: eps relative error |eps_hat - eps| / |eps|, largest of the two (measured 0.0719 / 0.0716;
 #: GIDM+ without the solve: ~1.4, no better than a random draw)
