@@ -1,6 +1,6 @@
 """GIDM+ with eps solved from the output layer (issue 25) vs today's GIDM+ vs GIDM (eps, t granted).
 
-Cases (``tests/diffusion_cases.py``): the tests' digits prior (tiny UNet, T = 1000) is the
+Cases (:mod:`fl_sim.cases`): the tests' digits prior (tiny UNet, T = 1000) is the
 global model; victims are digits of the TEST split from index ``--start`` (default 40: no test
 uses digits past 10), FedSGD gradient of the mean DDPM loss; eps and t drawn by ``draw_aux``
 with seed ``1000 + batch`` (uniform: ``2000 + batch``) in three t ranges: low [0, 200),
@@ -28,29 +28,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-from diffusion_cases import (  # noqa: E402
+from attacks.gidm import GIDM
+from attacks.gidm_plus import GIDMPlus
+from fl_sim.attack_runner import score_diffusion_aux
+from fl_sim.cases import (
     diffusion_record,
     digits_victims,
     draw_aux,
     global_task,
     train_digits_prior,
 )
+from fl_sim.metrics import score_reconstruction
+from fl_sim.records import GroundTruthRecord, TruthStep
 
-from attacks.gidm import GIDM  # noqa: E402
-from attacks.gidm_plus import GIDMPlus  # noqa: E402
-from fl_sim.attack_runner import score_diffusion_aux  # noqa: E402
-from fl_sim.metrics import score_reconstruction  # noqa: E402
-from fl_sim.records import GroundTruthRecord, TruthStep  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 RANGES = {"low": (0, 200), "high": (700, 1000), "uniform": (0, 1000)}
 #: eps / t seed = SEEDS[range] + batch (uniform: 1000 + 1 drew the same t = 12 as low)
