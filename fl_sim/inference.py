@@ -279,6 +279,9 @@ def check_inference_attacks(cfg: Any) -> None:
             attack = ATTACKS.create(a.name, _where=f"attacks[{i}]", **dict(a.params))
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
+        if getattr(attack, "target_model", None) == "local" and cfg.strategy.name == "fedsgd":
+            raise ConfigError(f"{where}: target = \"local\" rebuilds a client's model from a "
+                              "FedAvg delta; strategy fedsgd sends gradients")
         k = getattr(attack, "property_class", None)
         if k is not None and k >= classes:
             raise ConfigError(f"{where}: property_class = {k} is no class of data "

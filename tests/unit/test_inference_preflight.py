@@ -21,6 +21,8 @@ CASES = {
                              "needs 5200 held-out examples (num_nonmembers 200 + shadow_size "
                              "5000) but at most"),
     "one shadow": ('attacks=[{name="mia_rmia", num_shadows=1}]', "at least 2"),
+    "local model under fedsgd": ('attacks=[{name="mia_lira", target="local"}]',
+                                 'target = "local" rebuilds a client\'s model from a FedAvg'),
 }
 
 
