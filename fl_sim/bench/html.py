@@ -57,10 +57,12 @@ def write_html(plan: Plan, bench_dir: Path, rows: Sequence[Mapping[str, Any]],
              f"<h1>fl-sim bench <code>{html.escape(plan.name)}</code></h1>",
              "<h2>Experiment</h2>", _description(plan), "<h2>Privacy–utility</h2>"]
     if plot is not None:
-        parts.append("<p>Attack metric (higher = more leakage) against the federation's "
-                     "utility (final evaluation accuracy, or held-out diffusion loss); one "
-                     "curve per defense and attack, points annotated with the swept values "
-                     "and ε (∞ = no noise).</p>" + img_tag(plot, "privacy-utility plot"))
+        parts.append("<p>Attack metrics (higher = more leakage; the shaded band: the "
+                     "attack's random start) and the federation's utility (final evaluation "
+                     "accuracy, or held-out diffusion loss) in separate panels against ε "
+                     "(log scale; no DP at the right edge) or, in a grid without ε, the "
+                     "swept values; one line per defense · attack (legend).</p>"
+                     + img_tag(plot, "privacy-utility plot"))
     else:
         parts.append("<p>No plot (matplotlib missing or no cell with both an attack metric "
                      "and a utility).</p>")

@@ -1,8 +1,8 @@
 """Outputs of ``fl-sim bench`` in the bench directory, written from ``results.jsonl`` only.
 
 ``results.csv`` (one row per cell, plan order), ``results.md`` (the same as a markdown
-table), ``privacy_utility.png`` (attack PSNR / SSIM / label accuracy against utility, one
-curve per defense and attack, points annotated with the swept values and ε), ``grids/``
+table), ``privacy_utility.png`` (attack metrics and utility in separate panels against ε,
+or the swept values; :mod:`fl_sim.bench.privacy_plot`), ``grids/``
 (each cell's original-over-reconstruction grid, copied from its simulation) and a
 self-contained ``report.html`` (every image a data URI).
 """
@@ -199,15 +199,6 @@ def markdown_table(records: Sequence[Mapping[str, Any]], cols: Sequence[str]) ->
     return "\n".join(lines) + "\n"
 
 
-def curve_label(row: Mapping[str, Any], axes: Sequence[str]) -> str:
-    """Which curve a cell belongs to: its defenses (names) and its attack."""
-    names = sorted({d.split("(")[0] for d in row.get("defenses") or []}) or ["none"]
-    att = [f"{a.split('.')[-1]}={row['axes'][a]}" for a in axes
-           if a.startswith("attack.") and a in row.get("axes", {})]
-    return f"{'+'.join(names)} · {row['attack']} ({row.get('view')})" + (
-        f" [{', '.join(att)}]" if att else "")
-
-
 def point_label(row: Mapping[str, Any], axes: Sequence[str]) -> str:
     """A point's annotation: the swept federation values (strength) and ε."""
     parts = [_axis_value(a, row["axes"][a]) for a in axes
@@ -227,49 +218,10 @@ def _axis_value(axis: str, v: Any) -> str:
 
 def plot_privacy_utility(rows: Sequence[Mapping[str, Any]], axes: Sequence[str],
                          path: Path) -> Path | None:
-    """Attack metric (y) against utility (x), one curve per :func:`curve_label`; None when
-    matplotlib is missing or no cell has both numbers."""
-    keys = [k for k in METRICS if any(r.get(k) is not None and r.get("utility") is not None
-                                      for r in rows)]
-    if not keys:
-        return None
-    try:
-        import matplotlib
-    except ImportError:
-        return None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axs = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4.2), squeeze=False)
-    curves: dict[str, list[Mapping[str, Any]]] = {}
-    for r in rows:
-        curves.setdefault(curve_label(r, axes), []).append(r)
-    umetric = next((r.get("utility_metric") for r in rows if r.get("utility_metric")), "")
-    for ax, key in zip(axs[0], keys, strict=True):
-        for label, pts in curves.items():
-            pts = [p for p in pts if p.get(key) is not None and p.get("utility") is not None]
-            if not pts:
-                continue
-            (line,) = ax.plot([p["utility"] for p in pts], [p[key] for p in pts], marker="o",
-                              label=label)
-            starts = [p[f"start_{key}"] for p in pts if p.get(f"start_{key}") is not None]
-            if starts:  # the random-start floor the attack falls towards as noise grows
-                ax.axhline(sum(starts) / len(starts), color=line.get_color(), ls="--", lw=1,
-                           label=f"{label}: random start")
-            varying = [a for a in axes if len({json.dumps(p.get("axes", {}).get(a),
-                                                          sort_keys=True) for p in pts}) > 1]
-            for p in pts:  # annotated with what changes along the curve, and ε
-                ax.annotate(point_label(p, varying), (p["utility"], p[key]), fontsize=7,
-                            textcoords="offset points", xytext=(4, 4))
-        ax.set_xlabel(f"utility ({umetric})" if umetric else "utility")
-        ax.set_ylabel(key.replace("_", " "))
-        ax.set_title(f"{key.replace('_', ' ')} vs utility")
-        ax.grid(alpha=0.3)
-        if ax.get_lines():
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    """``privacy_utility.png``: attack metrics and utility in separate panels against ε (log;
+    no DP apart) or, without ε, the swept values (:mod:`fl_sim.bench.privacy_plot`)."""
+    from fl_sim.bench.privacy_plot import plot_privacy_utility as plot
+    return plot(rows, axes, path)
 
 
 def img_tag(path: Path, alt: str) -> str:
