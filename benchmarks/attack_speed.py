@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,9 +30,16 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 
-from attack_cases import cifar_images, cifar_labels, make_record, make_task  # noqa: E402
+from functools import partial  # noqa: E402
+
+from fl_sim import cases  # noqa: E402
+from fl_sim.cases import make_record, make_task  # noqa: E402
+
+#: the vendored CIFAR-10 slice the tests use (data, read by path; provenance tests/data/README.md)
+CIFAR_FILE = Path(__file__).resolve().parents[1] / "tests" / "data" / "cifar10_ref.npz"
+cifar_images = partial(cases.cifar_images, CIFAR_FILE)
+cifar_labels = partial(cases.cifar_labels, CIFAR_FILE)
 
 from attacks.inverting_gradients import InvertingGradients, invert  # noqa: E402
 from fl_sim.metrics import score_reconstruction  # noqa: E402

@@ -14,12 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from fl_sim.bench.grid import load_grid  # noqa: E402
 from fl_sim.bench.runner import RESULTS, run_bench  # noqa: E402

@@ -17,16 +17,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
+from functools import partial  # noqa: E402
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from fl_sim import cases  # noqa: E402
+from fl_sim.cases import make_record, make_spec  # noqa: E402
 
-from attack_cases import cifar_images, cifar_labels, make_record, make_spec  # noqa: E402
+#: the vendored CIFAR-10 slice the tests use (data, read by path; provenance tests/data/README.md)
+CIFAR_FILE = Path(__file__).resolve().parents[1] / "tests" / "data" / "cifar10_ref.npz"
+cifar_images = partial(cases.cifar_images, CIFAR_FILE)
+cifar_labels = partial(cases.cifar_labels, CIFAR_FILE)
 
 from attacks.dlg import DLG  # noqa: E402
 from attacks.inverting_gradients import InvertingGradients  # noqa: E402

@@ -1,6 +1,6 @@
 """GIDM vs GIDM+ vs pixel-only on federated diffusion updates; GIDM+'s t search; GIDM's speed.
 
-Cases (``tests/diffusion_cases.py``): the tiny-UNet DDPM trained by ``fl-sim train-prior`` on
+Cases (``fl_sim.cases``): the tiny-UNet DDPM trained by ``fl-sim train-prior`` on
 the digits TRAIN split (grey 16x16; cached in ``benchmarks/out/digits_prior``) is the global
 model; the victims are digits of the TEST split; the observed update is the FedSGD gradient of
 the mean DDPM loss with seeded eps and t.
@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -43,20 +42,18 @@ from typing import Any
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
 
-from diffusion_cases import (  # noqa: E402
+from attacks.diffusion_matching import SECOND_ORDER  # noqa: E402
+from attacks.gidm import GIDM  # noqa: E402
+from attacks.gidm_plus import GIDMPlus  # noqa: E402
+from fl_sim.attack_runner import score_diffusion_aux  # noqa: E402
+from fl_sim.cases import (  # noqa: E402
     diffusion_record,
     digits_victims,
     draw_aux,
     global_task,
     train_digits_prior,
 )
-
-from attacks.diffusion_matching import SECOND_ORDER  # noqa: E402
-from attacks.gidm import GIDM  # noqa: E402
-from attacks.gidm_plus import GIDMPlus  # noqa: E402
-from fl_sim.attack_runner import score_diffusion_aux  # noqa: E402
 from fl_sim.metrics import score_reconstruction  # noqa: E402
 from fl_sim.records import GroundTruthRecord, TruthStep  # noqa: E402
 from fl_sim.tasks.base import Batch  # noqa: E402

@@ -1,10 +1,10 @@
 """GIAS (diffusion prior) vs Inverting Gradients at equal wall time, and GIAS's cost per phase.
 
-The case of ``tests/unit/test_gias.py``: breaching's ReLU ConvNet (width 16, BN eval) on grey
-16x16 digits, one client's
-FedSGD gradient of a batch of ``--batch`` digits of the TEST split (labels granted), the digits
-prior trained on the TRAIN split (``tests/diffusion_cases.py``). For each of ``--batches``
-consecutive batches: GIAS runs its budget (timed), then Inverting Gradients gets the SAME
+The case of ``tests/unit/test_gias.py`` (``fl_sim.cases.gias``, read through the server view):
+breaching's ReLU ConvNet (width 16, BN eval) on grey 16x16 digits, one client's FedSGD gradient
+of a batch of ``--batch`` digits of the TEST split (labels granted), the digits prior trained on
+the TRAIN split (``fl_sim.cases.train_digits_prior``). For each of ``--batches`` consecutive
+batches: GIAS runs its budget (timed), then Inverting Gradients gets the SAME
 seconds (its seconds per iteration measured on a 20-iteration probe, then ``floor(seconds /
 that)`` iterations with the step schedule spanning them). Prints per-batch and mean PSNR / SSIM
 of GIAS after phase 1, after phase 2 and of IG, then the seconds of one iteration of each phase
@@ -20,23 +20,36 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "unit")]
-
-from diffusion_cases import train_digits_prior  # noqa: E402
-from prior_costs import unit_costs  # noqa: E402
-from test_gias import GIAS_BUDGET, MODEL, equal_time_ig, gias_case  # noqa: E402
+from prior_costs import unit_costs  # noqa: E402  (the sibling module, found beside the script)
 
 from attacks.ddim_sampler import DDIMSampler  # noqa: E402
 from attacks.gias import GIAS  # noqa: E402
+from attacks.inverting_gradients import InvertingGradients  # noqa: E402
+from fl_sim.cases import train_digits_prior  # noqa: E402
+from fl_sim.cases.gias import GIAS_BUDGET, IG_BASE, MODEL, gias_case  # noqa: E402
 from fl_sim.metrics import score_reconstruction  # noqa: E402
 from fl_sim.priors import load_prior_for  # noqa: E402
+
+
+def equal_time_ig(record, seconds: float, *, seed: int = 0,
+                  probe: int = 20) -> tuple[object, int]:
+    """Inverting Gradients given ``seconds`` of wall time: its seconds per iteration are
+    measured on a ``probe``-iteration run, then it runs ``floor(seconds / that)`` iterations
+    (the step schedule spans the whole budget). Returns ``(reconstruction, iterations)``."""
+    t0 = time.perf_counter()
+    InvertingGradients(max_iterations=probe, **IG_BASE)(
+        record, generator=torch.Generator().manual_seed(seed))
+    per = (time.perf_counter() - t0) / probe
+    iters = max(1, int(seconds / per))
+    out = InvertingGradients(max_iterations=iters, **IG_BASE)(
+        record, generator=torch.Generator().manual_seed(seed))
+    return out, iters
 
 
 def base_costs(record, prior: str, n: int, steps: int, repeats: int) -> dict[str, float]:

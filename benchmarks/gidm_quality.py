@@ -1,6 +1,6 @@
 """GIDM vs pixel-only gradient matching on digits, eps and t granted (issue 8's quality bars).
 
-The global model is the tiny-UNet DDPM prior of ``tests/diffusion_cases.py`` (trained by
+The global model is the tiny-UNet DDPM prior of ``fl_sim.cases`` (trained by
 ``fl_sim.train_prior`` on the digits TRAIN split); the victims are digits of the TEST split.
 For each batch (FedSGD, eps/t drawn from ``--seed``, t uniform in ``--t-range``) it runs
 
@@ -27,24 +27,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-from diffusion_cases import (  # noqa: E402
+from attacks.gidm import GIDM, build_sampler  # noqa: E402
+from attacks.gradients import split_state  # noqa: E402
+from fl_sim.cases import (  # noqa: E402
     diffusion_record,
     digits_victims,
     draw_aux,
     global_task,
     train_digits_prior,
 )
-
-from attacks.gidm import GIDM, build_sampler  # noqa: E402
-from attacks.gradients import split_state  # noqa: E402
 from fl_sim.metrics import score_reconstruction  # noqa: E402
 
 

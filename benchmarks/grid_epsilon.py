@@ -17,11 +17,9 @@ Run from the repository root.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT)]
 
 from fl_sim.bench.grid import load_grid  # noqa: E402
 from fl_sim.federation.dp_epsilon import (  # noqa: E402

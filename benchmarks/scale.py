@@ -36,7 +36,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from federation import PeakSampler, dir_mb  # noqa: E402  (the sibling benchmark's helpers)
 
 OUT = Path(__file__).resolve().parent / "out" / "scale.json"

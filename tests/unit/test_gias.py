@@ -4,7 +4,8 @@ The quality case: breaching's ReLU ConvNet (:data:`MODEL`; seeded, untrained, ev
 grey 16x16 digits; one client's FedSGD gradient of a batch of 4 digits of the TEST split
 (disjoint from the TRAIN split the session's ``digits_prior`` saw), batches = TEST digits 0-3
 and 4-7 (the first two by index), labels granted (the test measures images, not label
-recovery). Built without Ray, as a client computes its gradient. The bar (issue 10, made
+recovery). Built without Ray, as a client computes its gradient, and read through the
+server view (:func:`fl_sim.cases.gias.gias_case`). The bar (issue 10, made
 strict by issue 18): GIAS beats Inverting Gradients, run as its paper runs it (TV 0.2,
 :data:`IG_BASE`), at EQUAL WALL TIME on the same gradient in PSNR AND in SSIM, on each batch,
 by the margins :data:`MIN_PSNR_GAIN_DB` / :data:`MIN_SSIM_GAIN` (measured values:
@@ -14,87 +15,34 @@ tests/QUALITY_MARGINS.md).
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 from diffusion_cases import digits_prior  # noqa: F401  (fixture)
-from test_peer_diffusion_prior import _digits, _one_line, digits_spec, tiny_prior
+from test_peer_diffusion_prior import _digits, _one_line, tiny_prior
 
 from attacks.gias import GIAS
 from attacks.gradients import parameter_gradients, split_state
 from attacks.inverting_gradients import InvertingGradients
 from fl_sim.attack_runner import _score_phases
+from fl_sim.cases.gias import GIAS_BUDGET, IG_BASE, MODEL, gias_case
 from fl_sim.errors import ConfigError, MissingResourceError
 from fl_sim.metrics import score_reconstruction
-from fl_sim.records import ObservationRecord
 from fl_sim.registry import ATTACKS
 from fl_sim.tasks.base import Batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-#: GIAS's budget in the quality case (documented in README / RESULTS.md)
-GIAS_BUDGET = {"phase1_iterations": 50, "phase2_iterations": 6, "sampler_steps": 3,
-               "labels": "granted"}
 #: IG's iterations in the CI test: what fit in GIAS's wall time when measured live
 #: (benchmarks/gias.py: 271 and 295 iterations on batches 0 and 4, one thread, shared 2-core
 #: machine), rounded up in IG's favour. A fixed count keeps the test deterministic; the
 #: benchmark measures the equal-time count live.
 IG_EQUAL_TIME_ITERATIONS = 300
-#: the attacked classifier of the quality case: breaching's ReLU ConvNet (BN in eval mode) at
-#: width 16. On the sigmoid LeNet IG is near-exact at batch 4 given GIAS's time (93 dB vs 25 dB,
-#: measured; see RESULTS.md), so the prior cannot help there: the bar is for the ConvNet.
-MODEL = {"model": "convnet", "model_params": {"width": 16}}
-#: Inverting Gradients as the baseline, run as its paper runs it on a ReLU ConvNet: cosine
-#: distance + TV 0.2 of the normalised image (Geiping et al. 2020; breaching's setting, FACTS.md
-#: reference case), labels granted
-IG_BASE = {"labels": "granted", "tv_weight": 0.2}
 #: the bar, both metrics on each batch: GIAS PSNR - IG PSNR (measured min 4.85 dB, batch 4)
 MIN_PSNR_GAIN_DB = 2.0
 #: ... and GIAS SSIM - IG SSIM (measured min 0.453, batch 4)
 MIN_SSIM_GAIN = 0.2
-
-
-def gias_case(start: int = 0, n: int = 4, *, seed: int = 0, model: str = "lenet",
-              model_params: dict | None = None, data: Any = None
-              ) -> tuple[ObservationRecord, torch.Tensor]:
-    """``(server record, truth [n, 1, 16, 16])``: the mean gradient of TEST images
-    ``start .. start+n-1`` of ``data`` (a grey 16x16 ``DataSplits``; default the digits) on
-    the seeded ``model`` (eval mode), normalised with the data's statistics, labels granted."""
-    from fl_sim.tasks import build_task
-
-    d = data if data is not None else _digits()
-    spec = dataclasses.replace(digits_spec(model), model_params=dict(model_params or {}),
-                               mean=tuple(d.mean), std=tuple(d.std))
-    task = build_task(spec, seed=seed)
-    task.model.eval()
-    x = torch.as_tensor(d.test.images[start:start + n]).float().clone()
-    y = torch.as_tensor(d.test.labels[start:start + n]).long()
-    params, buffers = split_state(task, task.model.state_dict())
-    grad = parameter_gradients(task, params, buffers, Batch(x, y))
-    record = ObservationRecord(
-        run_id="test", server_round=1, client_id=0, tap="server_in", spec=spec,
-        global_params={k: v.clone() for k, v in task.model.state_dict().items()},
-        update={k: v.clone() for k, v in grad.items()}, update_kind="gradient",
-        num_examples=n, local_steps=1, lr=0.0, batch_size=n, knowledge={"labels": y})
-    return record, x
-
-
-def equal_time_ig(record: ObservationRecord, seconds: float, *, seed: int = 0,
-                  probe: int = 20) -> tuple[object, int]:
-    """Inverting Gradients given ``seconds`` of wall time: its seconds per iteration are
-    measured on a ``probe``-iteration run, then it runs ``floor(seconds / that)`` iterations
-    (the step schedule spans the whole budget). Returns ``(reconstruction, iterations)``."""
-    t0 = time.perf_counter()
-    InvertingGradients(max_iterations=probe, **IG_BASE)(
-        record, generator=torch.Generator().manual_seed(seed))
-    per = (time.perf_counter() - t0) / probe
-    iters = max(1, int(seconds / per))
-    out = InvertingGradients(max_iterations=iters, **IG_BASE)(
-        record, generator=torch.Generator().manual_seed(seed))
-    return out, iters
 
 
 # -- bad input (fast) -------------------------------------------------------------------------

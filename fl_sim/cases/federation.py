@@ -1,4 +1,4 @@
-"""Attack cases as small recorded run directories, written without Ray (cf. breaching's
+"""Attack cases as small recorded federations, written without Ray (cf. breaching's
 ``construct_case``).
 
 A benchmark or a quality test that measures an attack must obtain its record the way a real
