@@ -15,7 +15,6 @@ One torch thread; the machine may be shared: compare the columns of one run. Exa
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from functools import partial  # noqa: E402
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from fl_sim import cases  # noqa: E402
-from fl_sim.cases import make_record, make_spec  # noqa: E402
+from fl_sim.cases import make_record, make_spec, with_update  # noqa: E402
 
 #: the vendored CIFAR-10 slice the tests use (data, read by path; provenance tests/data/README.md)
 CIFAR_FILE = Path(__file__).resolve().parents[1] / "tests" / "data" / "cifar10_ref.npz"
@@ -61,7 +60,7 @@ def run_image(i: int, args: argparse.Namespace) -> dict:
     variants = [("undefended", rec, False)]
     for name in args.defenses:
         d = DEFENSES[name]
-        r = dataclasses.replace(rec, update=d.apply(rec.update, ctx), defenses=(d.describe(),))
+        r = with_update(rec, d.apply(rec.update, ctx), x, y, defenses=(d.describe(),))
         variants += [(name, r, False), (name + "_adaptive", r, True)]
     row: dict = {"image": i}
     t0 = time.perf_counter()

@@ -20,7 +20,6 @@ client's data, sensitivity 2C — the unit and relation are printed beside ε).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 from functools import partial  # noqa: E402
 
 from fl_sim import cases  # noqa: E402
-from fl_sim.cases import make_record, make_task  # noqa: E402
+from fl_sim.cases import make_record, make_task, with_update  # noqa: E402
 
 #: the vendored CIFAR-10 slice the tests use (data, read by path; provenance tests/data/README.md)
 CIFAR_FILE = Path(__file__).resolve().parents[1] / "tests" / "data" / "cifar10_ref.npz"
@@ -59,7 +58,7 @@ def one_image(i: int, iterations: int, sigmas: list[float], clip: float) -> dict
     def attack(update: dict) -> tuple[float, float]:
         t0 = time.perf_counter()
         out = InvertingGradients(max_iterations=iterations, labels="granted", tv_weight=0.0)(
-            dataclasses.replace(rec, update=update), generator=torch.Generator().manual_seed(0))
+            with_update(rec, update, x, y), generator=torch.Generator().manual_seed(0))
         return score_reconstruction(out.images, x)["psnr"], time.perf_counter() - t0
 
     row["undefended"], row["seconds"] = attack(rec.update)

@@ -77,7 +77,8 @@ def train_identity_heldout(out: Path, x: torch.Tensor, y: torch.Tensor, *, batch
 def user_record(images: torch.Tensor, label: int, *, seed: int = 0, model: str = "mlp",
                 model_params: dict[str, Any] | None = None) -> Any:
     """A FedSGD record of an untrained ``model`` (40 classes) on one user's images."""
-    from fl_sim.records import ModelSpec, ObservationRecord
+    from fl_sim.cases import server_record
+    from fl_sim.records import ModelSpec, TruthStep
     from fl_sim.tasks.base import Batch
 
     spec = ModelSpec(model=model, model_params=dict(model_params or {}), task="classifier",
@@ -91,12 +92,13 @@ def user_record(images: torch.Tensor, label: int, *, seed: int = 0, model: str =
     buffers = {k: v.detach() for k, v in task.model.named_buffers()}
     labels = torch.full((images.shape[0],), label, dtype=torch.int64)
     grads = torch.func.grad(lambda p: task.loss(p, buffers, Batch(images, labels), {}))(params)
-    return ObservationRecord(
-        run_id="user_level", server_round=1, client_id=label, tap="server_in", spec=spec,
+    n = int(images.shape[0])
+    return server_record(  # recorded, then read through the server view (nothing granted)
+        {k: v.detach().clone() for k, v in grads.items()}, spec=spec,
         global_params={k: v.detach().clone() for k, v in task.model.state_dict().items()},
-        update={k: v.detach().clone() for k, v in grads.items()}, update_kind="gradient",
-        num_examples=int(images.shape[0]), local_steps=1, lr=0.0,
-        batch_size=int(images.shape[0]))
+        update_kind="gradient", steps=[TruthStep(0, images, labels, torch.arange(n))],
+        num_examples=n, local_steps=1, lr=0.0, batch_size=n, run_id="user_level",
+        client=label)
 
 
 def attack_users(users: list[int], x: torch.Tensor, y: torch.Tensor, *, prior: Path,

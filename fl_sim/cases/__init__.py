@@ -53,10 +53,12 @@ from fl_sim.cases.records import (
     draw_aux,
     fedavg_delta_record,
     make_record,
+    with_update,
 )
 from fl_sim.cases.server import (
     check_declared,
     read_server_record,
+    rerecord,
     server_record,
     write_server_case,
 )
@@ -69,5 +71,5 @@ __all__ = [
     "diffusion_spec", "digits_peer_case", "digits_spec", "digits_splits", "digits_victims",
     "draw_aux", "fedavg_delta_record", "global_task", "make_record", "make_spec", "make_task",
     "others_truth", "read_server_record", "server_record", "torch_threads",
-    "train_digits_prior", "write_server_case",
+    "train_digits_prior", "write_server_case", "rerecord", "with_update",
 ]

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fl_sim.cases.data import IMAGE_SIZE, NUM_TRAIN_TIMESTEPS
-from fl_sim.cases.server import server_record
+from fl_sim.cases.server import rerecord, server_record
 from fl_sim.records import ModelSpec, ObservationRecord, Tap, TruthStep
 
 
@@ -66,6 +66,17 @@ def make_record(task: Any, spec: ModelSpec, images: Tensor, labels: Tensor, *,
         grant=grant, declared=declared, num_examples=n, local_steps=1, lr=0.0,
         batch_size=n, defenses=defenses)
     return record if tap == "server_in" else dataclasses.replace(record, tap=tap)
+
+
+def with_update(record: ObservationRecord, update: Mapping[str, Tensor], images: Tensor,
+                labels: Tensor, *, defenses: Sequence[Mapping[str, Any]] = ()
+                ) -> ObservationRecord:
+    """A :func:`make_record` case (``images``, ``labels``) whose client sent ``update``
+    instead (e.g. after a defense, described in ``defenses``), through the server view with
+    the same grant."""
+    n = int(images.shape[0])
+    return rerecord(record, update, steps=[TruthStep(0, images, labels, torch.arange(n))],
+                    defenses=defenses)
 
 
 def fedavg_delta_record(task: Any, spec: ModelSpec, images: Tensor, labels: Tensor, *,

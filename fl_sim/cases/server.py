@@ -46,12 +46,13 @@ from fl_sim.stores import ObservationStore, TruthStore
 CLIENT, ROUND = 0, 1
 
 
-def _case_config(spec: ModelSpec, *, update_kind: str, lr: float, local_steps: int,
-                 batch_size: int, data: Mapping[str, Any], name: str) -> dict[str, Any]:
-    """A valid one-client, one-round config (the public training setup). The config's lr
+def _case_config(spec: ModelSpec, num_clients: int, *, update_kind: str, lr: float,
+                 local_steps: int, batch_size: int, data: Mapping[str, Any],
+                 name: str) -> dict[str, Any]:
+    """A valid one-round config (the public training setup). The config's lr
     must be > 0: a FedSGD case built with ``lr = 0`` (unused) records the row's 0 and keeps
     the config's default."""
-    fed: dict[str, Any] = {"num_clients": 1, "num_rounds": 1, "fraction_train": 1.0,
+    fed: dict[str, Any] = {"num_clients": num_clients, "num_rounds": 1, "fraction_train": 1.0,
                            "local_steps": max(int(local_steps), 1),
                            "batch_size": max(int(batch_size), 1), "optimizer": "sgd"}
     if lr > 0:
@@ -69,8 +70,8 @@ def write_server_case(run_dir: str | Path, update: Mapping[str, Tensor], *, spec
                       lr: float, batch_size: int,
                       optimizer: LocalOptimizer | None = None,
                       defenses: Sequence[Mapping[str, Any]] = (), run_id: str = "test",
-                      data: Mapping[str, Any] | None = None) -> Path:
-    """Record one client's ``update`` of round 1 in ``run_dir`` as the server tap does.
+                      data: Mapping[str, Any] | None = None, client: int = CLIENT) -> Path:
+    """Record client ``client``'s ``update`` of round 1 in ``run_dir`` as the server tap does.
 
     ``update``/``global_params``: ``{name: tensor}`` (the global with its buffers);
     ``update_kind``: ``"gradient"`` (FedSGD) or ``"delta"`` (FedAvg, ``new − global``);
@@ -81,15 +82,15 @@ def write_server_case(run_dir: str | Path, update: Mapping[str, Tensor], *, spec
     """
     out = Path(run_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = from_dict(_case_config(spec, update_kind=update_kind, lr=lr,
+    cfg = from_dict(_case_config(spec, client + 1, update_kind=update_kind, lr=lr,
                                  local_steps=local_steps, batch_size=batch_size,
                                  data=data or {"name": "digits"}, name=run_id))
     (out / "config.json").write_text(json.dumps(cfg.to_json_dict(), indent=2, sort_keys=True))
     (out / "spec.json").write_text(json.dumps(spec.to_json()))
     obs = ObservationStore(out)
     obs.write_global(ROUND, global_params)
-    TruthStore(out).write(ROUND, CLIENT, list(steps))
-    obs.write_update("server_in", ROUND, CLIENT, update, {
+    TruthStore(out).write(ROUND, client, list(steps))
+    obs.write_update("server_in", ROUND, client, update, {
         "update_kind": update_kind, "num_examples": int(num_examples),
         "local_steps": int(local_steps), "lr": float(lr), "batch_size": int(batch_size),
         "defenses": [dict(d) for d in defenses],
@@ -99,11 +100,12 @@ def write_server_case(run_dir: str | Path, update: Mapping[str, Tensor], *, spec
     return out
 
 
-def read_server_record(run_dir: str | Path, grant: Sequence[str] = ()) -> ObservationRecord:
-    """Round 1, client 0 of ``run_dir`` through ``Run.view("server", grant=grant)``."""
+def read_server_record(run_dir: str | Path, grant: Sequence[str] = (), *,
+                       client: int = CLIENT) -> ObservationRecord:
+    """Round 1 of ``client`` in ``run_dir`` through ``Run.view("server", grant=grant)``."""
     from fl_sim.run_dir import load_run
 
-    return load_run(run_dir).view("server", grant=tuple(grant)).record(ROUND, CLIENT)
+    return load_run(run_dir).view("server", grant=tuple(grant)).record(ROUND, client)
 
 
 def check_declared(record: ObservationRecord, declared: Mapping[str, Any]) -> None:
@@ -126,7 +128,7 @@ def server_record(update: Mapping[str, Tensor], *, spec: ModelSpec,
                   local_steps: int = 1, lr: float = 0.0, batch_size: int | None = None,
                   optimizer: LocalOptimizer | None = None,
                   defenses: Sequence[Mapping[str, Any]] = (), run_id: str = "test",
-                  data: Mapping[str, Any] | None = None,
+                  data: Mapping[str, Any] | None = None, client: int = CLIENT,
                   run_dir: str | Path | None = None) -> ObservationRecord:
     """What the server attack sees of ``update``: written by :func:`write_server_case` (in
     ``run_dir``, else a temporary directory removed afterwards) and read back through the
@@ -142,12 +144,14 @@ def server_record(update: Mapping[str, Tensor], *, spec: ModelSpec,
           "steps": steps, "num_examples": n if num_examples is None else num_examples,
           "local_steps": local_steps, "lr": lr,
           "batch_size": n if batch_size is None else batch_size, "optimizer": optimizer,
-          "defenses": defenses, "run_id": run_id, "data": data}
+          "defenses": defenses, "run_id": run_id, "data": data, "client": client}
     if run_dir is not None:
-        record = read_server_record(write_server_case(run_dir, update, **kw), grant)
+        record = read_server_record(write_server_case(run_dir, update, **kw), grant,
+                                    client=client)
     else:
         with tempfile.TemporaryDirectory(prefix="fl-sim-case-") as tmp:
-            record = read_server_record(write_server_case(tmp, update, **kw), grant)
+            record = read_server_record(write_server_case(tmp, update, **kw), grant,
+                                        client=client)
     check_declared(record, declared or {})
     return in_order(record, update, global_params)
 
@@ -167,3 +171,25 @@ def in_order(record: ObservationRecord, update: Mapping[str, Tensor],
         record = dataclasses.replace(record, global_params=frozen_tensors(
             {k: record.global_params[k] for k in global_params}))
     return record
+
+
+def rerecord(record: ObservationRecord, update: Mapping[str, Tensor], *,
+             steps: Sequence[TruthStep], defenses: Sequence[Mapping[str, Any]] = (),
+             **fields: Any) -> ObservationRecord:
+    """``record``'s case with another ``update`` (e.g. what a client-side defense sends),
+    recorded again and read back through the server view with the same grant.
+
+    ``steps``: the client's ground truth (as for :func:`server_record`); ``fields`` override
+    ``update_kind``, ``num_examples``, ``local_steps``, ``lr``, ``batch_size``, ``optimizer``
+    (what the record states the client used).
+    """
+    grant = tuple(record.knowledge.get("granted", ()))
+    kw: dict[str, Any] = {
+        "update_kind": record.update_kind, "num_examples": record.num_examples,
+        "local_steps": record.local_steps, "lr": record.lr, "batch_size": record.batch_size,
+        "optimizer": record.optimizer, **fields}
+    return server_record(update, spec=record.spec, global_params=record.global_params,
+                         steps=steps, grant=grant,
+                         declared={k: record.knowledge[k] for k in grant},
+                         defenses=defenses,
+                         run_id=record.run_id, client=int(record.client_id or 0), **kw)

@@ -7,7 +7,6 @@ test (pruning 90 %: plain vs adaptive) is marked slow. Figures in benchmarks/RES
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from attacks.objectives import cosine_distance, l2_distance
 from defenses.pruning import Pruning
 from defenses.quantization import scaled_sign
 from fl_sim import cli
+from fl_sim.cases import with_update
 from fl_sim.errors import ConfigError
 from fl_sim.metrics import psnr
 from fl_sim.tasks import build_task
@@ -42,8 +42,8 @@ def case(start: int = 0, pruned: float | None = 0.9):
     if pruned is None:
         return x, rec, rec
     d = Pruning(ratio=pruned)
-    return x, rec, dataclasses.replace(rec, update=d.apply(rec.update, None),
-                                       defenses=(d.describe(),))
+    return x, rec, with_update(rec, d.apply(rec.update, None), x, y,
+                               defenses=(d.describe(),))
 
 
 def batched(g):

@@ -21,6 +21,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from defenses.accounting import compose, epsilon, gaussian_epsilon
 from defenses.dp_sgd import DPSGD, clip_per_sample, per_sample_gradients, per_sample_norms
 from defenses.local_dp import LocalDP, clip_update, update_norm
+from fl_sim.cases import with_update
 from fl_sim.config import from_dict
 from fl_sim.errors import ConfigError
 from fl_sim.registry import DEFENSES
@@ -267,7 +268,6 @@ def test_dlg_noise_stops_inverting_gradients_and_zero_noise_does_not() -> None:
     initial guess (restart 0: ``randn`` with the attack's seed, clamped to [0, 1]) against
     the truth. Measured (seed 0, 40 iterations): random start 10.40 dB, undefended 14.61 dB,
     σ = 0 (clipping only) 14.61 dB, σ = 0.1 at C = 1 9.43 dB."""
-    import dataclasses
 
     from attacks.inverting_gradients import InvertingGradients
     from attacks.objectives import NormalisedImages
@@ -286,7 +286,7 @@ def test_dlg_noise_stops_inverting_gradients_and_zero_noise_does_not() -> None:
 
         def attack(update: dict[str, torch.Tensor]) -> float:
             out = InvertingGradients(max_iterations=IG_ITERATIONS, labels="granted",
-                                     tv_weight=0.0)(dataclasses.replace(rec, update=update),
+                                     tv_weight=0.0)(with_update(rec, update, x, y),
                                                     generator=torch.Generator().manual_seed(0))
             # the start the attack reports (the runner's start_psnr) is its own random start
             assert torch.equal(out.extras["start_images"], start.images()[0].detach())

@@ -14,7 +14,6 @@ tests/QUALITY_MARGINS.md).
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
@@ -26,9 +25,11 @@ from attacks.gias import GIAS
 from attacks.gradients import parameter_gradients, split_state
 from attacks.inverting_gradients import InvertingGradients
 from fl_sim.attack_runner import _score_phases
+from fl_sim.cases import rerecord
 from fl_sim.cases.gias import GIAS_BUDGET, IG_BASE, MODEL, gias_case
 from fl_sim.errors import ConfigError, MissingResourceError
 from fl_sim.metrics import score_reconstruction
+from fl_sim.records import TruthStep
 from fl_sim.registry import ATTACKS
 from fl_sim.tasks.base import Batch
 
@@ -116,8 +117,10 @@ def test_fedavg_delta_is_unrolled_as_inverting_gradients(tmp_path):
         g = parameter_gradients(task, p, buffers, Batch(x[2 * k:2 * k + 2], y[2 * k:2 * k + 2]))
         p = {name: v - 0.1 * g[name] for name, v in p.items()}
     delta = {name: p[name] - v for name, v in split_state(task, record.global_params)[0].items()}
-    rec = dataclasses.replace(record, update=delta, update_kind="delta", local_steps=2,
-                              lr=0.1, batch_size=2, num_examples=4)
+    rec = rerecord(record, delta, update_kind="delta", local_steps=2, lr=0.1, batch_size=2,
+                   num_examples=4, steps=[TruthStep(k, x[2 * k:2 * k + 2], y[2 * k:2 * k + 2],
+                                                    torch.arange(2 * k, 2 * k + 2))
+                                          for k in range(2)])
     attack = GIAS(prior=str(tiny_prior(tmp_path / "p")), phase1_iterations=2,
                   phase2_iterations=1, sampler_steps=2, labels="granted")
     out = attack.reconstruct(rec, generator=torch.Generator().manual_seed(0))

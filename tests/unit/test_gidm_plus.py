@@ -34,6 +34,7 @@ from attacks.gidm_plus import (
     timestep_scores,
 )
 from fl_sim.attack_runner import score_diffusion_aux
+from fl_sim.cases import server_record
 from fl_sim.errors import ConfigError
 from fl_sim.metrics import psnr
 from fl_sim.records import GroundTruthRecord, ModelSpec, ObservationRecord, TruthStep
@@ -62,11 +63,12 @@ def _record(task, images, eps, t) -> ObservationRecord:
     buffers = {k: v.detach() for k, v in task.model.named_buffers()}
     batch = Batch(images, torch.zeros(images.shape[0], dtype=torch.long))
     grads = torch.func.grad(lambda p: task.loss(p, buffers, batch, {"eps": eps, "t": t}))(params)
-    return ObservationRecord(
-        run_id="test", server_round=1, client_id=0, tap="server_in", spec=SPEC,
+    n = int(images.shape[0])
+    return server_record(  # through a run directory and the server view, nothing granted
+        dict(grads), spec=SPEC,
         global_params={k: v.detach().clone() for k, v in task.model.state_dict().items()},
-        update=dict(grads), update_kind="gradient", num_examples=int(images.shape[0]),
-        local_steps=1, lr=0.0, batch_size=int(images.shape[0]))
+        update_kind="gradient", num_examples=n, local_steps=1, lr=0.0, batch_size=n,
+        steps=[TruthStep(0, images, batch.labels, torch.arange(n), {"eps": eps, "t": t})])
 
 
 def test_abar_at_interpolates_and_matches_integers(task):

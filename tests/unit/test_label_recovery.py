@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from attack_cases import (
@@ -22,8 +20,10 @@ from attacks.label_recovery import (
     idlg_label,
     recover_labels,
 )
+from fl_sim.cases import rerecord
 from fl_sim.errors import ThreatModelError
 from fl_sim.metrics import label_accuracy
+from fl_sim.records import TruthStep
 from fl_sim.registry import ATTACKS
 
 MODELS = ["lenet", "convnet"]
@@ -100,9 +100,9 @@ def test_delta_record_is_read_as_gradient() -> None:
     task, spec = make_task("lenet", seed=0)
     images, labels = cifar_distinct(4)
     record = make_record(task, spec, images, labels)
-    delta = dataclasses.replace(
-        record, update_kind="delta", lr=0.1, num_examples=4,
-        update={k: -0.1 * v for k, v in record.update.items()})
+    delta = rerecord(record, {k: -0.1 * v for k, v in record.update.items()},
+                     update_kind="delta", lr=0.1, num_examples=4,
+                     steps=[TruthStep(0, images, labels, torch.arange(4))])
     found = recover_labels(delta, "batch", task=task, generator=torch.Generator().manual_seed(0))
     assert found.tolist() == sorted(labels.tolist())  # ascending, as documented
 

@@ -113,8 +113,11 @@ def _delta_record(opt: LocalOptimizer, steps: int = 3):
     x, y = _data(4)
     rec = fedavg_delta_record(task, make_spec("lenet", {}, image_size=16), x, y, lr=0.1,
                               steps=steps, batch_size=2)
-    import dataclasses
-    return dataclasses.replace(rec, optimizer=opt)
+    from fl_sim.cases import rerecord
+    from fl_sim.records import TruthStep
+    rows = [[(2 * k + j) % 4 for j in range(2)] for k in range(steps)]  # the record's batches
+    return rerecord(rec, rec.update, optimizer=opt,  # what the record states, via the view
+                    steps=[TruthStep(k, x[r], y[r], torch.tensor(r)) for k, r in enumerate(rows)])
 
 
 def test_reading_a_delta_as_a_gradient_follows_the_optimiser():
@@ -176,8 +179,8 @@ def test_idlg_reads_the_signs_an_adam_delta_keeps_and_counts_refuse(one_thread):
     """iDLG on one image's Adam delta (3 local steps, lr 1e-3; images 0-7, the first eight):
     the label is recovered from the signs for 8/8 (measured 8/8); batch counts refuse."""
     from attacks.label_recovery import recover_labels
+    from fl_sim.cases import server_record
     from fl_sim.errors import ConfigError
-    from fl_sim.records import ObservationRecord
     spec = make_spec("lenet", {}, image_size=16)
     x, y = _data(8)
     opt = LocalOptimizer("adam")
@@ -188,9 +191,10 @@ def test_idlg_reads_the_signs_an_adam_delta_keeps_and_counts_refuse(one_thread):
         res = local_train(task, x[i:i + 1], y[i:i + 1], torch.tensor([i]), seed=0,
                           server_round=1, client_id=0, batch_size=1, local_steps=3,
                           local_epochs=None, optimizer=opt, lr=1e-3)
-        rec = ObservationRecord("t", 1, 0, "server_in", spec, glob,
-                                {k: res.update[k] - glob[k] for k in glob}, "delta", 1, 3,
-                                1e-3, 1, optimizer=opt)
+        rec = server_record({k: res.update[k] - glob[k] for k in glob}, spec=spec,
+                            global_params=glob, update_kind="delta", steps=res.steps,
+                            num_examples=1, local_steps=3, lr=1e-3, batch_size=1,
+                            optimizer=opt)  # through a run directory and the server view
         hits += int(recover_labels(rec, "idlg")[0]) == int(y[i])
     assert hits == 8
     with pytest.raises(ConfigError, match="magnitudes"):

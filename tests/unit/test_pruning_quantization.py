@@ -6,8 +6,6 @@ image (LeNet, 16x16, as the fast Inverting Gradients tests) and is marked slow.
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,6 +15,7 @@ from attacks.inverting_gradients import InvertingGradients
 from defenses.base import UpdateContext
 from defenses.pruning import Pruning, prune_top_k
 from defenses.quantization import Quantization, scaled_sign, stochastic_quantize
+from fl_sim.cases import with_update
 from fl_sim.errors import ConfigError
 from fl_sim.metrics import psnr
 from fl_sim.registry import DEFENSES
@@ -145,8 +144,8 @@ def test_inverting_gradients_on_quantised_updates(one_thread):
                                ("stochastic adaptive", Quantization(), True),
                                ("sign", Quantization(mode="sign"), False),
                                ("sign adaptive", Quantization(mode="sign"), True)):
-        r = rec if d is None else dataclasses.replace(
-            rec, update=d.apply(rec.update, ctx(0)), defenses=(d.describe(),))
+        r = rec if d is None else with_update(
+            rec, d.apply(rec.update, ctx(0)), x, y, defenses=(d.describe(),))
         out = InvertingGradients(max_iterations=300, labels="granted", adaptive=adaptive)(
             r, generator=torch.Generator().manual_seed(0))
         scores[label] = float(psnr(out.images, x).mean())

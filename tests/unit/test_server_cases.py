@@ -29,6 +29,7 @@ from fl_sim.cases import (
     make_record,
     make_task,
     server_record,
+    with_update,
 )
 from fl_sim.errors import ThreatModelError
 from fl_sim.records import TruthStep
@@ -120,3 +121,15 @@ def test_view_refuses_what_the_server_may_not_have(tmp_path):
     with pytest.raises(ThreatModelError):  # the case records no peer
         load_run(tmp_path / "case").view("peer", client=0)
     assert rec.run_id == "test" and rec.client_id == 0 and rec.server_round == 1
+
+
+def test_a_defended_update_is_recorded_again_with_the_same_grant():
+    task, spec = make_task("lenet", seed=0)
+    x, y = cifar_images(1), cifar_labels(1)
+    rec = make_record(task, spec, x, y, knowledge={"labels": y})
+    halved = {k: v / 2 for k, v in rec.update.items()}
+    out = with_update(rec, halved, x, y, defenses=({"name": "halve"},))
+    _equal(out.update, halved)
+    _equal(out.global_params, rec.global_params)
+    assert out.defenses == ({"name": "halve"},) and out.knowledge["granted"] == ("labels",)
+    assert torch.equal(out.knowledge["labels"], y)

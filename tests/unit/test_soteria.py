@@ -23,6 +23,7 @@ from attack_cases import cifar_images, cifar_labels, make_record, make_spec
 from attacks.inverting_gradients import InvertingGradients
 from defenses.base import UpdateContext
 from defenses.soteria import Soteria, defended_linear, pruned_features
+from fl_sim.cases import with_update
 from fl_sim.errors import ConfigError
 from fl_sim.metrics import psnr
 from fl_sim.records import TruthStep
@@ -190,8 +191,8 @@ def test_soteria_degrades_inverting_gradients_and_the_adaptive_attack_recovers(o
         task, spec, x, y = case(1, start=i)
         rec = make_record(task, spec, x, y, knowledge={"labels": y})
         d = Soteria()
-        defended = dataclasses.replace(rec, update=d.apply(rec.update, context(task, rec, x, y)),
-                                       defenses=(d.describe(),))
+        defended = with_update(rec, d.apply(rec.update, context(task, rec, x, y)), x, y,
+                               defenses=(d.describe(),))
         score = {}
         for label, r, adaptive in (("plain", rec, False), ("soteria", defended, False),
                                    ("adaptive", defended, True)):
