@@ -77,7 +77,9 @@ def write_server_case(run_dir: str | Path, update: Mapping[str, Tensor], *, spec
     ``update_kind``: ``"gradient"`` (FedSGD) or ``"delta"`` (FedAvg, ``new − global``);
     ``steps``: the client's private batches (images ``[B, C, H, W]`` in [0, 1], labels
     ``[B]``, dataset indices ``[B]``, ``aux`` such as diffusion ``eps``/``t``), one per local
-    step, as the client's truth tap writes them. Returns ``run_dir``. Raises
+    step, as the client's truth tap writes them. ``data``: the config's ``[data]`` section
+    (default ``{"name": "digits"}``; no view reads it, so a case of vendored CIFAR images keeps
+    the default instead of the ``cifar10`` source, which needs a path). Returns ``run_dir``. Raises
     :class:`~fl_sim.errors.ConfigError` if the spec does not make a valid config.
     """
     out = Path(run_dir)
