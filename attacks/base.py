@@ -132,8 +132,9 @@ class Attack(ABC):
         """Knowledge beyond the transmitted data this configuration needs granted."""
         return ()
 
-    def __call__(self, record: ObservationRecord, *, generator: torch.Generator | None = None,
-                 device: str | torch.device | None = None) -> Reconstruction:
+    def check_record(self, record: ObservationRecord) -> None:
+        """The threat model's gate: ``record`` comes from this attack's view and carries every
+        piece of knowledge it needs. Raises :class:`~fl_sim.errors.ThreatModelError`."""
         if record.role != self.view:
             raise ThreatModelError(f"{type(self).__name__} needs a '{self.view}' view, "
                                    f"got a '{record.role}' record")
@@ -141,6 +142,10 @@ class Attack(ABC):
         if missing:
             raise ThreatModelError(f"{type(self).__name__} needs knowledge {missing} that "
                                    "the threat model did not grant")
+
+    def __call__(self, record: ObservationRecord, *, generator: torch.Generator | None = None,
+                 device: str | torch.device | None = None) -> Reconstruction:
+        self.check_record(record)
         self.device = resolve_device(device)
         return self.reconstruct(record, generator=generator or torch.Generator()).cpu()
 

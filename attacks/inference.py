@@ -87,13 +87,7 @@ class InferenceAttack(Attack):
         client receives it) for attacks with ``target_model = "final"``. Raises
         :class:`~fl_sim.errors.ThreatModelError` for the wrong view or missing knowledge,
         ``ValueError`` for scores of the wrong shape."""
-        if record.role != self.view:
-            raise ThreatModelError(f"{type(self).__name__} needs a '{self.view}' view, "
-                                   f"got a '{record.role}' record")
-        missing = [k for k in self.required_knowledge() if k not in record.knowledge]
-        if missing:
-            raise ThreatModelError(f"{type(self).__name__} needs knowledge {missing} that "
-                                   "the threat model did not grant")
+        self.check_record(record)
         if self.needs_auxiliary and auxiliary is None:
             raise ThreatModelError(f"{type(self).__name__} needs the attacker's auxiliary "
                                    "data")
