@@ -78,7 +78,9 @@ def test_default_demo_end_to_end(tmp_path: Path) -> None:
     assert out.stdout.strip().splitlines()[-1] == last
     replayed = json.loads((run_dir / "attacks.jsonl").read_text().splitlines()[-1])
     assert replayed["attack"] == "dlg" and replayed["client"] == 2
-    assert replayed["params"] == {"max_iterations": 4}
+    # the resolved parameters: the one given, and every default the attack ran with
+    assert replayed["params"]["max_iterations"] == 4
+    assert replayed["params"]["restarts"] == 1 and replayed["params"]["labels"] == "idlg"
     assert replayed["metrics"]["psnr"] >= 25.0, replayed["metrics"]  # DLG on the demo MLP
     assert "dlg" in Path(last).read_text()
     bad = subprocess.run([sys.executable, "-m", "fl_sim.cli", "attack", str(run_dir),
