@@ -226,7 +226,7 @@ def train_identity_from_config(cfg: Mapping[str, Any], out: str | Path) -> Path:
     has them, else its labels. Raises :class:`~fl_sim.errors.ConfigError` for unknown keys."""
     from fl_sim.config import DataConfig, validate_section
     from fl_sim.data import load_data
-    from fl_sim.preflight import check_output_dir
+    from fl_sim.output_dirs import check_output_dir
 
     unknown = sorted(set(cfg) - {"data", "identity"})
     if unknown:

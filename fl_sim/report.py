@@ -460,7 +460,7 @@ def _attack_section(run_dir: Path, r: Mapping[str, Any]) -> str:
     out.append(_table([summary], list(summary)))
     m = r.get("metrics") or {}
     if m.get("roc_fpr") and m.get("roc_tpr"):  # membership inference: log-scale ROC curve
-        from fl_sim.inference import roc_svg
+        from fl_sim.roc_svg import roc_svg
         out.append(roc_svg(m["roc_fpr"], m["roc_tpr"], title=f"{r.get('attack')} ROC "
                            f"(AUC {m.get('auc', float('nan')):.3f}; log-log)"))
     out.append(_threat_paragraph(r))

@@ -317,7 +317,7 @@ def train_prior(cfg: PriorConfig | Mapping[str, Any] | str | Path, out_dir: str 
     receives ``{"step", "total", "loss"}`` (+ ``"eval_loss"`` at checkpoints).
     Raises :class:`~fl_sim.errors.ConfigError` / :class:`~fl_sim.errors.DataError`.
     """
-    from fl_sim.preflight import check_output_dir
+    from fl_sim.output_dirs import check_output_dir
     from fl_sim.priors import METADATA_FILE, read_metadata, save_prior
 
     cfg = prior_config(cfg, overrides)

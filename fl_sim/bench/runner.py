@@ -106,7 +106,7 @@ def ensure_simulation(sim: Simulation, bench_dir: Path, simulate: Simulate | Non
 def check_bench_dir(bench_dir: Path) -> None:
     """RunDirError (one line) unless ``bench_dir`` is new, empty or an earlier bench's
     directory (resumed): a file, or a directory holding other things, is left alone."""
-    from fl_sim.preflight import check_output_dir
+    from fl_sim.output_dirs import check_output_dir
     check_output_dir(Path(bench_dir), what="bench",
                      markers=("grid.toml", RESULTS, SIMS, "sims"))
 

@@ -13,8 +13,8 @@ from fl_sim.bench.inference import plot_membership_epsilon
 from fl_sim.bench.outputs import FIXED, METRICS
 from fl_sim.cases import DIGITS, CaseClient, build_case, digits_spec, digits_splits
 from fl_sim.cli_output import print_results
-from fl_sim.inference import roc_svg
 from fl_sim.report import write_report
+from fl_sim.roc_svg import roc_svg
 from fl_sim.tasks import build_task
 
 
