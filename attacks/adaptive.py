@@ -47,7 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attacks.gradients import Params
+from attacks.components.gradients import Params
 
 Transform = Callable[[Params], Params]
 #: surrogate sharpness of the sign: tau = SIGN_TEMPERATURE * mean|g| per tensor

@@ -41,7 +41,7 @@ class Reconstruction:
     ``{"labels": "idlg"}``), written with what the threat model granted as the result's
     ``knowledge`` (one name in code and files). ``assumed=`` is accepted as its former name.
     ``scores``: ``[N]`` float64, an inference attack's score per candidate (higher = more
-    likely a member; :mod:`attacks.inference`), None for a reconstruction.
+    likely a member; :mod:`attacks.components.inference`), None for a reconstruction.
     """
 
     images: Tensor

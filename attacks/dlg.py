@@ -8,8 +8,8 @@ they induce on the shared model matches the observed one:
 
 As in the paper the pixels are optimised unconstrained (L-BFGS does not mix well with a
 projection); the returned images are clamped to [0, 1] once, at the end. With
-``labels="idlg"`` the labels come first from :mod:`attacks.label_recovery` (the iDLG variant,
-Zhao et al. 2020), which makes the problem much better conditioned.
+``labels="idlg"`` the labels come first from :mod:`attacks.components.label_recovery` (the iDLG
+variant, Zhao et al. 2020), which makes the problem much better conditioned.
 """
 
 from __future__ import annotations
@@ -23,15 +23,15 @@ from torch import Tensor
 
 from attacks.adaptive import Adaptation, adaptation, single_example
 from attacks.base import Attack, Reconstruction
-from attacks.diffusion_matching import granted_aux, is_diffusion
-from attacks.gradients import (
+from attacks.components.diffusion_matching import granted_aux, is_diffusion
+from attacks.components.gradients import (
     attack_task,
     delta_scale,
     mean_gradient_target,
     parameter_gradients,
     split_state,
 )
-from attacks.label_recovery import recover_labels
+from attacks.components.label_recovery import recover_labels
 from fl_sim.errors import ConfigError, ThreatModelError
 from fl_sim.records import ObservationRecord
 from fl_sim.registry import ATTACKS

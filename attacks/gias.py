@@ -5,11 +5,11 @@ Threat model: an honest-but-curious server (view ``server``) sees one client's F
 (or FedAvg delta) of a CLASSIFIER and owns a generative model of natural images of the same
 shape, trained on public data disjoint from the client's (``prior``: a path saved by
 ``fl-sim train-prior``). The image of slot ``i`` is ``x_i = G_{w_i}(z_i)`` where ``G`` is the
-prior's deterministic DDIM sampler (:class:`attacks.ddim_sampler.DDIMSampler`, K =
+prior's deterministic DDIM sampler (:class:`attacks.components.ddim_sampler.DDIMSampler`, K =
 ``sampler_steps`` steps, eta 0, output mapped to [0, 1]). Both phases minimise Inverting
 Gradients' objective, ``1 - cos(update(x), observed)`` (or the L2 distance), with the update
-of a candidate batch computed by :mod:`attacks.inversion` (FedSGD gradient, or the client's
-local SGD unrolled for a FedAvg delta, exactly as ``inverting_gradients`` does):
+of a candidate batch computed by :mod:`attacks.components.inversion` (FedSGD gradient, or the
+client's local SGD unrolled for a FedAvg delta, exactly as ``inverting_gradients`` does):
 
 1. **latent search** -- ``w_i = w`` (the frozen prior); only the latents ``z [N, C, H, W]``
    (started ``~ N(0, I)`` from the attack's generator) are optimised, Adam with cosine decay;
@@ -48,10 +48,10 @@ import torch
 from torch import Tensor
 
 from attacks.base import Attack, Reconstruction
-from attacks.ddim_sampler import DDIMSampler
-from attacks.inversion import InversionProblem, _update_fn
+from attacks.components.ddim_sampler import DDIMSampler
+from attacks.components.inversion import InversionProblem, _update_fn
+from attacks.components.objectives import cosine_distance, l2_distance, lr_multiplier
 from attacks.inverting_gradients import InvertingGradients, LabelSource, MultiStep
-from attacks.objectives import cosine_distance, l2_distance, lr_multiplier
 from fl_sim.errors import ConfigError
 from fl_sim.records import ObservationRecord
 from fl_sim.registry import ATTACKS

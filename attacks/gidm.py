@@ -6,11 +6,11 @@ Huang, Hong, Chen, Roos, "Gradient Inversion of Federated Diffusion Models" (arX
 FedSGD gradient (or FedAvg delta) of the DDPM loss and is granted the client's noise ``eps``
 and timesteps ``t`` (knowledge ``eps``, ``t``). Two phases, both minimising the distance
 between the update a candidate would produce and the observed one
-(:class:`attacks.diffusion_matching.DiffusionMatching`):
+(:class:`attacks.components.diffusion_matching.DiffusionMatching`):
 
 1. **latent search** -- the candidate is ``x = G(z)``, the deterministic DDIM sampler
-   (:class:`attacks.ddim_sampler.DDIMSampler`, K steps) of a diffusion prior: by default the
-   very global model the client was trained from (the record's ``global_params``), as in the
+   (:class:`attacks.components.ddim_sampler.DDIMSampler`, K steps) of a diffusion prior: by default
+   the very global model the client was trained from (the record's ``global_params``), as in the
    paper; optionally ``prior = "PATH"``, a prior saved by ``fl-sim train-prior``. Only ``z``
    (``[N, C, H, W]``, started ``~ N(0, I)``) is optimised, so the search stays on the prior's
    image manifold;
@@ -29,7 +29,7 @@ runs L-BFGS by default (DLG's optimiser: on the digits case Adam on pixels stall
 scheduler config (diffusers' default: clip); the images' gradient of the matching distance
 is by default a forward finite difference of input gradients at weights moved along
 ``d distance / d update`` (no double backward; relative error ~1e-3, see
-:class:`~attacks.diffusion_matching.DiffusionMatching`). FedAvg deltas are matched by
+:class:`~attacks.components.diffusion_matching.DiffusionMatching`). FedAvg deltas are matched by
 unrolling the client's local steps with each step's own eps/t and the client's optimiser as
 the record states it (SGD, momentum, Adam; the paper treats FedSGD only).
 """
@@ -45,16 +45,21 @@ import torch
 from torch import Tensor
 
 from attacks.base import Attack, Reconstruction
-from attacks.ddim_sampler import DDIMSampler
-from attacks.diffusion_matching import (
+from attacks.components.ddim_sampler import DDIMSampler
+from attacks.components.diffusion_matching import (
     SECOND_ORDER,
     DiffusionMatching,
     granted_aux,
     is_diffusion,
 )
-from attacks.gradients import attack_task, mean_gradient_target, split_state, target_from_record
-from attacks.local_optimizers import describe as describe_optimizer
-from attacks.objectives import lr_multiplier
+from attacks.components.gradients import (
+    attack_task,
+    mean_gradient_target,
+    split_state,
+    target_from_record,
+)
+from attacks.components.local_optimizers import describe as describe_optimizer
+from attacks.components.objectives import lr_multiplier
 from fl_sim.errors import ConfigError
 from fl_sim.records import ObservationRecord
 from fl_sim.registry import ATTACKS
@@ -231,14 +236,14 @@ class GIDM(Attack):
     box [0, 1], ``phase2_iterations`` iterations); ``multi_step`` for FedAvg deltas:
     ``"unroll"`` the client's local steps (each with its own eps/t rows; with the record's
     local optimiser: plain SGD, SGD with momentum / weight decay, or Adam with its state
-    fresh each round, :mod:`attacks.local_optimizers`), ``"single"`` (match the delta as one
-    mean gradient; needs one eps/t row per image; refused for Adam, whose delta is no scaled
+    fresh each round, :mod:`attacks.components.local_optimizers`), ``"single"`` (match the delta as
+    one mean gradient; needs one eps/t row per image; refused for Adam, whose delta is no scaled
     gradient) or ``"auto"`` (unroll when ``local_steps > 1`` or the client used Adam);
     ``second_order``: ``"finite_difference"`` (default) /
     ``"central_difference"`` (the images' gradient of the matching distance from input
     gradients at perturbed weights, both phases, FedSGD records: an engineering deviation
-    from the paper, see :class:`~attacks.diffusion_matching.DiffusionMatching`; ~1.7x less
-    CPU per attack at the same iterations, PSNR unchanged on the digits cases) or
+    from the paper, see :class:`~attacks.components.diffusion_matching.DiffusionMatching`; ~1.7x
+    less CPU per attack at the same iterations, PSNR unchanged on the digits cases) or
     ``"exact"`` (double back-propagation; always used for unrolled FedAvg deltas). Returns
     images ``[N, C, H, W]`` (N = the batch for a
     gradient, ``num_examples`` for a delta), no labels; ``extras`` holds both phases'

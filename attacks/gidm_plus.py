@@ -14,14 +14,14 @@ level, so scale is matched too: the same distance as GIDM's), the Gaussian prior
 ``P(eps) = mean_b[mean(eps_b)^2 + (var(eps_b) - 1)^2]`` (the first two moments of N(0, I); a
 norm-only penalty lets eps drift to a shifted or structured pattern of the right norm), and
 the cosine distance of the time-embedding MLP's gradients (``g_te``), which for one image
-depends on t alone (:mod:`attacks.diffusion_timesteps`; measured on a digits prior at a
+depends on t alone (:mod:`attacks.components.diffusion_timesteps`; measured on a digits prior at a
 random start: the global L2 distance was no lower at the true t = 830 than at 900, 0.145 vs
 0.140, while its time-embedding part was 9x lower, 0.16 vs 1.43).
 
 t is searched for real, in two ways:
 
 1. a **scored sweep** (:func:`search_t`): candidate timesteps are the best peaks of
-   :func:`~attacks.diffusion_timesteps.timestep_scores` (equally spaced ones for a model
+   :func:`~attacks.components.diffusion_timesteps.timestep_scores` (equally spaced ones for a model
    without diffusers' time embedding, then refined on a finer grid around the winner); all
    candidates start from the same random latent and noise, are optimised as one batch
    (``torch.func.vmap``) for ``sweep_iterations`` with t frozen and halved by the objective;
@@ -40,8 +40,8 @@ sweep's t rounded to integer steps after phase 2) -- and after phase 2 the searc
 over ``x_t`` ALONE, the noise being
 solved at every evaluation from the output convolution's gradient, which is linear in the
 residual ``eps_theta(x_t, t) - eps`` with coefficients from the layer's input at ``x_t``
-(:mod:`attacks.noise_solve`; batch 1 at 16x16: 289 equations for 256 unknowns, full rank);
-then ``x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)``. The stage keeps phase 2's result when
+(:mod:`attacks.components.noise_solve`; batch 1 at 16x16: 289 equations for 256 unknowns, full
+rank); then ``x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)``. The stage keeps phase 2's result when
 it does not match the observed gradient better or its x0 leaves the box. What it buys
 (``benchmarks/RESULTS.md``, issue 25): t exactly at batch 1; at the TRUE x_t the solve returns
 eps to ~1e-6 and x0 at 90+ dB; L-BFGS over x_t converges to image and noise from starts 20 %
@@ -83,14 +83,14 @@ import torch
 from torch import Tensor
 
 from attacks.base import Attack, Reconstruction
-from attacks.diffusion_timesteps import (
+from attacks.components.diffusion_timesteps import (
     TIME_EMBEDDING_PREFIX,
     candidate_timesteps,
     score_peaks,
     timestep_scores,
 )
-from attacks.gradients import attack_task, mean_gradient_target, split_state
-from attacks.relaxed_diffusion import (
+from attacks.components.gradients import attack_task, mean_gradient_target, split_state
+from attacks.components.relaxed_diffusion import (
     Candidates,
     Problem,
     Render,
@@ -107,7 +107,7 @@ from fl_sim.records import ObservationRecord
 from fl_sim.registry import ATTACKS
 
 __all__ = ["GIDMPlus", "search_t", "problem_from_record", "latent_renderer",
-           # re-exported: the objective (attacks.relaxed_diffusion) and the t scores
+           # re-exported: the objective (attacks.components.relaxed_diffusion) and the t scores
            "abar_at", "relaxed_loss", "Problem", "Candidates", "Weights", "objective",
            "optimise", "eps_prior", "candidate_gradients", "timestep_scores", "score_peaks",
            "candidate_timesteps"]
@@ -228,10 +228,10 @@ def _solve_stage(problem: Problem, cand: Candidates, total: Tensor, iterations: 
     steps DDPM trains on (for one image it is :func:`_top_peak`, fixed since the start), then
     L-BFGS over ``x_t`` alone
     from phase 2's ``sqrt(abar) x0 + sqrt(1 - abar) eps``, eps solved from ``conv_out``'s
-    gradient (:mod:`attacks.noise_solve`). Keeps the solve's ``(x0, eps)`` only if it
+    gradient (:mod:`attacks.components.noise_solve`). Keeps the solve's ``(x0, eps)`` only if it
     matches the observed gradient better than phase 2's AND its x0 stays (nearly) inside the
     box (mean excess over [-1, 1] at most ``_BOX_EXCESS``); both are observable."""
-    from attacks.noise_solve import search_xt, x0_from
+    from attacks.components.noise_solve import search_xt, x0_from
 
     t = cand.t.detach()[0].round().clamp(0, problem.num_timesteps - 1)
     abar = abar_at(problem.task.alphas_cumprod, t).view(-1, 1, 1, 1)

@@ -2,7 +2,7 @@
 
 Zhao, Mopuri, Bilen, "iDLG: Improved Deep Leakage from Gradients", arXiv:2001.02610, 2020
 (single image); for batches the bias-corrected count method of
-:mod:`attacks.label_recovery` (Yin et al. 2021; Geng et al. 2021).
+:mod:`attacks.components.label_recovery` (Yin et al. 2021; Geng et al. 2021).
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any, Literal
 import torch
 
 from attacks.base import Attack, Reconstruction
-from attacks.gradients import attack_task
-from attacks.label_recovery import recover_labels
+from attacks.components.gradients import attack_task
+from attacks.components.label_recovery import recover_labels
 from fl_sim.errors import ConfigError
 from fl_sim.records import ObservationRecord
 from fl_sim.registry import ATTACKS

@@ -32,15 +32,15 @@ from torch import Tensor
 
 from attacks.adaptive import Adaptation, adaptation, single_example
 from attacks.base import Attack, Reconstruction
-from attacks.diffusion_matching import granted_aux, is_diffusion
-from attacks.gradients import (
+from attacks.components.diffusion_matching import granted_aux, is_diffusion
+from attacks.components.gradients import (
     attack_task,
     delta_scale,
     mean_gradient_target,
     split_state,
     target_from_record,
 )
-from attacks.inversion import (  # noqa: F401  (re-exported: the engine's historical home)
+from attacks.components.inversion import (  # noqa: F401  (re-exported: the engine's historical home)
     Callback,
     Inversion,
     InversionProblem,
@@ -48,8 +48,8 @@ from attacks.inversion import (  # noqa: F401  (re-exported: the engine's histor
     _update_fn,
     invert,
 )
-from attacks.local_optimizers import describe as describe_optimizer
-from attacks.restarts import pruning_schedule  # noqa: F401  (re-exported)
+from attacks.components.local_optimizers import describe as describe_optimizer
+from attacks.components.restarts import pruning_schedule  # noqa: F401  (re-exported)
 from fl_sim.errors import ConfigError, ThreatModelError
 from fl_sim.records import LocalOptimizer, ObservationRecord
 from fl_sim.registry import ATTACKS
@@ -77,7 +77,8 @@ class InvertingGradients(Attack):
     lowest final objective wins; ``lr`` (Adam, on sign gradients, normalised-image units);
     ``tv_weight`` (TV of the normalised image, breaching's 0.2); ``labels``: ``"granted"``
     (needs knowledge ``labels``), ``"idlg"``, ``"batch"`` or ``"auto"`` (iDLG for one image,
-    counts otherwise; :mod:`attacks.label_recovery`); ``bn_prior_weight`` (GradInversion's
+    counts otherwise; :mod:`attacks.components.label_recovery`); ``bn_prior_weight``
+    (GradInversion's
     BN-statistics prior, models with BatchNorm only); ``multi_step`` for ``"delta"`` records:
     ``"unroll"`` simulates the local training, ``"single"`` matches ``-delta`` as one
     gradient, ``"auto"`` unrolls when ``local_steps > 1`` or the client trained with Adam
@@ -92,11 +93,12 @@ class InvertingGradients(Attack):
     ``pruning`` schedule and the number of image-gradient ``evaluations``.
     ``double_backward``: ``"lean"`` (default) differentiates single-restart FedSGD gradients
     without the weight-side work stock autograd does for convolutions
-    (:mod:`attacks.second_order`; same values, 15–20 % faster on the ConvNet); ``"autograd"``
-    uses the stock formulas.
+    (:mod:`attacks.components.second_order`; same values, 15–20 % faster on the ConvNet);
+    ``"autograd"`` uses the stock formulas.
     ``aux``: on a DIFFUSION update (task ``diffusion``), ``"granted"`` asks the threat model
     for the client's noise and timesteps (knowledge ``eps``, ``t``) and recomputes the
-    diffusion loss with them, per local step when unrolling (:mod:`attacks.diffusion_matching`);
+    diffusion loss with them, per local step when unrolling
+    (:mod:`attacks.components.diffusion_matching`);
     ``"none"`` (default) on a diffusion record raises :class:`~fl_sim.errors.ThreatModelError`
     naming that knowledge. Labels do not exist there (unconditional UNet): none are recovered.
 
@@ -104,7 +106,7 @@ class InvertingGradients(Attack):
     record), that step ``k`` used images ``k*B .. k*B+B-1`` of its ``num_examples`` images in
     a fixed order (wrapping around), the client's local optimiser as the record states it
     (``record.optimizer``: plain SGD, SGD with momentum / weight decay, or Adam, state fresh
-    each round; :mod:`attacks.local_optimizers`), and BatchNorm
+    each round; :mod:`attacks.components.local_optimizers`), and BatchNorm
     running statistics that do not change during local training (eval mode). Those
     ``num_examples`` images are reconstructed.
     ``local_optimizer``: ``"record"`` (default) unrolls with the optimiser the record says the
@@ -240,7 +242,7 @@ class InvertingGradients(Attack):
                 raise ConfigError(f"inverting_gradients.labels: {labels.numel()} granted "
                                   f"labels for {n} images")
             return labels, "granted"
-        from attacks.label_recovery import recover_labels
+        from attacks.components.label_recovery import recover_labels
         method = ("idlg" if n == 1 else "batch") if self.labels == "auto" else self.labels
         return recover_labels(record, method, n, task=task, generator=generator), method
 

@@ -8,8 +8,8 @@ own update (``server`` view), a peer the others' update derived from consecutive
 computes the candidate's gradient ``g(x) = ∇_θ ℓ(θ_r; x, y)`` at the global ``θ_r`` and scores:
 
 * ``"cosine"`` (gradient alignment): ``cos(g(x), G)`` with ``G`` the observed update read as a
-  mean batch gradient (:func:`attacks.gradients.mean_gradient_target`: FedSGD's gradient as
-  is, a FedAvg delta times ``-1 / (lr · steps)``). A member's gradient is a summand of ``G``.
+  mean batch gradient (:func:`attacks.components.gradients.mean_gradient_target`: FedSGD's gradient
+  as is, a FedAvg delta times ``-1 / (lr · steps)``). A member's gradient is a summand of ``G``.
 * ``"grad_norm"``: ``-‖g(x)‖`` (a trained-on example has a smaller loss gradient).
 * ``"both"``: the cosine minus the norm's z-score (``z = (‖g‖ − mean) / std`` over the
   candidates), an unsupervised combination of the two.
@@ -30,8 +30,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from attacks.gradients import attack_task, mean_gradient_target, split_state
-from attacks.inference import Auxiliary, Candidates, InferenceAttack, candidate_counts
+from attacks.components.gradients import attack_task, mean_gradient_target, split_state
+from attacks.components.inference import Auxiliary, Candidates, InferenceAttack, candidate_counts
 from fl_sim.errors import ConfigError
 from fl_sim.records import ObservationRecord
 from fl_sim.registry import ATTACKS
@@ -65,7 +65,8 @@ class MiaGradient(InferenceAttack):
     ``score``: "cosine", "grad_norm" or "both". ``num_members`` / ``num_nonmembers``: the
     candidates the runner draws (members are capped by the target's data). Raises
     :class:`~fl_sim.errors.ConfigError` for an unknown score or view, or no candidates; a
-    delta under Adam cannot be read as a gradient (:func:`~attacks.gradients.delta_scale`).
+    delta under Adam cannot be read as a gradient
+    (:func:`~attacks.components.gradients.delta_scale`).
     """
 
     tasks = ("classifier",)

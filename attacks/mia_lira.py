@@ -6,7 +6,7 @@ is published to holds) or a client's local model ``global_r + delta`` that the s
 from a FedAvg update (``target = "local"``, server view). For each candidate ``(x, y)`` the
 statistic is the logit-scaled confidence ``φ = log(p_y / (1 − p_y))`` of the model on ``x``.
 Shadow models of the same architecture are trained on the attacker's auxiliary data
-(:mod:`attacks.shadow`, cached by content hash):
+(:mod:`attacks.components.shadow`, cached by content hash):
 
 * offline: reference models that never saw a candidate; fit ``N(μ_out, σ²_out)`` to the
   candidate's ``φ`` over them; score = ``(φ_target − μ_out) / σ_out`` (a monotone form of the
@@ -31,8 +31,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from attacks.inference import Auxiliary, Candidates, InferenceAttack, candidate_counts
-from attacks.shadow import ShadowRecipe, shadow_set, true_class_logits
+from attacks.components.inference import Auxiliary, Candidates, InferenceAttack, candidate_counts
+from attacks.components.shadow import ShadowRecipe, shadow_set, true_class_logits
 from fl_sim.errors import ConfigError
 from fl_sim.records import ObservationRecord
 from fl_sim.registry import ATTACKS
@@ -96,7 +96,7 @@ class MiaLira(InferenceAttack):
     ``online``: shadows trained with the candidates (IN / OUT per candidate) or reference
     models without them. ``num_shadows``: shadow models (≥ 2 for a variance). ``shadow_size``,
     ``shadow_steps``, ``shadow_lr``, ``shadow_batch_size``: the shadow recipe
-    (:class:`attacks.shadow.ShadowRecipe`). ``target``: "final" or "local" (module doc).
+    (:class:`attacks.components.shadow.ShadowRecipe`). ``target``: "final" or "local" (module doc).
     Raises :class:`~fl_sim.errors.ConfigError` (one line) for no candidates, fewer than two
     shadows, an unknown target, or (at run time) a shadow set larger than the auxiliary data.
     """

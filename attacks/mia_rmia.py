@@ -11,7 +11,7 @@ candidates), with ``p(·|θ)`` the target model's probability of the true label:
 with the candidates IN about half of them), the mean over all references. Offline
 (references that never saw a candidate), the paper's linear approximation from the OUT
 models, ``p(x) = ½((1 + a)·p_OUT(x) + (1 − a))`` with the dataset constant ``a``. ``p(z)``:
-the mean over all reference models. Reference models come from :mod:`attacks.shadow`
+the mean over all reference models. Reference models come from :mod:`attacks.components.shadow`
 (cached by content hash; shared with LiRA, so a grid that runs both trains them once).
 
 Deviations: no query augmentations; ``a`` is a parameter (the paper tunes it on reference
@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attacks.inference import Auxiliary, Candidates
+from attacks.components.inference import Auxiliary, Candidates
 from attacks.mia_lira import MiaLira, Target
 from fl_sim.errors import ConfigError
 from fl_sim.records import ObservationRecord

@@ -9,7 +9,7 @@ FedAvg deltas: :class:`~attacks.peer_inversion.PeerInversion`, reused unchanged)
 RESTORES the noisy reconstructions with a diffusion model trained on public data.
 
 Restoration = projection onto the prior's range through its deterministic DDIM sampler ``G``
-(:class:`attacks.ddim_sampler.DDIMSampler`, ``sampler_steps`` steps, eta 0). For each
+(:class:`attacks.components.ddim_sampler.DDIMSampler`, ``sampler_steps`` steps, eta 0). For each
 reconstruction ``r [C, H, W]`` in [0, 1] the latent ``x_T`` is optimised,
 
     min_{x_T}  mean((P G(x_T) - P r)^2)  [+ latent_weight * (mean(x_T^2) - 1)^2],
@@ -53,7 +53,8 @@ import torch
 from torch import Tensor
 
 from attacks.base import Reconstruction
-from attacks.ddim_sampler import DDIMSampler
+from attacks.components.ddim_sampler import DDIMSampler
+from attacks.components.objectives import lr_multiplier
 from attacks.inverting_gradients import (
     AuxSource,
     Distance,
@@ -63,7 +64,6 @@ from attacks.inverting_gradients import (
     RestartPruning,
     Schedule,
 )
-from attacks.objectives import lr_multiplier
 from attacks.peer_inversion import PeerInversion
 from fl_sim.errors import ConfigError
 from fl_sim.records import ObservationRecord

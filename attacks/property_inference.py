@@ -9,7 +9,7 @@ distribution, never the clients' data), ``num_batches`` with the property and ``
 without, each of ``batch_size`` examples (default: the record's own batch size, or for a
 peer the others' number of examples), trains a binary classifier on them (logistic
 regression over the flattened, L2-normalised gradients) and applies it to the
-observed update read as a mean gradient (:func:`attacks.gradients.mean_gradient_target`).
+observed update read as a mean gradient (:func:`attacks.components.gradients.mean_gradient_target`).
 The score is the classifier's probability that the property holds.
 
 Deviation from the paper: Melis et al. train the classifier on the aggregated updates of
@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from attacks.gradients import attack_task, mean_gradient_target, split_state
-from attacks.inference import Auxiliary, Candidates, InferenceAttack
+from attacks.components.gradients import attack_task, mean_gradient_target, split_state
+from attacks.components.inference import Auxiliary, Candidates, InferenceAttack
 from fl_sim.errors import ConfigError
 from fl_sim.records import ObservationRecord
 from fl_sim.registry import ATTACKS

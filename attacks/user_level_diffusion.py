@@ -9,12 +9,12 @@ diffusion-guided gradient matching:
     min_{z_1..z_K}  1 - cos( grad_theta CE(f(G(z_k)), y)_{k=1..K} , g_obs )
                     + latent_weight * sum_k (mean(z_k^2) - 1)^2
 
-``G`` is the deterministic DDIM sampler (:class:`attacks.ddim_sampler.DDIMSampler`,
+``G`` is the deterministic DDIM sampler (:class:`attacks.components.ddim_sampler.DDIMSampler`,
 ``sampler_steps`` steps) of a frozen prior, ``z_k [C, H, W]`` its latents, ``K =
 num_generated``; the gradient is the classifier's mean cross-entropy gradient of the K
 generated images (double back-propagation through the classifier, first-order through the
 UNet); ``g_obs`` is the observed update read as a mean gradient
-(:func:`attacks.gradients.mean_gradient_target`: a FedAvg delta is rescaled by
+(:func:`attacks.components.gradients.mean_gradient_target`: a FedAvg delta is rescaled by
 ``-1 / (lr * local_steps)``). Adam on the latents, cosine-decayed learning rate.
 
 Why a batch of K, and why its pixel MEAN as the representative: a B-image update of one
@@ -58,9 +58,14 @@ import torch
 from torch import Tensor
 
 from attacks.base import Attack, Reconstruction
-from attacks.ddim_sampler import DDIMSampler
-from attacks.gradients import attack_task, mean_gradient_target, parameter_gradients, split_state
-from attacks.objectives import cosine_distance, lr_multiplier
+from attacks.components.ddim_sampler import DDIMSampler
+from attacks.components.gradients import (
+    attack_task,
+    mean_gradient_target,
+    parameter_gradients,
+    split_state,
+)
+from attacks.components.objectives import cosine_distance, lr_multiplier
 from fl_sim.errors import ConfigError
 from fl_sim.records import ObservationRecord
 from fl_sim.registry import ATTACKS

@@ -43,7 +43,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from attacks.diffusion_matching import SECOND_ORDER  # noqa: E402
+from attacks.components.diffusion_matching import SECOND_ORDER  # noqa: E402
 from attacks.gidm import GIDM  # noqa: E402
 from attacks.gidm_plus import GIDMPlus  # noqa: E402
 from fl_sim.attack_runner import score_diffusion_aux  # noqa: E402

@@ -38,8 +38,8 @@ CIFAR_FILE = Path(__file__).resolve().parents[1] / "tests" / "data" / "cifar10_r
 cifar_images = partial(cases.cifar_images, CIFAR_FILE)
 cifar_labels = partial(cases.cifar_labels, CIFAR_FILE)
 
+from attacks.components.objectives import NormalisedImages  # noqa: E402
 from attacks.inverting_gradients import InvertingGradients  # noqa: E402
-from attacks.objectives import NormalisedImages  # noqa: E402
 from defenses.dp_sgd import DPSGD  # noqa: E402
 from defenses.local_dp import LocalDP  # noqa: E402
 from fl_sim.metrics import psnr, score_reconstruction  # noqa: E402

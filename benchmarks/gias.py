@@ -28,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 from prior_costs import unit_costs  # noqa: E402  (the sibling module, found beside the script)
 
-from attacks.ddim_sampler import DDIMSampler  # noqa: E402
+from attacks.components.ddim_sampler import DDIMSampler  # noqa: E402
 from attacks.gias import GIAS  # noqa: E402
 from attacks.inverting_gradients import InvertingGradients  # noqa: E402
 from fl_sim.cases import train_digits_prior  # noqa: E402

@@ -95,7 +95,7 @@ def _granted_distance(task: Any, problem: Any, x: torch.Tensor, t: torch.Tensor,
     """Matching distance of ``x_t`` with the TRUE eps (GIDM's objective in x_t units)."""
     import torch.nn.functional as F
 
-    from attacks.relaxed_diffusion import matching_distance
+    from attacks.components.relaxed_diffusion import matching_distance
 
     g = torch.func.grad(lambda p: F.mse_loss(task.predict(p, problem.buffers, x, t), eps))(
         dict(problem.params))
@@ -121,8 +121,8 @@ def _lbfgs_granted(task: Any, problem: Any, start: torch.Tensor, t: torch.Tensor
 
 def basin(task: Any, spec: Any, start: int, iterations: int) -> list[dict[str, Any]]:
     """The oracle basin (module docstring): solved vs granted eps from perturbed x_t."""
+    from attacks.components.noise_solve import search_xt, x0_from
     from attacks.gidm_plus import abar_at, problem_from_record
-    from attacks.noise_solve import search_xt, x0_from
     from fl_sim.metrics import psnr
 
     def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
+from attacks.components.gradients import split_state  # noqa: E402
 from attacks.gidm import GIDM, build_sampler  # noqa: E402
-from attacks.gradients import split_state  # noqa: E402
 from fl_sim.cases import (  # noqa: E402
     diffusion_record,
     digits_victims,

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from prior_costs import seconds_per_call, unit_costs
 
-from attacks.ddim_sampler import DDIMSampler
+from attacks.components.ddim_sampler import DDIMSampler
 from attacks.peer_diffusion_prior import PeerDiffusionPrior, ddim_invert, project
 from fl_sim.cases import DIGITS_PRIOR_CONFIG, digits_peer_case, others_truth
 from fl_sim.metrics import label_accuracy, score_reconstruction

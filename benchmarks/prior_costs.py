@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 
-from attacks.ddim_sampler import DDIMSampler
+from attacks.components.ddim_sampler import DDIMSampler
 from fl_sim.records import ModelSpec
 from fl_sim.tasks import build_task
 

@@ -10,11 +10,11 @@ client trained on in this run (held out, same distribution; identified by conten
 built from test images stays correct). Both are drawn with
 ``torch_generator(seed, "mia-candidates", ...)`` and shuffled together; images, labels and
 membership are written to ``run_dir/truth/candidates/<key>.safetensors`` (the truth store's
-directory: metrics only). The attack receives :class:`~attacks.inference.Candidates` (images,
-labels), never the membership; :func:`score_membership` alone reads it.
+directory: metrics only). The attack receives :class:`~attacks.components.inference.Candidates`
+(images, labels), never the membership; :func:`score_membership` alone reads it.
 
-The attacker's auxiliary data (shadow / reference models, :mod:`attacks.shadow`) is the rest
-of the held-out pool, disjoint from the candidates; its content hash keys the shadow cache.
+The attacker's auxiliary data (shadow / reference models, :mod:`attacks.components.shadow`) is the
+rest of the held-out pool, disjoint from the candidates; its content hash keys the shadow cache.
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def build_candidates(run: Any, *, view: str, client: int | None, server_round: i
     """``(Candidates, membership [N] bool, Auxiliary)`` for one attack (module doc); writes
     them to the truth store. Raises :class:`~fl_sim.errors.ConfigError` when the run holds
     too few members or held-out examples for the numbers asked."""
-    from attacks.inference import Auxiliary, Candidates
+    from attacks.components.inference import Auxiliary, Candidates
     seed = int(run.config.run.seed)
     mx, my = _member_pool(run, view, client, server_round, target_model)
     hx, hy = held_out(run)
@@ -223,7 +223,7 @@ def _attack_inputs(run: Any, attack: Any, *, view: str, client: int | None,
             num_members=int(attack.num_members), num_nonmembers=int(attack.num_nonmembers),
             key=key)
         return candidates, aux
-    from attacks.inference import Auxiliary
+    from attacks.components.inference import Auxiliary
     hx, hy = held_out(run)
     return None, Auxiliary(hx, hy, digest(hx, hy))
 

@@ -39,7 +39,7 @@ def gias_case(start: int = 0, n: int = 4, *, seed: int = 0, model: str = "lenet"
     ``start .. start+n-1`` of ``data`` (a grey 16x16 ``DataSplits``; default the digits) on
     the seeded ``model`` (eval mode), normalised with the data's statistics, recorded and read
     back through the server view with labels granted."""
-    from attacks.gradients import parameter_gradients, split_state
+    from attacks.components.gradients import parameter_gradients, split_state
     from fl_sim.tasks import build_task
     from fl_sim.tasks.base import Batch
 

@@ -114,7 +114,8 @@ def distinct_examples(steps: tuple[TruthStep, ...] | list[TruthStep]) -> int:
 def make_optimizer(spec: str | LocalOptimizer, params: Iterator[torch.nn.Parameter],
                    lr: float) -> torch.optim.Optimizer:
     """The client's optimiser over ``params``, built fresh each round (so Adam's moments
-    and SGD's momentum buffer start at zero every round, as :mod:`attacks.local_optimizers`
+    and SGD's momentum buffer start at zero every round, as
+    :mod:`attacks.components.local_optimizers`
     models them). ``spec``: a :class:`~fl_sim.records.LocalOptimizer` or a bare name
     (``"sgd"``/``"adam"`` with torch's defaults). Raises ``ValueError`` for an unknown name.
     """

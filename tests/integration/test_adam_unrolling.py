@@ -6,7 +6,8 @@ server's records, the curious peer's record and the aggregate must carry the opt
 clients built it. The online hook then runs unrolled Inverting Gradients on client 1's delta
 (4 images, labels granted, 200 iterations, cosine schedule, no TV, one restart) twice, fixed
 before any outcome was seen: ``local_optimizer = "record"`` (Adam, moments fresh at the
-round's first step, :mod:`attacks.local_optimizers`) and ``"sgd"`` (plain SGD at the same lr:
+round's first step, :mod:`attacks.components.local_optimizers`) and ``"sgd"`` (plain SGD at the
+same lr:
 what IG/GIDM/DLG assumed before records carried the optimiser). Both runs see the same record,
 labels, seed and budget; only the simulated local training differs.
 

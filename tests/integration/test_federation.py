@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import torch
 
-from attacks.gradients import parameter_gradients, split_state
+from attacks.components.gradients import parameter_gradients, split_state
 from fl_sim.config import ExperimentConfig, from_dict
 from fl_sim.errors import ThreatModelError
 from fl_sim.federation.resources import prepare_resources

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from attack_cases import cifar_images, cifar_labels, make_record, make_spec
 
 from attacks.adaptive import adaptation
+from attacks.components.objectives import cosine_distance, l2_distance
 from attacks.dlg import DLG
 from attacks.inverting_gradients import InvertingGradients
-from attacks.objectives import cosine_distance, l2_distance
 from defenses.pruning import Pruning
 from defenses.quantization import scaled_sign
 from fl_sim import cli

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attacks.ddim_sampler import DDIMSampler, ddim_timesteps
+from attacks.components.ddim_sampler import DDIMSampler, ddim_timesteps
 from fl_sim.records import ModelSpec
 from fl_sim.tasks import build_task
 

@@ -104,7 +104,7 @@ def test_train_mode_uses_batch_statistics_and_leaves_the_record_alone() -> None:
     import torch.nn.functional as F
     from attack_cases import make_spec
 
-    from attacks.gradients import attack_task, parameter_gradients, split_state
+    from attacks.components.gradients import attack_task, parameter_gradients, split_state
     from attacks.idlg import IDLG
     from fl_sim.tasks import build_task
     from fl_sim.tasks.base import Batch

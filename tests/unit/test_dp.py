@@ -4,8 +4,8 @@ params fail before training, and the noise DLG calls safe stops Inverting Gradie
 The attack test uses the reference ConvNet case (FACTS.md: ConvNet-64, BatchNorm in eval mode
 with fresh statistics, CIFAR-10 test image 0, batch 1, FedSGD, labels given). Its
 "random-start PSNR" is the PSNR against the true image of the attack's own initial guess:
-Inverting Gradients starts from ``torch.randn`` clamped to [0, 1] (attacks/inversion.py) —
-the test draws that start with the attack's seed and scores it, so "within 2 dB of the random
+Inverting Gradients starts from ``torch.randn`` clamped to [0, 1] (attacks/components/inversion.py)
+— the test draws that start with the attack's seed and scores it, so "within 2 dB of the random
 start" means the attack learned (almost) nothing from the noisy gradient.
 """
 
@@ -269,8 +269,8 @@ def test_dlg_noise_stops_inverting_gradients_and_zero_noise_does_not() -> None:
     the truth. Measured (seed 0, 40 iterations): random start 10.40 dB, undefended 14.61 dB,
     σ = 0 (clipping only) 14.61 dB, σ = 0.1 at C = 1 9.43 dB."""
 
+    from attacks.components.objectives import NormalisedImages
     from attacks.inverting_gradients import InvertingGradients
-    from attacks.objectives import NormalisedImages
     from fl_sim.metrics import psnr, score_reconstruction
 
     c = 1.0

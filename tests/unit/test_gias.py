@@ -21,8 +21,8 @@ import torch
 from diffusion_cases import digits_prior  # noqa: F401  (fixture)
 from test_peer_diffusion_prior import _digits, _one_line, tiny_prior
 
+from attacks.components.gradients import parameter_gradients, split_state
 from attacks.gias import GIAS
-from attacks.gradients import parameter_gradients, split_state
 from attacks.inverting_gradients import InvertingGradients
 from fl_sim.attack_runner import _score_phases
 from fl_sim.cases import rerecord

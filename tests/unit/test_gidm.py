@@ -13,10 +13,10 @@ from diffusion_cases import (
 )
 
 from attacks.base import resolve_device
-from attacks.diffusion_matching import DiffusionMatching, granted_aux, step_aux
+from attacks.components.diffusion_matching import DiffusionMatching, granted_aux, step_aux
+from attacks.components.gradients import split_state, target_from_record
 from attacks.dlg import DLG
 from attacks.gidm import GIDM
-from attacks.gradients import split_state, target_from_record
 from attacks.idlg import IDLG
 from attacks.inverting_gradients import InvertingGradients, _update_fn
 from fl_sim.errors import ConfigError, ThreatModelError
@@ -191,7 +191,7 @@ def test_devices_resolve_and_cuda_without_cuda_is_one_line(untrained, monkeypatc
 
 @pytest.mark.parametrize("distance", ["l2", "cosine"])
 def test_gradient_distance_values_and_gradients(distance):
-    from attacks.diffusion_matching import gradient_distance
+    from attacks.components.diffusion_matching import gradient_distance
 
     g = torch.Generator().manual_seed(0)
     target = {"a": torch.randn(3, 4, generator=g, dtype=torch.float64),

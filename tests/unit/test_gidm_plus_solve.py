@@ -1,6 +1,6 @@
 """GIDM+ with the noise solved from the output layer (``eps_solve="last_layer"``, issue 25).
 
-The solve (:mod:`attacks.noise_solve`) on a seeded untrained tiny UNet (fast), and the
+The solve (:mod:`attacks.components.noise_solve`) on a seeded untrained tiny UNet (fast), and the
 quality test on the session-trained digits prior (``tests/diffusion_cases.py``; this file is
 listed in ``tests/conftest.py``'s ``_PRIOR_FILES`` so it shares that prior). The end-to-end
 figures and the negative result (no 10 dB lift from GIDM+'s own start) are in
@@ -19,14 +19,14 @@ from diffusion_cases import (  # noqa: F401  (digits_prior: session fixture)
     global_task,
 )
 
-from attacks.gidm_plus import GIDMPlus, abar_at, problem_from_record
-from attacks.noise_solve import (
+from attacks.components.noise_solve import (
     output_features,
     search_xt,
     solve_residual,
     solved_noise,
     x0_from,
 )
+from attacks.gidm_plus import GIDMPlus, abar_at, problem_from_record
 from fl_sim.errors import ConfigError
 from fl_sim.metrics import psnr
 

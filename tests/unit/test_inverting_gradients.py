@@ -18,9 +18,8 @@ from attack_cases import (
     make_task,
 )
 
-from attacks.gradients import parameter_gradients, split_state, target_from_record
-from attacks.inverting_gradients import InvertingGradients
-from attacks.objectives import (
+from attacks.components.gradients import parameter_gradients, split_state, target_from_record
+from attacks.components.objectives import (
     BNStatistics,
     NormalisedImages,
     bn_prior,
@@ -29,6 +28,7 @@ from attacks.objectives import (
     total_variation,
     unrolled_delta,
 )
+from attacks.inverting_gradients import InvertingGradients
 from fl_sim.errors import ConfigError, InvalidRecordError, ThreatModelError
 from fl_sim.metrics import psnr, score_reconstruction
 from fl_sim.registry import ATTACKS

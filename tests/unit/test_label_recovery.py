@@ -13,7 +13,7 @@ from attack_cases import (
     torch_threads,
 )
 
-from attacks.label_recovery import (
+from attacks.components.label_recovery import (
     batch_labels,
     estimate_output_statistics,
     find_last_layer,

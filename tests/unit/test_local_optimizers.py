@@ -1,4 +1,4 @@
-"""The functional local optimisers (attacks/local_optimizers.py) take the client's steps.
+"""The functional local optimisers (attacks/components/local_optimizers.py) take the client's steps.
 
 (a) After k steps, :func:`functional_step` gives the parameters torch.optim.SGD (momentum,
 weight decay) / torch.optim.Adam (betas, eps, weight decay) give, to float tolerance (1e-6
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from attack_cases import cifar_images, cifar_labels, make_spec
 
-from attacks.local_optimizers import functional_step, init_state
-from attacks.objectives import unrolled_delta
+from attacks.components.local_optimizers import functional_step, init_state
+from attacks.components.objectives import unrolled_delta
 from fl_sim.federation.local import local_train, make_optimizer
 from fl_sim.records import LocalOptimizer
 from fl_sim.tasks import build_task
@@ -123,7 +123,7 @@ def _delta_record(opt: LocalOptimizer, steps: int = 3):
 def test_reading_a_delta_as_a_gradient_follows_the_optimiser():
     """Momentum mu: step j's gradient enters with weight (1 - mu^(S-j)) / (1 - mu); for mu =
     0.5 and S = 3 they sum to 1.75 + 1.5 + 1 = 4.25 (plain SGD: 3)."""
-    from attacks.gradients import delta_scale
+    from attacks.components.gradients import delta_scale
     assert delta_scale(_delta_record(LocalOptimizer("sgd"))) == pytest.approx(-1 / (0.1 * 3))
     assert delta_scale(_delta_record(LocalOptimizer("sgd", momentum=0.5))) == pytest.approx(
         -1 / (0.1 * 4.25))
@@ -140,7 +140,8 @@ def test_attacks_that_cannot_model_adam_refuse_in_one_line():
 
 @pytest.mark.slow  # ~11 s: the UNet's unrolled steps, twice
 def test_gidm_unroll_reproduces_an_adam_trained_diffusion_client(one_thread):
-    """The diffusion side (attacks.diffusion_matching.diffusion_update, GIDM's unrolling):
+    """The diffusion side (attacks.components.diffusion_matching.diffusion_update, GIDM's
+    unrolling):
     local_train of the tiny digits UNet with Adam, 2 steps of batch 2 with the eps/t it drew,
     is reproduced from a fresh Adam state: relative L2 error 9.9e-5, 99.997 % of the
     coordinates within 1e-6 (Adam normalises each coordinate, so the float32 rounding of a
@@ -148,7 +149,7 @@ def test_gidm_unroll_reproduces_an_adam_trained_diffusion_client(one_thread):
     plain SGD have cosine 0.327 with the client's delta (all measured 2026-12-07)."""
     from diffusion_cases import digits_victims, global_task
 
-    from attacks.diffusion_matching import diffusion_update
+    from attacks.components.diffusion_matching import diffusion_update
     task, _ = global_task(None)
     glob = {k: v.detach().clone() for k, v in task.model.state_dict().items()}
     x = digits_victims(4)
@@ -178,7 +179,7 @@ def test_gidm_unroll_reproduces_an_adam_trained_diffusion_client(one_thread):
 def test_idlg_reads_the_signs_an_adam_delta_keeps_and_counts_refuse(one_thread):
     """iDLG on one image's Adam delta (3 local steps, lr 1e-3; images 0-7, the first eight):
     the label is recovered from the signs for 8/8 (measured 8/8); batch counts refuse."""
-    from attacks.label_recovery import recover_labels
+    from attacks.components.label_recovery import recover_labels
     from fl_sim.cases import server_record
     from fl_sim.errors import ConfigError
     spec = make_spec("lenet", {}, image_size=16)

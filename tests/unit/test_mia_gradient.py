@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import fl_sim.federation.local as local
-from attacks.inference import Candidates
+from attacks.components.inference import Candidates
 from attacks.mia_gradient import MiaGradient
 from defenses.dp_sgd import DPSGD
 from fl_sim.attack_runner import replay

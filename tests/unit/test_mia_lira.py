@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from attacks.components.shadow import ShadowRecipe, shadow_set
 from attacks.mia_lira import MiaLira
 from attacks.mia_rmia import MiaRmia
-from attacks.shadow import ShadowRecipe, shadow_set
 from fl_sim.attack_runner import replay
 from fl_sim.cases import DIGITS, CaseClient, build_case, digits_spec, digits_splits
 from fl_sim.errors import ConfigError

@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 from attack_cases import cifar_images, cifar_labels, fedavg_delta_record, make_spec, make_task
 
+from attacks.components.objectives import NormalisedImages
 from attacks.inverting_gradients import InvertingGradients
-from attacks.objectives import NormalisedImages
 from fl_sim.metrics import psnr, score_reconstruction
 from fl_sim.records import ObservationRecord
 from fl_sim.tasks import build_task

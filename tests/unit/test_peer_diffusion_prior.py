@@ -22,7 +22,7 @@ from diffusion_cases import (  # noqa: F401  (digits_prior is a fixture)
     digits_prior,
 )
 
-from attacks.ddim_sampler import DDIMSampler
+from attacks.components.ddim_sampler import DDIMSampler
 from attacks.peer_diffusion_prior import PeerDiffusionPrior, ddim_invert, project
 from attacks.peer_inversion import PeerInversion
 from fl_sim.attack_runner import _score_phases

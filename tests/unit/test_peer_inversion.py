@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from attack_cases import CIFAR_FILE, cifar_images, cifar_labels, make_spec
 
+from attacks.components.objectives import NormalisedImages, cosine_distance
 from attacks.inverting_gradients import InvertingGradients
-from attacks.objectives import NormalisedImages, cosine_distance
 from attacks.peer_inversion import PeerInversion
 from fl_sim.cases import CaseClient, build_case, others_truth
 from fl_sim.errors import ThreatModelError
@@ -130,8 +130,8 @@ def test_peer_reconstruction_convnet_3_clients_fedsgd(tmp_path):
     from a hand-built record whose gradients were taken in EVAL mode and with the true labels
     granted. A real client's FedSGD gradient uses BatchNorm's batch statistics (train mode,
     :func:`fl_sim.federation.local.one_gradient`), while Inverting Gradients (and so the
-    peer) re-computes gradients in eval mode (``attacks.gradients.attack_task``; DLG / iDLG
-    have ``model_mode``, IG has none yet): the attacker's model of the client's forward pass
+    peer) re-computes gradients in eval mode (``attacks.components.gradients.attack_task``; DLG /
+    iDLG have ``model_mode``, IG has none yet): the attacker's model of the client's forward pass
     is wrong on a BatchNorm network, which costs most of the gain (measured: the cosine
     between the train-mode and the eval-mode gradient of CIFAR-10 test image 1 on this
     ConvNet is 0.10).

@@ -1,4 +1,5 @@
-"""The lean double backward (attacks/second_order.py) and the closed-form cosine backward.
+"""The lean double backward (attacks/components/second_order.py) and the closed-form cosine
+backward.
 
 Both must give stock autograd's values (checked in float64 against plain autograd on
 convolutions of every flavour the models use) while doing less work: the lean second pass
@@ -14,9 +15,9 @@ from attack_cases import cifar_images, cifar_labels, make_record, make_spec, mak
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from attacks.components.objectives import cosine_distance, l2_distance
+from attacks.components.second_order import LeanSecondOrder
 from attacks.inverting_gradients import InvertingGradients, invert
-from attacks.objectives import cosine_distance, l2_distance
-from attacks.second_order import LeanSecondOrder
 from fl_sim.errors import ConfigError
 from fl_sim.tasks import build_task
 

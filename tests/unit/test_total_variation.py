@@ -2,7 +2,7 @@
 
 Three pins, each failing when a different part of the maths breaks:
 
-* :func:`attacks.objectives.total_variation` and its (sub)gradient equal an independent
+* :func:`attacks.components.objectives.total_variation` and its (sub)gradient equal an independent
   pixel-loop formula (anisotropic mean TV, ``mean|dx| + mean|dy|`` per restart);
 * the objective Inverting Gradients reports is ``distance + tv_weight · TV(normalised image)``
   at its final images (breaching's convention: TV of the task-normalised image), and exactly
@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from attack_cases import cifar_images, cifar_labels, make_record, make_spec
 
+from attacks.components.objectives import total_variation
 from attacks.inverting_gradients import InvertingGradients
-from attacks.objectives import total_variation
 from fl_sim.tasks import build_task
 
 pytestmark = pytest.mark.usefixtures("one_thread")

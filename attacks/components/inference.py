@@ -50,7 +50,7 @@ class Auxiliary:
     """The attacker's auxiliary data (same distribution, disjoint from the candidates and the
     federation's clients): what shadow / reference models and property classifiers train on.
     ``images [M, C, H, W]`` in [0, 1], ``labels [M]``; ``digest``: a content hash of both, the
-    key of the shadow-model cache (:mod:`attacks.shadow`)."""
+    key of the shadow-model cache (:mod:`attacks.components.shadow`)."""
 
     images: Tensor
     labels: Tensor

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attacks.relaxed_diffusion import Problem, abar_at, matching_distance
+from attacks.components.relaxed_diffusion import Problem, abar_at, matching_distance
 from fl_sim.errors import ConfigError
 
 __all__ = ["output_features", "solve_residual", "solved_noise", "xt_distance", "x0_from",

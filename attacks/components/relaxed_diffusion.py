@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attacks.gradients import Params
-from attacks.objectives import l2_distance, total_variation
+from attacks.components.gradients import Params
+from attacks.components.objectives import l2_distance, total_variation
 
 __all__ = ["abar_at", "relaxed_loss", "Problem", "Candidates", "eps_prior",
            "candidate_gradients", "matching_distance", "time_embedding_distance", "Render",

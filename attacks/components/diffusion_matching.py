@@ -30,9 +30,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attacks.gradients import Params
-from attacks.local_optimizers import functional_step, init_state
-from attacks.second_order import LeanSecondOrder
+from attacks.components.gradients import Params
+from attacks.components.local_optimizers import functional_step, init_state
+from attacks.components.second_order import LeanSecondOrder
 from fl_sim.errors import ConfigError, ThreatModelError
 from fl_sim.records import LocalOptimizer, ObservationRecord
 from fl_sim.tasks.base import Batch
@@ -100,13 +100,14 @@ def diffusion_update(task: Any, params: Mapping[str, Tensor], buffers: Mapping[s
     ``unroll=None``: the gradient of the mean diffusion loss with ``aux`` (``eps [N, ...]``,
     ``t [N]``) at ``params`` (FedSGD). ``unroll=(lr, steps, batch_size)``: ``new - params``
     after ``steps`` steps of the client's ``optimizer`` (plain SGD by default; SGD with
-    momentum / weight decay or Adam, state fresh each round: :mod:`attacks.local_optimizers`),
+    momentum / weight decay or Adam, state fresh each round:
+    :mod:`attacks.components.local_optimizers`),
     step ``k`` on images ``k*B .. k*B+B-1`` (modulo N) with
     aux rows :func:`step_aux` ``(aux, k, B)`` (FedAvg; the client's order of steps). The result
     is connected to ``images`` (and to ``aux`` where it requires grad): double
     back-propagation. Keys as ``params``. ``lean`` (FedSGD only) builds the gradient inside
-    :class:`~attacks.second_order.LeanSecondOrder` (same values; the double backward skips the
-    convolutions' weight-side work), so the result may only be differentiated with respect
+    :class:`~attacks.components.second_order.LeanSecondOrder` (same values; the double backward
+    skips the convolutions' weight-side work), so the result may only be differentiated with respect
     to ``images`` / ``aux``, not the parameters. Off by default: on the tiny UNet the mode's
     Python dispatch over every op cost more than it saved (measured 4.1-4.8 vs 2.7 plain steps
     per matching evaluation at batch 1).

@@ -4,9 +4,10 @@ Split from :mod:`attacks.inverting_gradients` (the attack plug-in, which builds 
 :class:`InversionProblem` from a record): :func:`invert` optimises ``R`` restarts of ``N``
 candidate images as one ``[R, N, C, H, W]`` batch against the problem's target update with
 Adam on the sign of the gradient, successive halving of the restarts
-(:func:`attacks.restarts.pruning_schedule`) and, for FedAvg deltas, differentiable unrolling of
-the client's local optimiser (:class:`Unroll`, :mod:`attacks.local_optimizers`). Also used
-by :mod:`attacks.peer_inversion` and the benchmarks. An optional ``adapt`` transform
+(:func:`attacks.components.restarts.pruning_schedule`) and, for FedAvg deltas, differentiable
+unrolling of
+the client's local optimiser (:class:`Unroll`, :mod:`attacks.components.local_optimizers`). Also
+used by :mod:`attacks.peer_inversion` and the benchmarks. An optional ``adapt`` transform
 (:mod:`attacks.adaptive`) is applied to each candidate's update before the distance.
 """
 
@@ -21,8 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from attacks.gradients import Params
-from attacks.objectives import (
+from attacks.components.gradients import Params
+from attacks.components.objectives import (
     BNStatistics,
     NormalisedImages,
     bn_prior,
@@ -32,8 +33,8 @@ from attacks.objectives import (
     simulated_update,
     total_variation,
 )
-from attacks.restarts import pruning_schedule, sliced_adam
-from attacks.second_order import LeanSecondOrder
+from attacks.components.restarts import pruning_schedule, sliced_adam
+from attacks.components.second_order import LeanSecondOrder
 from fl_sim.records import LocalOptimizer
 from fl_sim.tasks.base import Batch
 
@@ -138,8 +139,8 @@ def _gradient_fn(problem: InversionProblem, bn: BNStatistics | None, double_back
     """The FedSGD gradient of the candidates: vmapped :func:`simulated_update` for ``R > 1``,
     plain double-backprop autograd for ``R = 1`` (no ``torch.func`` wrappers: the common
     single-restart case and the tail of successive halving), built inside
-    :class:`~attacks.second_order.LeanSecondOrder` when ``double_backward == "lean"``. Same
-    values either way (to float rounding)."""
+    :class:`~attacks.components.second_order.LeanSecondOrder` when ``double_backward == "lean"``.
+    Same values either way (to float rounding)."""
     leaves = {k: v.detach().requires_grad_(True) for k, v in problem.params.items()}
     names = list(leaves)
     order = [leaves[k] for k in names]
@@ -184,8 +185,8 @@ def invert(problem: InversionProblem, *, max_iterations: int, restarts: int, lr:
     lower index; the image tensor and Adam's moments are sliced alike) until ``keep`` remain;
     ``"none"`` runs every restart for the whole budget (the paper's protocol). The callback
     sees the current survivors only. ``double_backward="lean"`` builds single-restart
-    gradients inside :class:`~attacks.second_order.LeanSecondOrder` (``"autograd"``: stock
-    formulas). ``adapt`` (an :class:`~attacks.adaptive.Adaptation`) transforms every
+    gradients inside :class:`~attacks.components.second_order.LeanSecondOrder` (``"autograd"``:
+    stock formulas). ``adapt`` (an :class:`~attacks.adaptive.Adaptation`) transforms every
     candidate update before the distance (adaptive attacks on defended updates). Raises
     ``ValueError`` if the BN prior is asked for on a model without BatchNorm.
     """

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from attacks.gradients import (
+from attacks.components.gradients import (
     attack_task,
     mean_gradient_target,
     parameter_names,

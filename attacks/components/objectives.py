@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from attacks.diffusion_matching import step_aux
-from attacks.gradients import Params
-from attacks.local_optimizers import functional_step, init_state
+from attacks.components.diffusion_matching import step_aux
+from attacks.components.gradients import Params
+from attacks.components.local_optimizers import functional_step, init_state
 from fl_sim.records import LocalOptimizer
 from fl_sim.tasks.base import Batch
 
@@ -191,13 +191,13 @@ def unrolled_delta(task: Any, params: Mapping[str, Tensor], buffers: Mapping[str
     order it used them: step ``k`` takes images ``k*batch_size .. (k+1)*batch_size - 1``
     (indices modulo ``n``, i.e. further epochs repeat the same order). ``optimizer``: the
     client's (:class:`~fl_sim.records.LocalOptimizer`; default plain SGD, the paper's case),
-    its state fresh at the first step (:mod:`attacks.local_optimizers`); constant ``lr``,
+    its state fresh at the first step (:mod:`attacks.components.local_optimizers`); constant ``lr``,
     buffers fixed (eval-mode BatchNorm). Differentiable with respect to
     ``images`` (torch.func, composes with ``vmap``). Returns ``(delta keyed like params, BN
     prior averaged over steps (0 without ``bn``))``. ``aux`` (diffusion ``eps``/``t`` of ALL
     steps, concatenated) is sliced per step: step ``k`` gets rows ``k*batch_size ..``
-    (:func:`attacks.diffusion_matching.step_aux`). Raises ``ValueError`` for ``steps < 1``
-    or ``batch_size < 1``.
+    (:func:`attacks.components.diffusion_matching.step_aux`). Raises ``ValueError`` for ``steps <
+    1`` or ``batch_size < 1``.
     """
 
     if steps < 1 or batch_size < 1:
