@@ -1,0 +1,103 @@
+"""mkdocs hook: the plug-in reference pages, generated from fl-sim's registries at build time.
+
+Why at build time and not a script whose output is committed: a committed copy can go stale
+the moment someone adds a parameter, and a test comparing it with the registries would fail
+in someone else's commit. Generated during ``mkdocs build`` (``make docs``, run by CI), the
+pages are always the registries as they are; ``tests/unit/test_docs.py`` calls
+:func:`render_kind` directly to check that every registered plug-in gets its section.
+
+One page per registry kind (``fl_sim.registry.ALL_REGISTRIES``): each plug-in's name, its
+one-line description, where it lives, and its parameters with type, default and help -- the
+same :func:`fl_sim.registry.describe_params` that ``fl-sim list KIND NAME`` prints.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+#: the folder of the generated pages, relative to docs/
+PLUGIN_DIR = "reference/plugins"
+
+
+def page_name(kind: str) -> str:
+    """The generated page of registry ``kind``, relative to docs/.
+
+    >>> page_name("data source"), page_name("strategy")
+    ('reference/plugins/data_sources.md', 'reference/plugins/strategies.md')
+    """
+    from fl_sim.registry import entry_point_group
+    return f"{PLUGIN_DIR}/{entry_point_group(kind).removeprefix('fl_sim.')}.md"
+
+
+def _cell(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _summary(obj: Any) -> str:
+    """The docstring's first paragraph (the one-line description may be cut short)."""
+    doc = inspect.getdoc(obj) or ""
+    return " ".join(doc.strip().split("\n\n")[0].split())
+
+
+def render_kind(kind: str) -> str:
+    """The markdown page of every plug-in registered under ``kind``, one ``##`` section each."""
+    from fl_sim.cli import _positional
+    from fl_sim.registry import ALL_REGISTRIES, describe_params, entry_point_group
+
+    registry = ALL_REGISTRIES[kind]
+    title = entry_point_group(kind).removeprefix("fl_sim.").replace("_", " ").capitalize()
+    out = [f"# {title}", "",
+           f"Generated from the `{kind}` registry when the site is built (`docs/hooks.py`), "
+           f"so it lists exactly what `fl-sim list {entry_point_group(kind)[7:]}` lists. "
+           f"Outside packages add to it through the entry-point group "
+           f"`{entry_point_group(kind)}` ([write an attack](../../tutorials/write-an-attack.md)).",
+           ""]
+    entries = list(registry.entries())
+    if not entries:
+        out += ["No plug-in of this kind is registered.", ""]
+    for e in entries:
+        where = f"{getattr(e.obj, '__module__', '?')}.{getattr(e.obj, '__qualname__', '?')}"
+        out += [f"## `{e.name}`", "", _summary(e.obj) or e.description, "",
+                f"Defined in `{where}`.", ""]
+        params = describe_params(e.obj, skip=_positional(kind))
+        if not params:
+            out += ["No parameters.", ""]
+            continue
+        out += ["| parameter | type | default | help |", "|---|---|---|---|"]
+        for p in params:
+            default = "(required)" if p.required else f"`{p.default!r}`"
+            out.append(f"| `{p.name}` | {_cell(p.type)} | {_cell(default)} | {_cell(p.help)} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def render_index() -> str:
+    """The index of the generated pages: kinds, counts and names."""
+    from fl_sim.registry import ALL_REGISTRIES, entry_point_group
+    out = ["# Plug-ins", "",
+           "One registry per kind (`fl_sim/registry.py`), filled by a decorator; duplicates are "
+           "refused and an unknown name lists the known ones. These pages are generated from "
+           "the registries when the site is built, so they list every registered plug-in with "
+           "its parameters and defaults (`fl-sim list KIND NAME` prints the same).", "",
+           "| kind | entry-point group | plug-ins |", "|---|---|---|"]
+    for kind, registry in ALL_REGISTRIES.items():
+        link = page_name(kind).removeprefix(PLUGIN_DIR + "/")
+        names = ", ".join(f"`{n}`" for n in registry.names()) or "(none)"
+        out.append(f"| [{kind}]({link}) | `{entry_point_group(kind)}` | {names} |")
+    out.append("")
+    return "\n".join(out)
+
+
+def on_files(files: Any, config: Any) -> Any:
+    """mkdocs event: add the generated pages to the site's files."""
+    from mkdocs.structure.files import File
+
+    from fl_sim.registry import ALL_REGISTRIES
+    pages = {f"{PLUGIN_DIR}/index.md": render_index()}
+    pages.update({page_name(kind): render_kind(kind) for kind in ALL_REGISTRIES})
+    for src_uri, content in pages.items():
+        if files.get_file_from_path(src_uri) is not None:
+            files.remove(files.get_file_from_path(src_uri))
+        files.append(File.generated(config, src_uri, content=content))
+    return files
