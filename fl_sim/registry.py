@@ -32,7 +32,7 @@ T = TypeVar("T")
 # Modules that register the built-in plug-ins. Imported by `load_builtin_plugins`; kept as
 # strings so that importing the registry never imports flwr (strategies) or diffusers (unet).
 BUILTIN_PLUGIN_MODULES: dict[str, tuple[str, ...]] = {
-    "data source": ("fl_sim.data.sources",),
+    "data source": ("fl_sim.data.sources", "fl_sim.data.synthetic"),
     "partitioner": ("fl_sim.data.partition",),
     "model": ("fl_sim.models",),
     "task": ("fl_sim.tasks",),
