@@ -11,9 +11,21 @@ for the K timesteps of diffusers' ``DDIMScheduler.set_timesteps`` (same spacing,
 sampling loop to float tolerance (``tests/unit/test_ddim_sampler.py``). Unlike diffusers' loop it
 is an ordinary differentiable function: gradients flow to ``x_T`` and, when the UNet runs on
 functional parameters (:func:`torch.func.functional_call`), to those parameters too, so a
-per-image copy of the weights can be optimised (GIAS-style attacks). ``checkpoint=True`` wraps
-every step in :func:`torch.utils.checkpoint.checkpoint` (non-reentrant): activation memory is
-bounded by one UNet call instead of K, at the price of one more forward per step in backward.
+per-image copy of the weights can be optimised (GIAS-style attacks).
+
+Memory (gradient checkpointing, ``checkpoint=``, :data:`CHECKPOINT_MODES`): back-propagating
+through K steps keeps K UNet calls' activations alive. ``"sampler"`` wraps every step in
+:func:`torch.utils.checkpoint.checkpoint` (non-reentrant): activations of one UNet call instead of
+K, at the price of one more UNet forward per step in backward. ``"full"`` also checkpoints the
+UNet's blocks (diffusers' ``enable_gradient_checkpointing``, only for the duration of the call),
+for when one UNet call alone is too large; it costs another forward. diffusers' own block
+checkpointing recomputes with the module's *registered* weights, so under
+:func:`~torch.func.functional_call` its gradients are silently wrong (measured: max abs error
+0.91 in d/dx on a small UNet); ours recomputes each block with the weights it ran on (the
+functional ones), double backward included. ``"auto"`` measures once per input shape the bytes
+one step saves for backward and picks ``"none"`` when K of them fit :data:`AUTO_BUDGET_BYTES`,
+else ``"sampler"``, else (one step alone over budget) ``"full"``. ``docs/how-to/memory.md`` has
+the figures.
 
 Prior-based attacks (``gidm``, ``gidm_plus``, later the generative-prior attacks) share this
 module. It imports nothing from diffusers: any ``UNet2DModel``-like module with the call
@@ -22,16 +34,23 @@ module. It imports nothing from diffusers: any ``UNet2DModel``-like module with 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
-__all__ = ["DDIMSampler", "ddim_timesteps"]
+__all__ = ["AUTO_BUDGET_BYTES", "CHECKPOINT_MODES", "Checkpoint", "DDIMSampler", "ddim_timesteps"]
+
+Checkpoint = Literal["auto", "none", "sampler", "full"]
+#: the gradient-checkpointing modes of :meth:`DDIMSampler.sample` (and of the attacks using it)
+CHECKPOINT_MODES: tuple[str, ...] = ("auto", "none", "sampler", "full")
+#: ``"auto"`` keeps the K steps' saved activations when they need at most this many bytes
+AUTO_BUDGET_BYTES = 1 << 30
 
 _SPACINGS = ("leading", "trailing", "linspace")
 
@@ -86,6 +105,9 @@ class DDIMSampler:
     clip_sample: bool = False
     clip_range: float = 1.0
     prediction_type: str = "epsilon"
+    #: ``"auto"``'s decision per input (shape, dtype, device, functional or not)
+    _auto: dict[tuple[Any, ...], str] = field(default_factory=dict, init=False, repr=False,
+                                              compare=False)
 
     @classmethod
     def from_scheduler(cls, unet: nn.Module, scheduler: Any, num_steps: int) -> DDIMSampler:
@@ -124,14 +146,20 @@ class DDIMSampler:
         return out[0] if isinstance(out, (tuple, list)) else out
 
     def step(self, x: Tensor, t: int, params: Mapping[str, Tensor] | None = None,
-             buffers: Mapping[str, Tensor] | None = None) -> Tensor:
-        """One DDIM update ``x_t [B, C, H, W] -> x_prev`` at integer timestep ``t``."""
+             buffers: Mapping[str, Tensor] | None = None, blocks: bool = False) -> Tensor:
+        """One DDIM update ``x_t [B, C, H, W] -> x_prev`` at integer timestep ``t``.
+
+        ``blocks``: checkpoint the UNet's blocks during this call (``"full"`` mode)."""
         abar = self.alphas_cumprod.to(x.device)
         a_t = abar[t]
         a_prev = self._abar_prev(t)
         a_prev = a_prev.to(x.device) if isinstance(a_prev, Tensor) else x.new_tensor(a_prev)
         tt = torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)
-        out = self._model(params, buffers, x, tt)
+        if blocks:
+            with _block_checkpointing(self.unet):
+                out = self._model(params, buffers, x, tt)
+        else:
+            out = self._model(params, buffers, x, tt)
         if self.prediction_type == "epsilon":
             x0, eps = (x - (1 - a_t).sqrt() * out) / a_t.sqrt(), out
         elif self.prediction_type == "sample":
@@ -148,24 +176,123 @@ class DDIMSampler:
         return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
 
     def sample(self, x_T: Tensor, *, params: Mapping[str, Tensor] | None = None,
-               buffers: Mapping[str, Tensor] | None = None, checkpoint: bool = False) -> Tensor:
+               buffers: Mapping[str, Tensor] | None = None,
+               checkpoint: bool | str = "none") -> Tensor:
         """Run the K steps from ``x_T [B, C, H, W]``; returns ``x_0`` in model space [-1, 1].
 
         ``params``/``buffers``: run the UNet functionally on these tensors (name -> tensor, as
         ``named_parameters``/``named_buffers``; missing names fall back to the module's own),
         so the result is differentiable in them; ``None`` uses the module's own weights.
-        ``checkpoint``: recompute each step's activations in backward (same values and
-        gradients, memory of one step). The output is not clamped (see :meth:`images`).
+        ``checkpoint``: one of :data:`CHECKPOINT_MODES` (``True``/``False`` mean ``"sampler"`` /
+        ``"none"``): recompute activations in backward (same values and gradients, less
+        memory; see the module docstring). Ignored without autograd. The output is not clamped
+        (see :meth:`images`). Raises ``ValueError`` for an unknown mode, or ``"full"`` on a UNet
+        without diffusers' gradient checkpointing.
         """
+        mode = self.resolve_checkpoint(checkpoint, x_T, params, buffers)
+        blocks = mode == "full"
         x = x_T
         for t in self.timesteps:
-            if checkpoint and torch.is_grad_enabled():
-                x = torch_checkpoint(self.step, x, int(t), params, buffers,
+            if mode != "none":
+                x = torch_checkpoint(self.step, x, int(t), params, buffers, blocks,
                                      use_reentrant=False)
             else:
                 x = self.step(x, int(t), params, buffers)
         return x
 
+    def resolve_checkpoint(self, checkpoint: bool | str, x_T: Tensor,
+                           params: Mapping[str, Tensor] | None = None,
+                           buffers: Mapping[str, Tensor] | None = None) -> str:
+        """The mode :meth:`sample` runs: ``"none"``, ``"sampler"`` or ``"full"``.
+
+        ``"auto"`` decides once per input shape/dtype/device (one probing UNet forward, see
+        :meth:`step_activation_bytes`). Without autograd every mode is ``"none"``.
+        """
+        mode = {True: "sampler", False: "none"}.get(checkpoint, checkpoint)  # type: ignore[call-overload]
+        if mode not in CHECKPOINT_MODES:
+            raise ValueError(f"unknown checkpoint mode {checkpoint!r}; allowed: "
+                             f"{', '.join(CHECKPOINT_MODES)}")
+        if mode == "full" and not _supports_block_checkpointing(self.unet):
+            raise ValueError(f"checkpoint='full' needs a diffusers model with gradient "
+                             f"checkpointing; {type(self.unet).__name__} has none")
+        if not torch.is_grad_enabled():
+            return "none"
+        if mode != "auto":
+            return mode
+        key = (tuple(x_T.shape), x_T.dtype, x_T.device, params is None)
+        if key not in self._auto:
+            per_step = self.step_activation_bytes(x_T, params, buffers)
+            k = len(self.timesteps)
+            if k * per_step <= AUTO_BUDGET_BYTES:
+                self._auto[key] = "none"
+            elif per_step <= AUTO_BUDGET_BYTES or not _supports_block_checkpointing(self.unet):
+                self._auto[key] = "sampler"
+            else:
+                self._auto[key] = "full"
+        return self._auto[key]
+
+    def step_activation_bytes(self, x_T: Tensor, params: Mapping[str, Tensor] | None = None,
+                              buffers: Mapping[str, Tensor] | None = None) -> int:
+        """Bytes one step saves for backward at input ``x_T [B, C, H, W]`` (the first timestep).
+
+        Runs one UNet forward under a hook that counts what autograd saves (the probe holds one
+        step's activations until it returns); weights, buffers and the input are not counted,
+        storages shared by several saved tensors count once.
+        """
+        known = {int(v.untyped_storage().data_ptr()) for v in
+                 [*self.unet.parameters(), *self.unet.buffers(),
+                  *(params or {}).values(), *(buffers or {}).values()]}
+        seen: set[int] = set()
+        total = 0
+
+        def pack(t: Tensor) -> Tensor:
+            nonlocal total
+            storage = t.untyped_storage()
+            ptr = int(storage.data_ptr())
+            if ptr not in known and ptr not in seen:
+                seen.add(ptr)
+                total += storage.nbytes()
+            return t  # kept alive while counting: a freed storage's address can be reused
+
+        x = x_T.detach().requires_grad_(True)
+        known.add(int(x.untyped_storage().data_ptr()))
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, _same):
+            self.step(x, int(self.timesteps[0]), params, buffers)
+        return total
+
     def images(self, x_T: Tensor, **kwargs: Any) -> Tensor:
         """:meth:`sample` mapped to pixels ``[B, C, H, W]`` in [0, 1] (``(x + 1) / 2``, clamped)."""
         return ((self.sample(x_T, **kwargs) + 1) / 2).clamp(0, 1)
+
+
+def _same(t: Tensor) -> Tensor:
+    return t
+
+
+def _supports_block_checkpointing(unet: nn.Module) -> bool:
+    return bool(getattr(unet, "_supports_gradient_checkpointing", False)) and hasattr(
+        unet, "enable_gradient_checkpointing")
+
+
+def _checkpoint_block(block: nn.Module, *args: Any) -> Any:
+    """diffusers' per-block checkpoint function, recomputing with the weights the block RAN on.
+
+    Inside :func:`~torch.func.functional_call` the block's parameters are the functional
+    tensors; they are captured here, so the recomputation in backward (after the functional
+    call has restored the module's own weights) uses them again.
+    """
+    state = {**dict(block.named_parameters()), **dict(block.named_buffers())}
+
+    def run(*inputs: Any) -> Any:
+        return functional_call(block, state, inputs, strict=False)
+    return torch_checkpoint(run, *args, use_reentrant=False)
+
+
+@contextmanager
+def _block_checkpointing(unet: nn.Module) -> Iterator[None]:
+    """Checkpoint the UNet's blocks for the duration of one call (never left switched on)."""
+    unet.enable_gradient_checkpointing(_checkpoint_block)  # type: ignore[operator]
+    try:
+        yield
+    finally:
+        unet.disable_gradient_checkpointing()  # type: ignore[operator]

@@ -83,29 +83,74 @@ def test_gradient_to_latent_matches_finite_differences():
     assert float(fd) == pytest.approx(float((g * direction).sum()), rel=1e-3)
 
 
-def test_checkpointing_gives_same_values_and_gradients():
+@pytest.mark.parametrize("mode", ["sampler", "full"])
+def test_checkpointing_gives_same_values_and_gradients(mode):
+    # K = 3 steps on the tiny UNet, functional weights perturbed away from the module's own
+    # (diffusers' stock block checkpointing recomputes with the module's weights: 0.91 off)
     task = _task(seed=3)
-    sampler = DDIMSampler.from_scheduler(task.model, task.scheduler, num_steps=4)
+    sampler = DDIMSampler.from_scheduler(task.model, task.scheduler, num_steps=3)
     sampler.clip_sample = False
-    params = {k: v.detach().clone().requires_grad_(True)
+    g = torch.Generator().manual_seed(7)
+    params = {k: (v.detach() + 0.05 * torch.randn(v.shape, generator=g)).requires_grad_(True)
               for k, v in task.model.named_parameters()}
     x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(6))
+    names = ["conv_in.weight", "down_blocks.1.attentions.0.to_q.weight", "conv_out.bias"]
 
     def grads(ckpt):
         z = x_T.clone().requires_grad_(True)
         out = sampler.sample(z, params=params, checkpoint=ckpt)
-        loss = out.square().mean()
-        names = ["conv_in.weight", "conv_out.bias"]
-        gz, *gp = torch.autograd.grad(loss, [z, *(params[n] for n in names)])
+        gz, *gp = torch.autograd.grad(out.square().mean(), [z, *(params[n] for n in names)])
         return out.detach(), gz, gp
 
-    out0, gz0, gp0 = grads(False)
-    out1, gz1, gp1 = grads(True)
-    torch.testing.assert_close(out1, out0)
+    out0, gz0, gp0 = grads("none")
+    out1, gz1, gp1 = grads(mode)
+    # measured max abs differences: 0 (values), 0 (d/dz), 0 (d/dparams) on this CPU
+    torch.testing.assert_close(out1, out0, rtol=0, atol=1e-6)
     torch.testing.assert_close(gz1, gz0, rtol=1e-5, atol=1e-7)
     for a, b in zip(gp1, gp0, strict=True):
         assert b.abs().sum() > 0  # gradients reach the UNet's functional parameters
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert not task.model.is_gradient_checkpointing  # block checkpointing never left on
+
+
+def _saved_bytes(sampler, x_T, mode):
+    """Bytes of the tensors the sampler's graph keeps for backward (outside checkpoints)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    weights = {p.untyped_storage().data_ptr() for p in sampler.unet.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        sampler.sample(x_T.clone().requires_grad_(True), checkpoint=mode)
+    return sum(n for ptr, n in seen.items() if ptr not in weights)
+
+
+def test_checkpointing_keeps_memory_flat_in_k_and_auto_follows_the_budget(monkeypatch):
+    import attacks.components.ddim_sampler as mod
+
+    task = _task(seed=4)
+    x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(8))
+    one = DDIMSampler.from_scheduler(task.model, task.scheduler, num_steps=1)
+    ten = DDIMSampler.from_scheduler(task.model, task.scheduler, num_steps=10)
+    # without checkpointing the graph keeps K steps' activations; with it only the K inputs
+    plain1, plain10 = _saved_bytes(one, x_T, "none"), _saved_bytes(ten, x_T, "none")
+    assert plain10 > 9 * plain1  # measured 11.54 MB vs 1.154 MB: 10.0x
+    assert _saved_bytes(ten, x_T, "sampler") < plain1 / 10  # measured 5,120 B: 10 inputs
+    per_step = ten.step_activation_bytes(x_T)
+    # the probe measures one step's activations: 1,153,424 B vs 1,153,936 B (99.96 %)
+    assert 0.95 * plain1 < per_step < 1.05 * plain1
+    assert ten.resolve_checkpoint("auto", x_T) == "none"  # 10 x 1.15 MB << 1 GiB
+    monkeypatch.setattr(mod, "AUTO_BUDGET_BYTES", 5 * per_step)
+    ten._auto.clear()
+    assert ten.resolve_checkpoint("auto", x_T) == "sampler"
+    monkeypatch.setattr(mod, "AUTO_BUDGET_BYTES", per_step // 2)
+    ten._auto.clear()
+    assert ten.resolve_checkpoint("auto", x_T) == "full"
+    with torch.no_grad():
+        assert ten.resolve_checkpoint("full", x_T) == "none"
+    with pytest.raises(ValueError, match="checkpoint mode"):
+        ten.resolve_checkpoint("blocks", x_T)
 
 
 def test_bad_steps_and_spacing_refused():
