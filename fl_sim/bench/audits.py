@@ -17,16 +17,30 @@ from typing import Any
 
 AUDIT_CSV, AUDIT_PLOT = "audits.csv", "audit_epsilon.png"
 COLUMNS = ("audit", "view", "unit", "measured_epsilon", "measured_kind", "claimed_epsilon",
-           "claimed_by", "claimed_neighbouring", "delta", "num_canaries")
+           "claimed_by", "claimed_neighbouring", "delta", "num_canaries", "dp_units")
+
+
+def dp_units(cfg: Any) -> list[str]:
+    """The privacy units the config's defenses claim an ε for (``privacy_unit`` of each DP
+    defense: ``"example"``, ``"client"``); empty for a run without DP."""
+    from fl_sim.registry import DEFENSES
+    units = []
+    for d in cfg.defenses:
+        unit = getattr(DEFENSES.get(d.name), "privacy_unit", None)
+        if unit is not None:
+            units.append(str(unit))
+    return units
 
 
 def audit_rows(plan: Any, bench_dir: Path) -> list[dict[str, Any]]:
-    """One row per audit of every finished simulation of ``plan``, with its axis values."""
+    """One row per audit of every finished simulation of ``plan``, with its axis values and
+    ``dp_units`` (the units its DP defenses claim an ε for, ``;``-joined; empty: no DP)."""
     from fl_sim.audit_report import load_audits
     out = []
     for sim in plan.simulations:
+        units = ";".join(dp_units(sim.config))
         for r in load_audits(Path(bench_dir) / "sims" / sim.dirname):
-            out.append({**{k: v for k, v in sim.axes.items()},
+            out.append({**{k: v for k, v in sim.axes.items()}, "dp_units": units,
                         "audit": r.get("name"), "view": r.get("view"),
                         "unit": r.get("unit"),
                         "measured_epsilon": ("inf" if r.get("epsilon_infinite")
@@ -67,8 +81,11 @@ def _num(v: Any) -> float | None:
 def plot_measured_vs_claimed(rows: Sequence[Mapping[str, Any]], axes: Sequence[str],
                              out: Path) -> Path | None:
     """Measured ε against claimed ε on log axes with y = x; a legend per defense / audit
-    (no annotations that could collide); rows without a claim at "no DP" on the right."""
-    pts = [(r, _num(r.get("measured_epsilon"))) for r in rows]
+    (no annotations that could collide); runs without DP at "no DP" on the right. A row
+    without a claim from a run WITH DP (its defense claims another unit: canary_clients
+    under dp_sgd) is left out: it has no claimed ε to stand beside."""
+    pts = [(r, _num(r.get("measured_epsilon"))) for r in rows
+           if _num(r.get("claimed_epsilon")) is not None or not r.get("dp_units")]
     pts = [(r, m) for r, m in pts if m is not None and m > 0]
     if not pts:
         return None
