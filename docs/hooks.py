@@ -30,6 +30,31 @@ def page_name(kind: str) -> str:
     return f"{PLUGIN_DIR}/{entry_point_group(kind).removeprefix('fl_sim.')}.md"
 
 
+def type_name(ann: Any) -> str:
+    """A parameter's type as a reader writes it: ``int | None``, ``'a' | 'b'``; the
+    constraints of ``Annotated[int, Field(ge=1)]`` are dropped (the help text states them).
+
+    >>> from typing import Annotated, Literal, Optional
+    >>> type_name(Optional[Annotated[int, "ge 1"]]), type_name(Literal["a", "b"])
+    ('int | None', "'a' | 'b'")
+    """
+    import types
+    import typing
+    origin, args = typing.get_origin(ann), typing.get_args(ann)
+    if origin is typing.Annotated:
+        return type_name(args[0])
+    if origin is typing.Literal:
+        return " | ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(type_name(a) for a in args)
+    if ann is type(None):
+        return "None"
+    if origin is not None:
+        inner = ", ".join(type_name(a) for a in args)
+        return f"{getattr(origin, '__name__', str(origin))}[{inner}]" if inner else str(origin)
+    return getattr(ann, "__name__", str(ann).replace("typing.", ""))
+
+
 def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
@@ -43,7 +68,7 @@ def _summary(obj: Any) -> str:
 def render_kind(kind: str) -> str:
     """The markdown page of every plug-in registered under ``kind``, one ``##`` section each."""
     from fl_sim.cli import _positional
-    from fl_sim.registry import ALL_REGISTRIES, describe_params, entry_point_group
+    from fl_sim.registry import ALL_REGISTRIES, describe_params, entry_point_group, params_model
 
     registry = ALL_REGISTRIES[kind]
     title = entry_point_group(kind).removeprefix("fl_sim.").replace("_", " ").capitalize()
@@ -61,13 +86,14 @@ def render_kind(kind: str) -> str:
         out += [f"## `{e.name}`", "", _summary(e.obj) or e.description, "",
                 f"Defined in `{where}`.", ""]
         params = describe_params(e.obj, skip=_positional(kind))
+        fields = params_model(e.obj, skip=_positional(kind)).model_fields
         if not params:
             out += ["No parameters.", ""]
             continue
         out += ["| parameter | type | default | help |", "|---|---|---|---|"]
         for p in params:
             default = "(required)" if p.required else f"`{p.default!r}`"
-            out.append(f"| `{p.name}` | {_cell(p.type)} | {_cell(default)} | {_cell(p.help)} |")
+            out.append(f"| `{p.name}` | {_cell(type_name(fields[p.name].annotation))} | {_cell(default)} | {_cell(p.help)} |")
         out.append("")
     return "\n".join(out)
 
