@@ -52,6 +52,8 @@ def type_name(ann: Any) -> str:
     if origin is not None:
         inner = ", ".join(type_name(a) for a in args)
         return f"{getattr(origin, '__name__', str(origin))}[{inner}]" if inner else str(origin)
+    if ann is Ellipsis:
+        return "..."
     return getattr(ann, "__name__", str(ann).replace("typing.", ""))
 
 
@@ -93,7 +95,8 @@ def render_kind(kind: str) -> str:
         out += ["| parameter | type | default | help |", "|---|---|---|---|"]
         for p in params:
             default = "(required)" if p.required else f"`{p.default!r}`"
-            out.append(f"| `{p.name}` | {_cell(type_name(fields[p.name].annotation))} | {_cell(default)} | {_cell(p.help)} |")
+            kind_of = type_name(fields[p.name].annotation)
+            out.append(f"| `{p.name}` | {_cell(kind_of)} | {_cell(default)} | {_cell(p.help)} |")
         out.append("")
     return "\n".join(out)
 

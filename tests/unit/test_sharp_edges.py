@@ -13,7 +13,8 @@ import torch
 
 from fl_sim.config import from_dict, save_resolved
 from fl_sim.extras import MAX_INLINE, extras_to_json
-from fl_sim.report import RESULTS_FILE, write_report
+from fl_sim.report import write_report
+from fl_sim.run_dir.files import RESULTS_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -98,8 +99,8 @@ def test_the_default_run_directory_name_is_the_documented_one(tmp_path: Path) ->
     cfg = from_dict({"run": {"name": "demo", "output_dir": str(tmp_path)}})
     made = default_run_dir(cfg)
     assert made.parent == tmp_path and re.fullmatch(r"demo-\d{8}-\d{6}", made.name), made
-    documented = "name>-<YYYYmmdd-HHMMSS>"  # README: <name>-…, pyproject: <run.name>-…
-    assert documented in (ROOT / "README.md").read_text()
+    documented = "name>-<YYYYmmdd-HHMMSS>"  # docs: <name>-…, pyproject: <run.name>-…
+    assert documented in (ROOT / "docs" / "reference" / "run-directory.md").read_text()
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert documented in pyproject and "<name>-<seed>" not in pyproject
     assert tomllib.loads(pyproject)["tool"]["flwr"]["app"]["config"]["run-dir"] == ""
