@@ -32,8 +32,9 @@ T = TypeVar("T")
 # Modules that register the built-in plug-ins. Imported by `load_builtin_plugins`; kept as
 # strings so that importing the registry never imports flwr (strategies) or diffusers (unet).
 BUILTIN_PLUGIN_MODULES: dict[str, tuple[str, ...]] = {
-    "data source": ("fl_sim.data.sources", "fl_sim.data.synthetic"),
-    "partitioner": ("fl_sim.data.partition",),
+    "data source": ("fl_sim.data.sources", "fl_sim.data.synthetic", "fl_sim.data.celeba",
+                    "fl_sim.data.cifar100", "fl_sim.data.flower_datasets"),
+    "partitioner": ("fl_sim.data.partition", "fl_sim.data.flower_datasets"),
     "model": ("fl_sim.models",),
     "task": ("fl_sim.tasks",),
     "attack": ("attacks",),

@@ -47,16 +47,15 @@ class _Split:
     x: np.ndarray
     y: np.ndarray
     groups: np.ndarray | None = None
+    attributes: np.ndarray | None = None  # [N, A] binary, e.g. CelebA's 40
 
     def head(self, n: int | None) -> _Split:
-        if n is None:
-            return self
-        g = self.groups[:n] if self.groups is not None else None
-        return _Split(self.x[:n], self.y[:n], g)
+        return self if n is None else self.take(slice(0, n))
 
-    def take(self, idx: np.ndarray) -> _Split:
+    def take(self, idx: np.ndarray | slice) -> _Split:
         g = self.groups[idx] if self.groups is not None else None
-        return _Split(self.x[idx], self.y[idx], g)
+        a = self.attributes[idx] if self.attributes is not None else None
+        return _Split(self.x[idx], self.y[idx], g, a)
 
 
 def load_data(name: str, **params: Any) -> DataSplits:
@@ -119,8 +118,10 @@ def _image_data(s: _Split, num_classes: int, *, image_size: int | None,
     if image_size is not None or images.shape[-1] != images.shape[-2]:
         images = resize(images, image_size or min(images.shape[-2:]))
     groups = torch.from_numpy(s.groups.astype(np.int64)) if s.groups is not None else None
+    attributes = (torch.from_numpy(s.attributes.astype(np.int64))
+                  if s.attributes is not None else None)
     return ImageData(images.contiguous(), torch.from_numpy(np.array(s.y, np.int64)),
-                     num_classes, groups)
+                     num_classes, groups, attributes)
 
 
 def _check_memory(train: _Split, test: _Split, *, image_size: int | None,
@@ -145,11 +146,15 @@ def _check_memory(train: _Split, test: _Split, *, image_size: int | None,
 
 def _finish(name: str, train: _Split, test: _Split, *, where: str, image_size: int | None,
             channels: int | None, max_train: int | None, max_test: int | None,
-            published: tuple[tuple[float, ...], tuple[float, ...]] | None = None
-            ) -> DataSplits:
-    """Cap, convert to [0, 1] NCHW tensors, set channels/size, attach normalisation stats."""
+            published: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+            num_classes: int | None = None, class_names: tuple[str, ...] = (),
+            attribute_names: tuple[str, ...] = ()) -> DataSplits:
+    """Cap, convert to [0, 1] NCHW tensors, set channels/size, attach normalisation stats.
+
+    ``num_classes`` defaults to the largest label + 1 (a source with a fixed label set, e.g.
+    CIFAR-100, passes it so that a capped split keeps every class)."""
     train, test = train.head(max_train), test.head(max_test)
-    num_classes = int(max(train.y.max(), test.y.max())) + 1
+    num_classes = num_classes or int(max(train.y.max(), test.y.max())) + 1
     _check_memory(train, test, image_size=image_size, channels=channels, where=where)
     kw: dict[str, Any] = {"image_size": image_size, "channels": channels, "where": where}
     tr, te = _image_data(train, num_classes, **kw), _image_data(test, num_classes, **kw)
@@ -159,7 +164,7 @@ def _finish(name: str, train: _Split, test: _Split, *, where: str, image_size: i
         mean, std = channel_stats(tr.images)
     logger.debug("%s: %d train / %d test images %s, %d classes", name, len(tr), len(te),
                  tuple(tr.images.shape[1:]), num_classes)
-    return DataSplits(tr, te, tuple(mean), tuple(std), name)
+    return DataSplits(tr, te, tuple(mean), tuple(std), name, class_names, attribute_names)
 
 
 # -- sources --------------------------------------------------------------------------------

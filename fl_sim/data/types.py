@@ -26,7 +26,8 @@ class ImageData:
 
     ``images``: [N, C, H, W] float32 in [0, 1]; ``labels``: [N] int64 in ``0..num_classes-1``;
     ``groups``: optional [N] int64 group id per sample (e.g. the person in a face dataset),
-    used by the ``by_identity`` partitioner.
+    used by the ``by_identity`` partitioner; ``attributes``: optional [N, A] int64 binary
+    attributes per sample (CelebA's 40; names in :attr:`DataSplits.attribute_names`).
 
     Raises:
         DataError: if shapes, dtypes or counts are inconsistent.
@@ -36,6 +37,7 @@ class ImageData:
     labels: Tensor
     num_classes: int
     groups: Tensor | None = None
+    attributes: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.images.dim() != 4 or self.images.dtype != torch.float32:
@@ -50,6 +52,10 @@ class ImageData:
         if self.groups is not None and tuple(self.groups.shape) != (n,):
             raise DataError(f"ImageData: {n} images but groups of shape "
                             f"{tuple(self.groups.shape)}")
+        if self.attributes is not None and (self.attributes.dim() != 2
+                                            or self.attributes.shape[0] != n):
+            raise DataError(f"ImageData: {n} images but attributes of shape "
+                            f"{tuple(self.attributes.shape)}; expected [{n}, A]")
         if self.num_classes < 1:
             raise DataError(f"ImageData.num_classes must be >= 1; got {self.num_classes}")
 
@@ -62,7 +68,9 @@ class ImageData:
             indices = torch.from_numpy(np.asarray(indices, dtype=np.int64).reshape(-1))
         idx = indices.to(torch.int64)
         groups = self.groups[idx] if self.groups is not None else None
-        return ImageData(self.images[idx], self.labels[idx], self.num_classes, groups)
+        attributes = self.attributes[idx] if self.attributes is not None else None
+        return ImageData(self.images[idx], self.labels[idx], self.num_classes, groups,
+                         attributes)
 
 
 @dataclass(frozen=True)
@@ -71,7 +79,9 @@ class DataSplits:
 
     ``mean``/``std`` have one entry per channel. Published constants are used for MNIST and
     CIFAR-10 loaded by their own sources; every other source computes them from its train
-    split (see :func:`fl_sim.data.sources.channel_stats`).
+    split (see :func:`fl_sim.data.sources.channel_stats`). ``class_names`` (label k ->
+    name) and ``attribute_names`` (column a of ``attributes`` -> name) are empty when the
+    source has none.
     """
 
     train: ImageData
@@ -79,6 +89,8 @@ class DataSplits:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     name: str
+    class_names: tuple[str, ...] = ()
+    attribute_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         shape_train = tuple(self.train.images.shape[1:])
@@ -86,6 +98,11 @@ class DataSplits:
         if shape_train != shape_test:
             raise DataError(f"{self.name}: train images {shape_train} but test images "
                             f"{shape_test}")
+        for part in (self.train, self.test):
+            width = 0 if part.attributes is None else int(part.attributes.shape[1])
+            if width != len(self.attribute_names):
+                raise DataError(f"{self.name}: {len(self.attribute_names)} attribute names "
+                                f"but attributes of width {width}")
         if not len(self.mean) == len(self.std) == self.in_channels:
             raise DataError(f"{self.name}: {self.in_channels} channels but mean/std of length "
                             f"{len(self.mean)}/{len(self.std)}")
