@@ -18,7 +18,7 @@ runs unchanged in fl-sim as::
     partitioner = "DirichletPartitioner"
     options = {partition_by = "label", alpha = 0.5}
 
-The source loads the splits through ``FederatedDataset`` (same shuffle, same ``seed`` = 42 by
+The source loads the splits through ``FederatedDataset`` (same shuffle, same seed = 42 by
 default, so a split's order is the one the user's code sees); the partitioner instantiates the
 named class of ``flwr_datasets.partitioner`` with ``num_partitions = num_clients`` and asks it
 for every partition. Or, from Python, :func:`from_federated_dataset` takes the user's own
@@ -119,15 +119,17 @@ def dataset_to_split(ds: Any, *, image_column: str, label_column: str,
 def flwr_datasets(*, data_files: Any, dataset: str = "parquet", image_column: str = "img",
                   label_column: str = "label", group_column: str | None = None,
                   train_split: str = "train", test_split: str = "test",
-                  test_fraction: float = 0.2, shuffle: bool = True, seed: int = 42,
-                  cache_dir: Path | None = None, image_size: int | None = None,
+                  test_fraction: float = 0.2, shuffle: bool = True, shuffle_seed: int = 42,
+                  seed: int = 0, cache_dir: Path | None = None, image_size: int | None = None,
                   channels: int | None = None, max_train: int | None = None,
                   max_test: int | None = None) -> DataSplits:
     """Splits of a local data set read through ``flwr_datasets.FederatedDataset`` (module doc).
 
     ``data_files``: a path, a list of paths (one ``train`` split) or ``{split: path(s)}``.
     Without a ``test_split`` in the files, the train split is split by ``test_fraction``
-    (seeded). ``group_column`` (e.g. a writer id) becomes the groups (``by_identity``).
+    (seeded by ``seed``). ``shuffle`` / ``shuffle_seed`` are FederatedDataset's ``shuffle`` /
+    ``seed`` (Flower's default 42, so the order is the user's). ``group_column`` (e.g. a
+    writer id) becomes the groups (``by_identity``, ``NaturalIdPartitioner``).
 
     Raises:
         ConfigError: a non-local builder or URL, flwr-datasets not installed.
@@ -145,7 +147,7 @@ def flwr_datasets(*, data_files: Any, dataset: str = "parquet", image_column: st
     fd = _require_flwr_datasets()
     kw: dict[str, Any] = {"cache_dir": str(cache_dir)} if cache_dir is not None else {}
     fds = fd.FederatedDataset(dataset=dataset, partitioners={train_split: 1}, shuffle=shuffle,
-                              seed=seed, data_files=files, **kw)
+                              seed=shuffle_seed, data_files=files, **kw)
     cols = {"image_column": image_column, "label_column": label_column,
             "group_column": group_column}
     where = f"{files[train_split][0]}"

@@ -221,8 +221,13 @@ def test_flwr_datasets_source_keeps_rows_aligned(parquet_files: dict[str, str],
     d = load_data("flwr_datasets", data_files=parquet_files, cache_dir=tmp_path,
                   group_column="writer")
     assert d.train.images.shape == (30, 3, 8, 8) and len(d.test) == 6
+    from flwr_datasets import FederatedDataset
+
     rows = _rows(d.train.images)
     assert sorted(rows) == list(range(30)) and rows != list(range(30))  # FederatedDataset shuffles
+    users = FederatedDataset(dataset="parquet", data_files=parquet_files, partitioners={"train": 2},
+                             cache_dir=str(tmp_path)).load_split("train")
+    assert rows == [int(np.asarray(im)[0, 0, 0]) // 4 for im in users["img"]]  # the user's order
     assert d.train.labels.tolist() == [r % 3 for r in rows]
     assert d.train.groups.tolist() == [r % 4 for r in rows]             # "w0".."w3" -> 0..3
     assert sorted(_rows(d.test.images)) == list(range(30, 36))
