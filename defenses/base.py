@@ -70,6 +70,16 @@ class Defense:
     #: does the defense change what a curious SERVER receives per client? (central DP does
     #: not: its noise is added after the server saw the updates)
     protects_server_view: ClassVar[bool] = True
+    #: capabilities the core reads instead of the name (:mod:`fl_sim.capabilities`):
+    #: the server receives only a sum of the updates, never one client's (SecAgg+)
+    hides_per_client_updates: ClassVar[bool] = False
+    #: the defense itself works on each client's update on the server (central DP)
+    needs_per_client_updates: ClassVar[bool] = False
+    #: the clients report this defense's ε with their reply (``round_epsilon``: a
+    #: ``"train"``-stage defense takes ``batch_size, partition_size, steps, rounds`` as
+    #: :class:`defenses.dp_sgd.DPSGD`; any other takes ``rounds`` as
+    #: :class:`defenses.local_dp.LocalDP`)
+    reports_epsilon: ClassVar[bool] = False
 
     def params(self) -> dict[str, Any]:
         """The resolved parameters, JSON-ready."""

@@ -73,12 +73,13 @@ from defenses.accounting import (
     epsilon,
 )
 from defenses.base import Defense
+from fl_sim.capabilities import defenses_with, strategies_with, strategy_capabilities
 from fl_sim.registry import DEFENSES
 
 Clipping = Literal["server_fixed", "client_fixed", "server_adaptive", "client_adaptive"]
-#: strategies whose aggregate is the (num-examples weighted) mean of the client updates: the
-#: only ones whose sensitivity Flower's noise (σC/m on the mean) is calibrated for
-MEAN_STRATEGIES = ("fedavg", "fedprox", "fedsgd")
+# Strategies it accepts declare ``global_is_mean_step`` (fl_sim.capabilities): the new
+# global moves by the (num-examples weighted) mean of the client updates, the only kind whose
+# sensitivity Flower's noise (σC/m on the mean) is calibrated for.
 
 
 def sampled_clients(num_clients: int, fraction: float) -> int:
@@ -98,6 +99,8 @@ class CentralDP(Defense):
 
     stage: ClassVar[str] = "server"
     protects_server_view: ClassVar[bool] = False
+    #: the server clips each update (its client-side variant needs the per-client norms)
+    needs_per_client_updates: ClassVar[bool] = True
     #: unit of privacy and neighbouring relation (module doc): sensitivity C on the sum
     privacy_unit: ClassVar[str] = CLIENT
     neighbouring: ClassVar[str] = ADD_OR_REMOVE_ONE
@@ -142,12 +145,13 @@ class CentralDP(Defense):
                     f"samples {m} per round (num_clients {fed.num_clients} × fraction_train "
                     f"{fed.fraction_train}); the noise σC/m would be miscalibrated — leave it "
                     "unset")
-        if any(d.name == "secagg_plus" for d in cfg.defenses):
-            return ("cannot be combined with secagg_plus (Flower's DP wrappers are Message-API "
-                    "strategies; SecAgg+ runs Flower's legacy workflow)")
-        if cfg.strategy.name not in MEAN_STRATEGIES:
+        for name in defenses_with("hides_per_client_updates", cfg.defenses):
+            return (f"cannot be combined with {name}: the server clips each client's update, "
+                    f"and under {name} it has only their sum")
+        if not strategy_capabilities(cfg.strategy.name).global_is_mean_step:
             return (f"needs a strategy whose aggregate is the mean of the clients' updates "
-                    f"({', '.join(MEAN_STRATEGIES)}); got {cfg.strategy.name!r}")
+                    f"({', '.join(strategies_with('global_is_mean_step'))}); got "
+                    f"{cfg.strategy.name!r}")
         if self.adaptive and self.noise_multiplier > 0:
             stddev = self.clipped_count_stddev if self.clipped_count_stddev is not None \
                 else m / 20

@@ -111,6 +111,7 @@ class DPSGD(Defense):
     """DP-SGD (Abadi et al. 2016): clip each example's gradient, add Gaussian noise."""
 
     stage: ClassVar[str] = "train"
+    reports_epsilon: ClassVar[bool] = True
     #: unit of privacy and neighbouring relation (module doc): sensitivity C
     privacy_unit: ClassVar[str] = EXAMPLE
     neighbouring: ClassVar[str] = ADD_OR_REMOVE_ONE

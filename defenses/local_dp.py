@@ -70,6 +70,7 @@ def update_norm(update: Mapping[str, Tensor]) -> float:
 class LocalDP(UpdateDefense):
     """Local DP (Gaussian mechanism on the clipped update, as Flower's LocalDpMod)."""
 
+    reports_epsilon: ClassVar[bool] = True
     #: unit of privacy and neighbouring relation (module doc): sensitivity 2C
     privacy_unit: ClassVar[str] = CLIENT
     neighbouring: ClassVar[str] = REPLACE_ONE

@@ -29,15 +29,14 @@ from typing import Annotated, Any, ClassVar
 from pydantic import Field
 
 from defenses.base import Defense
-from fl_sim.registry import DEFENSES
+from fl_sim.capabilities import defenses_with, strategies_with, strategy_capabilities
+from fl_sim.registry import ATTACKS, DEFENSES
+from fl_sim.view_types import VIEWS
 
-#: Strategies whose aggregation is the weighted mean (then, possibly, a server optimiser
-#: step on it): the only ones that can run on a sum they cannot open.
-MEAN_STRATEGIES = ("fedavg", "fedprox", "fedsgd", "fedavgm", "fedadam", "fedyogi",
-                   "fedadagrad")
-#: Defenses that need the individual updates on the server.
-INCOMPATIBLE_DEFENSES = {"central_dp": "central DP clips each update on the server (and its "
-                                       "client-side variant needs the per-client norms)"}
+# What may run beside it is declared by the plug-ins (fl_sim.capabilities), not listed here:
+# a strategy must declare ``weighted_mean_of_updates`` (its aggregation, before any server
+# optimiser step, is the weighted mean: the only kind that can run on a sum it cannot open);
+# a defense that declares ``needs_per_client_updates`` (central DP) cannot.
 
 
 @DEFENSES.register("secagg_plus")
@@ -60,6 +59,8 @@ class SecAggPlus(Defense):
 
     stage: ClassVar[str] = "protocol"
     protects_server_view: ClassVar[bool] = True
+    #: the server unmasks only the sum (fl_sim.capabilities; the SecAgg+ fallback of views)
+    hides_per_client_updates: ClassVar[bool] = True
 
     num_shares: Annotated[int | float, Field(gt=0)] = 1.0
     reconstruction_threshold: Annotated[int | float, Field(gt=0)] = 0.5
@@ -133,7 +134,7 @@ def config_num_examples_bound(cfg: Any) -> int | None:
     """An upper bound of a reply's ``num_examples`` from the config alone (None for
     ``local_epochs``: the partition size, known once the data is loaded)."""
     fed = cfg.federation
-    if cfg.strategy.name == "fedsgd":
+    if strategy_capabilities(cfg.strategy.name).sends_gradient:  # one batch's gradient
         return int(fed.batch_size)
     if fed.local_steps is not None:
         return int(fed.local_steps) * int(fed.batch_size)
@@ -141,18 +142,18 @@ def config_num_examples_bound(cfg: Any) -> int | None:
 
 
 def _combination_problem(cfg: Any) -> str | None:
-    if cfg.strategy.name not in MEAN_STRATEGIES:
+    if not strategy_capabilities(cfg.strategy.name).weighted_mean_of_updates:
         return (f"strategy {cfg.strategy.name!r} needs the individual updates; under SecAgg+ "
-                f"the server has only their sum (use one of {', '.join(MEAN_STRATEGIES)})")
-    from fl_sim.registry import ATTACKS
+                f"the server has only their sum (use one whose aggregate is a weighted mean "
+                f"of the updates: {', '.join(strategies_with('weighted_mean_of_updates'))})")
     for a in cfg.attacks:
-        if a.view in ("server", "aggregate") and getattr(
+        if VIEWS[a.view].server_side and getattr(
                 ATTACKS.get(a.name), "needs_client_update", False):
             return (f"attack {a.name} needs one client's update; under SecAgg+ the server "
                     "has only the aggregate")
-    for d in cfg.defenses:
-        if d.name in INCOMPATIBLE_DEFENSES:
-            return f"cannot be combined with {d.name}: {INCOMPATIBLE_DEFENSES[d.name]}"
+    for name in defenses_with("needs_per_client_updates", cfg.defenses):
+        return (f"cannot be combined with {name}: it needs each client's update on the "
+                "server (declares needs_per_client_updates)")
     return None
 
 

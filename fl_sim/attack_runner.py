@@ -24,16 +24,19 @@ from typing import Any
 
 import torch
 
+from fl_sim.capabilities import defenses_with
 from fl_sim.config import AttackConfig, ExperimentConfig, attack_problem
 from fl_sim.errors import ConfigError, FlSimError, InvalidRecordError
 from fl_sim.extras import extras_to_json
 from fl_sim.prior_overlap import overlap_field
 from fl_sim.records import GroundTruthRecord, ObservationRecord
 from fl_sim.registry import ATTACKS, validate_params
-from fl_sim.report import RESULTS_FILE, load_results, save_grid
+from fl_sim.run_dir.files import RESULTS_FILE, load_results
+from fl_sim.run_dir.images import save_grid
 from fl_sim.seeding import torch_generator
 from fl_sim.stores import append_jsonl
 from fl_sim.threat_class import threat_class
+from fl_sim.views import VIEWS, aggregate_training, view_of  # noqa: F401 (aggregate_training re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +54,7 @@ def run_round_attacks(run_dir: Path, cfg: ExperimentConfig, server_round: int,
     """Online hook: every configured SERVER attack scheduled for ``server_round`` (those on
     the final model wait for the end of the run)."""
     todo = [(a, server_round) for a in cfg.attacks
-            if a.view in ("server", "aggregate") and server_round in (a.rounds or (1,))
+            if VIEWS[a.view].server_side and server_round in (a.rounds or (1,))
             and not _on_final_model(a)]
     return _run_configured(Path(run_dir), cfg, todo)
 
@@ -59,7 +62,7 @@ def run_round_attacks(run_dir: Path, cfg: ExperimentConfig, server_round: int,
 def run_final_attacks(run_dir: Path, cfg: ExperimentConfig) -> list[dict[str, Any]]:
     """End-of-run hook: PEER attacks on the recorded peer views (they need round r + 1) and
     attacks on the final model (membership inference, ``target = "final"``)."""
-    todo = [(a, r) for a in cfg.attacks if a.view == "peer" or _on_final_model(a)
+    todo = [(a, r) for a in cfg.attacks if not VIEWS[a.view].server_side or _on_final_model(a)
             for r in a.rounds or (1,)]
     return _run_configured(Path(run_dir), cfg, todo)
 
@@ -106,12 +109,7 @@ def replay(run_dir: Path, name: str, *, params: Mapping[str, Any] | None = None,
     params = dict(params or {})
     attack_cls = ATTACKS.get(name)
     view = view or getattr(attack_cls, "view", "server")
-    if view == "peer" and client is None:
-        peers = tuple(run.config.federation.peer_clients)
-        if not peers:
-            raise ConfigError("this run recorded no peer views (federation.peer_clients is "
-                              "empty); a peer attack has nothing to read")
-        client = peers[0]
+    client = view_of(view).default_client(run.config, client)
     entry = AttackConfig(name=name, view=view, client=client,  # type: ignore[arg-type]
                          rounds=tuple(rounds) if rounds else None)
     if (problem := attack_problem(entry, run.config.federation)) is not None:
@@ -175,19 +173,19 @@ def run_attack(run_dir: Path, cfg: ExperimentConfig, name: str, params: Mapping[
                                      run=run, device=device)
     grant = tuple(attack.required_knowledge())
     view, fallback_from = resolve_view(run.config, name, view)
-    record = _record(run, view, client, server_round, grant)
+    record = view_of(view).record(run, server_round, client=client, grant=grant)
     check_finite_record(record)
     gen = torch_generator(cfg.run.seed, "attack", name, server_round, record.client_id or 0)
     t0 = time.perf_counter()
     recon = attack(record, generator=gen, device=device)
     seconds = time.perf_counter() - t0
-    truth_images, truth_labels = _truth(run, record, view, client, server_round)
+    truth_images, truth_labels = _truth(run, record, view, server_round)
     metrics = _score(recon, truth_images, truth_labels)
     metrics.update(_score_phases(recon.extras, truth_images))
     if cfg.metrics.identity_model and recon.images.numel():  # user-level: who is shown
         from fl_sim.identity import score_identity
         metrics.update(score_identity(cfg.metrics.identity_model, recon.images, truth_labels))
-    if view == "server" and "t" in recon.extras:  # attacks that search eps/t (gidm_plus)
+    if view_of(view).per_client and "t" in recon.extras:  # attacks that search eps/t
         metrics.update(score_diffusion_aux(recon.extras, run.truth(server_round,
                                                                    record.client_id), metrics))
     grid = plain_key = None
@@ -254,51 +252,33 @@ def _plain_param(v: Any) -> Any:
 _PLAIN_KEYS = ("before_images", "phase1_images")
 
 
-def _record(run: Any, view: str, client: int | None, server_round: int,
-            grant: tuple[str, ...]) -> ObservationRecord:
-    if view == "peer":
-        if client is None:
-            peers = tuple(run.config.federation.peer_clients)
-            if not peers:
-                raise ConfigError("peer attack: no peer client (set the attack's client or "
-                                  "federation.peer_clients)")
-            client = peers[0]
-        return run.view("peer", client=client, grant=grant).record(server_round)
-    view_ = run.view("server", grant=grant)
-    if view == "aggregate":
-        return view_.aggregate(server_round, **aggregate_training(run.config))
-    if client is None:
-        replied = view_.clients(server_round)
-        if not replied:
-            raise FlSimError(f"round {server_round}: the server recorded no client update")
-        client = min(replied)
-    return view_.record(server_round, client)
-
-
 def resolve_view(cfg: ExperimentConfig, name: str, view: str) -> tuple[str, str | None]:
-    """``(view used, view asked for if it fell back)``: under SecAgg+ the server has no
-    per-client update, so a ``"server"`` attack runs on the ``"aggregate"`` (logged). An
-    attack that needs one client's update cannot run on an aggregate (one-line error)."""
-    fallback = None
-    if view == "server" and any(d.name == "secagg_plus" for d in cfg.defenses):
+    """``(view used, view asked for if it fell back)``: under a defense that hides the
+    per-client updates (SecAgg+) a ``"server"`` attack runs on the ``"aggregate"`` (logged;
+    :meth:`fl_sim.views.View.resolve`). An attack that needs one client's update cannot run
+    on an aggregate (one-line error)."""
+    used, asked = view_of(view).resolve(cfg.defenses)
+    if asked is not None:
         # a warning, and ``view_fallback`` in the result: the figure is NOT a per-client one
-        logger.warning("%s: under SecAgg+ the server holds only the aggregate; attacking the "
+        logger.warning("%s: under %s the server holds only the aggregate; attacking the "
                        "aggregate instead of one client's update (view_fallback in the "
-                       "result)", name)
-        view, fallback = "aggregate", "server"
-    if view == "aggregate" and getattr(ATTACKS.get(name), "needs_client_update", False):
-        why = "under SecAgg+ the server has only the aggregate" if fallback else \
-            "view = \"aggregate\" holds the sum of several clients"
+                       "result)", name, _hiding(cfg))
+    if used.holds_sum and getattr(ATTACKS.get(name), "needs_client_update", False):
+        why = f"under {_hiding(cfg)} the server has only the aggregate" if asked else \
+            f"view = \"{used.name}\" holds the sum of several clients"
         raise ConfigError(f"attack {name} needs one client's update; {why}")
-    return view, fallback
+    return used.name, asked.name if asked else None
+
+
+def _hiding(cfg: ExperimentConfig) -> str:
+    """The configured defenses that hide per-client updates, in words (``"secagg_plus"``)."""
+    return ", ".join(defenses_with("hides_per_client_updates", cfg.defenses))
 
 
 def view_fallback_text(asked: str, used: str, cfg: ExperimentConfig) -> str:
     """``"server→aggregate (secagg_plus)"``: the view asked for, the one used, and the
     defense that forced it (the result's ``view_fallback``)."""
-    why = ", ".join(d.name for d in cfg.defenses if d.name == "secagg_plus") or \
-        "no per-client view"
-    return f"{asked}→{used} ({why})"
+    return f"{asked}→{used} ({_hiding(cfg) or 'no per-client view'})"
 
 
 def exact_metrics(metrics: Mapping[str, Any]) -> list[str]:
@@ -312,31 +292,13 @@ def exact_metrics(metrics: Mapping[str, Any]) -> list[str]:
     return sorted(k for k, v in metrics.items() if isinstance(v, float) and v == math.inf)
 
 
-def aggregate_training(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The public training config behind an aggregate record: FedAvg's delta is the mean of
-    ``local_steps`` steps of lr ``federation.lr`` with the clients' optimiser; FedSGD's is
-    one plain SGD step of the server lr."""
-    from fl_sim.records import LocalOptimizer
-    fed = cfg.federation
-    if cfg.strategy.name == "fedsgd":
-        from fl_sim.config import server_lr
-        return {"lr": float(server_lr(cfg)), "local_steps": 1, "batch_size": fed.batch_size,
-                "optimizer": LocalOptimizer("sgd")}
-    return {"lr": float(fed.lr), "local_steps": int(fed.local_steps or 0),
-            "batch_size": fed.batch_size, "optimizer": fed.local_optimizer()}
-
-
-def _truth(run: Any, record: ObservationRecord, view: str, client: int | None,
+def _truth(run: Any, record: ObservationRecord, view: str,
            server_round: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The private images the reconstruction is scored against (analysis only)."""
-    if view == "peer":
-        others = [c for c in run.clients_in_round(server_round) if c != record.client_id]
-        truths: list[GroundTruthRecord] = [run.truth(server_round, c) for c in others]
-    elif view == "aggregate":  # every client in the sum
-        truths = [run.truth(server_round, c) for c in
-                  run.view("server").aggregate_clients(server_round)]
-    else:
-        truths = [run.truth(server_round, record.client_id)]
+    """The private images the reconstruction is scored against (analysis only): those of
+    every client the view's record was computed from (:meth:`fl_sim.views.View.truth_clients`)."""
+    truths: list[GroundTruthRecord] = [
+        run.truth(server_round, c)
+        for c in view_of(view).truth_clients(run, server_round, record.client_id)]
     images = [t.images for t in truths if t.images.numel()]
     labels = [t.labels for t in truths if t.labels.numel()]
     if not images:

@@ -40,6 +40,7 @@ from fl_sim.registry import (
     validate_params,
 )
 from fl_sim.strict import StrictNumbers
+from fl_sim.view_types import VIEWS
 
 if TYPE_CHECKING:
     from fl_sim.records import LocalOptimizer
@@ -232,7 +233,7 @@ def declared_view(attack: Any) -> str:
         view = getattr(ATTACKS.get(str(attack)), "view", "server")
     except PluginError:
         return "server"
-    return view if view in ("server", "peer") else "server"
+    return view if view in VIEWS and VIEWS[view].declarable else "server"
 
 
 class DefenseConfig(_PluginSection):
@@ -292,7 +293,7 @@ def retention_problem(a: AttackConfig, fed: FederationConfig) -> str | None:
     if fed.record_clients is None:
         return None
     kept = list(fed.record_clients)
-    if a.view == "peer":
+    if not VIEWS[a.view].server_side:
         return ("a peer attack is scored against every other client's ground truth; "
                 f"federation.record_clients = {kept} records only those (omit it)")
     if a.client is None:
@@ -325,7 +326,7 @@ def attack_problem(a: AttackConfig, fed: FederationConfig) -> str | None:
         return "federation.record_truth = false leaves nothing to score the attack against"
     if (problem := retention_problem(a, fed)) is not None:
         return problem
-    if a.view == "peer":
+    if not VIEWS[a.view].server_side:  # a peer's view: recorded for peer_clients only
         if not fed.peer_clients:
             return "a peer attack needs federation.peer_clients (none recorded)"
         if fed.num_clients < 2:
@@ -333,7 +334,7 @@ def attack_problem(a: AttackConfig, fed: FederationConfig) -> str | None:
         if a.client is not None and a.client not in fed.peer_clients:
             return (f"client {a.client} is not a peer; federation.peer_clients = "
                     f"{list(fed.peer_clients)}")
-    if a.view == "aggregate" and _needs_client_update(a.name):
+    if VIEWS[a.view].holds_sum and _needs_client_update(a.name):
         return "needs one client's update; view = \"aggregate\" holds the sum of several clients"
     return None
 

@@ -29,9 +29,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fl_sim.capabilities import strategy_capabilities
 from fl_sim.errors import ConfigError, FlSimError
 from fl_sim.seeding import torch_generator
 from fl_sim.stores import read_tensors, write_tensors
+from fl_sim.view_types import view_of
 
 CANDIDATES_DIR = Path("truth") / "candidates"
 
@@ -70,12 +72,9 @@ def _member_pool(run: Any, view: str, client: int | None, server_round: int,
                  target_model: str) -> tuple[Tensor, Tensor]:
     if target_model == "final":
         keys = [(r, c) for r, c in _truth_keys(run) if c == client]
-    elif view == "peer":
-        keys = [(server_round, c) for c in run.clients_in_round(server_round) if c != client]
-    elif view == "aggregate":  # SecAgg+: the sum holds every aggregated client's batch
-        keys = [(server_round, c) for c in run.view("server").aggregate_clients(server_round)]
-    else:
-        keys = [(server_round, client)]
+    else:  # the view's clients (an aggregate holds every aggregated client's batch)
+        keys = [(server_round, c)
+                for c in view_of(view).truth_clients(run, server_round, client)]
     truths = [run.truth(r, c) for r, c in keys]
     images = [t.images for t in truths if t.images.numel()]
     if not images:
@@ -160,7 +159,6 @@ def run_inference_attack(run_dir: Path, cfg: Any, name: str, params: Any, attack
 
     from fl_sim.attack_runner import (
         _append,
-        _record,
         check_finite_record,
         resolve_view,
         resolved_params,
@@ -171,7 +169,7 @@ def run_inference_attack(run_dir: Path, cfg: Any, name: str, params: Any, attack
 
     grant = tuple(attack.required_knowledge())
     view, fallback_from = resolve_view(run.config, name, view)
-    record = _record(run, view, client, server_round, grant)
+    record = view_of(view).record(run, server_round, client=client, grant=grant)
     check_finite_record(record)
     target = getattr(attack, "target_model", "update")
     candidates, aux = _attack_inputs(run, attack, view=view, server_round=server_round, key=key,
@@ -234,8 +232,7 @@ def score_property(run: Any, view: str, client: int | None, server_round: int,
     client's labels; a peer's derived update: any other client of the round) and the round's
     score: ``{"property": bool, "score": float, "correct": bool at threshold 1/2}``. The ROC
     over rounds is :func:`property_roc`."""
-    clients = ([c for c in run.clients_in_round(server_round) if c != client]
-               if view == "peer" else [client])
+    clients = view_of(view).truth_clients(run, server_round, client)
     has = any(bool((run.truth(server_round, c).labels == property_class).any())
               for c in clients)
     return {"property": has, "score": score, "correct": (score >= 0.5) == has}
@@ -279,9 +276,10 @@ def check_inference_attacks(cfg: Any) -> None:
             attack = ATTACKS.create(a.name, _where=f"attacks[{i}]", **dict(a.params))
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
-        if getattr(attack, "target_model", None) == "local" and cfg.strategy.name == "fedsgd":
+        if getattr(attack, "target_model", None) == "local" \
+                and strategy_capabilities(cfg.strategy.name).sends_gradient:
             raise ConfigError(f"{where}: target = \"local\" rebuilds a client's model from a "
-                              "FedAvg delta; strategy fedsgd sends gradients")
+                              f"FedAvg delta; strategy {cfg.strategy.name} sends gradients")
         k = getattr(attack, "property_class", None)
         if k is not None and k >= classes:
             raise ConfigError(f"{where}: property_class = {k} is no class of data "

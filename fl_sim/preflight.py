@@ -29,10 +29,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from fl_sim.capabilities import strategy_capabilities
 from fl_sim.config import ExperimentConfig
 from fl_sim.defended import check_defenses
 from fl_sim.errors import ConfigError, FlSimError, RunDirError
 from fl_sim.run_dir import read_json_object
+from fl_sim.view_types import VIEWS
 
 
 def check_before_start(cfg: ExperimentConfig, *, run_dir: Path, resume: bool) -> None:
@@ -127,17 +129,18 @@ def check_attack_schedule(cfg: ExperimentConfig) -> None:
         return sample_clients(cfg.run.seed, r, clients, fed.fraction_train)
 
     for i, a in enumerate(cfg.attacks):
-        client = a.client if a.client is not None or a.view in ("server", "aggregate") \
+        peer = not VIEWS[a.view].server_side  # derived: needs round r + 1, another client
+        client = a.client if a.client is not None or not peer \
             else (fed.peer_clients or (None,))[0]
         if client is None:
             continue
         for r in a.rounds or (1,):
             now = sampled(r)
-            missing = (client not in now or (a.view == "peer" and (
+            missing = (client not in now or (peer and (
                 len(now) < 2 or (r < fed.num_rounds and client not in sampled(r + 1)))))
             if missing:
                 need = (f"sampled in rounds {r} and {r + 1} with another client"
-                        if a.view == "peer" else f"sampled in round {r}")
+                        if peer else f"sampled in round {r}")
                 raise ConfigError(
                     f"attacks[{i}] ({a.name}): client {client} is not {need} "
                     f"(fraction_train = {fed.fraction_train}, run.seed = {cfg.run.seed}: "
@@ -150,12 +153,12 @@ def images_per_update(cfg: ExperimentConfig, partition_size: int) -> tuple[int, 
     will say, :mod:`fl_sim.federation.local`), and how that number arises.
 
     A strategy that asks for ONE batch's gradient declares it (``client_update =
-    "gradient"`` on its registered factory, e.g. FedSGD); otherwise clients train locally.
+    "gradient"`` in its :class:`~fl_sim.capabilities.StrategyCapabilities`, e.g. FedSGD);
+    otherwise clients train locally.
     """
-    from fl_sim.registry import STRATEGIES
     fed = cfg.federation
     n = partition_size
-    if getattr(STRATEGIES.get(cfg.strategy.name), "client_update", "delta") == "gradient":
+    if strategy_capabilities(cfg.strategy.name).sends_gradient:
         return min(fed.batch_size, n), f"one batch of batch_size = {fed.batch_size}"
     if fed.local_epochs is not None:
         return n, f"local_epochs = {fed.local_epochs} over the client's {n} examples"
@@ -192,16 +195,19 @@ def check_attack_fit(cfg: ExperimentConfig) -> None:
         for r in a.rounds or (1,):
             sampled = sample_clients(cfg.run.seed, r, list(range(fed.num_clients)),
                                      fed.fraction_train)
+            view = VIEWS[a.view]
             peer = a.client if a.client is not None else (fed.peer_clients or (0,))[0]
-            groups = ({"server": [[c] for c in ([a.client] if a.client is not None
-                                                else sampled)],
-                       "peer": [[c for c in sampled if c != peer]],
-                       "aggregate": [sampled]})[a.view]
+            if view.per_client:  # each candidate client's own update
+                groups = [[c] for c in ([a.client] if a.client is not None else sampled)]
+            elif not view.server_side:  # the peer's: the others' derived update
+                groups = [[c for c in sampled if c != peer]]
+            else:  # the sum of every sampled client
+                groups = [sampled]
             for group in groups:
                 sizes = [images_per_update(cfg, len(parts[c])) for c in group]
                 n = sum(k for k, _ in sizes)
                 if n > most:
-                    whose = (f"client {group[0]}'s update" if a.view == "server" else
+                    whose = (f"client {group[0]}'s update" if view.per_client else
                              f"the {a.view} view's update ({len(group)} clients)")
                     raise ConfigError(
                         f"attacks[{i}] ({a.name}): {why}, but {whose} in round {r} holds "

@@ -14,6 +14,12 @@ A view turns stored observations into immutable
   config; it holds no reference to the observation or truth stores, so it cannot reach any
   other client's update or data. Ground-truth grants are refused.
 
+:class:`View` names each threat model once (``server``, ``peer``, ``aggregate`` — the config
+strings and on-disk names): who looks, which tap's records it reads, the public config it may
+use, the aggregate's training parameters, and its fallback when a defense hides per-client
+updates (SecAgg+: ``server`` -> ``aggregate``). The attack runner, pre-flight, config checks
+and inference scorer ask it instead of comparing view strings.
+
 Peer derivation (:func:`others_mean_delta`, :func:`others_mean_gradient`): from consecutive
 globals ``g_r``, ``g_{r+1}`` and its own update, the peer computes the weighted mean update of
 the OTHER clients aggregated in round ``r``. It assumes what the server publishes with the
@@ -37,12 +43,29 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from fl_sim.errors import RunDirError, ThreatModelError
+from fl_sim.capabilities import strategy_capabilities
+from fl_sim.config import server_lr
+from fl_sim.errors import PluginError, RunDirError, ThreatModelError
 from fl_sim.records import LocalOptimizer, ModelSpec, ObservationRecord, frozen_tensors
 from fl_sim.stores import ObservationStore, PeerStore, TruthStore
+from fl_sim.view_types import TAP_VIEWS, VIEWS, View, view_of
 
-#: Strategies whose aggregate is the num-examples-weighted mean of the clients' deltas.
-MEAN_OF_DELTAS = frozenset({"fedavg", "fedprox"})
+__all__ = ["TAP_VIEWS", "VIEWS", "PeerView", "ServerView", "View", "aggregate_training",
+           "others_mean_delta", "others_mean_gradient", "view_of"]
+
+
+def aggregate_training(cfg: Any) -> dict[str, Any]:
+    """The public training config behind an aggregate record: FedAvg's delta is the mean of
+    ``local_steps`` steps of lr ``federation.lr`` with the clients' optimiser; a strategy
+    whose clients send one batch's gradient (FedSGD) takes one plain SGD step of the server
+    lr. What the server tap records with the aggregate; :meth:`ServerView.aggregate` falls
+    back to it for aggregates recorded without it."""
+    fed = cfg.federation
+    if strategy_capabilities(cfg.strategy.name).sends_gradient:
+        return {"lr": float(server_lr(cfg)), "local_steps": 1, "batch_size": fed.batch_size,
+                "optimizer": LocalOptimizer("sgd")}
+    return {"lr": float(fed.lr), "local_steps": int(fed.local_steps or 0),
+            "batch_size": fed.batch_size, "optimizer": fed.local_optimizer()}
 
 
 # -- peer maths -------------------------------------------------------------------------------
@@ -124,6 +147,17 @@ def _grant_from_truth(truth: Any, grant: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def _recorded_training(e: Mapping[str, Any]) -> tuple[float, int, int, LocalOptimizer]:
+    """``(lr, local_steps, batch_size, optimizer)`` the tap recorded with an aggregate."""
+    t = e["training"]
+    try:
+        return (float(t["lr"]), int(t["local_steps"]), int(t["batch_size"]),
+                LocalOptimizer.from_json(t["optimizer"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RunDirError(f"invalid training {t!r} in the aggregate row of round "
+                          f"{e.get('round')} ({type(exc).__name__}: {exc})") from None
+
+
 class ServerView:
     """The honest-but-curious server's view (see module doc)."""
 
@@ -167,12 +201,15 @@ class ServerView:
         """What left aggregation in ``server_round`` (``new global − global``).
 
         ``lr``/``local_steps``/``batch_size``/``optimizer``: the public training config every
-        client used
-        (the attack runner passes them, so an attack can read the aggregate as the mean of
-        the clients' updates). A grant (e.g. labels) is the union of the ground truths of
-        every aggregated client, in client order."""
+        client used, as the server tap recorded it with the aggregate (``training`` in its
+        index row); for an aggregate recorded without it, what the caller passes
+        (:func:`aggregate_training` of the run's config), so an attack can read the aggregate
+        as the mean of the clients' updates. A grant (e.g. labels) is the union of the ground
+        truths of every aggregated client, in client order."""
         for e in self._store.entries("aggregate"):
             if int(e["round"]) == server_round:
+                if isinstance(e.get("training"), Mapping):
+                    lr, local_steps, batch_size, optimizer = _recorded_training(e)
                 knowledge: dict[str, Any] = {"granted": self.grant}
                 if self.grant:
                     parts = [_grant_from_truth(self._truth.read(self.run_id, server_round,
@@ -190,6 +227,11 @@ class ServerView:
                     defenses=tuple(e.get("defenses", ())),
                     num_clients_aggregated=int(e["num_clients_aggregated"]))
         raise RunDirError(f"no aggregate record for round {server_round}")
+
+    def aggregate_of(self, server_round: int, cfg: Any) -> ObservationRecord:
+        """:meth:`aggregate` with the training parameters of config ``cfg`` for an aggregate
+        recorded without them (:func:`aggregate_training`)."""
+        return self.aggregate(server_round, **aggregate_training(cfg))
 
     def aggregate_clients(self, server_round: int) -> list[int]:
         """The clients whose updates are in ``server_round``'s aggregate."""
@@ -211,6 +253,15 @@ class ServerView:
                        optimizer=_optimizer(e, self.optimizer))
 
 
+def _declares_mean_step(strategy: str) -> bool:
+    """Whether ``strategy`` declares ``global_is_mean_step``; a strategy plug-in that is not
+    installed where an old run is replayed counts as no mean (the plain global difference)."""
+    try:
+        return strategy_capabilities(strategy).global_is_mean_step
+    except PluginError:
+        return False
+
+
 class PeerView:
     """Client ``client``'s view as a curious peer, built from ``run_dir/peer/c{client}`` only.
 
@@ -228,6 +279,9 @@ class PeerView:
                                    "other clients' ground truth")
         self.run_id, self.spec, self.client = run_id, spec, store.client_id
         self.strategy, self.server_lr, self.grant = strategy, server_lr, ()
+        #: the strategy declares its global moves by the weighted mean of the updates
+        #: (fl_sim.capabilities): the peer can subtract its own share
+        self.mean_step = _declares_mean_step(strategy)
         self.optimizer = optimizer  # the config's, for entries recorded without one
         self._store = store
 
@@ -273,7 +327,7 @@ class PeerView:
         kind = own_e["update_kind"]
         # the others' update is derived (mean minus own) for FedSGD and mean-of-deltas
         # strategies; otherwise the peer sees the plain global difference
-        derived = kind == "gradient" or self.strategy in MEAN_OF_DELTAS
+        derived = kind == "gradient" or self.mean_step
         others = num_agg - 1 if derived else num_agg
         if others < 1 or total - n_k <= 0:  # checked before the maths divides by it
             raise RunDirError(f"round {server_round}: no other client was aggregated")
@@ -283,7 +337,7 @@ class PeerView:
             update = others_mean_gradient(g, g_next, own, server_lr=self.server_lr,
                                           total_examples=total, own_examples=n_k)
             knowledge.update(server_lr=self.server_lr, derivation="weighted_mean_minus_own")
-        elif self.strategy in MEAN_OF_DELTAS:
+        elif self.mean_step:
             update = others_mean_delta(g, g_next, own, total_examples=total, own_examples=n_k)
             knowledge["derivation"] = "weighted_mean_minus_own"
         else:

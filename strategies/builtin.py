@@ -23,11 +23,18 @@ from flwr.serverapp.strategy import (
 )
 from pydantic import Field
 
+from fl_sim.capabilities import strategy_capabilities_of
 from fl_sim.registry import STRATEGIES
 
 Positive = Annotated[float, Field(gt=0.0)]
 NonNegative = Annotated[float, Field(ge=0.0)]
 Unit = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+#: what the aggregation is (fl_sim.capabilities): FedAvg and FedProx move the global by the
+#: weighted mean of the deltas; FedAvgM / FedAdam / FedYogi / FedAdagrad take a server
+#: optimiser step on that mean; the robust ones (median, trimmed mean, Krum) are no mean
+MEAN_STEP = strategy_capabilities_of(weighted_mean_of_updates=True, global_is_mean_step=True)
+MEAN_THEN_OPTIMISER = strategy_capabilities_of(weighted_mean_of_updates=True)
 
 #: Sampling arguments every wrapped strategy gets (sampling happens in the tap wrapper).
 SAMPLE_ALL: dict[str, Any] = {"fraction_train": 1.0, "fraction_evaluate": 1.0,
@@ -36,18 +43,21 @@ SAMPLE_ALL: dict[str, Any] = {"fraction_train": 1.0, "fraction_evaluate": 1.0,
 
 
 @STRATEGIES.register("fedavg")
+@MEAN_STEP
 def fedavg() -> FedAvg:
     """FedAvg (McMahan et al., 2017): weighted mean of the clients' new weights."""
     return FedAvg(**SAMPLE_ALL)
 
 
 @STRATEGIES.register("fedprox")
+@MEAN_STEP
 def fedprox(*, proximal_mu: NonNegative = 0.01) -> FedProx:
     """FedProx (Li et al., 2020): FedAvg; clients add (mu/2)·||w − w_global||² locally."""
     return FedProx(**SAMPLE_ALL, proximal_mu=proximal_mu)
 
 
 @STRATEGIES.register("fedavgm")
+@MEAN_THEN_OPTIMISER
 def fedavgm(*, server_learning_rate: Positive = 1.0,
             server_momentum: Unit = 0.9) -> FedAvgM:
     """FedAvgM (Hsu et al., 2019): server SGD with momentum on the mean pseudo-gradient."""
@@ -56,6 +66,7 @@ def fedavgm(*, server_learning_rate: Positive = 1.0,
 
 
 @STRATEGIES.register("fedadam")
+@MEAN_THEN_OPTIMISER
 def fedadam(*, eta: Positive = 1e-1, eta_l: Positive = 1e-1, beta_1: Unit = 0.9,
             beta_2: Unit = 0.99, tau: Positive = 1e-3) -> FedAdam:
     """FedAdam (Reddi et al., 2021): server Adam on the mean pseudo-gradient."""
@@ -63,6 +74,7 @@ def fedadam(*, eta: Positive = 1e-1, eta_l: Positive = 1e-1, beta_1: Unit = 0.9,
 
 
 @STRATEGIES.register("fedyogi")
+@MEAN_THEN_OPTIMISER
 def fedyogi(*, eta: Positive = 1e-2, eta_l: Positive = 0.0316, beta_1: Unit = 0.9,
             beta_2: Unit = 0.99, tau: Positive = 1e-3) -> FedYogi:
     """FedYogi (Reddi et al., 2021): server Yogi on the mean pseudo-gradient."""
@@ -70,6 +82,7 @@ def fedyogi(*, eta: Positive = 1e-2, eta_l: Positive = 0.0316, beta_1: Unit = 0.
 
 
 @STRATEGIES.register("fedadagrad")
+@MEAN_THEN_OPTIMISER
 def fedadagrad(*, eta: Positive = 1e-1, eta_l: Positive = 1e-1, tau: Positive = 1e-3) -> FedAdagrad:
     """FedAdagrad (Reddi et al., 2021): server Adagrad on the mean pseudo-gradient."""
     return FedAdagrad(**SAMPLE_ALL, eta=eta, eta_l=eta_l, tau=tau)

@@ -36,6 +36,8 @@ from flwr.serverapp.exception import AggregationError
 from flwr.serverapp.strategy import FedAvg
 from pydantic import Field
 
+from fl_sim.capabilities import strategy_capabilities_of
+from fl_sim.federation.flower_compat import flower_log
 from fl_sim.federation.protocol import GRADIENT, SERVER_LR_KEY, SGD_STEP, UPDATE_KIND_KEY
 from fl_sim.registry import STRATEGIES
 from strategies.builtin import SAMPLE_ALL
@@ -105,8 +107,7 @@ class FedSGD(FedAvg):
 
     def summary(self) -> None:
         """Log the FedSGD settings, then FedAvg's."""
-        from flwr.supercore import log
-        log(20, "\t├──> FedSGD settings: server_lr (%s)", self.server_lr)
+        flower_log(20, "\t├──> FedSGD settings: server_lr (%s)", self.server_lr)
         super().summary()
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -148,14 +149,14 @@ __all__ = ["FedSGD", "fedsgd", "fedsgd_step", "step_reply"]
 
 
 @STRATEGIES.register("fedsgd")
+@strategy_capabilities_of(weighted_mean_of_updates=True, global_is_mean_step=True,
+                          client_update="gradient")
 def fedsgd(*, server_lr: Annotated[float, Field(gt=0.0)] | None = None) -> FedSGD:
     """FedSGD (McMahan et al., 2017): server SGD step on the mean one-batch client gradient.
 
-    ``server_lr`` defaults to ``federation.lr`` (resolved by the server app).
+    ``server_lr`` defaults to ``federation.lr`` (resolved by the server app). Declares
+    ``client_update = "gradient"``: a client sends ONE batch's gradient (its record holds
+    ``batch_size`` images), not the result of local training (:mod:`fl_sim.capabilities`).
     """
     return FedSGD(server_lr=server_lr, **SAMPLE_ALL)
 
-
-#: what a client sends under FedSGD, declared for the pre-flight (fl_sim.preflight): ONE
-#: batch's gradient (the record holds batch_size images), not the result of local training
-fedsgd.client_update = "gradient"  # type: ignore[attr-defined]

@@ -25,6 +25,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from fl_sim.capabilities import defenses_with
+
 #: views an audit may score from (see module doc)
 VIEWS = ("final_model", "every_global", "server")
 
@@ -46,8 +48,9 @@ class Audit:
     def problem(self, *, num_clients: int, num_rounds: int,
                 defense_names: tuple[str, ...], strategy: str = "") -> str | None:
         """Why this audit cannot run in the federation described (None if it can)."""
-        if self.needs_client_update and "secagg_plus" in defense_names:
-            return ('view = "server" needs per-client updates; under secagg_plus the '
+        hiding = defenses_with("hides_per_client_updates", defense_names)
+        if self.needs_client_update and hiding:
+            return (f'view = "server" needs per-client updates; under {hiding[0]} the '
                     "server receives only their sum")
         return None
 

@@ -37,13 +37,18 @@ from fl_sim.defended import build_defenses
 
 ROUND_KEY = "dp-epsilon-round"
 CUMULATIVE_KEY = "dp-epsilon"
-#: defenses whose ε the clients report
-CLIENT_DP = ("dp_sgd", "local_dp")
+
+
+def client_dp_defenses(cfg: Any) -> list[Any]:
+    """The configured defenses whose ε the clients report: those that declare
+    ``reports_epsilon`` (:mod:`fl_sim.capabilities`; dp_sgd, local_dp), in order."""
+    return [d for d in build_defenses(cfg) if d.reports_epsilon]
 
 
 def dp_train_defense(cfg: Any) -> Any:
-    """The configured ``"train"``-stage DP defense (``dp_sgd``), or None."""
-    return next((d for d in build_defenses(cfg) if d.name == "dp_sgd"), None)
+    """The configured ``"train"``-stage DP defense (one that reports ε: ``dp_sgd``), or
+    None."""
+    return next((d for d in client_dp_defenses(cfg) if d.stage == "train"), None)
 
 
 def rounds_sampled(cfg: Any, client_id: int, upto_round: int) -> int:
@@ -66,14 +71,14 @@ def client_epsilons(cfg: Any, client_id: int, server_round: int, *, partition_si
 
     ``steps``: local steps this round (each one DP-SGD step); ``partition_size``: the
     client's number of training examples (DP-SGD's sampling rate is batch / partition)."""
-    dps = [d for d in build_defenses(cfg) if d.name in CLIENT_DP]
+    dps = client_dp_defenses(cfg)
     if not dps:
         return {}
     k = max(1, rounds_sampled(cfg, client_id, server_round))
     bs = cfg.federation.batch_size
     per_round, total = 0.0, 0.0
     for d in dps:
-        if d.name == "dp_sgd":
+        if d.stage == "train":  # per-step accounting (DPSGD.round_epsilon)
             per_round += d.round_epsilon(batch_size=bs, partition_size=partition_size,
                                          steps=steps)
             total += d.round_epsilon(batch_size=bs, partition_size=partition_size,
@@ -87,7 +92,7 @@ def client_epsilons(cfg: Any, client_id: int, server_round: int, *, partition_si
 def privacy_semantics(cfg: Any) -> dict[str, str]:
     """``{"dp_unit": ..., "dp_neighbouring": ...}`` of the configured client-side DP
     defenses' ε (module doc), ``{}`` without one."""
-    dps = [d for d in build_defenses(cfg) if d.name in CLIENT_DP]
+    dps = client_dp_defenses(cfg)
     if not dps:
         return {}
     if len(dps) == 1:
