@@ -82,9 +82,9 @@ def build_sampler(record: ObservationRecord, task: Any, params: dict[str, Tensor
     """``(z [N, C, H, W] -> x0 in [-1, 1], description)`` of the attack's prior.
 
     ``prior=None``: the record's global model (functional call at ``params``/``buffers``) with
-    the task's scheduler; otherwise the prior saved at that path (:func:`fl_sim.priors.
-    load_prior`). Raises :class:`~fl_sim.errors.ConfigError` when the prior's image shape
-    differs from the record's.
+    the task's scheduler; otherwise the prior at that path: an fl-sim prior or a local
+    diffusers pipeline / UNet directory (:func:`fl_sim.priors.open_prior`). Raises
+    :class:`~fl_sim.errors.ConfigError` when the prior's image shape differs from the record's.
     """
     if prior is None:
         sampler = DDIMSampler.from_scheduler(task.model, task.scheduler, num_steps)
@@ -92,9 +92,11 @@ def build_sampler(record: ObservationRecord, task: Any, params: dict[str, Tensor
         def sample(z: Tensor, **kw: Any) -> Tensor:
             return sampler.sample(z, params=params, buffers=buffers, **kw)
         return sample, "global model"
-    from fl_sim.priors import load_prior
+    from fl_sim.priors import open_prior
 
-    loaded = load_prior(prior, device=device)
+    # an fl-sim prior or a local diffusers pipeline / UNet directory (its own scheduler; a
+    # bare UNet directory without one samples with the record's training schedule)
+    loaded = open_prior(prior, where="gidm.prior", device=device, scheduler=task.scheduler)
     spec = record.spec
     if (loaded.in_channels, loaded.image_size) != (spec.in_channels, spec.image_size):
         raise ConfigError(f"gidm.prior: {prior} makes {loaded.in_channels}x"

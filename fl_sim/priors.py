@@ -51,8 +51,8 @@ FORMAT_VERSION = 1
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 SAFE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
-__all__ = ["METADATA_FILE", "Prior", "load_prior", "load_unet", "prior_task", "read_metadata",
-           "save_prior"]
+__all__ = ["METADATA_FILE", "Prior", "load_prior", "load_unet", "open_prior", "prior_task",
+           "read_metadata", "save_prior"]
 
 
 @dataclass(frozen=True)
@@ -275,9 +275,27 @@ def prior_task(prior: Prior) -> Any:
     return task
 
 
+def open_prior(path: str | Path, *, where: str, device: str | torch.device = "cpu",
+               scheduler: Any = None) -> Prior:
+    """An fl-sim prior (:func:`load_prior`) or a local diffusers pipeline / UNet directory
+    (:func:`fl_sim.diffusers_dirs.load_checkpoint_prior`, its scheduler read from it;
+    ``scheduler`` only for a bare UNet directory without one).
+
+    A directory with ``fl_sim_prior.json``, or with neither ``model_index.json`` nor
+    ``config.json`` (e.g. an interrupted save), goes to :func:`load_prior` and its errors.
+    """
+    root = Path(path)
+    if (root / METADATA_FILE).is_file() or not (
+            (root / "model_index.json").is_file() or (root / "config.json").is_file()):
+        return load_prior(root, device=device)
+    from fl_sim.diffusers_dirs import load_checkpoint_prior
+    return load_checkpoint_prior(root, where=where, device=device, scheduler=scheduler)
+
+
 def load_prior_for(path: str | Path, spec: Any, *, attack: str,
                    device: str | torch.device = "cpu") -> Prior:
-    """:func:`load_prior`, checked against the attacked classifier's ``spec``
+    """:func:`open_prior` (an fl-sim prior or a diffusers directory), checked against the
+    attacked classifier's ``spec``
     (``in_channels``, ``image_size``) for the prior-based attacks (gias, peer_diffusion_prior,
     user_level_diffusion).
 
@@ -285,7 +303,7 @@ def load_prior_for(path: str | Path, spec: Any, *, attack: str,
     :class:`~fl_sim.errors.DataError` (not a prior) or :class:`~fl_sim.errors.ConfigError`
     (its images are not the classifier's shape, named as ``<attack>.prior``), each one line.
     """
-    prior = load_prior(path, device=device)
+    prior = open_prior(path, where=f"{attack}.prior", device=device)
     if (prior.in_channels, prior.image_size) != (spec.in_channels, spec.image_size):
         raise ConfigError(f"{attack}.prior: {path} makes {prior.in_channels}x"
                           f"{prior.image_size}x{prior.image_size} images; the attacked "

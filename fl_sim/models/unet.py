@@ -31,15 +31,27 @@ _PRESETS: dict[str, dict[str, Any]] = {
 
 @MODELS.register("unet")
 def unet(in_channels: int, num_classes: int, image_size: int, *,
-         preset: Literal["tiny", "cifar"] = "tiny") -> nn.Module:
+         preset: Literal["tiny", "cifar"] = "tiny",
+         config: dict[str, Any] | None = None) -> nn.Module:
     """diffusers ``UNet2DModel`` (unconditional; ``num_classes`` is ignored).
 
     Input ``sample`` [B, C, H, W] in [-1, 1] and ``timestep`` [B] -> ``.sample`` [B, C, H, W]
     (predicted noise). ``image_size`` must be divisible by 2**(levels - 1) (tiny: 2,
-    cifar: 8); raises ``ValueError`` otherwise.
+    cifar: 8); raises ``ValueError`` otherwise. ``config``: a whole ``UNet2DModel`` config
+    (as its ``config.json``) that replaces the preset -- filled from ``model.pretrained`` when
+    no preset is given, so a published checkpoint's exact architecture is built; its
+    ``sample_size`` / ``in_channels`` must be the data's (``ValueError`` otherwise).
     """
     from diffusers import UNet2DModel
 
+    if config is not None:
+        cfg = {k: v for k, v in config.items() if not k.startswith("_")}
+        size = cfg.get("sample_size")
+        size = size if isinstance(size, int) or size is None else size[0]
+        if (cfg.get("in_channels"), size) != (in_channels, image_size):
+            raise ValueError(f"unet config makes {cfg.get('in_channels')}x{size}x{size} "
+                             f"images; the data has {in_channels}x{image_size}x{image_size}")
+        return use_classic_attention(UNet2DModel.from_config(cfg))
     cfg = dict(_PRESETS[preset])
     factor = 2 ** (len(cfg["block_out_channels"]) - 1)
     if image_size % factor:

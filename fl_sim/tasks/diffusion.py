@@ -41,7 +41,10 @@ class DiffusionTask:
     """DDPM denoising loss around an unconditional ``UNet2DModel``-like noise predictor.
 
     ``model(sample [B, C, H, W], timestep [B], return_dict=False)[0]`` -> [B, C, H, W]
-    (diffusers convention). Raises ``ValueError`` for ``num_train_timesteps < 1``.
+    (diffusers convention). ``scheduler_config``: a diffusers DDPM/DDIM scheduler config
+    (``beta_start``, ``beta_end``, ``trained_betas``, ``clip_sample``, ...), set from a
+    ``model.pretrained`` checkpoint (:mod:`fl_sim.diffusers_dirs`) so that its schedule is
+    used, not DDPM's defaults. Raises ``ValueError`` for ``num_train_timesteps < 1``.
     """
 
     name = "diffusion"
@@ -50,7 +53,8 @@ class DiffusionTask:
                  normalization: NormalizationLike | tuple[tuple[float, ...], tuple[float, ...]],
                  *, num_train_timesteps: int = 1000,
                  beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear",
-                 prediction_type: PredictionType = "epsilon") -> None:
+                 prediction_type: PredictionType = "epsilon",
+                 scheduler_config: dict[str, Any] | None = None) -> None:
         from diffusers import DDPMScheduler
 
         if num_train_timesteps < 1:
@@ -59,9 +63,12 @@ class DiffusionTask:
         self.mean, self.std = mean_std(normalization)  # recorded only; see module docstring
         self.num_train_timesteps = int(num_train_timesteps)
         self.prediction_type: PredictionType = prediction_type
-        self.scheduler = DDPMScheduler(num_train_timesteps=self.num_train_timesteps,
-                                       beta_schedule=beta_schedule,
-                                       prediction_type=prediction_type)
+        # a checkpoint's whole scheduler config (betas, trained_betas, clipping, spacing),
+        # filled from ``model.pretrained``; the three named params above take precedence
+        extra = {k: v for k, v in (scheduler_config or {}).items() if not k.startswith("_")}
+        extra.update(num_train_timesteps=self.num_train_timesteps,
+                     beta_schedule=beta_schedule, prediction_type=prediction_type)
+        self.scheduler = DDPMScheduler.from_config(extra)
         self.alphas_cumprod: Tensor = self.scheduler.alphas_cumprod.to(torch.float32).clone()
 
     # -- maths -----------------------------------------------------------------------------
