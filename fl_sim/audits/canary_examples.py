@@ -14,6 +14,19 @@ extra term 2mδ · max_i P[v − i ≤ Binomial < v] / i). :func:`p_value` is th
 (bisection, as the paper's algorithm): with the stated confidence the run is not
 (ε, δ)-DP for any smaller ε. A lower bound, not an estimate.
 
+Checked against the paper (arXiv:2305.08846) on 2026-12-07: :func:`p_value` is its
+numerical bound term for term — q = e^ε/(1 + e^ε) ("ε-DP randomized response"), P[B ≥ v],
+plus 2mδ times the largest (1/i)·P[v − i ≤ B < v] over i = 1..v — and
+:func:`epsilon_lower_bound` its search (grow an upper end until the p-value reaches
+1 − confidence, then bisect; here doubling and 40 steps); the same as an independent
+transcription of the paper's algorithm found by the search tool. Abstention (r < m) and the
+95 % confidence are the paper's. The score is the canary's loss under the final model only
+(the paper's black-box, last-iterate setting; its white-box audit of every DP-SGD step, with
+gradient canaries, is not implemented). k_pos and k_neg are fixed in the config before the
+scores are seen: trying several and keeping the best would need a union bound over the
+choices, which the bound here does not include. The search tool returned the paper's
+opening sections only, so no page numbers are given.
+
 Pure numpy/scipy: no torch, no flwr, no ray. Shapes: ``scores`` ``(m,)``,
 ``included`` ``(m,)`` bool.
 """

@@ -17,7 +17,9 @@ Where they enter: :class:`~fl_sim.federation.taps.TapStrategy` hands the wrapped
 real replies it recorded plus :meth:`CanaryClients.replies`; the tap never records a canary,
 so no view (server, peer, aggregate records' client lists) holds one and attacks never see
 them. Their directions and inclusion are written to the truth store
-(``truth/audits/``); the result to ``audits.jsonl``.
+(``truth/audits/``); the result to ``audits.jsonl``. What the canaries accumulate during the
+run (inclusion coins, every round's cosines, the server view's scores) goes into every
+checkpoint (:func:`audit_state`), so a resumed run scores exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -109,11 +111,40 @@ class CanaryClients:
         return out
 
     def after_round(self, server_round: int, new_global: Mapping[str, Any]) -> None:
-        """Record the cosines of this round's model delta with every canary."""
+        """Record the cosines of this round's model delta with every canary (only the
+        ``every_global`` view reads them: the others skip the (k + u) × d product)."""
+        if self.audit.view != "every_global":
+            return
         new = flatten(new_global, self.keys)
         delta = new - self._global
         if np.linalg.norm(delta) > 0:
             self.round_cosines.append(est.cosines(self.directions, delta))
+
+    # -- checkpoint ------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """What a resumed run needs to score as an uninterrupted one, JSON-ready: the
+        inclusion coins so far, every_global's per-round cosines, the server view's scores.
+        (Directions and θ_0 follow from the seed and the initial model; Python floats
+        round-trip exactly through JSON.)"""
+        return {"inserted": self.inserted.astype(int).tolist(),
+                "round_cosines": [c.tolist() for c in self.round_cosines],
+                "server_stats": [list(self.server_stats[0]), list(self.server_stats[1])]}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state` (a checkpoint of this audit after some round).
+
+        Raises ``RunDirError`` if it does not fit this audit (other canary counts)."""
+        from fl_sim.errors import RunDirError
+        inserted = np.asarray(state["inserted"], dtype=bool).reshape(-1, self.audit.num_canaries)
+        rounds = min(len(inserted), len(self.inserted))
+        cos = [np.asarray(c, dtype=np.float64) for c in state["round_cosines"]]
+        if any(c.shape != (len(self.directions),) for c in cos):
+            raise RunDirError(f"checkpointed canary state of audits[{self.index}] does not "
+                              f"match its {len(self.directions)} canaries")
+        self.inserted[:rounds] = inserted[:rounds]
+        self.round_cosines = cos
+        self.server_stats = ([float(x) for x in state["server_stats"][0]],
+                             [float(x) for x in state["server_stats"][1]])
 
     # -- after the run -----------------------------------------------------------------------
     def result(self, final: Mapping[str, Any]) -> dict[str, Any]:
@@ -137,7 +168,11 @@ class CanaryClients:
                                "observed_scores": [float(x) for x in observed],
                                "unobserved_scores": [float(x) for x in unobserved]}
         try:
-            e = est.estimate_epsilon(observed, unobserved, self.audit.delta)
+            if getattr(self.audit, "null", "fitted") == "closed_form":
+                e = est.estimate_epsilon_closed_form_null(observed, self.initial.size,
+                                                          self.audit.delta)
+            else:
+                e = est.estimate_epsilon(observed, unobserved, self.audit.delta)
         except ValueError as exc:
             return {**row, "epsilon": None, "error": str(exc)}
         return {**row, "epsilon": e.epsilon if math.isfinite(e.epsilon) else None,
@@ -206,21 +241,33 @@ def _num_examples(msg: Message) -> float:
     return float(next(iter(msg.content.metric_records.values()))[P.NUM_EXAMPLES])  # type: ignore[arg-type]
 
 
-def start_audits(cfg: Any, run_dir: Path, initial: Mapping[str, Any], tap: Any
-                 ) -> list[CanaryClients]:
-    """The run's canary-clients audits, hooked into ``tap`` (see module doc)."""
+def start_audits(cfg: Any, run_dir: Path, initial: Mapping[str, Any], tap: Any,
+                 state: Mapping[str, Any] | None = None) -> list[CanaryClients]:
+    """The run's canary-clients audits, hooked into ``tap`` (see module doc).
+
+    ``initial`` is θ_0, the model before round 1 (also when resuming); ``state`` the
+    checkpointed :func:`audit_state` a resumed run continues from. Rows of an earlier
+    attempt are dropped from ``audits.jsonl`` (every row is written at the end of the run)."""
     from fl_sim.config import check_audit
+    (Path(run_dir) / AUDITS_FILE).unlink(missing_ok=True)
     out = []
     for i in range(len(cfg.audits)):
         audit = check_audit(cfg, i)
         if audit.name != "canary_clients":  # canary_examples: fl_sim.federation.canary_data
             continue
-        state = {k: v.detach().cpu().numpy() if hasattr(v, "detach") else v
-                 for k, v in initial.items()}
-        plumbing = CanaryClients(audit, i, cfg=cfg, run_dir=run_dir, initial=state)
+        arrays = {k: v.detach().cpu().numpy() if hasattr(v, "detach") else v
+                  for k, v in initial.items()}
+        plumbing = CanaryClients(audit, i, cfg=cfg, run_dir=run_dir, initial=arrays)
+        if state and str(i) in state:
+            plumbing.load_state(state[str(i)])
         tap.extra_replies.append(plumbing.replies)
         out.append(plumbing)
     return out
+
+
+def audit_state(audits: Sequence[CanaryClients]) -> dict[str, Any]:
+    """The checkpoint entry of the run's canary-clients audits: ``{audit index: state}``."""
+    return {str(a.index): a.state() for a in audits}
 
 
 def claimed_epsilon(plumbing: CanaryClients, cfg: Any) -> dict[str, Any]:

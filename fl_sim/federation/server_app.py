@@ -35,7 +35,7 @@ from fl_sim.config import ExperimentConfig, server_lr
 from fl_sim.defended import defenses_in_force
 from fl_sim.errors import FlSimError
 from fl_sim.federation import protocol as P
-from fl_sim.federation.canaries import finish_audits, start_audits
+from fl_sim.federation.canaries import audit_state, finish_audits, start_audits
 from fl_sim.federation.checkpoint import CheckpointStore, load_strategy_state
 from fl_sim.federation.client_app import load_splits
 from fl_sim.federation.dp_epsilon import epsilon_row, reply_epsilons
@@ -201,12 +201,14 @@ def run_server(grid: Grid, setup: ServerSetup) -> None:
     inner = wrap_server_defenses(build_strategy(cfg), cfg)  # central DP INSIDE the tap
     arrays = ArrayRecord({k: v.detach().cpu() for k, v in task.model.state_dict().items()})
     checkpoints = CheckpointStore(run_dir)
-    start, published = 0, {}
+    initial = arrays_to_tensors(arrays)  # θ_0: canary_clients' final-model cosines start here
+    start, published, audit_ck = 0, {}, {}
     if setup.resume and (ck := checkpoints.load()) is not None:
         start = ck.server_round
         arrays = tensors_to_arrays(ck.global_state)
         load_strategy_state(inner, ck.strategy_tensors, ck.strategy_scalars)
         published = dict(ck.extra.get("published", {}))
+        audit_ck = dict(ck.extra.get("audits", {}))
         logger.info("resuming %s after round %d", run_dir, start)
     # Records of a partially finished round (or of an earlier attempt) are discarded.
     truncate_run(run_dir, start)
@@ -217,12 +219,9 @@ def run_server(grid: Grid, setup: ServerSetup) -> None:
                       store=ObservationStore(run_dir) if fed.taps else None,
                       retention=Retention.of(fed), defenses=defenses_in_force(cfg))
     tap.published = published
-    # canary state (inclusion, per-round cosines, θ_0) is not checkpointed: a resumed run
-    # cannot score its canary clients, so it writes no canary_clients row (logged)
-    audits = start_audits(cfg, run_dir, arrays_to_tensors(arrays), tap) if start == 0 else []
-    if start and any(a.name == "canary_clients" for a in cfg.audits):
-        logger.warning("canary_clients audits are not scored in a resumed run (canary state "
-                       "is not checkpointed)")
+    # canary state (inclusion, per-round cosines) is part of each checkpoint: a resumed
+    # run's audits equal an uninterrupted run's
+    audits = start_audits(cfg, run_dir, initial, tap, audit_ck)
     test = (splits.test.images[:MAX_EVAL_EXAMPLES], splits.test.labels[:MAX_EVAL_EXAMPLES])
     poison = _poison_clients()
     for r in range(start + 1, fed.num_rounds + 1):
@@ -236,7 +235,8 @@ def run_server(grid: Grid, setup: ServerSetup) -> None:
         _append_metrics(run_dir, row)
         if cfg.attacks:
             _attack_hook("run_round_attacks", run_dir, cfg, r)
-        checkpoints.save(r, arrays_to_tensors(arrays), inner, {"published": tap.published})
+        checkpoints.save(r, arrays_to_tensors(arrays), inner,
+                         {"published": tap.published, "audits": audit_state(audits)})
         if setup.progress is not None:
             setup.progress({"event": "round", **row})
     check_something_aggregated(run_dir, fed.num_rounds)
