@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from attacks.base import Attack, Reconstruction
-from attacks.components.ddim_sampler import DDIMSampler
+from attacks.components.ddim_sampler import CHECKPOINT_MODES, Checkpoint, DDIMSampler
 from attacks.components.inversion import InversionProblem, _update_fn
 from attacks.components.objectives import cosine_distance, l2_distance, lr_multiplier
 from attacks.inverting_gradients import InvertingGradients, LabelSource, MultiStep
@@ -85,16 +85,18 @@ def _to_pixels(x: Tensor) -> Tensor:
 
 
 def search_latent(sampler: DDIMSampler, match: Matching, z0: Tensor, *, iterations: int,
-                  lr: float, callback: Callback | None = None
+                  lr: float, callback: Callback | None = None,
+                  checkpoint: Checkpoint = "none"
                   ) -> tuple[float, Tensor, Tensor, list[float]]:
     """Phase 1: Adam (cosine decay) on the latents ``z0 [N, C, H, W]`` through the frozen
-    prior. Returns ``(best distance, its latents, its images [N, C, H, W], history)``."""
+    prior (``checkpoint``: the sampler's gradient checkpointing). Returns ``(best distance,
+    its latents, its images [N, C, H, W], history)``."""
     z = z0.detach().clone().requires_grad_(True)
     opt = torch.optim.Adam([z], lr=lr)
     best = (math.inf, z.detach().clone(), None)
     history: list[float] = []
     for it in range(iterations + 1):  # the extra pass only scores the final latents
-        images = _to_pixels(sampler.sample(z))
+        images = _to_pixels(sampler.sample(z, checkpoint=checkpoint))
         loss = match(images)
         value = float(loss.detach())
         history.append(value)
@@ -112,16 +114,17 @@ def search_latent(sampler: DDIMSampler, match: Matching, z0: Tensor, *, iteratio
     return best[0], best[1], best[2], history[:-1]
 
 
-def _per_image(sampler: DDIMSampler, z: Tensor, weights: list[Params], buffers: Params
-               ) -> Tensor:
+def _per_image(sampler: DDIMSampler, z: Tensor, weights: list[Params], buffers: Params,
+               checkpoint: Checkpoint = "none") -> Tensor:
     """``x_i = G_{w_i}(z_i)`` for every image (a loop of batch-1 functional sampler calls)."""
-    return torch.cat([_to_pixels(sampler.sample(z[i:i + 1], params=w, buffers=buffers))
+    return torch.cat([_to_pixels(sampler.sample(z[i:i + 1], params=w, buffers=buffers,
+                                                 checkpoint=checkpoint))
                       for i, w in enumerate(weights)])
 
 
 def search_parameters(sampler: DDIMSampler, match: Matching, z: Tensor, *, iterations: int,
                       lr: float, drift_weight: float, best: tuple[float, Tensor],
-                      callback: Callback | None = None
+                      callback: Callback | None = None, checkpoint: Checkpoint = "none"
                       ) -> tuple[float, Tensor, list[float], float]:
     """Phase 2: Adam (cosine decay) on one copy of the prior's parameters per image.
 
@@ -143,7 +146,7 @@ def search_parameters(sampler: DDIMSampler, match: Matching, z: Tensor, *, itera
         return sum(sum((w[k] - base[k]).pow(2).sum() for k in base) for w in weights) / base_sq
 
     for it in range(iterations + 1):
-        images = _per_image(sampler, z, weights, buffers)
+        images = _per_image(sampler, z, weights, buffers, checkpoint)
         loss = match(images)
         value = float(loss.detach())
         history.append(value)
@@ -180,7 +183,10 @@ class GIAS(Attack):
     Gradients', default) or ``"l2"``; ``labels``: ``"granted"`` (knowledge ``labels``),
     ``"idlg"``, ``"batch"`` or ``"auto"`` (as ``inverting_gradients``); ``multi_step`` for
     FedAvg deltas: ``"unroll"`` / ``"single"`` / ``"auto"`` (as ``inverting_gradients``,
-    same assumptions about the client's local training). Raises
+    same assumptions about the client's local training); ``checkpoint``: gradient
+    checkpointing of the sampler in both phases (``"auto"`` default: none while the K steps'
+    activations fit 1 GiB, else ``"sampler"``, else ``"full"``; ``"none"``, ``"sampler"``,
+    ``"full"``; docs/how-to/memory.md). Raises
     :class:`~fl_sim.errors.ConfigError` for a missing ``prior`` value, a bad parameter or a
     prior of another image shape; :class:`~fl_sim.errors.MissingResourceError` when the path
     does not exist; :class:`~fl_sim.errors.DataError` when it is not a prior.
@@ -193,7 +199,10 @@ class GIAS(Attack):
                  phase2_iterations: int = 50, sampler_steps: int = 5, lr_latent: float = 0.1,
                  lr_params: float = 1e-4, drift_weight: float = 0.1,
                  distance: Literal["cosine", "l2"] = "cosine", labels: LabelSource = "auto",
-                 multi_step: MultiStep = "auto") -> None:
+                 multi_step: MultiStep = "auto", checkpoint: Checkpoint = "auto") -> None:
+        _check("checkpoint", isinstance(checkpoint, bool) or checkpoint in CHECKPOINT_MODES,
+               checkpoint, ", ".join(CHECKPOINT_MODES))
+        self.checkpoint = checkpoint
         _check("prior", isinstance(prior, str) and prior.strip() != "", prior,
                "the path of a prior saved by `fl-sim train-prior` (required)")
         _check("phase1_iterations", phase1_iterations >= 0, phase1_iterations, ">= 0")
@@ -236,11 +245,13 @@ class GIAS(Attack):
         t0 = time.perf_counter()
         p1_loss, z, p1_images, _ = search_latent(sampler, match, z0,
                                                  iterations=self.phase1_iterations,
-                                                 lr=self.lr_latent, callback=callback)
+                                                 lr=self.lr_latent, callback=callback,
+                                                 checkpoint=self.checkpoint)
         t1 = time.perf_counter()
         loss, images, _, drift = search_parameters(
             sampler, match, z, iterations=self.phase2_iterations, lr=self.lr_params,
-            drift_weight=self.drift_weight, best=(p1_loss, p1_images), callback=callback)
+            drift_weight=self.drift_weight, best=(p1_loss, p1_images), callback=callback,
+            checkpoint=self.checkpoint)
         t2 = time.perf_counter()
         meta = prior.metadata
         assumed = {**self._ig._assumed(record, problem, label_source), "prior": str(self.prior),

@@ -45,7 +45,7 @@ import torch
 from torch import Tensor
 
 from attacks.base import Attack, Reconstruction
-from attacks.components.ddim_sampler import DDIMSampler
+from attacks.components.ddim_sampler import CHECKPOINT_MODES, Checkpoint, DDIMSampler
 from attacks.components.diffusion_matching import (
     SECOND_ORDER,
     DiffusionMatching,
@@ -229,8 +229,12 @@ class GIDM(Attack):
     gradient matching from a random start, the paper's baseline) and ``phase2_iterations``
     (pixel fine-tuning); ``sampler_steps`` K of the DDIM sampler; ``lr_latent`` / ``lr_pixels``
     (Adam, cosine decay); ``prior``: ``None`` = the record's global model, or the path of a
-    prior saved by ``fl-sim train-prior``; ``checkpoint``: recompute the sampler's activations
-    per step in backward (memory of one UNet call instead of K; ~K more forwards);
+    prior saved by ``fl-sim train-prior``; ``checkpoint``: gradient checkpointing of the
+    sampler (:data:`~attacks.components.ddim_sampler.CHECKPOINT_MODES`): ``"auto"`` (default:
+    none while the K steps' activations fit 1 GiB, else ``"sampler"``, else ``"full"``),
+    ``"none"``, ``"sampler"`` (recompute each step in backward: memory of one UNet call
+    instead of K, K - 1 more UNet forwards per iteration) or ``"full"`` (also the UNet's
+    blocks); ``true`` / ``false`` mean ``"sampler"`` / ``"none"`` (docs/how-to/memory.md);
     ``distance``: ``"l2"`` (default) or ``"cosine"``; ``phase2_optimizer``: ``"lbfgs"``
     (default; L-BFGS with a strong-Wolfe line search, ``phase2_iterations`` = its iterations,
     each one or a few matching evaluations, step ``lr_pixels_lbfgs``), ``"adam"``
@@ -259,7 +263,7 @@ class GIDM(Attack):
 
     def __init__(self, *, phase1_iterations: int = 200, phase2_iterations: int = 200,
                  sampler_steps: int = 10, lr_latent: float = 0.1, lr_pixels: float = 0.02,
-                 prior: str | None = None, checkpoint: bool = False,
+                 prior: str | None = None, checkpoint: Checkpoint = "auto",
                  distance: Literal["l2", "cosine"] = "l2",
                  phase2_optimizer: Literal["lbfgs", "adam", "lbfgsb"] = "lbfgs",
                  lr_pixels_lbfgs: float = 1.0, multi_step: MultiStep = "auto",
@@ -271,6 +275,8 @@ class GIDM(Attack):
         _check("sampler_steps", sampler_steps >= 1, sampler_steps, ">= 1")
         _check("lr_latent", lr_latent > 0, lr_latent, "> 0")
         _check("lr_pixels", lr_pixels > 0, lr_pixels, "> 0")
+        _check("checkpoint", isinstance(checkpoint, bool) or checkpoint in CHECKPOINT_MODES,
+               checkpoint, ", ".join(CHECKPOINT_MODES))
         _check("distance", distance in ("l2", "cosine"), distance, "l2, cosine")
         _check("multi_step", multi_step in ("auto", "unroll", "single"), multi_step,
                "auto, unroll, single")

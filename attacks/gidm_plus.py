@@ -83,6 +83,7 @@ import torch
 from torch import Tensor
 
 from attacks.base import Attack, Reconstruction
+from attacks.components.ddim_sampler import CHECKPOINT_MODES, Checkpoint
 from attacks.components.diffusion_timesteps import (
     TIME_EMBEDDING_PREFIX,
     candidate_timesteps,
@@ -208,9 +209,12 @@ def problem_from_record(record: ObservationRecord, device: torch.device | str = 
 
 
 def latent_renderer(record: ObservationRecord, problem: Problem, *, prior: str | None,
-                    sampler_steps: int) -> Callable[[Tensor], Tensor]:
+                    sampler_steps: int, checkpoint: Checkpoint = "none"
+                    ) -> Callable[[Tensor], Tensor]:
     """``z [R, B, C, H, W] -> x0`` through the K-step differentiable DDIM sampler of the prior
-    (GIDM's phase 1: :func:`attacks.gidm.build_sampler`; default the record's global model)."""
+    (GIDM's phase 1: :func:`attacks.gidm.build_sampler`; default the record's global model),
+    gradient-checkpointed as ``checkpoint`` says (:meth:`~attacks.components.ddim_sampler.
+    DDIMSampler.sample`)."""
     from attacks.gidm import build_sampler
 
     sample, _ = build_sampler(record, problem.task, problem.params, problem.buffers,
@@ -218,7 +222,7 @@ def latent_renderer(record: ObservationRecord, problem: Problem, *, prior: str |
                               device=next(iter(problem.params.values())).device)
 
     def render(z: Tensor) -> Tensor:
-        return sample(z.flatten(0, 1)).view(z.shape)
+        return sample(z.flatten(0, 1), checkpoint=checkpoint).view(z.shape)
     return render
 
 
@@ -287,6 +291,8 @@ class GIDMPlus(Attack):
     ``t_init``; with ``learn_eps=False`` and no phase 1 this is pixel-only matching with eps
     and t guessed, the baseline). ``eps_lr``, ``t_lr`` (timesteps per step), ``eps_weight``
     (Gaussian-moment prior), ``t_weight`` (time-embedding cosine), ``tv_weight``.
+    ``checkpoint``: gradient checkpointing of phase 1's sampler, as GIDM's (``"auto"``
+    default, ``"none"``, ``"sampler"``, ``"full"``; docs/how-to/memory.md).
     ``eps_solve``: ``"none"`` (the paper's GIDM+) or ``"last_layer"`` (ours: then
     ``solve_iterations`` L-BFGS iterations over x_t with eps solved from ``conv_out``'s
     gradient, t rounded; see the module docstring for what it does and does not recover).
@@ -306,7 +312,7 @@ class GIDMPlus(Attack):
                  lr: float = 0.02, eps_lr: float = 0.05, t_lr: float = 1.0,
                  eps_weight: float = 0.1, t_weight: float = 1.0,
                  tv_weight: float = 0.0, eps_solve: str = "none",
-                 solve_iterations: int = 100) -> None:
+                 solve_iterations: int = 100, checkpoint: Checkpoint = "auto") -> None:
         for name, v in (("phase1_iterations", phase1_iterations),
                         ("phase2_iterations", phase2_iterations),
                         ("refine_candidates", refine_candidates),
@@ -321,6 +327,9 @@ class GIDMPlus(Attack):
                "'none', 'last_layer'")
         _check("solve_iterations", solve_iterations >= 0, solve_iterations, ">= 0")
         self.eps_solve, self.solve_iterations = eps_solve, solve_iterations
+        _check("checkpoint", isinstance(checkpoint, bool) or checkpoint in CHECKPOINT_MODES,
+               checkpoint, ", ".join(repr(m) for m in CHECKPOINT_MODES))
+        self.checkpoint = checkpoint
         for name, v in (("lr_latent", lr_latent), ("lr", lr), ("eps_lr", eps_lr)):
             _check(name, v > 0, v, "> 0")
         for name, v in (("t_lr", t_lr), ("eps_weight", eps_weight), ("t_weight", t_weight),
@@ -338,7 +347,8 @@ class GIDMPlus(Attack):
                     generator: torch.Generator) -> Reconstruction:
         problem = problem_from_record(record, self.device)
         render = (latent_renderer(record, problem, prior=self.prior,
-                                  sampler_steps=self.sampler_steps)
+                                  sampler_steps=self.sampler_steps,
+                                  checkpoint=self.checkpoint)
                   if self.phase1_iterations else None)
         w2 = self.weights
         w1 = replace(w2, lr=self.lr_latent) if render is not None else w2

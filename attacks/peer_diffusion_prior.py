@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from attacks.base import Reconstruction
-from attacks.components.ddim_sampler import DDIMSampler
+from attacks.components.ddim_sampler import CHECKPOINT_MODES, Checkpoint, DDIMSampler
 from attacks.components.objectives import lr_multiplier
 from attacks.inverting_gradients import (
     AuxSource,
@@ -114,15 +114,17 @@ def ddim_invert(sampler: DDIMSampler, x0: Tensor) -> Tensor:
 
 
 def project(sampler: DDIMSampler, target: Tensor, z0: Tensor, *, iterations: int, lr: float,
-            pool: int = 1, latent_weight: float = 0.0) -> tuple[Tensor, Tensor, list[float]]:
+            pool: int = 1, latent_weight: float = 0.0, checkpoint: Checkpoint = "none"
+            ) -> tuple[Tensor, Tensor, list[float]]:
     """Optimise the latent so that the sampled image matches ``target`` ``[N, C, H, W]``.
 
     ``target`` in [0, 1]; ``z0`` the starting latent (same shape). Adam with a cosine decay on
     ``sum_i mse(P G(z_i), P target_i) + latent_weight * sum_i (mean(z_i^2) - 1)^2``, where ``P``
     is ``pool x pool`` average pooling (identity for 1): only the target's coarse content is
     matched, the finer one is left to the prior. A sum over images: each image's latent gets
-    its own gradient, independent of N. Returns ``(images [N, C, H, W] in [0, 1], latent,
-    per-iteration mean pooled MSE)`` of the final latent.
+    its own gradient, independent of N. ``checkpoint``: the sampler's gradient checkpointing.
+    Returns ``(images [N, C, H, W] in [0, 1], latent, per-iteration mean pooled MSE)`` of the
+    final latent.
     """
     def measure(x: Tensor) -> Tensor:
         return torch.nn.functional.avg_pool2d(x, pool) if pool > 1 else x
@@ -134,7 +136,8 @@ def project(sampler: DDIMSampler, target: Tensor, z0: Tensor, *, iterations: int
     for it in range(iterations):
         for group in opt.param_groups:
             group["lr"] = lr * lr_multiplier("cosine", it, iterations)
-        mse = (measure((sampler.sample(z) + 1) / 2) - want).pow(2).flatten(1).mean(1)
+        generated = (sampler.sample(z, checkpoint=checkpoint) + 1) / 2
+        mse = (measure(generated) - want).pow(2).flatten(1).mean(1)
         loss = mse.sum()
         if latent_weight:
             loss = loss + latent_weight * (z.pow(2).flatten(1).mean(1) - 1).pow(2).sum()
@@ -159,7 +162,10 @@ class PeerDiffusionPrior(PeerInversion):
     matching ``fidelity_pool`` x ``fidelity_pool`` (4) average-pooled images (1 = full
     resolution); ``latent_weight`` (0) of the latent-norm term; ``latent_init``:
     ``"inversion"`` (default: DDIM inversion of the reconstruction) or ``"random"`` (seeded
-    ``N(0, I)``). Every other parameter is :class:`~attacks.peer_inversion.PeerInversion`'s
+    ``N(0, I)``); ``checkpoint``: gradient checkpointing of the projection's sampler
+    (``"auto"`` default: none while the K steps' activations fit 1 GiB, else ``"sampler"``,
+    else ``"full"``; ``"none"``, ``"sampler"``, ``"full"``; docs/how-to/memory.md). Every
+    other parameter is :class:`~attacks.peer_inversion.PeerInversion`'s
     (same defaults), used unchanged for the inversion. Returns ``images [num_examples, C, H,
     W]`` AFTER the prior and the inversion's labels; ``extras["before_images"]`` are the plain
     peer reconstructions (scored by the attack runner as ``before_psnr`` / ``before_ssim``
@@ -182,7 +188,8 @@ class PeerDiffusionPrior(PeerInversion):
                  multi_step: MultiStep = "auto", schedule: Schedule = "step",
                  distance: Distance = "cosine", restart_pruning: RestartPruning = "halving",
                  restart_keep: int = 1, double_backward: DoubleBackward = "lean",
-                 aux: AuxSource = "none", adaptive: bool = False) -> None:
+                 aux: AuxSource = "none", adaptive: bool = False,
+                 checkpoint: Checkpoint = "auto") -> None:
         super().__init__(max_iterations=max_iterations, restarts=restarts, lr=lr,
                          tv_weight=tv_weight, labels=labels, bn_prior_weight=bn_prior_weight,
                          multi_step=multi_step, schedule=schedule, distance=distance,
@@ -203,6 +210,9 @@ class PeerDiffusionPrior(PeerInversion):
         self.lr_latent, self.latent_weight = lr_latent, latent_weight
         self.fidelity_pool = fidelity_pool
         self.latent_init = latent_init
+        _check("checkpoint", isinstance(checkpoint, bool) or checkpoint in CHECKPOINT_MODES,
+               checkpoint, ", ".join(CHECKPOINT_MODES))
+        self.checkpoint = checkpoint
 
     def reconstruct(self, record: ObservationRecord, *, generator: torch.Generator,
                     callback: Callback | None = None) -> Reconstruction:
@@ -226,7 +236,8 @@ class PeerDiffusionPrior(PeerInversion):
             z0 = torch.randn(before.shape, generator=generator).to(self.device)
         after, _, history = project(sampler, before, z0, iterations=self.projection_iterations,
                                     lr=self.lr_latent, pool=self.fidelity_pool,
-                                    latent_weight=self.latent_weight)
+                                    latent_weight=self.latent_weight,
+                                    checkpoint=self.checkpoint)
         projected = time.perf_counter()
         extras: dict[str, Any] = {
             **plain.extras, "before_images": before.detach().clone(),

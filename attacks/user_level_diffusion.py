@@ -58,7 +58,7 @@ import torch
 from torch import Tensor
 
 from attacks.base import Attack, Reconstruction
-from attacks.components.ddim_sampler import DDIMSampler
+from attacks.components.ddim_sampler import CHECKPOINT_MODES, Checkpoint, DDIMSampler
 from attacks.components.gradients import (
     attack_task,
     mean_gradient_target,
@@ -98,7 +98,10 @@ class UserLevelDiffusion(Attack):
     shape, trained on OTHER users' images. ``num_generated`` K (4) latents; ``iterations``
     (150) Adam steps at ``lr`` (0.05, cosine decay) through a ``sampler_steps``-step (4) DDIM
     sampler; ``latent_weight`` (0.1) of the latent-norm term; ``representative``: ``"mean"``
-    (default) or ``"medoid"``; ``labels``: ``"auto"`` (bias sign rule) or ``"given"``.
+    (default) or ``"medoid"``; ``labels``: ``"auto"`` (bias sign rule) or ``"given"``;
+    ``checkpoint``: gradient checkpointing of the sampler (``"auto"`` default: none while the
+    K steps' activations fit 1 GiB, else ``"sampler"``, else ``"full"``; ``"none"``,
+    ``"sampler"``, ``"full"``; docs/how-to/memory.md).
     """
 
     view = "server"
@@ -106,7 +109,8 @@ class UserLevelDiffusion(Attack):
     def __init__(self, *, prior: str | None = None, num_generated: int = 4,
                  iterations: int = 150, lr: float = 0.05, sampler_steps: int = 4,
                  latent_weight: float = 0.1, representative: Representative = "mean",
-                 labels: Literal["auto", "given"] = "auto") -> None:
+                 labels: Literal["auto", "given"] = "auto",
+                 checkpoint: Checkpoint = "auto") -> None:
         _check("prior", isinstance(prior, str) and prior.strip() != "", prior,
                "the path of a prior saved by `fl-sim train-prior` (required)")
         _check("num_generated", num_generated >= 1, num_generated, ">= 1")
@@ -120,6 +124,9 @@ class UserLevelDiffusion(Attack):
         self.prior, self.num_generated, self.iterations = prior, num_generated, iterations
         self.lr, self.sampler_steps, self.latent_weight = lr, sampler_steps, latent_weight
         self.representative, self.labels = representative, labels
+        _check("checkpoint", isinstance(checkpoint, bool) or checkpoint in CHECKPOINT_MODES,
+               checkpoint, ", ".join(CHECKPOINT_MODES))
+        self.checkpoint = checkpoint
 
     def required_knowledge(self) -> tuple[str, ...]:
         return ("labels",) if self.labels == "given" else ()
@@ -152,7 +159,7 @@ class UserLevelDiffusion(Attack):
         for it in range(self.iterations):
             for group in opt.param_groups:
                 group["lr"] = self.lr * lr_multiplier("cosine", it, self.iterations)
-            images = (sampler.sample(z) + 1) / 2
+            images = (sampler.sample(z, checkpoint=self.checkpoint) + 1) / 2
             grads = parameter_gradients(task, params, buffers, Batch(images.clamp(0, 1), y),
                                         create_graph=True)
             dist = cosine_distance({k: g.unsqueeze(0) for k, g in grads.items()}, target)[0]

@@ -16,7 +16,8 @@ per-image copy of the weights can be optimised (GIAS-style attacks).
 Memory (gradient checkpointing, ``checkpoint=``, :data:`CHECKPOINT_MODES`): back-propagating
 through K steps keeps K UNet calls' activations alive. ``"sampler"`` wraps every step in
 :func:`torch.utils.checkpoint.checkpoint` (non-reentrant): activations of one UNet call instead of
-K, at the price of one more UNet forward per step in backward. ``"full"`` also checkpoints the
+K, at the price of one more UNet forward per step in backward (all steps but the last, which is
+back-propagated first and would save nothing). ``"full"`` also checkpoints the
 UNet's blocks (diffusers' ``enable_gradient_checkpointing``, only for the duration of the call),
 for when one UNet call alone is too large; it costs another forward. diffusers' own block
 checkpointing recomputes with the module's *registered* weights, so under
@@ -34,6 +35,7 @@ module. It imports nothing from diffusers: any ``UNet2DModel``-like module with 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -46,7 +48,10 @@ from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
 __all__ = ["AUTO_BUDGET_BYTES", "CHECKPOINT_MODES", "Checkpoint", "DDIMSampler", "ddim_timesteps"]
 
-Checkpoint = Literal["auto", "none", "sampler", "full"]
+logger = logging.getLogger(__name__)
+
+#: a ``checkpoint`` option: a mode, or the older boolean (True = "sampler", False = "none")
+Checkpoint = Literal["auto", "none", "sampler", "full", True, False]
 #: the gradient-checkpointing modes of :meth:`DDIMSampler.sample` (and of the attacks using it)
 CHECKPOINT_MODES: tuple[str, ...] = ("auto", "none", "sampler", "full")
 #: ``"auto"`` keeps the K steps' saved activations when they need at most this many bytes
@@ -177,7 +182,7 @@ class DDIMSampler:
 
     def sample(self, x_T: Tensor, *, params: Mapping[str, Tensor] | None = None,
                buffers: Mapping[str, Tensor] | None = None,
-               checkpoint: bool | str = "none") -> Tensor:
+               checkpoint: Checkpoint = "none") -> Tensor:
         """Run the K steps from ``x_T [B, C, H, W]``; returns ``x_0`` in model space [-1, 1].
 
         ``params``/``buffers``: run the UNet functionally on these tensors (name -> tensor, as
@@ -192,15 +197,18 @@ class DDIMSampler:
         mode = self.resolve_checkpoint(checkpoint, x_T, params, buffers)
         blocks = mode == "full"
         x = x_T
-        for t in self.timesteps:
-            if mode != "none":
+        last = len(self.timesteps) - 1
+        for i, t in enumerate(self.timesteps):
+            # the last step is back-propagated first, while its activations are the only ones
+            # alive: recomputing it would cost a forward and save no peak memory
+            if mode != "none" and i < last:
                 x = torch_checkpoint(self.step, x, int(t), params, buffers, blocks,
                                      use_reentrant=False)
             else:
-                x = self.step(x, int(t), params, buffers)
+                x = self.step(x, int(t), params, buffers, blocks)
         return x
 
-    def resolve_checkpoint(self, checkpoint: bool | str, x_T: Tensor,
+    def resolve_checkpoint(self, checkpoint: Checkpoint, x_T: Tensor,
                            params: Mapping[str, Tensor] | None = None,
                            buffers: Mapping[str, Tensor] | None = None) -> str:
         """The mode :meth:`sample` runs: ``"none"``, ``"sampler"`` or ``"full"``.
@@ -229,6 +237,9 @@ class DDIMSampler:
                 self._auto[key] = "sampler"
             else:
                 self._auto[key] = "full"
+            logger.info("checkpoint='auto': %d steps x %.1f MiB of activations per step at "
+                        "input %s, budget %.0f MiB -> %r", k, per_step / 2**20,
+                        tuple(x_T.shape), AUTO_BUDGET_BYTES / 2**20, self._auto[key])
         return self._auto[key]
 
     def step_activation_bytes(self, x_T: Tensor, params: Mapping[str, Tensor] | None = None,

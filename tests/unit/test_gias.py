@@ -102,6 +102,33 @@ def test_phases_shapes_and_monotone_matching(tmp_path):
     assert torch.equal(out.images, again.images)
 
 
+def test_checkpointing_reaches_both_phases_and_changes_no_result(tmp_path, monkeypatch):
+    """Phase 2 differentiates per-image FUNCTIONAL copies of the prior's weights (where
+    diffusers' stock block checkpointing gets gradients wrong): with ``"full"`` (sampler steps
+    and UNet blocks) the sampler gets the mode in both phases and the images equal those
+    without checkpointing (measured max abs diff 0)."""
+    mode = "full"
+    from attacks.components.ddim_sampler import DDIMSampler
+
+    record, _ = gias_case(n=2)
+    path = tiny_prior(tmp_path / "p")
+    seen: list[object] = []
+    sample = DDIMSampler.sample
+
+    def spy(self, x_T, **kw):
+        seen.append((kw.get("params") is not None, kw.get("checkpoint")))
+        return sample(self, x_T, **kw)
+    monkeypatch.setattr(DDIMSampler, "sample", spy)
+    out = {}
+    for ckpt in ("none", mode):
+        attack = GIAS(prior=str(path), phase1_iterations=1, phase2_iterations=1,
+                      sampler_steps=2, labels="granted", checkpoint=ckpt)
+        out[ckpt] = attack.reconstruct(record, generator=torch.Generator().manual_seed(0))
+    assert {(False, mode), (True, mode)} <= set(seen)  # phase 1 (own weights), 2 (functional)
+    torch.testing.assert_close(out[mode].images, out["none"].images, rtol=0, atol=1e-5)
+    assert out[mode].matching_loss == pytest.approx(out["none"].matching_loss, rel=1e-5)
+
+
 def test_fedavg_delta_is_unrolled_as_inverting_gradients(tmp_path):
     """A FedAvg delta (2 local SGD steps of batch 2 on 4 images) is matched by unrolling, with
     the same assumptions recorded as ``inverting_gradients`` records."""

@@ -1,0 +1,172 @@
+"""Peak memory and time per iteration of back-propagating through the K-step DDIM sampler.
+
+Issue 24 item 2: an attack iteration through a K-step differentiable sampler keeps K UNet calls'
+activations alive unless the sampler is checkpointed
+(:class:`attacks.components.ddim_sampler.DDIMSampler`, ``checkpoint=``). One cell = one
+checkpoint mode at one K, run in a FRESH subprocess (``--cell``) so that its peak resident
+memory (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) is its own. The iteration measured is
+the part of every prior attack's phase-1 iteration that grows with K: ``z -> sampler(z) ->
+scalar loss -> backward to z`` (GIDM adds its matching on top, the same at every K).
+
+Model: the DDPM CIFAR-10 architecture (``unet`` preset ``cifar``: 35.7 M parameters, 32 px,
+3 channels) with random weights (seed 0), eval mode, batch 1 by default, float32, one torch
+thread. Reported per cell: ``peak_rss_mb`` (whole process: Python, torch, the weights and the
+iteration), ``base_rss_mb`` (the same process after building the model and one no-grad
+sampler pass, before any iteration), their difference ``iteration_mb`` (what the iterations
+added), seconds per iteration (mean after one warm-up; wall and this process's CPU time:
+on a shared machine the CPU time is the steadier one, and the time ratios use it; on CUDA the
+wall time), and on CUDA ``cuda_peak_mb``
+(``torch.cuda.max_memory_allocated`` over the iterations). Ratios are taken against K = 1
+without checkpointing (memory) and against the same K without checkpointing (time).
+
+    nice -n 10 .venv/bin/python benchmarks/memory_sampler.py \
+        --out benchmarks/out/memory_sampler.json
+
+``--preset tiny --image-size 16 --channels 1`` runs the 0.7 M digits UNet instead (seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+MODES = ("none", "sampler", "full")
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def run_cell(*, preset: str, image_size: int, channels: int, batch: int, steps: int, mode: str,
+             iterations: int, device: str) -> dict[str, object]:
+    """One cell in THIS process: ``{"peak_rss_mb", "base_rss_mb", "s_per_iter", ...}``."""
+    from attacks.components.ddim_sampler import DDIMSampler
+    from fl_sim.models.unet import unet as build_unet
+
+    torch.manual_seed(0)
+    model = build_unet(channels, 10, image_size, preset=preset).eval().to(device)
+    for p in model.parameters():  # a frozen prior: gradients flow to z only
+        p.requires_grad_(False)
+    from diffusers import DDPMScheduler
+
+    sampler = DDIMSampler.from_scheduler(model, DDPMScheduler(num_train_timesteps=1000), steps)
+    z0 = torch.randn(batch, channels, image_size, image_size,
+                     generator=torch.Generator().manual_seed(1)).to(device)
+    with torch.no_grad():
+        sampler.sample(z0)
+    base = _rss_mb()
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        cuda_base = torch.cuda.memory_allocated()
+
+    def iteration() -> None:
+        z = z0.clone().requires_grad_(True)
+        loss = sampler.sample(z, checkpoint=mode).square().mean()
+        loss.backward()
+        if cuda:
+            torch.cuda.synchronize()
+
+    iteration()  # warm-up
+    t0, c0 = time.perf_counter(), time.process_time()
+    for _ in range(iterations):
+        iteration()
+    seconds = (time.perf_counter() - t0) / iterations
+    cpu_seconds = (time.process_time() - c0) / iterations
+    peak = _rss_mb()  # before the probe below, which holds one step's activations
+    out: dict[str, object] = {
+        "steps": steps, "mode": mode, "batch": batch, "preset": preset,
+        "image_size": image_size, "device": device, "iterations": iterations,
+        "s_per_iter": seconds, "cpu_s_per_iter": cpu_seconds, "base_rss_mb": base,
+        "peak_rss_mb": peak, "iteration_mb": peak - base,
+        "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "step_activation_mb": sampler.step_activation_bytes(z0) / 2**20}
+    if cuda:
+        out["cuda_peak_mb"] = (torch.cuda.max_memory_allocated() - cuda_base) / 2**20
+        out["gpu"] = torch.cuda.get_device_name()
+    return out
+
+
+def table(rows: list[dict[str, object]]) -> str:
+    """Markdown table of the cells, with the ratios the issue's target is stated in."""
+    ref = {(r["mode"], r["steps"]): r for r in rows}
+    k1 = ref.get(("none", 1))
+    key = "s_per_iter" if any("cuda_peak_mb" in r for r in rows) else "cpu_s_per_iter"
+    head = ("| K | checkpoint | wall s / it | CPU s / it | time vs none (same K) | peak RSS MB | "
+            "added by iterations MB | peak vs K=1 none |")
+    cuda = any("cuda_peak_mb" in r for r in rows)
+    if cuda:
+        head += " CUDA peak MB | CUDA peak vs K=1 none |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        same = ref.get(("none", r["steps"]))
+        t_ratio = (f"{float(r[key]) / float(same[key]):.2f}x"  # type: ignore[index]
+                   if same else "-")
+        m_ratio = (f"{float(r['peak_rss_mb']) / float(k1['peak_rss_mb']):.2f}x"  # type: ignore[index]
+                   if k1 else "-")
+        line = (f"| {r['steps']} | {r['mode']} | {float(r['s_per_iter']):.2f} | "
+                f"{float(r['cpu_s_per_iter']):.2f} | {t_ratio} | "  # type: ignore[arg-type]
+                f"{float(r['peak_rss_mb']):.0f} | {float(r['iteration_mb']):.0f} | {m_ratio} |")  # type: ignore[arg-type]
+        if cuda:
+            c_ratio = (f"{float(r['cuda_peak_mb']) / float(k1['cuda_peak_mb']):.2f}x"  # type: ignore[index, arg-type]
+                       if k1 and "cuda_peak_mb" in r else "-")
+            line += f" {float(r.get('cuda_peak_mb', float('nan'))):.0f} | {c_ratio} |"  # type: ignore[arg-type]
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, nargs="+", default=[1, 2, 5, 10])
+    ap.add_argument("--modes", nargs="+", choices=MODES, default=["none", "sampler"])
+    ap.add_argument("--preset", choices=("tiny", "cifar"), default="cifar")
+    ap.add_argument("--image-size", type=int, default=32)
+    ap.add_argument("--channels", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--iterations", type=int, default=3)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", type=Path, default=None, help="JSON file for the cells")
+    ap.add_argument("--cell", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    if args.cell:  # child: one cell, JSON on stdout
+        row = run_cell(preset=args.preset, image_size=args.image_size, channels=args.channels,
+                       batch=args.batch, steps=args.steps[0], mode=args.mode,
+                       iterations=args.iterations, device=args.device)
+        print(json.dumps(row))
+        return 0
+    rows: list[dict[str, object]] = []
+    common = ["--preset", args.preset, "--image-size", str(args.image_size), "--channels",
+              str(args.channels), "--batch", str(args.batch), "--iterations",
+              str(args.iterations), "--device", args.device]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in args.steps:
+        for mode in args.modes:
+            cmd = [sys.executable, __file__, "--cell", "--steps", str(k), "--mode", mode, *common]
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+            if done.returncode:
+                print(f"cell K={k} {mode} failed:\n{done.stderr}", file=sys.stderr)
+                return 1
+            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(f"K={k:>2} {mode:<8} {rows[-1]['s_per_iter']:.2f} s/it, peak RSS "
+                  f"{rows[-1]['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+    md = table(rows)
+    print(md)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"cells": rows, "table": md}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
