@@ -58,7 +58,7 @@ def type_name(ann: Any) -> str:
 
 
 def _cell(value: Any) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    return str(value).replace("``", "`").replace("|", "\\|").replace("\n", " ")
 
 
 def _summary(obj: Any) -> str:
@@ -116,6 +116,106 @@ def render_index() -> str:
         out.append(f"| [{kind}]({link}) | `{entry_point_group(kind)}` | {names} |")
     out.append("")
     return "\n".join(out)
+
+
+#: the page that gets the generated table of every config key (:func:`render_config_keys`)
+CONFIG_PAGE = "reference/configuration.md"
+
+
+def _constraints(field: Any) -> str:
+    symbols = {"ge": "≥", "gt": ">", "le": "≤", "lt": "<"}
+    out = []
+    for m in field.metadata:
+        for attr, sym in symbols.items():
+            if getattr(m, attr, None) is not None:
+                out.append(f"{sym} {getattr(m, attr)}")
+    return ", ".join(out)
+
+
+def _doc_clause(doc: str, name: str) -> str:
+    """The clause a docstring gives key ``name`` as ````name````: text (up to ``;`` or the
+    sentence's end); ``""`` when it has none.
+
+    >>> _doc_clause("``a``: the first; ``b`` (3) is not a clause.", "a")
+    'the first'
+    >>> _doc_clause("``a``: the first; ``b`` (3) is not a clause.", "b")
+    ''
+    """
+    import re
+    flat = " ".join(doc.split())
+    m = re.search(rf"``{re.escape(name)}``:\s*(.+?)(?:;|\.\s|\.$|$)", flat)
+    return m.group(1).strip() if m else ""
+
+
+def render_config_keys() -> str:
+    """Every key of every config section (``fl_sim.config.ExperimentConfig``): type, default,
+    constraints and the ``#:`` / docstring help, so the table is the validator itself."""
+    import pydantic
+
+    from fl_sim.config import ExperimentConfig
+    from fl_sim.registry import _attribute_comments
+
+    out = ["## Every key (generated)", "",
+           "Generated from `fl_sim/config.py`'s pydantic models when the site is built "
+           "(`docs/hooks.py`). Sections that name a plug-in (`name = ...`) also take that "
+           "plug-in's parameters: see the [plug-in reference](plugins/index.md).", "",
+           "| key | type | default | allowed | help |", "|---|---|---|---|---|"]
+
+    def walk(prefix: str, model: type[pydantic.BaseModel]) -> None:
+        comments = _attribute_comments(model)
+        doc = inspect.getdoc(model) or ""
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            inner = [a for a in (getattr(ann, "__args__", None) or (ann,))
+                     if inspect.isclass(a) and issubclass(a, pydantic.BaseModel)]
+            if inner and not prefix.startswith("[["):
+                walk(f"{prefix}{name}.", inner[0])
+                continue
+            default = "(required)" if field.is_required() else f"`{field.default!r}`"
+            help_ = comments.get(name) or _doc_clause(doc, name)
+            out.append(f"| `{prefix}{name}` | {_cell(type_name(ann))} | {_cell(default)} | "
+                       f"{_cell(_constraints(field))} | {_cell(help_)} |")
+
+    for section, field in ExperimentConfig.model_fields.items():
+        ann = field.annotation
+        model = getattr(ann, "__args__", (ann,))[0] if section in ("attacks", "defenses",
+                                                                   "audits") else ann
+        walk(f"[[{section}]] " if model is not ann else f"{section}.", model)
+    out.append("")
+    return "\n".join(out)
+
+
+def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
+    """mkdocs event: append the generated key table to the configuration reference."""
+    if page.file.src_uri == CONFIG_PAGE:
+        return markdown.rstrip() + "\n\n" + render_config_keys()
+    return markdown
+
+
+def sphinx_roles_to_code(html: str) -> str:
+    """fl-sim's docstrings cross-reference in Sphinx style (``:class:`~fl_sim.errors.X```,
+    a ``::`` line before a code block); mkdocstrings renders them as Markdown, so the roles
+    come out as text. Keep the code, drop the role (``~`` shows the last name, as Sphinx).
+
+    >>> sphinx_roles_to_code(':class:<code>~fl_sim.errors.FlSimError</code> and <p>::</p>')
+    '<code>FlSimError</code> and '
+    """
+    import re
+
+    def code(m: re.Match[str]) -> str:
+        name = m.group(2)
+        return f"<code>{name.rsplit('.', 1)[-1] if m.group(1) else name}</code>"
+
+    html = re.sub(r":(?:class|func|mod|meth|attr|exc|data|obj|const):<code>(~?)([^<]*)</code>",
+                  code, html)
+    return html.replace("<p>::</p>", "")
+
+
+def on_page_content(html: str, page: Any, config: Any, files: Any) -> str:
+    """mkdocs event: tidy the Sphinx roles of the docstrings on the API reference pages."""
+    if page.file.src_uri.startswith("reference/"):
+        return sphinx_roles_to_code(html)
+    return html
 
 
 def on_files(files: Any, config: Any) -> Any:

@@ -70,3 +70,36 @@ def test_readme_is_short_and_starts_with_the_two_commands() -> None:
     # its links into docs/ lead to pages that exist (mkdocs --strict checks the site's own)
     for target in re.findall(r"\]\((docs/[^)#\s]+)", "\n".join(lines)):
         assert (ROOT / target).is_file(), target
+
+
+def test_the_configuration_reference_lists_every_config_key(hooks) -> None:
+    from fl_sim.config import ExperimentConfig, from_dict
+
+    table = hooks.render_config_keys()
+    # the resolved default config (what config.json holds) names every key a user can set
+    resolved = from_dict({}).to_json_dict()
+    assert set(resolved) == set(ExperimentConfig.model_fields)
+
+    def leaves(prefix: str, value: object) -> list[str]:
+        if isinstance(value, dict):
+            return [k for key, v in value.items() for k in leaves(f"{prefix}{key}.", v)]
+        return [prefix[:-1]]
+
+    keys = [k for section, v in resolved.items() if isinstance(v, dict)
+            for k in leaves(f"{section}.", v)]
+    assert len(keys) >= 30, keys
+    # a plug-in section's other keys are the plug-in's parameters (data.seed of digits):
+    # the plug-in pages list those
+    plugin_params = [k for k in keys if "name" in resolved[k.split(".")[0]]
+                     and k.count(".") == 1 and k.split(".")[1]
+                     not in type(getattr(from_dict({}), k.split(".")[0])).model_fields]
+    missing = [k for k in keys if f"| `{k}` |" not in table and k not in plugin_params]
+    assert not missing, missing
+    for section in ("attacks", "defenses", "audits"):  # list sections: their fixed keys
+        assert f"| `[[{section}]] name` |" in table
+
+
+def test_the_hooks_doctests_pass(hooks) -> None:
+    import doctest
+    result = doctest.testmod(hooks, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted >= 5 and result.failed == 0, result
