@@ -57,6 +57,21 @@ def type_name(ann: Any) -> str:
     return getattr(ann, "__name__", str(ann).replace("typing.", ""))
 
 
+def tidy_help(text: str) -> str:
+    """A parameter's help as ``fl-sim list`` finds it in the docstring, without the stray
+    parenthesis its clause extraction can leave (````prior```` (REQUIRED): path ...).
+
+    >>> tidy_help("REQUIRED): path of a prior"), tidy_help("100) Adam steps (lr 0.1")
+    ('path of a prior', 'Adam steps (lr 0.1)')
+    """
+    import re
+    text = re.sub(r"^[^()]*\)\s*:?\s*", "", text) if re.match(r"^[^()]*\)", text) else text
+    text = text.lstrip(" ,;:")
+    if text.count("(") > text.count(")") and not text.endswith("…"):
+        text += ")"
+    return text
+
+
 def _cell(value: Any) -> str:
     return str(value).replace("``", "`").replace("|", "\\|").replace("\n", " ")
 
@@ -96,7 +111,8 @@ def render_kind(kind: str) -> str:
         for p in params:
             default = "(required)" if p.required else f"`{p.default!r}`"
             kind_of = type_name(fields[p.name].annotation)
-            out.append(f"| `{p.name}` | {_cell(kind_of)} | {_cell(default)} | {_cell(p.help)} |")
+            help_ = tidy_help(p.help)
+            out.append(f"| `{p.name}` | {_cell(kind_of)} | {_cell(default)} | {_cell(help_)} |")
         out.append("")
     return "\n".join(out)
 
