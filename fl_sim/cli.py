@@ -308,20 +308,10 @@ def _interrupted(exc: Any) -> None:
     lifecycle.hard_exit(exc.exit_code)
 
 
-class _RunSimulationDeprecation(logging.Filter):
-    """fl-sim drives ``run_simulation`` on purpose (in-process taps and callbacks, see
-    DESIGN.md); Flower's deprecation notice about it says nothing the user can act on."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "The `run_simulation` function is deprecated" not in record.getMessage()
-
-
 def _quiet_flower(debug: bool) -> None:
-    """Flower installs its own console handler at import; align it with ``--debug``."""
-    from flwr.common.logger import update_console_handler
-    update_console_handler(level=logging.DEBUG if debug else logging.WARNING)
-    if not debug:
-        logging.getLogger("flwr").addFilter(_RunSimulationDeprecation())
+    """Flower's console handler follows ``--debug`` (fl_sim.federation.flower_compat)."""
+    from fl_sim.federation.flower_compat import quiet_console
+    quiet_console(debug)
 
 
 def cmd_attack(args: argparse.Namespace) -> int:

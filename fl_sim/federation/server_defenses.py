@@ -59,6 +59,7 @@ from flwr.serverapp.strategy import (
 
 from defenses.accounting import privacy_fields
 from fl_sim.defended import build_defenses
+from fl_sim.federation.flower_compat import install_zero_norm_fix
 from fl_sim.seeding import derive_seed
 from strategies.fedsgd import FedSGD
 
@@ -66,29 +67,12 @@ logger = logging.getLogger(__name__)
 
 #: config key telling the client which clipping mod to run (client-side clipping only)
 CLIPPING_MODE_KEY = "central-dp-clipping"
-#: config key Flower's client-side wrappers set (``flwr.supercore.differential_privacy``)
+#: config key Flower's client-side wrappers set (its differential_privacy module)
 KEY_CLIPPING_NORM = "clipping_norm"
 
 
-def _zero_safe_norm(input_arrays: Any) -> float:
-    """Flower's ``get_norm``, never 0: ``clip_inputs_inplace`` divides C by it, so a zero
-    update (a client whose ReLUs all died) raised ZeroDivisionError; with the floor the scale
-    is ``min(1, C / tiny) = 1`` and the zero update stays zero — the same maths."""
-    return max(_FLOWER_GET_NORM(input_arrays), 1e-300)
-
-
-def _install_zero_norm_fix() -> None:
-    """Patch ``flwr.supercore.differential_privacy.get_norm`` (used by every clipping path
-    of the wrappers and mods) with :func:`_zero_safe_norm`; idempotent."""
-    global _FLOWER_GET_NORM
-    from flwr.supercore import differential_privacy as fdp
-    if fdp.get_norm is not _zero_safe_norm:
-        _FLOWER_GET_NORM = fdp.get_norm
-        fdp.get_norm = _zero_safe_norm
-
-
-_FLOWER_GET_NORM: Any = None
-_install_zero_norm_fix()
+# Flower's clipping divided by a zero update norm (flower_compat.install_zero_norm_fix)
+install_zero_norm_fix()
 
 
 class _AdaptiveRule:

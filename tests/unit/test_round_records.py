@@ -25,7 +25,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
 
 from fl_sim.config import from_dict
-from fl_sim.federation import secagg
+from fl_sim.federation import flower_compat, secagg
 from fl_sim.federation.server_app import run_round
 from fl_sim.federation.taps import TapStrategy
 from fl_sim.records import ModelSpec
@@ -126,12 +126,12 @@ def test_round_r_records_hold_round_r_and_its_global(tmp_path: Path) -> None:
 def _unmasked_mean(fitins, nodes):  # type: ignore[no-untyped-def]
     """What SecAgg+'s protocol returns: for every client the same unmasked weighted mean of
     the clients' UPDATES (``reply − global``), as Flower's legacy FitRes."""
-    keys = list(next(iter(fitins.values())).config[secagg.KEYS_KEY])
+    keys = list(next(iter(fitins.values())).config[flower_compat.KEYS_KEY])
     mean = sum(_offset(n) for n in nodes) / len(nodes)
     shapes = {"w": (3, 2), "b": (3,)}
     params = ndarrays_to_parameters([np.full(shapes[k], mean, np.float64) for k in keys])
     return [(n, FitRes(Status(Code.OK, ""), params, 2,
-                       {"train-loss": 1.0, secagg.REPLY_KEYS: "\n".join(keys)}))
+                       {"train-loss": 1.0, flower_compat.REPLY_KEYS: "\n".join(keys)}))
             for n in nodes]
 
 
@@ -146,7 +146,7 @@ def test_secagg_plus_round_records_the_aggregate_only(tmp_path: Path,
         assert sorted(fitins) == list(NODES)  # every sampled client takes part
         return _unmasked_mean(fitins, sorted(fitins))
 
-    monkeypatch.setattr(secagg, "run_protocol", protocol)
+    monkeypatch.setattr(secagg, "run_secaggplus", protocol)
     monkeypatch.setattr(secagg, "max_num_examples", lambda cfg: 2)
     tap, store = _tap(tmp_path)
     view = ServerView("t", SPEC, store, TruthStore(tmp_path))

@@ -91,7 +91,7 @@ class _FakeState:
 
 
 def test_dispatch_asks_only_nodes_with_pending_messages() -> None:
-    from fl_sim.federation.flower_patches import add_messages_to_queue
+    from fl_sim.federation.flower_compat import add_messages_to_queue
     nodes = {n: i for i, n in enumerate(range(100, 1100))}   # 1,000 nodes
     state = _FakeState([905, 101, 333])
     queue: Queue = Queue()
@@ -110,7 +110,7 @@ def test_dispatch_asks_only_nodes_with_pending_messages() -> None:
 
 
 def test_the_dispatch_patch_replaces_flowers_loop() -> None:
-    from fl_sim.federation import flower_patches
-    assert flower_patches.install() and flower_patches.install()   # idempotent
+    from fl_sim.federation import flower_compat
+    assert flower_compat.install_dispatch_patch() and flower_compat.install_dispatch_patch()
     from flwr.server.superlink.fleet.vce import vce_api
-    assert vce_api.add_messages_to_queue is flower_patches.add_messages_to_queue
+    assert vce_api.add_messages_to_queue is flower_compat.add_messages_to_queue

@@ -85,7 +85,7 @@ class _LocalGrid:
     def send_and_receive(self, messages: list[Message], timeout: object = None) -> list:
         import copy
 
-        from fl_sim.federation.secagg import secagg_bridge, secagg_mod
+        from fl_sim.federation.flower_compat import secagg_bridge, secagg_mod
         out = []
         for m in messages:
             n = m.metadata.dst_node_id
@@ -103,7 +103,7 @@ def _run(kind: str, updates: dict[int, dict[str, np.ndarray]], weights: dict[int
     from flwr.app import Array, MetricRecord
 
     from fl_sim.federation import protocol as P
-    from fl_sim.federation.secagg import _fitins, _mean_reply, run_protocol
+    from fl_sim.federation.flower_compat import fitins_of, mean_reply, run_secaggplus
     from fl_sim.registry import DEFENSES
 
     def train(msg: Message, ctx: Context) -> Message:
@@ -124,12 +124,12 @@ def _run(kind: str, updates: dict[int, dict[str, np.ndarray]], weights: dict[int
     config = ConfigRecord({P.UPDATE_KIND_KEY: kind} if kind == P.GRADIENT else {})
     ins = Message(RecordDict({P.ARRAYS: arrays, "config": config}), dst_node_id=1,
                   message_type=MessageType.TRAIN)
-    fitins = {n: _fitins(ins, seed=n) for n in updates}
+    fitins = {n: fitins_of(ins, seed=n) for n in updates}
     defense = DEFENSES.create("secagg_plus", _where="test")
-    results = run_protocol(_LocalGrid(train, list(updates)), defense,
-                           float(max(weights.values())), 1, arrays, fitins)
-    reply = _mean_reply(results, {k: torch.from_numpy(v) for k, v in global_state.items()},
-                        fitins[next(iter(fitins))])
+    results = run_secaggplus(_LocalGrid(train, list(updates)), defense,
+                             float(max(weights.values())), 1, arrays, fitins)
+    reply = mean_reply(results, {k: torch.from_numpy(v) for k, v in global_state.items()},
+                       fitins[next(iter(fitins))])
     return {k: a.numpy() for k, a in reply.content.array_records[P.ARRAYS].items()}, results
 
 
