@@ -33,8 +33,8 @@ from typing import Any
 
 from fl_sim.errors import ConfigError, DataError, MissingResourceError
 
-__all__ = ["Checkpoint", "read_checkpoint", "check_shape", "scheduler_task_params",
-           "unet_arch_config", "load_checkpoint_prior"]
+__all__ = ["PUBLISHED_SCHEDULER", "PUBLISHED_UNETS", "Checkpoint", "read_checkpoint",
+           "check_shape", "scheduler_task_params", "unet_arch_config", "load_checkpoint_prior"]
 
 #: model_index.json components that make a pipeline latent or text-conditioned
 LATENT_COMPONENTS = ("vqvae", "vae", "text_encoder", "tokenizer", "image_encoder")
@@ -44,6 +44,37 @@ PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 #: UNet2DModel config keys that make a model conditional when set
 _CONDITIONAL_KEYS = ("class_embed_type", "num_class_embeds", "cross_attention_dim",
                      "encoder_hid_dim", "addition_embed_type")
+
+
+#: the UNet2DModel configs of the public DDPM checkpoints (their ``unet/config.json``, without
+#: diffusers' bookkeeping keys): 35,746,307 and 113,673,219 parameters. Benchmarks build these
+#: architectures with random weights; nothing is downloaded.
+PUBLISHED_UNETS: dict[str, dict[str, Any]] = {
+    "google/ddpm-cifar10-32": {
+        "act_fn": "silu", "attention_head_dim": None, "block_out_channels": [128, 256, 256, 256],
+        "center_input_sample": False,
+        "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+        "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3,
+        "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-06,
+        "norm_num_groups": 32, "out_channels": 3, "sample_size": 32,
+        "time_embedding_type": "positional",
+        "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"]},
+    "google/ddpm-ema-celebahq-256": {
+        "act_fn": "silu", "attention_head_dim": None,
+        "block_out_channels": [128, 128, 256, 256, 512, 512], "center_input_sample": False,
+        "down_block_types": ["DownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D",
+                             "AttnDownBlock2D", "DownBlock2D"],
+        "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3,
+        "layers_per_block": 2, "mid_block_scale_factor": 1, "norm_eps": 1e-06,
+        "norm_num_groups": 32, "out_channels": 3, "sample_size": 256,
+        "time_embedding_type": "positional",
+        "up_block_types": ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D", "UpBlock2D",
+                           "UpBlock2D"]},
+}
+#: both checkpoints' ``scheduler/scheduler_config.json`` (DDPM's linear schedule)
+PUBLISHED_SCHEDULER: dict[str, Any] = {
+    "beta_end": 0.02, "beta_schedule": "linear", "beta_start": 0.0001, "clip_sample": True,
+    "num_train_timesteps": 1000, "trained_betas": None, "variance_type": "fixed_large"}
 
 
 @dataclass(frozen=True)

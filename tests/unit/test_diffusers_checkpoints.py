@@ -296,3 +296,14 @@ def test_gias_uses_the_cifar_checkpoint_as_prior(cifar_ddpm: Path) -> None:
     assert out.images.shape == (1, 3, 32, 32)
     assert out.knowledge["prior"] == str(cifar_ddpm)
     assert out.matching_loss <= out.extras["phase1_matching_loss"]
+
+
+def test_library_copies_of_the_published_configurations() -> None:
+    """Benchmarks build the architectures from fl_sim.diffusers_dirs: the same as above."""
+    from fl_sim.diffusers_dirs import PUBLISHED_SCHEDULER, PUBLISHED_UNETS
+
+    strip = {k: v for k, v in CIFAR10_UNET.items() if k[0] != "_"}
+    assert PUBLISHED_UNETS["google/ddpm-cifar10-32"] == strip
+    assert PUBLISHED_UNETS["google/ddpm-ema-celebahq-256"] == {
+        k: v for k, v in CELEBAHQ_UNET.items() if k[0] != "_"}
+    assert PUBLISHED_SCHEDULER == {k: v for k, v in DDPM_SCHEDULER.items() if k[0] != "_"}
