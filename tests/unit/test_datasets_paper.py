@@ -280,3 +280,39 @@ def test_from_federated_dataset_is_the_users_setup(parquet_files: dict[str, str]
         mine = _rows(splits.train.images[idx])
         flower = [int(np.asarray(im)[0, 0, 0]) // 4 for im in theirs.load_partition(i)["img"]]
         assert sorted(mine) == sorted(flower) and len(mine) == 10
+
+
+# -- 10,000 clients (issue 24 item 7) ---------------------------------------------------------
+def test_by_identity_at_10000_clients_is_the_round_robin_rule() -> None:
+    """The sort-based by_identity (one scan per client took 21 s at 10,000 clients) still
+    deals identities round-robin: client c holds exactly identities c, c + n, c + 2n, ...
+    (checked against that rule literally on a seeded draw), and at 10,000 clients it is a
+    disjoint cover."""
+    from fl_sim.registry import PARTITIONERS
+
+    fn = PARTITIONERS.get("by_identity")
+    rng = np.random.default_rng(0)
+    groups = rng.integers(0, 300, 2_000) * 3 + 5                 # sparse, unsorted ids
+    parts = fn(np.zeros(2_000, np.int64), 7, rng=rng, groups=groups)
+    unique = np.unique(groups)
+    for c, idx in enumerate(parts):
+        assert np.array_equal(idx, np.flatnonzero(np.isin(groups, unique[c::7])))
+    big = rng.integers(0, 12_000, 60_000)
+    parts = fn(np.zeros(60_000, np.int64), 10_000, rng=rng, groups=big)
+    assert len(parts) == 10_000 and min(len(p) for p in parts) >= 1
+    assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(60_000))
+
+
+def test_synthetic_source_has_enough_images_for_10000_clients() -> None:
+    d = load_data("synthetic", num_train=20_000, num_test=100, image_size=8)
+    assert d.train.images.shape == (20_000, 1, 8, 8)
+    assert np.bincount(d.train.labels.numpy()).tolist() == [2_000] * 10   # balanced
+    again = load_data("synthetic", num_train=20_000, num_test=100, image_size=8)
+    assert torch.equal(d.train.images, again.train.images)               # seeded
+    # learnable: nearest class mean classifies the test images (measured 100/100 at seed 0;
+    # the bound 0.9 leaves room for a changed noise draw, a broken label alignment gives ~0.1)
+    means = torch.stack([d.train.images[d.train.labels == k].mean(0) for k in range(10)])
+    dist = ((d.test.images[:, None] - means[None]) ** 2).flatten(2).sum(-1)
+    assert (dist.argmin(1) == d.test.labels).float().mean() >= 0.9
+    parts = partition_dataset(d.train, "iid", 10_000, seed=0)
+    assert len(parts) == 10_000 and {len(p) for p in parts} == {2}
