@@ -2,8 +2,9 @@
 
 An :class:`ObservationRecord` is what one party saw at one tap in one round: detached CPU
 copies, read-only mappings. A :class:`GroundTruthRecord` is what a client really trained on;
-only metrics read it, never an attack. :class:`ModelSpec` says how to rebuild the model and
-task that produced a record (public knowledge in FL: the server ships the architecture).
+only metrics read it, never an attack. :class:`ModelSpec` (defined in
+:mod:`fl_sim.tasks.spec`, beside its builder) says how to rebuild the model and task that
+produced a record (public knowledge in FL: the server ships the architecture).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from fl_sim.tasks.spec import ModelSpec
+
 Tap = Literal["server_in", "aggregate", "peer_view"]
 UpdateKind = Literal["gradient", "delta"]
 
@@ -23,39 +26,6 @@ UpdateKind = Literal["gradient", "delta"]
 def frozen_tensors(tensors: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
     """Detached CPU copies in a read-only mapping (key order kept)."""
     return MappingProxyType({k: v.detach().to("cpu").clone() for k, v in tensors.items()})
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """How to rebuild the model + task: registry names, their params and the data shape."""
-
-    model: str
-    model_params: Mapping[str, Any]
-    task: str
-    task_params: Mapping[str, Any]
-    in_channels: int
-    num_classes: int
-    image_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    def build_task(self, *, device: str | torch.device = "cpu") -> Any:
-        """A fresh task around a freshly built model (weights still to be loaded)."""
-        from fl_sim.tasks import build_task
-        return build_task(self, device=device)
-
-    def to_json(self) -> dict[str, Any]:
-        return {"model": self.model, "model_params": dict(self.model_params),
-                "task": self.task, "task_params": dict(self.task_params),
-                "in_channels": self.in_channels, "num_classes": self.num_classes,
-                "image_size": self.image_size, "mean": list(self.mean), "std": list(self.std)}
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> ModelSpec:
-        return cls(model=d["model"], model_params=dict(d["model_params"]), task=d["task"],
-                   task_params=dict(d["task_params"]), in_channels=int(d["in_channels"]),
-                   num_classes=int(d["num_classes"]), image_size=int(d["image_size"]),
-                   mean=tuple(d["mean"]), std=tuple(d["std"]))
 
 
 @dataclass(frozen=True)
