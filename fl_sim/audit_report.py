@@ -10,32 +10,15 @@ the claimed ε with its unit of privacy and neighbouring relation.
 from __future__ import annotations
 
 import html
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-#: the run directory's audit results (one JSON line per audit)
-AUDITS_FILE = "audits.jsonl"
+from fl_sim.run_dir.files import load_audits
+
 AUDIT_PLOT = "audit_scores.png"
-
-
-def load_audits(run_dir: Path) -> list[dict[str, Any]]:
-    """The rows of ``run_dir/audits.jsonl`` (``[]`` without one; unreadable lines skipped)."""
-    path = Path(run_dir) / AUDITS_FILE
-    if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
 
 
 def plot_audit_scores(run_dir: Path, rows: Sequence[Mapping[str, Any]]) -> Path | None:

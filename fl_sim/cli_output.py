@@ -92,7 +92,8 @@ def _fmt(v: Any, nd: int = 2) -> str:
 
 
 def print_summary(run_dir: Path) -> None:
-    from fl_sim.report import load_results, write_report
+    from fl_sim.report import write_report
+    from fl_sim.run_dir.files import load_results
     print_results(load_results(run_dir))
     report = write_report(run_dir)
     sys.stdout.write(f"run directory: {run_dir}\n")

@@ -80,7 +80,7 @@ def _save_array(a: np.ndarray, run_dir: Path, stem: str) -> dict[str, Any]:
                 and float(finite.min()) >= 0.0 and float(finite.max()) <= 1.0:
             from PIL import Image
 
-            from fl_sim.report import image_grid
+            from fl_sim.run_dir.images import image_grid
             png = path.with_suffix(".png")
             Image.fromarray(image_grid([torch.from_numpy(np.asarray(a, np.float32))])).save(png)
             out["png"] = str(png.relative_to(run_dir))

@@ -1,8 +1,10 @@
-"""Run outputs for people: image grids and a self-contained ``report.html``.
+"""Run outputs for people: the training plot and a self-contained ``report.html``.
 
 The report is written from files in the run directory only (``config.json``,
 ``metrics.jsonl``, ``attacks.jsonl``, the grid PNGs), so it can be re-written at any time
 (``fl-sim report RUN_DIR``) and opened anywhere: every image is embedded as a data URI.
+The files are named, read and written by :mod:`fl_sim.run_dir.files` and
+:mod:`fl_sim.run_dir.images`; this module only consumes them.
 """
 
 from __future__ import annotations
@@ -10,90 +12,23 @@ from __future__ import annotations
 import base64
 import html
 import json
-import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from torch import Tensor
 
 from defenses import central_dp
+from defenses.accounting import describe_relation
 from defenses.base import format_defense
-from fl_sim.stores import read_jsonl
+from fl_sim.audit_report import audit_section
+from fl_sim.errors import RunDirError
+from fl_sim.prior_overlap import overlap_warning
+from fl_sim.roc_svg import roc_svg
+from fl_sim.run_dir.files import load_results, read_json_object, read_metrics, require_run_dir
+from fl_sim.run_dir.images import round_sample_files
+from fl_sim.store_guard import resolve_inside
 from fl_sim.threat_class import class_of_row, threat_class_label
-
-logger = logging.getLogger(__name__)
-
-RESULTS_FILE = "attacks.jsonl"
-METRICS_FILE = "metrics.jsonl"
-
-
-def load_results(run_dir: Path) -> list[dict[str, Any]]:
-    """The rows of ``attacks.jsonl``, one per result ``key`` (the last line written for it,
-    at the place of the first): a replay that re-ran an attack after an error replaces it."""
-    rows: dict[Any, dict[str, Any]] = {}
-    for i, r in enumerate(read_jsonl(Path(run_dir) / RESULTS_FILE)):
-        if _well_formed_result(r):
-            rows[r.get("key") or ("#", i)] = r
-        else:
-            logger.warning("%s line %d: not a result row; ignored", RESULTS_FILE, i + 1)
-    return list(rows.values())
-
-
-def _well_formed_result(r: Any) -> bool:
-    """A JSON object whose sections have the types the report reads."""
-    return isinstance(r, dict) and all(
-        isinstance(r.get(k, {}), dict) for k in ("metrics", "knowledge", "budget")) and (
-        isinstance(r.get("extras") or {}, dict)) and isinstance(r.get("defenses", []), list) \
-        and all(isinstance(d, (str, dict)) for d in r.get("defenses", []))
-
-
-def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """One row per round of ``metrics.jsonl`` (the last line written for it), in round order;
-    lines without an integer ``round`` are ignored."""
-    rows = {r["round"]: r for r in read_jsonl(Path(run_dir) / METRICS_FILE)
-            if isinstance(r, dict) and isinstance(r.get("round"), int)}
-    return [rows[k] for k in sorted(rows)]
-
-
-def image_grid(rows: Sequence[Tensor], *, pad: int = 2, scale: int = 0) -> np.ndarray:
-    """Stack rows of [B, C, H, W] images in [0, 1] into one uint8 HWC array.
-
-    Rows may have different lengths (missing cells stay white). ``scale`` upsamples by an
-    integer factor (nearest); 0 picks one so that a cell is at least 96 px tall.
-    """
-    rows = [r.detach().float().cpu().clamp(0, 1) for r in rows if r.numel()]
-    if not rows:
-        raise ValueError("image_grid: no images")
-    c, h, w = rows[0].shape[1:]
-    if scale == 0:
-        scale = max(1, -(-96 // h))
-    ncol = max(r.shape[0] for r in rows)
-    ch, cw = h * scale + pad, w * scale + pad
-    grid = np.ones((len(rows) * ch + pad, ncol * cw + pad, 3), dtype=np.float32)
-    for i, row in enumerate(rows):
-        up = row.repeat_interleave(scale, 2).repeat_interleave(scale, 3)
-        if up.shape[1] == 1:
-            up = up.expand(-1, 3, -1, -1)
-        for j, img in enumerate(up):
-            y, x = pad + i * ch, pad + j * cw
-            grid[y:y + h * scale, x:x + w * scale] = img.permute(1, 2, 0).numpy()[..., :3]
-    return (grid * 255 + 0.5).astype(np.uint8)
-
-
-def save_grid(path: Path, originals: Tensor, reconstructions: Tensor,
-              plain: Tensor | None = None) -> Path:
-    """PNG with the originals over their (matched) reconstructions; with ``plain`` (the same
-    attack's images before its prior, in the same order) a middle row: original / plain /
-    with-prior side by side per column."""
-    from PIL import Image
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [originals, reconstructions] if originals.numel() else [reconstructions]
-    if plain is not None and plain.numel():
-        rows.insert(len(rows) - 1, plain)
-    Image.fromarray(image_grid(rows)).save(path)
-    return path
 
 
 def plot_metrics(run_dir: Path, rows: list[dict[str, Any]] | None = None) -> Path | None:
@@ -102,7 +37,7 @@ def plot_metrics(run_dir: Path, rows: list[dict[str, Any]] | None = None) -> Pat
     rows = read_metrics(run_dir) if rows is None else rows
     if not rows:
         return None
-    import matplotlib
+    import matplotlib  # lazy: matplotlib is heavy and only this plot needs it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -126,8 +61,6 @@ def plot_metrics(run_dir: Path, rows: list[dict[str, Any]] | None = None) -> Pat
 def _run_img_tag(run_dir: Path, rel: Any, alt: str) -> str:
     """:func:`_img_tag` of a path named in a result row, only if it lies inside the run
     directory (a tampered ``attacks.jsonl`` cannot embed other files into the report)."""
-    from fl_sim.errors import RunDirError
-    from fl_sim.store_guard import resolve_inside
     try:
         return _img_tag(resolve_inside(run_dir, rel), alt)
     except RunDirError:
@@ -215,7 +148,6 @@ def write_report(run_dir: Path) -> Path:
     both are written atomically, so a corrupt one was damaged afterwards): nothing is
     written anywhere else.
     """
-    from fl_sim.run_dir import read_json_object, require_run_dir
     run_dir = require_run_dir(Path(run_dir))
     cfg = read_json_object(run_dir / "config.json")
     if (run_dir / "run.json").exists():
@@ -250,8 +182,7 @@ def write_report(run_dir: Path) -> Path:
         parts.append(_privacy_utility(results, metrics))
     for r in results:
         parts.append(_attack_section(run_dir, r))
-    from fl_sim.audit_report import audit_section  # measured ε beside claimed (audits)
-    parts.append("</div>" + audit_section(run_dir))
+    parts.append("</div>" + audit_section(run_dir))  # measured ε beside claimed (audits)
     parts.append("<p><small>Metric convention: images in [0, 1]; reconstructions are "
                  "matched to the private batch by the Hungarian algorithm on MSE, then PSNR "
                  "(dB, per image over all pixels and channels) and SSIM (11×11 Gaussian "
@@ -285,7 +216,6 @@ def _relation_words(row: Mapping[str, Any], prefix: str = "") -> str:
     """"Unit of privacy: client; neighbouring datasets: replace one client's data
     (sensitivity 2C)." from a metrics row's ``dp_unit`` / ``dp_neighbouring`` (or the
     ``central_`` ones); says so where a run recorded before these fields has none."""
-    from defenses.accounting import describe_relation
     unit, rel = row.get(f"{prefix}dp_unit"), row.get(f"{prefix}dp_neighbouring")
     if not unit or not rel:
         return ("Unit of privacy and neighbouring relation: not recorded (a run from before "
@@ -301,7 +231,6 @@ def _eps_key(v: Any) -> float:
 
 def _samples_section(run_dir: Path, cfg: Mapping[str, Any]) -> str:
     """Diffusion runs: the per-round DDIM sample grids of the global model."""
-    from fl_sim.samples import round_sample_files
     files = round_sample_files(run_dir)
     if not files:
         return ""
@@ -439,7 +368,6 @@ def _attack_section(run_dir: Path, r: Mapping[str, Any]) -> str:
                    "the server holds only the aggregate: this result is an attack on the "
                    "sum of the round's updates, not on one client's.</p>")
     if overlap := r.get("prior_overlap"):  # measured by the scorer (fl_sim.prior_overlap)
-        from fl_sim.prior_overlap import overlap_warning
         if warn := overlap_warning(overlap):
             out.append(f"<p class='error'><strong>{html.escape(warn)}</strong></p>")
         else:
@@ -460,7 +388,6 @@ def _attack_section(run_dir: Path, r: Mapping[str, Any]) -> str:
     out.append(_table([summary], list(summary)))
     m = r.get("metrics") or {}
     if m.get("roc_fpr") and m.get("roc_tpr"):  # membership inference: log-scale ROC curve
-        from fl_sim.roc_svg import roc_svg
         out.append(roc_svg(m["roc_fpr"], m["roc_tpr"], title=f"{r.get('attack')} ROC "
                            f"(AUC {m.get('auc', float('nan')):.3f}; log-log)"))
     out.append(_threat_paragraph(r))

@@ -2,34 +2,17 @@
 
 Samples are drawn with the task's own DDIM sampler (:meth:`DiffusionTask.sample`) from a
 generator that depends on the run seed only, so the grids of successive rounds start from the
-same noise and differ only by the model. Importing this module imports neither flwr nor ray.
+same noise and differ only by the model. Where a grid goes (``samples/r0003.png``) is
+:mod:`fl_sim.run_dir.images`' business. Importing this module imports neither flwr nor ray.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
+from fl_sim.run_dir.images import image_grid
 from fl_sim.seeding import torch_generator
-
-SAMPLES_DIR = "samples"
-_ROUND_FILE = re.compile(r"r(\d+)\.png$")
-
-
-def round_samples_path(run_dir: Path, server_round: int) -> Path:
-    """``RUN_DIR/samples/r0003.png`` for round 3."""
-    return Path(run_dir) / SAMPLES_DIR / f"r{server_round:04d}.png"
-
-
-def round_sample_files(run_dir: Path) -> list[tuple[int, Path]]:
-    """``(round, path)`` of every per-round sample grid in ``run_dir``, in round order."""
-    out = []
-    for f in (Path(run_dir) / SAMPLES_DIR).glob("r*.png"):
-        m = _ROUND_FILE.fullmatch(f.name)
-        if m:
-            out.append((int(m.group(1)), f))
-    return sorted(out)
 
 
 def save_sample_grid(task: Any, path: Path, *, num_images: int, num_steps: int, seed: int,
@@ -37,9 +20,7 @@ def save_sample_grid(task: Any, path: Path, *, num_images: int, num_steps: int, 
     """Write ``num_images`` DDIM samples ([N, C, H, W] in [0, 1]) of ``task``'s model, drawn
     from ``torch_generator(seed, "samples")`` in ``min(num_steps, T)`` steps, as one PNG grid
     of ``per_row`` images a row. Raises ``ValueError`` for ``num_images < 1``."""
-    from PIL import Image
-
-    from fl_sim.report import image_grid
+    from PIL import Image  # lazy: Pillow only where a PNG is written
 
     steps = min(num_steps, task.num_train_timesteps)
     imgs = task.sample(num_images, torch_generator(seed, "samples"),

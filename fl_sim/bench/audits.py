@@ -35,7 +35,7 @@ def dp_units(cfg: Any) -> list[str]:
 def audit_rows(plan: Any, bench_dir: Path) -> list[dict[str, Any]]:
     """One row per audit of every finished simulation of ``plan``, with its axis values and
     ``dp_units`` (the units its DP defenses claim an ε for, ``;``-joined; empty: no DP)."""
-    from fl_sim.audit_report import load_audits
+    from fl_sim.run_dir.files import load_audits
     out = []
     for sim in plan.simulations:
         units = ";".join(dp_units(sim.config))

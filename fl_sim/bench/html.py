@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_sim.bench.grid import Plan
+from fl_sim.bench.labels import img_tag, point_label
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;
@@ -51,7 +52,6 @@ def write_html(plan: Plan, bench_dir: Path, rows: Sequence[Mapping[str, Any]],
                records: Sequence[Mapping[str, Any]], cols: Sequence[str],
                plot: Path | None) -> Path:
     """Write ``bench_dir/report.html`` and return its path."""
-    from fl_sim.bench.outputs import img_tag, point_label
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>fl-sim bench: "
              f"{html.escape(plan.name)}</title><style>{_CSS}</style></head><body>",
              f"<h1>fl-sim bench <code>{html.escape(plan.name)}</code></h1>",

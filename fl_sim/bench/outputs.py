@@ -9,9 +9,7 @@ self-contained ``report.html`` (every image a data URI).
 
 from __future__ import annotations
 
-import base64
 import csv
-import html
 import json
 import shutil
 from collections.abc import Mapping, Sequence
@@ -19,14 +17,16 @@ from pathlib import Path
 from typing import Any
 
 from defenses.base import format_defense
+from fl_sim.bench.audits import write_audit_outputs
 from fl_sim.bench.grid import Cell, Plan
+from fl_sim.bench.html import write_html
+from fl_sim.bench.inference import plot_membership_epsilon
+from fl_sim.bench.labels import EXACT, INF
+from fl_sim.bench.privacy_plot import plot_privacy_utility as _plot_privacy_utility
+from fl_sim.run_dir.files import read_metrics
 from fl_sim.stores import read_jsonl
 from fl_sim.threat_class import class_of_row
 
-#: ε of a mechanism without noise (null in metrics.jsonl), kept as text in JSON and CSV
-INF = "inf"
-#: a +inf metric (a perfect reconstruction's PSNR) in results.csv / .md / report.html
-EXACT = "exact (∞)"
 #: reconstruction metrics, then membership inference's (ROC AUC, TPR at 1 % FPR; issue 22)
 METRICS = ("psnr", "ssim", "label_accuracy", "auc", "tpr_at_fpr_1pct")
 #: the attack's random start scored like its result (IG, DLG): the floor that a defense
@@ -45,7 +45,6 @@ def sim_facts(sim_dir: Path) -> dict[str, Any]:
     ``epsilon_unit``: what each ε bounds, ``"unit/relation"`` from the row's ``dp_unit`` /
     ``dp_neighbouring`` (:mod:`defenses.accounting`), ``"; "``-joined, ``"?"`` where a run
     from before those fields has none."""
-    from fl_sim.report import read_metrics
     rows = read_metrics(Path(sim_dir))
     out: dict[str, Any] = {"utility": None, "utility_metric": None, "epsilon": None,
                            "epsilons": {}, "epsilon_unit": None}
@@ -181,12 +180,10 @@ def write_outputs(plan: Plan, bench_dir: Path) -> dict[str, Path]:
     plot = plot_privacy_utility(rows, axes, bench_dir / "privacy_utility.png")
     if plot is not None:
         out["plot"] = plot
-    from fl_sim.bench.audits import write_audit_outputs  # audits.csv, audit_epsilon.png
-    out.update(write_audit_outputs(plan, bench_dir))
-    from fl_sim.bench.inference import plot_membership_epsilon  # AUC, TPR@1% FPR against ε
+    out.update(write_audit_outputs(plan, bench_dir))  # audits.csv, audit_epsilon.png
+    # AUC, TPR@1% FPR against ε
     if (mia := plot_membership_epsilon(rows, bench_dir / "membership_epsilon.png")):
         out["membership_plot"] = mia
-    from fl_sim.bench.html import write_html
     out["html"] = write_html(plan, bench_dir, rows, records, md_cols, plot)
     return out
 
@@ -199,34 +196,8 @@ def markdown_table(records: Sequence[Mapping[str, Any]], cols: Sequence[str]) ->
     return "\n".join(lines) + "\n"
 
 
-def point_label(row: Mapping[str, Any], axes: Sequence[str]) -> str:
-    """A point's annotation: the swept federation values (strength) and ε."""
-    parts = [_axis_value(a, row["axes"][a]) for a in axes
-             if not a.startswith("attack.") and a in row.get("axes", {})]
-    eps = row.get("epsilon")
-    if eps is not None:
-        parts.append("ε=∞" if eps == INF else f"ε={float(eps):.3g}")
-    return ", ".join(parts)
-
-
-def _axis_value(axis: str, v: Any) -> str:
-    """``noise_multiplier=0.1``; a whole ``defenses`` list as ``pruning(ratio=0.9)``."""
-    if isinstance(v, list) and all(isinstance(d, Mapping) for d in v):
-        return "; ".join(format_defense(d) for d in v) or "no defense"
-    return f"{axis.split('.')[-1]}={v}"
-
-
 def plot_privacy_utility(rows: Sequence[Mapping[str, Any]], axes: Sequence[str],
                          path: Path) -> Path | None:
     """``privacy_utility.png``: attack metrics and utility in separate panels against ε (log;
     no DP apart) or, without ε, the swept values (:mod:`fl_sim.bench.privacy_plot`)."""
-    from fl_sim.bench.privacy_plot import plot_privacy_utility as plot
-    return plot(rows, axes, path)
-
-
-def img_tag(path: Path, alt: str) -> str:
-    """An ``<img>`` with the PNG embedded as a data URI (or a 'missing' note)."""
-    if not path.is_file():
-        return f"<p><em>missing image {html.escape(path.name)}</em></p>"
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+    return _plot_privacy_utility(rows, axes, path)

@@ -35,7 +35,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import MessageType
 
-from fl_sim.audit_report import AUDITS_FILE
+from fl_sim.run_dir.files import AUDITS_FILE
 from fl_sim.audits import canary_clients as est
 from fl_sim.federation import protocol as P
 from fl_sim.seeding import numpy_rng, torch_generator

@@ -89,7 +89,7 @@ def canaries_of_client(cfg: Any, client_id: int) -> tuple[Tensor, Tensor, Tensor
 
 def score_and_write(cfg: Any, task: Any, final: Any, run_dir: Path) -> dict[str, Any] | None:
     """Score every canary by its loss under the final model, bound ε, write truth and row."""
-    from fl_sim.audit_report import AUDITS_FILE
+    from fl_sim.run_dir.files import AUDITS_FILE
     from fl_sim.config import check_audit
     from fl_sim.stores import append_jsonl, write_tensors
     c = canary_examples(cfg)
@@ -122,7 +122,7 @@ def score_and_write(cfg: Any, task: Any, final: Any, run_dir: Path) -> dict[str,
 
 def claimed_example_epsilon(cfg: Any, run_dir: Path) -> dict[str, Any]:
     """dp_sgd's example-level ε of the run (the last metrics row: max over clients)."""
-    from fl_sim.report import read_metrics
+    from fl_sim.run_dir.files import read_metrics
     d = next((d for d in cfg.defenses if d.name == "dp_sgd"), None)
     rows = [r for r in read_metrics(Path(run_dir)) if "dp_epsilon" in r]
     if d is None or not rows:

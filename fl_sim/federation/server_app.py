@@ -49,7 +49,7 @@ from fl_sim.federation.server_defenses import central_dp_row, wrap_server_defens
 from fl_sim.federation.shared_dir import write_probe
 from fl_sim.federation.taps import TapStrategy, arrays_to_tensors, tensors_to_arrays
 from fl_sim.registry import STRATEGIES
-from fl_sim.report import METRICS_FILE
+from fl_sim.run_dir.files import METRICS_FILE
 from fl_sim.seeding import torch_generator
 from fl_sim.stores import (
     ObservationStore,
@@ -323,7 +323,8 @@ def _round_samples(task: Any, arrays: ArrayRecord, cfg: ExperimentConfig, run_di
     if getattr(task, "name", "") != "diffusion" or s.num_images == 0 or (
             r % s.every and r != cfg.federation.num_rounds):
         return
-    from fl_sim.samples import round_samples_path, save_sample_grid
+    from fl_sim.run_dir.images import round_samples_path
+    from fl_sim.samples import save_sample_grid
     task.model.load_state_dict(arrays_to_tensors(arrays), strict=True)
     save_sample_grid(task, round_samples_path(run_dir, r), num_images=s.num_images,
                      num_steps=s.num_inference_steps, seed=cfg.run.seed)

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from fl_sim import cli
-from fl_sim.report import load_results
 from fl_sim.run_dir import load_run
+from fl_sim.run_dir.files import load_results
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

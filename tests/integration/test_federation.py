@@ -387,7 +387,7 @@ def test_a_crashing_attack_plug_in_is_recorded_not_fatal(
     from fl_sim.attack_runner import run_round_attacks
     from fl_sim.config import AttackConfig
     from fl_sim.registry import ATTACKS, Entry
-    from fl_sim.report import RESULTS_FILE
+    from fl_sim.run_dir.files import RESULTS_FILE
 
     class Crash:
         """Always raises (test double for a buggy third-party plug-in)."""

@@ -19,7 +19,7 @@ from fl_sim.bench.grid import expand, load_grid
 from fl_sim.bench.runner import run_bench
 from fl_sim.cli import main
 from fl_sim.errors import ConfigError
-from fl_sim.report import save_grid
+from fl_sim.run_dir.images import save_grid
 
 BASE = str(Path(__file__).resolve().parents[2] / "configs" / "default.toml")
 

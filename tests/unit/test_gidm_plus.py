@@ -231,7 +231,7 @@ def test_attack_runner_scores_recovered_t_and_eps_beside_psnr(task, tmp_path, on
     from types import SimpleNamespace
 
     from fl_sim.attack_runner import run_attack
-    from fl_sim.report import load_results
+    from fl_sim.run_dir.files import load_results
 
     gen = torch.Generator().manual_seed(7)
     x = torch.rand((1, 1, 16, 16), generator=gen)

@@ -99,7 +99,8 @@ def test_report_shows_identity_columns_and_plain_row(tmp_path) -> None:
 
     from PIL import Image
 
-    from fl_sim.report import save_grid, write_report
+    from fl_sim.report import write_report
+    from fl_sim.run_dir.images import save_grid
 
     imgs = torch.rand(3, 1, 16, 16)
     g2 = save_grid(tmp_path / "attacks" / "two.png", imgs, imgs)

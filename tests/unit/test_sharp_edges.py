@@ -13,7 +13,8 @@ import torch
 
 from fl_sim.config import from_dict, save_resolved
 from fl_sim.extras import MAX_INLINE, extras_to_json
-from fl_sim.report import RESULTS_FILE, write_report
+from fl_sim.report import write_report
+from fl_sim.run_dir.files import RESULTS_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
 

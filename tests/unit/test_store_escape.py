@@ -216,7 +216,8 @@ def test_report_embeds_only_images_inside_the_run_dir(run: Path, tmp_path_factor
 
 def test_report_ignores_result_rows_of_the_wrong_shape(run: Path) -> None:
     from fl_sim import config
-    from fl_sim.report import load_results, write_report
+    from fl_sim.report import write_report
+    from fl_sim.run_dir.files import load_results
     config.save_resolved(config.from_dict({}), run)
     (run / "attacks.jsonl").write_text("[1, 2]\n")
     for bad in ({"key": "a", "metrics": "high"}, {"key": "b", "defenses": "dp"},

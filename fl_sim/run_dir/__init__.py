@@ -7,24 +7,40 @@ Usage (a recorded run is needed, so this is not a doctest)::
     peer = run.view("peer", client=0).record(1)
     truth = run.truth(1, 2)          # metrics only, never an attack
 
-Importing this module does not import flwr or ray.
+The files of a run directory have one owner each below this package:
+:mod:`fl_sim.run_dir.files` (``config.json``, ``run.json``, ``metrics.jsonl``,
+``attacks.jsonl``, ``audits.jsonl``) and :mod:`fl_sim.run_dir.images` (attack grids, per-round
+sample grids); report, bench, samples and the CLI only consume them. Importing this package
+does not import flwr or ray.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 from torch import Tensor
 
+from fl_sim.capabilities import strategy_capabilities
 from fl_sim.config import ExperimentConfig, from_dict, server_lr
 from fl_sim.errors import ConfigError, RunDirError, ThreatModelError
 from fl_sim.frames import to_dataframe
 from fl_sim.records import GroundTruthRecord, ModelSpec
-from fl_sim.report import read_metrics
+from fl_sim.run_dir.files import (
+    AUDITS_FILE,
+    METRICS_FILE,
+    RESULTS_FILE,
+    load_audits,
+    load_results,
+    read_json_object,
+    read_metrics,
+    require_run_dir,
+)
 from fl_sim.stores import ObservationStore, PeerStore, TruthStore, read_tensors
-from fl_sim.views import PeerView, ServerView
+from fl_sim.views import VIEWS, PeerView, ServerView
+
+__all__ = ["AUDITS_FILE", "METRICS_FILE", "RESULTS_FILE", "Run", "load_audits", "load_results",
+           "load_run", "read_json_object", "read_metrics", "require_run_dir"]
 
 
 class Run:
@@ -62,7 +78,6 @@ class Run:
 
     def attacks(self) -> list[dict[str, Any]]:
         """One dict per attack result (``attacks.jsonl``, the last line per result key)."""
-        from fl_sim.report import load_results
         return load_results(self.path)
 
     def metrics_df(self) -> Any:
@@ -82,21 +97,24 @@ class Run:
         Raises :class:`~fl_sim.errors.ThreatModelError` for a peer that was not recorded as
         one (not in ``federation.peer_clients``) or a peer ground-truth grant.
         """
-        if role == "server":
+        parties = {v.party: v for v in VIEWS.values()}  # who looks: server, peer
+        if role not in parties:
+            raise ValueError(f"unknown view role {role!r}; known: {', '.join(parties)}")
+        if parties[role].server_side:
             return ServerView(self.run_id, self.spec, ObservationStore(self.path),
                               TruthStore(self.path), grant=tuple(grant),
                               optimizer=self.config.federation.local_optimizer())
-        if role == "peer":
-            peers = tuple(self.config.federation.peer_clients)
-            if client is None or int(client) not in peers:
-                raise ThreatModelError(f"client {client} was not a recorded peer; "
-                                       f"federation.peer_clients = {list(peers)}")
-            strategy = self.config.strategy
-            eta = server_lr(self.config) if strategy.name == "fedsgd" else None
-            return PeerView(self.run_id, self.spec, PeerStore(self.path, int(client)),
-                            strategy=strategy.name, server_lr=eta, grant=tuple(grant),
-                            optimizer=self.config.federation.local_optimizer())
-        raise ValueError(f"unknown view role {role!r}; known: server, peer")
+        peers = tuple(self.config.federation.peer_clients)
+        if client is None or int(client) not in peers:
+            raise ThreatModelError(f"client {client} was not a recorded peer; "
+                                   f"federation.peer_clients = {list(peers)}")
+        strategy = self.config.strategy
+        # FedSGD's server lr is public config: a strategy whose clients send gradients
+        eta = server_lr(self.config) if strategy_capabilities(strategy.name).sends_gradient \
+            else None
+        return PeerView(self.run_id, self.spec, PeerStore(self.path, int(client)),
+                        strategy=strategy.name, server_lr=eta, grant=tuple(grant),
+                        optimizer=self.config.federation.local_optimizer())
 
     def clients_in_round(self, server_round: int) -> list[int]:
         """Clients whose update was aggregated in ``server_round`` (from the server tap,
@@ -117,29 +135,6 @@ class Run:
         if not p.is_file():
             raise RunDirError(f"{self.path}: no final model (run not complete)")
         return read_tensors(p)[0]
-
-
-def require_run_dir(path: Path) -> Path:
-    """``path`` if it is a directory holding ``config.json``; else one-line RunDirError."""
-    if not path.exists():
-        raise RunDirError(f"{path}: no such run directory")
-    if not path.is_dir():
-        raise RunDirError(f"{path}: not a directory (expected a run directory)")
-    if not (path / "config.json").is_file():
-        raise RunDirError(f"{path} is not a run directory (no config.json)")
-    return path
-
-
-def read_json_object(path: Path) -> dict[str, Any]:
-    """The JSON object in ``path``; :class:`RunDirError` if it is unreadable or not one."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RunDirError(f"{path}: corrupt ({exc})") from None
-    if not isinstance(data, dict):
-        raise RunDirError(f"{path}: corrupt (a JSON {type(data).__name__}, expected an "
-                          "object)")
-    return data
 
 
 def load_run(path: str | Path) -> Run:
