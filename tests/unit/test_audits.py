@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from math import comb
 from pathlib import Path
@@ -101,12 +102,22 @@ SYNTH_DELTA = 1e-5
 SYNTH_TOLERANCE = {0.5: 0.18, 1.0: 0.2, 2.0: 0.4}
 
 
+@functools.lru_cache(maxsize=2)
+def _synthetic_canaries(seed: int) -> tuple[np.ndarray, dict[str, object]]:
+    """The 2k canaries of ``seed`` and the generator's state after drawing them: drawn once
+    per seed for all σ (the draws, hence the estimates, are those of drawing them anew)."""
+    rng = np.random.default_rng(seed)
+    canaries = cc.random_canaries(2 * SYNTH_CANARIES, SYNTH_DIM, rng).astype(np.float32)
+    return canaries, rng.bit_generator.state
+
+
 def _synthetic_estimate(sigma: float, seed: int) -> float:
     """One Gaussian mechanism release: the sum of k unit canaries (clip norm 1) plus
     N(0, σ² I_d); k more canaries are never inserted."""
-    rng = np.random.default_rng(seed)
     k = SYNTH_CANARIES
-    canaries = cc.random_canaries(2 * k, SYNTH_DIM, rng).astype(np.float32)
+    canaries, state = _synthetic_canaries(seed)
+    rng = np.random.default_rng(seed)
+    rng.bit_generator.state = state
     release = canaries[:k].sum(0) + sigma * rng.standard_normal(SYNTH_DIM).astype(np.float32)
     cos = cc.cosines(canaries, release).astype(float)
     return cc.estimate_epsilon(cos[:k], cos[k:], SYNTH_DELTA).epsilon
