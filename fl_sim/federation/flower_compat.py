@@ -109,32 +109,58 @@ def pending_destinations(store: Mapping[str, Any]) -> set[int]:
             if m.metadata.delivered_at == ""}
 
 
+def due_messages(store: Mapping[str, Any], order: Mapping[int, int]) -> list[str]:
+    """Ids of the undelivered messages one sweep hands out: per destination node in
+    ``order`` (node id -> position) its oldest one, sorted by that position (what Flower's
+    loop of ``get_message_ins(node_id, limit=1)`` over the nodes yields), in one pass."""
+    first: dict[int, str] = {}
+    for msg_id, m in list(store.items()):
+        dst = int(m.metadata.dst_node_id)
+        if m.metadata.delivered_at == "" and dst in order and dst not in first:
+            first[dst] = msg_id
+    return [first[d] for d in sorted(first, key=order.__getitem__)]
+
+
 def add_messages_to_queue(state: Any, queue: Queue[Any], nodes_mapping: Mapping[int, int],
                           f_stop: threading.Event) -> None:
-    """Flower's ``vce_api.add_messages_to_queue``, asking only nodes with a pending message.
+    """Flower's ``vce_api.add_messages_to_queue`` at a cost linear in the stored messages.
 
     Flower's (1.41 / 1.42) loop asks the in-memory LinkState, every 0.1 s, for a message for
-    EVERY node, and each call scans every stored message: ``population × messages in
-    flight`` per sweep (node discovery of 1,000 nodes took minutes). This one collects the
-    destinations of undelivered messages first (one pass) and asks only those nodes, in the
-    same order, with the same ``get_message_ins`` call (Flower's expiry and federation checks
-    and its "delivered" marking are unchanged). Other LinkStates keep Flower's loop."""
+    EVERY node, and each call scans the stored messages from the start: ``population ×
+    messages`` per sweep. Node discovery of 10,000 nodes (10,000 messages) stays quadratic
+    even when only the nodes with a pending message are asked (``benchmarks/scale.py``: a
+    281 s start, mostly inside ``get_message_ins``). This loop finds each pending node's
+    oldest message in one pass over the store (:func:`due_messages`), runs Flower's own
+    expiry / federation check on those (``_check_stored_messages``), and marks them
+    delivered as ``get_message_ins`` does, in Flower's node order. A LinkState without that
+    check is asked node by node, only for nodes with a pending message; other LinkStates
+    keep Flower's loop."""
     store = getattr(state, "message_ins_store", None)
     if not isinstance(store, dict):
         _ORIGINAL["add_messages_to_queue"](state, queue, nodes_mapping, f_stop)
         return
-    lock = getattr(state, "lock", None)
+    lock = getattr(state, "lock", None) or threading.RLock()
+    check = getattr(state, "_check_stored_messages", None)
+    order = {int(n): i for i, n in enumerate(nodes_mapping)}
     while not f_stop.is_set():
-        if lock is not None:
-            with lock:
-                pending = pending_destinations(store)
-        else:
-            pending = pending_destinations(store)
-        if pending:
-            for node_id in nodes_mapping:
-                if node_id in pending:
-                    for msg in state.get_message_ins(node_id=node_id, limit=1):
-                        queue.put(msg)
+        out: list[Any] = []
+        with lock:
+            ids = due_messages(store, order)
+            if ids and check is not None:
+                from flwr.supercore.date import now
+                check(set(ids))  # Flower's expiry / federation checks (drops invalid ones)
+                stamp = now().isoformat()
+                for msg_id in ids:
+                    msg = store.get(msg_id)
+                    if msg is not None and msg.metadata.delivered_at == "":
+                        msg.metadata.delivered_at = stamp  # as get_message_ins marks it
+                        out.append(msg)
+        if ids and check is None:
+            for msg_id in ids:
+                if (msg := store.get(msg_id)) is not None:
+                    out += state.get_message_ins(node_id=int(msg.metadata.dst_node_id), limit=1)
+        for msg in out:
+            queue.put(msg)
         f_stop.wait(0.1)
 
 

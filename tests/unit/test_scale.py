@@ -114,3 +114,44 @@ def test_the_dispatch_patch_replaces_flowers_loop() -> None:
     assert flower_compat.install_dispatch_patch() and flower_compat.install_dispatch_patch()
     from flwr.server.superlink.fleet.vce import vce_api
     assert vce_api.add_messages_to_queue is flower_compat.add_messages_to_queue
+
+
+class _CheckedState(_FakeState):
+    """The in-memory LinkState's expiry check as well: ``expired`` messages are dropped."""
+
+    def __init__(self, dsts: list[int], expired: set[str]) -> None:
+        super().__init__(dsts)
+        self.expired, self.checked = expired, 0
+
+    def _check_stored_messages(self, ids: set[str]) -> None:
+        self.checked += len(ids)
+        for i in ids & self.expired:
+            del self.message_ins_store[i]
+
+    def get_message_ins(self, *, node_id: int, limit: int) -> list[SimpleNamespace]:
+        raise AssertionError("the linear dispatch must not scan the store per node")
+
+
+def test_dispatch_is_one_pass_at_10000_nodes() -> None:
+    """Node discovery of 10,000 nodes: every message is handed out once, in Flower's node
+    order, one per node per sweep, expired ones dropped by Flower's own check, without one
+    store scan per node (that made a 10,000-node start quadratic)."""
+    from fl_sim.federation.flower_compat import add_messages_to_queue
+    nodes = {n: i for i, n in enumerate(range(50_000, 40_000, -1))}   # 10,000, descending
+    dsts = list(range(40_001, 50_001)) + [45_000]                     # node 45,000 twice
+    state = _CheckedState(dsts, expired={"m7"})                        # m7: node 40,008
+    queue: Queue = Queue()
+    stop = threading.Event()
+    th = threading.Thread(target=add_messages_to_queue, args=(state, queue, nodes, stop))
+    th.start()
+    deadline = time.monotonic() + 10
+    while queue.qsize() < 10_000 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stop.set()
+    th.join(timeout=5)
+    got = [queue.get().metadata.dst_node_id for _ in range(queue.qsize())]
+    assert len(got) == 10_000 and 40_008 not in got and got.count(45_000) == 2
+    first_sweep = got[:9_999]
+    assert first_sweep == sorted(first_sweep, reverse=True)           # the node order
+    assert got[9_999] == 45_000                                       # its 2nd, next sweep
+    assert state.checked == 10_000 + 1                                # each message once
