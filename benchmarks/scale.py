@@ -42,12 +42,19 @@ OUT = Path(__file__).resolve().parent / "out" / "scale.json"
 RSS_TARGET_GB = 24.0
 
 
-def scale_config(num_clients: int, num_rounds: int, *, fraction: float, output_dir: Path
-                 ) -> Any:
+#: digits has 1,438 training images; past that many clients the run uses ``synthetic``
+#: (60,000 training images, same 16x16 gray format; see ``fl_sim/data/synthetic.py``).
+DIGITS_TRAIN = 1438
+DATA = {"digits": {"name": "digits", "image_size": 16},
+        "synthetic": {"name": "synthetic", "image_size": 16, "num_train": 60_000}}
+
+
+def scale_config(num_clients: int, num_rounds: int, *, fraction: float, output_dir: Path,
+                 data: str = "digits") -> Any:
     from fl_sim import config
     return config.from_dict({
         "run": {"name": f"scale-{num_clients}", "seed": 0, "output_dir": str(output_dir)},
-        "data": {"name": "digits", "image_size": 16},
+        "data": dict(DATA[data]),
         "model": {"name": "mlp", "hidden": [32]},
         "federation": {"num_clients": num_clients, "num_rounds": num_rounds,
                        "fraction_train": fraction, "fraction_evaluate": fraction,
@@ -57,11 +64,12 @@ def scale_config(num_clients: int, num_rounds: int, *, fraction: float, output_d
     })
 
 
-def run_case(num_clients: int, num_rounds: int, *, fraction: float, workdir: Path
-             ) -> dict[str, Any]:
+def run_case(num_clients: int, num_rounds: int, *, fraction: float, workdir: Path,
+             data: str = "digits") -> dict[str, Any]:
     from fl_sim.federation.simulation import run_experiment
 
-    cfg = scale_config(num_clients, num_rounds, fraction=fraction, output_dir=workdir)
+    cfg = scale_config(num_clients, num_rounds, fraction=fraction, output_dir=workdir,
+                       data=data)
     run_dir = workdir / cfg.run.name
     stamps: list[float] = []
     sizes: list[float] = []
@@ -82,7 +90,7 @@ def run_case(num_clients: int, num_rounds: int, *, fraction: float, workdir: Pat
     growth = [b - a for a, b in zip(sizes[:-1], sizes[1:], strict=False)]
     median = statistics.median(warm)
     return {
-        "clients": num_clients, "sampled_per_round": sampled, "rounds": num_rounds,
+        "clients": num_clients, "data": data, "sampled_per_round": sampled, "rounds": num_rounds,
         "startup_s": round(round_s[0], 2),
         "round_s_each": [round(x, 3) for x in round_s],
         "round_s": round(median, 3),
@@ -101,22 +109,33 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--fraction", type=float, default=0.1)
+    ap.add_argument("--sampled", type=int, default=None,
+                    help="clients sampled per round in every population (sets the fraction "
+                         "per population, e.g. 100 of 1,000 and 100 of 10,000)")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--data", choices=sorted(DATA), default=None,
+                    help="data source for every population (default: digits, or synthetic "
+                         f"when a population exceeds digits' {DIGITS_TRAIN} training images)")
     args = ap.parse_args(argv)
+    data = args.data or ("synthetic" if max(args.clients) > DIGITS_TRAIN else "digits")
     if args.rounds < 3:
         ap.error("--rounds must be >= 3 (round 1 is warm-up)")
     results = []
     with tempfile.TemporaryDirectory(prefix="fl-sim-scale-") as tmp:
         for n in args.clients:
-            res = run_case(n, args.rounds, fraction=args.fraction, workdir=Path(tmp))
+            fraction = args.sampled / n if args.sampled else args.fraction
+            load = os.getloadavg()[0]
+            res = run_case(n, args.rounds, fraction=fraction, workdir=Path(tmp), data=data)
+            res["load_1min_before_after"] = [round(load, 2), round(os.getloadavg()[0], 2)]
             results.append(res)
             print(json.dumps(res), flush=True)
     report = {
         "benchmark": "scale", "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "machine": {"platform": platform.platform(), "python": sys.version.split()[0],
                     "cpus": os.cpu_count()},
-        "setup": f"digits 16x16, mlp [32], fedavg, 1 local step, batch 8, fraction_train = "
-                 f"fraction_evaluate = {args.fraction}, taps + truth on, Ray simulation, "
+        "setup": f"{data} 16x16, mlp [32], fedavg, 1 local step, batch 8, fraction_train = "
+                 f"fraction_evaluate = {args.sampled or args.fraction}"
+                 f"{' clients' if args.sampled else ''}, taps + truth on, Ray simulation, "
                  "client_resources.num_cpus = 1",
         "rss_target_gb": RSS_TARGET_GB, "results": results,
     }
