@@ -16,6 +16,7 @@ from queue import Queue
 from types import SimpleNamespace
 
 import numpy as np
+import pytest
 import torch
 
 from fl_sim import index_cache, stores
@@ -155,3 +156,11 @@ def test_dispatch_is_one_pass_at_10000_nodes() -> None:
     assert first_sweep == sorted(first_sweep, reverse=True)           # the node order
     assert got[9_999] == 45_000                                       # its 2nd, next sweep
     assert state.checked == 10_000 + 1                                # each message once
+
+
+def test_reply_polling_backs_off_only_with_thousands_pending() -> None:
+    """A round's 100 replies are polled every 0.1 s as before; node discovery's 10,000
+    pending ids every 1 s (each pull re-checks every pending id while holding the GIL)."""
+    from fl_sim.federation.lifecycle import poll_wait
+    assert poll_wait(0.1, 100) == poll_wait(0.1, 1_000) == 0.1
+    assert poll_wait(0.1, 10_000) == pytest.approx(1.0) and poll_wait(0.1, 10**6) == 1.0
