@@ -28,6 +28,7 @@ from fl_sim.capabilities import defenses_with
 from fl_sim.config import AttackConfig, ExperimentConfig, attack_problem
 from fl_sim.errors import ConfigError, FlSimError, InvalidRecordError
 from fl_sim.extras import extras_to_json
+from fl_sim.inference import run_inference_attack
 from fl_sim.prior_overlap import overlap_field
 from fl_sim.records import GroundTruthRecord, ObservationRecord
 from fl_sim.registry import ATTACKS, validate_params
@@ -166,15 +167,21 @@ def run_attack(run_dir: Path, cfg: ExperimentConfig, name: str, params: Mapping[
     run = run or _load_run(run_dir)
     device = device or getattr(cfg.run, "device", "cpu")
     attack = ATTACKS.create(name, _where=f"attack {name}", **params)
-    if getattr(attack, "inference", None):  # membership / property scores (issue 22)
-        from fl_sim.inference import run_inference_attack
-        return run_inference_attack(run_dir, cfg, name, params, attack, view=view,
-                                     client=client, server_round=server_round, key=key,
-                                     run=run, device=device)
     grant = tuple(attack.required_knowledge())
     view, fallback_from = resolve_view(run.config, name, view)
     record = view_of(view).record(run, server_round, client=client, grant=grant)
     check_finite_record(record)
+    if getattr(attack, "inference", None):  # membership / property scores (issue 22)
+        result = run_inference_attack(
+            run_dir, cfg, name, attack, record, view=view, grant=grant, client=client,
+            server_round=server_round, key=key, run=run, device=device,
+            head={**({"fallback_from": fallback_from,
+                      "view_fallback": view_fallback_text(fallback_from, view, run.config)}
+                     if fallback_from else {}),
+                  "client": record.client_id, "params": resolved_params(name, params)})
+        result["threat_class"] = threat_class(result)
+        _append(run_dir, result)
+        return [result]
     gen = torch_generator(cfg.run.seed, "attack", name, server_round, record.client_id or 0)
     t0 = time.perf_counter()
     recon = attack(record, generator=gen, device=device)

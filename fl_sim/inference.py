@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from torch import Tensor
 
 from fl_sim.capabilities import strategy_capabilities
 from fl_sim.errors import ConfigError, FlSimError
+from fl_sim.extras import extras_to_json
 from fl_sim.seeding import torch_generator
 from fl_sim.stores import read_tensors, write_tensors
 from fl_sim.view_types import view_of
@@ -148,29 +150,16 @@ def score_membership(run_dir: Path, key: str, scores: Tensor) -> dict[str, Any]:
     return roc_metrics(scores, read_membership(run_dir, key))
 
 
-def run_inference_attack(run_dir: Path, cfg: Any, name: str, params: Any, attack: Any, *,
-                         view: str, client: int | None, server_round: int, key: str,
-                         run: Any, device: str | None) -> list[dict[str, Any]]:
+def run_inference_attack(run_dir: Path, cfg: Any, name: str, attack: Any, record: Any, *,
+                         view: str, grant: tuple[str, ...], client: int | None,
+                         server_round: int, key: str, run: Any, device: str,
+                         head: dict[str, Any]) -> dict[str, Any]:
     """The runner's path for an inference attack (:func:`fl_sim.attack_runner.run_attack`
-    hands it over): build the view's record; for membership draw and record the candidates,
-    run the attack on them without membership and score the ROC; for property inference score
-    the round and record whether the target's batch had the property. Appends one row."""
-    import time
-
-    from fl_sim.attack_runner import (
-        _append,
-        check_finite_record,
-        resolve_view,
-        resolved_params,
-        view_fallback_text,
-    )
-    from fl_sim.extras import extras_to_json
-    from fl_sim.threat_class import threat_class
-
-    grant = tuple(attack.required_knowledge())
-    view, fallback_from = resolve_view(run.config, name, view)
-    record = view_of(view).record(run, server_round, client=client, grant=grant)
-    check_finite_record(record)
+    builds the view's ``record`` and hands it over): for membership draw and record the
+    candidates, run the attack on them without membership and score the ROC; for property
+    inference score the round and record whether the target's batch had the property.
+    Returns the result row (``head``: the runner's fallback / client / params fields, placed
+    after ``round``); the runner adds the threat class and appends it."""
     target = getattr(attack, "target_model", "update")
     candidates, aux = _attack_inputs(run, attack, view=view, server_round=server_round, key=key,
                                      client=record.client_id if record.client_id is not None
@@ -179,7 +168,7 @@ def run_inference_attack(run_dir: Path, cfg: Any, name: str, params: Any, attack
     t0 = time.perf_counter()
     out = attack.infer(record, candidates, auxiliary=aux if attack.needs_auxiliary else None,
                        final_model=run.final_model() if target == "final" else None,
-                       generator=gen, device=device or getattr(cfg.run, "device", "cpu"))
+                       generator=gen, device=device)
     seconds = time.perf_counter() - t0
     if candidates is not None:
         metrics = score_membership(run_dir, key, out.scores)
@@ -189,12 +178,8 @@ def run_inference_attack(run_dir: Path, cfg: Any, name: str, params: Any, attack
         metrics = score_property(run, view, record.client_id, server_round,
                                  attack.property_class, float(out.scores[0]))
         fields = {"scores": [float(out.scores[0])]}
-    result = {
-        "key": key, "attack": name, "view": view, "round": server_round,
-        **({"fallback_from": fallback_from,
-            "view_fallback": view_fallback_text(fallback_from, view, run.config)}
-           if fallback_from else {}),
-        "client": record.client_id, "params": resolved_params(name, params),
+    return {
+        "key": key, "attack": name, "view": view, "round": server_round, **head,
         "update_kind": record.update_kind, "inference": attack.inference,
         "target_model": target,
         "knowledge": {**{k: "granted" for k in grant}, **dict(out.knowledge)},
@@ -205,9 +190,6 @@ def run_inference_attack(run_dir: Path, cfg: Any, name: str, params: Any, attack
         "extras": extras_to_json(out.extras, run_dir, f"attacks/{name}_{view}_r"
                                                       f"{server_round}_{key[-6:]}"),
     }
-    result["threat_class"] = threat_class(result)
-    _append(run_dir, result)
-    return [result]
 
 
 def _attack_inputs(run: Any, attack: Any, *, view: str, client: int | None,
