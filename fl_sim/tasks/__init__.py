@@ -45,6 +45,11 @@ def task_from_config(cfg_model: Any, cfg_task: Any, in_channels: int, num_classe
                                                   image_size=int(image_size))
     model_params = _resolved(MODELS.get(cfg_model.name), user_model, "model", skip=3)
     task_params = _resolved(TASKS.get(cfg_task.name), user_task, "task", skip=2)
+    # the checkpoint-only params stay out of the spec while unset: the specs of runs without a
+    # checkpoint are what they were before these params existed
+    for resolved, key in ((model_params, "config"), (task_params, "scheduler_config")):
+        if key in resolved and resolved[key] is None:
+            del resolved[key]
     spec = ModelSpec(model=cfg_model.name, model_params=model_params, task=cfg_task.name,
                      task_params=task_params, in_channels=int(in_channels),
                      num_classes=int(num_classes), image_size=int(image_size),
