@@ -32,12 +32,19 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.common import MessageType
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 
-from fl_sim.run_dir.files import AUDITS_FILE
 from fl_sim.audits import canary_clients as est
 from fl_sim.federation import protocol as P
+from fl_sim.run_dir.files import AUDITS_FILE
 from fl_sim.seeding import numpy_rng, torch_generator
 from fl_sim.stores import append_jsonl, write_tensors
 
@@ -105,7 +112,7 @@ class CanaryClients:
             update = norm * self.directions[i]
             if self.local_dp is not None:
                 update = self._local_dp(update, server_round, int(i))
-            if self.audit.view == "server":
+            if self.audit.needs_client_update:  # the audit reads the server's view
                 self._server_view(update, int(i))
             out.append(self._message(self._global + update, weight, int(i), accepted[0]))
         return out

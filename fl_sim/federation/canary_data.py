@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from fl_sim.audits import canary_examples as est
+from fl_sim.federation.partitions import load_splits, section_json
 from fl_sim.seeding import numpy_rng
 
 
@@ -55,10 +56,9 @@ def canary_examples(cfg: Any) -> CanaryExamples | None:
 def _canaries(cfg_json: str, index: int) -> CanaryExamples:
     from fl_sim.config import check_audit, from_dict
     from fl_sim.errors import ConfigError
-    from fl_sim.federation.client_app import _section_json, load_splits
     cfg = from_dict(json.loads(cfg_json))
     audit = check_audit(cfg, index)
-    test = load_splits(_section_json(cfg.data)).test
+    test = load_splits(section_json(cfg.data)).test
     m, n = audit.num_canaries, len(test.labels)
     if m > n:
         raise ConfigError(f"audits[{index}].num_canaries = {m}: the test split holds {n} "
@@ -89,8 +89,8 @@ def canaries_of_client(cfg: Any, client_id: int) -> tuple[Tensor, Tensor, Tensor
 
 def score_and_write(cfg: Any, task: Any, final: Any, run_dir: Path) -> dict[str, Any] | None:
     """Score every canary by its loss under the final model, bound ε, write truth and row."""
-    from fl_sim.run_dir.files import AUDITS_FILE
     from fl_sim.config import check_audit
+    from fl_sim.run_dir.files import AUDITS_FILE
     from fl_sim.stores import append_jsonl, write_tensors
     c = canary_examples(cfg)
     if c is None:

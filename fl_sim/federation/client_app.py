@@ -35,10 +35,12 @@ from fl_sim.data.partition import evaluation_share
 from fl_sim.defended import build_defenses, defend_reply, defenses_in_force, of_stage
 from fl_sim.errors import FlSimError
 from fl_sim.federation import protocol as P
+from fl_sim.federation.canary_data import canaries_of_client
 from fl_sim.federation.client_mods import TRAIN_MODS
 from fl_sim.federation.dp_epsilon import client_epsilons, dp_train_defense
 from fl_sim.federation.failures import failures_as_replies
 from fl_sim.federation.local import LocalResult, local_train, one_gradient
+from fl_sim.federation.partitions import load_partitions, load_splits, section_json
 from fl_sim.federation.resources import apply_determinism, client_device
 from fl_sim.federation.retention import Retention
 from fl_sim.federation.shared_dir import check_probe
@@ -71,42 +73,17 @@ class ClientData:
     test_labels: Tensor
 
 
-@lru_cache(maxsize=2)
-def load_splits(data_json: str) -> Any:
-    """The dataset of a config's ``data`` section, loaded once per process."""
-    from fl_sim.data import load_data
-    section = json.loads(data_json)
-    name = section.pop("name")
-    return load_data(name, **section)
-
-
-@lru_cache(maxsize=2)
-def load_partitions(data_json: str, partition_json: str, num_clients: int, seed: int
-                    ) -> tuple[Any, ...]:
-    """Per-client index arrays into the train split, computed once per process."""
-    from fl_sim.data import partition_dataset
-    section = json.loads(partition_json)
-    name = section.pop("name")
-    return tuple(partition_dataset(load_splits(data_json).train, name, num_clients, seed=seed,
-                                   **section))
-
-
-def _section_json(section: Any) -> str:
-    return json.dumps(section.model_dump(mode="json"), sort_keys=True)
-
-
 def client_data(cfg: ExperimentConfig, client_id: int) -> ClientData:
     """The private partition of ``client_id`` and its share of the test split."""
-    data_json = _section_json(cfg.data)
+    data_json = section_json(cfg.data)
     splits = load_splits(data_json)
-    parts = load_partitions(data_json, _section_json(cfg.partition),
+    parts = load_partitions(data_json, section_json(cfg.partition),
                             cfg.federation.num_clients, cfg.run.seed)
     idx = torch.as_tensor(parts[client_id], dtype=torch.int64)
     test_idx = torch.from_numpy(evaluation_share(len(splits.test), cfg.federation.num_clients,
                                                  client_id, cap=MAX_EVAL_EXAMPLES))
     images, labels = splits.train.images[idx], splits.train.labels[idx]
     if cfg.audits:  # canary examples this client trains on (fl_sim.federation.canary_data)
-        from fl_sim.federation.canary_data import canaries_of_client
         if (extra := canaries_of_client(cfg, client_id)) is not None:
             images, labels = torch.cat([images, extra[0]]), torch.cat([labels, extra[1]])
             idx = torch.cat([idx, extra[2]])
@@ -120,7 +97,7 @@ def _task_and_spec(cfg_json: str, device: str) -> tuple[Any, ModelSpec]:
     from fl_sim.config import from_dict
     from fl_sim.tasks import task_from_config
     cfg = from_dict(json.loads(cfg_json))
-    splits = load_splits(_section_json(cfg.data))
+    splits = load_splits(section_json(cfg.data))
     return task_from_config(cfg.model, cfg.task, splits.in_channels, splits.num_classes,
                             splits.image_size, splits.mean, splits.std, seed=cfg.run.seed,
                             device=device)

@@ -2,31 +2,31 @@
 
 The round loop mirrors Flower's ``Strategy.start`` (configure_train → send_and_receive →
 aggregate_train → configure/aggregate_evaluate) but may start at any round, which a resume
-needs, and runs fl-sim's per-round work after aggregation: centralised evaluation, one
-``metrics.jsonl`` line, the online attack hook, a checkpoint and a progress event.
+needs, and runs fl-sim's per-round work through the hooks the run passes in
+(:mod:`fl_sim.federation.hooks`: audits, centralised evaluation and the ``metrics.jsonl``
+line, online attacks, the checkpoint, progress).
 
-Where the settings come from: :func:`fl_sim.federation.simulation.run_experiment` hands a
-:class:`ServerSetup` over in-process (``run_simulation`` gives apps an empty run_config);
-under ``flwr run .`` the ServerApp reads ``context.run_config["config"]`` (a TOML path, see
-``[tool.flwr.app.config]``) and optionally ``run-dir`` / ``resume``.
+Where the settings come from: :func:`fl_sim.federation.simulation.run_experiment` builds a
+:class:`ServerSetup` (config, run directory, hooks) and runs the ServerApp of
+:func:`build_server_app`, which holds it (``run_simulation`` gives apps an empty run_config).
+Under ``flwr run .`` and the Deployment Engine Flower loads the module-level :data:`app` by its
+name, so the setup can only come from ``context.run_config``: ``config`` (a TOML path, see
+``[tool.flwr.app.config]``) and optionally ``run-dir`` / ``resume``, with the default hooks.
 """
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
@@ -35,12 +35,12 @@ from fl_sim.config import ExperimentConfig, server_lr
 from fl_sim.defended import defenses_in_force
 from fl_sim.errors import FlSimError
 from fl_sim.federation import protocol as P
-from fl_sim.federation.canaries import audit_state, finish_audits, start_audits
 from fl_sim.federation.checkpoint import CheckpointStore, load_strategy_state
-from fl_sim.federation.client_app import load_splits
 from fl_sim.federation.dp_epsilon import epsilon_row, reply_epsilons
 from fl_sim.federation.failures import check_something_aggregated, log_failures, summary
+from fl_sim.federation.hooks import Progress, RoundContext, RoundHook, call_hooks, default_hooks
 from fl_sim.federation.lifecycle import StoppableGrid
+from fl_sim.federation.partitions import load_splits
 from fl_sim.federation.resources import server_device
 from fl_sim.federation.resume import write_json_atomic
 from fl_sim.federation.retention import Retention
@@ -49,60 +49,75 @@ from fl_sim.federation.server_defenses import central_dp_row, wrap_server_defens
 from fl_sim.federation.shared_dir import write_probe
 from fl_sim.federation.taps import TapStrategy, arrays_to_tensors, tensors_to_arrays
 from fl_sim.registry import STRATEGIES
+from fl_sim.report import plot_metrics, write_report
 from fl_sim.run_dir.files import METRICS_FILE
-from fl_sim.seeding import torch_generator
 from fl_sim.stores import (
     ObservationStore,
-    append_jsonl,
     read_jsonl,
     rewrite_jsonl,
     truncate_run,
     write_tensors,
 )
+from fl_sim.views import aggregate_training_row
 
 logger = logging.getLogger(__name__)
 
-app = ServerApp()
-
-#: Module the online attack hook imports (``run_round_attacks`` / ``run_final_attacks``).
-ATTACK_RUNNER = "fl_sim.attack_runner"
-#: Test-set examples the server evaluates the global model on after every round.
-MAX_EVAL_EXAMPLES = 1000
 #: Seconds to wait for replies of one round.
 ROUND_TIMEOUT_S = 3600.0
 RUN_FILE = "run.json"
 SPEC_FILE = "spec.json"
 FINAL_MODEL = "final_model.safetensors"
 
-Progress = Callable[[dict[str, Any]], None]
-
 
 @dataclass
 class ServerSetup:
-    """What the ServerApp runs: config, run directory, resume flag, progress callback."""
+    """What the ServerApp runs: config, run directory, resume flag, per-round hooks."""
 
     cfg: ExperimentConfig
     run_dir: Path
     resume: bool = False
-    progress: Progress | None = None
+    #: called in order around every round (:func:`~fl_sim.federation.hooks.default_hooks`)
+    hooks: list[RoundHook] = field(default_factory=list)
     error: BaseException | None = None
     #: set by the driver when it unwinds: the server stops waiting (see StoppableGrid)
     stop: threading.Event = field(default_factory=threading.Event)
 
+    @classmethod
+    def of(cls, cfg: ExperimentConfig, run_dir: Path, *, resume: bool = False,
+           progress: Progress | None = None) -> ServerSetup:
+        """A setup with the default hooks of ``cfg`` (``progress`` called every round)."""
+        return cls(cfg, run_dir, resume=resume, hooks=default_hooks(cfg, progress))
 
-#: In-process hand-off from run_experiment (None under ``flwr run``).
-HANDOFF: ServerSetup | None = None
+
+def build_server_app(setup: ServerSetup) -> ServerApp:
+    """A ServerApp that runs ``setup`` (in-process runs: it is handed to Flower as an
+    object, so nothing travels through module state); the error that ends the server
+    thread is kept in ``setup.error``."""
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        _run_keeping_error(grid, setup)
+
+    return server
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    """Run the experiment of the hand-off, or of ``context.run_config`` (``flwr run``)."""
-    setup = HANDOFF if HANDOFF is not None else setup_from_run_config(context.run_config)
+def _run_keeping_error(grid: Grid, setup: ServerSetup) -> None:
     try:
         run_server(grid, setup)
     except BaseException as exc:
         setup.error = exc
         raise
+
+
+#: The App component Flower loads by name (``flwr run .``, Deployment Engine).
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Run the experiment of ``context.run_config`` (``flwr run``)."""
+    _run_keeping_error(grid, setup_from_run_config(context.run_config))
 
 
 def setup_from_run_config(run_config: Mapping[str, Any]) -> ServerSetup:
@@ -115,7 +130,7 @@ def setup_from_run_config(run_config: Mapping[str, Any]) -> ServerSetup:
         path = Path(__file__).resolve().parents[2] / path
     cfg = load(path)
     run_dir = run_config.get("run-dir") or default_run_dir(cfg)
-    return ServerSetup(cfg, Path(str(run_dir)), resume=bool(run_config.get("resume", False)))
+    return ServerSetup.of(cfg, Path(str(run_dir)), resume=bool(run_config.get("resume", False)))
 
 
 def default_run_dir(cfg: ExperimentConfig) -> Path:
@@ -200,15 +215,13 @@ def run_server(grid: Grid, setup: ServerSetup) -> None:
     node_to_client = discover_nodes(grid, fed.num_clients, probe=write_probe(run_dir))
     inner = wrap_server_defenses(build_strategy(cfg), cfg)  # central DP INSIDE the tap
     arrays = ArrayRecord({k: v.detach().cpu() for k, v in task.model.state_dict().items()})
-    checkpoints = CheckpointStore(run_dir)
     initial = arrays_to_tensors(arrays)  # θ_0: canary_clients' final-model cosines start here
-    start, published, audit_ck = 0, {}, {}
-    if setup.resume and (ck := checkpoints.load()) is not None:
+    start, resumed = 0, {}
+    if setup.resume and (ck := CheckpointStore(run_dir).load()) is not None:
         start = ck.server_round
         arrays = tensors_to_arrays(ck.global_state)
         load_strategy_state(inner, ck.strategy_tensors, ck.strategy_scalars)
-        published = dict(ck.extra.get("published", {}))
-        audit_ck = dict(ck.extra.get("audits", {}))
+        resumed = dict(ck.extra)
         logger.info("resuming %s after round %d", run_dir, start)
     # Records of a partially finished round (or of an earlier attempt) are discarded.
     truncate_run(run_dir, start)
@@ -217,40 +230,24 @@ def run_server(grid: Grid, setup: ServerSetup) -> None:
     tap = TapStrategy(inner, seed=cfg.run.seed, node_to_client=node_to_client,
                       fraction_train=fed.fraction_train, fraction_evaluate=fed.fraction_evaluate,
                       store=ObservationStore(run_dir) if fed.taps else None,
-                      retention=Retention.of(fed), defenses=defenses_in_force(cfg))
-    tap.published = published
-    # canary state (inclusion, per-round cosines) is part of each checkpoint: a resumed
-    # run's audits equal an uninterrupted run's
-    audits = start_audits(cfg, run_dir, initial, tap, audit_ck)
-    test = (splits.test.images[:MAX_EVAL_EXAMPLES], splits.test.labels[:MAX_EVAL_EXAMPLES])
+                      retention=Retention.of(fed), defenses=defenses_in_force(cfg),
+                      aggregate_training=aggregate_training_row(cfg))
+    tap.published = dict(resumed.get("published", {}))
+    ctx = RoundContext(cfg=cfg, run_dir=run_dir, task=task, splits=splits, tap=tap,
+                       strategy=inner, start_round=start, arrays=arrays, initial=initial,
+                       resumed=resumed)
+    call_hooks(setup.hooks, "on_run_start", ctx)
     poison = _poison_clients()
     for r in range(start + 1, fed.num_rounds + 1):
-        t0 = time.perf_counter()
-        arrays, row = run_round(grid, tap, cfg, run_dir, r, arrays, poison)
-        for audit in audits:
-            audit.after_round(r, arrays_to_tensors(arrays))
-        row.update(_central_eval(task, arrays, test, cfg.run.seed, r))
-        _round_samples(task, arrays, cfg, run_dir, r)
-        row["seconds"] = round(time.perf_counter() - t0, 4)
-        _append_metrics(run_dir, row)
-        if cfg.attacks:
-            _attack_hook("run_round_attacks", run_dir, cfg, r)
-        checkpoints.save(r, arrays_to_tensors(arrays), inner,
-                         {"published": tap.published, "audits": audit_state(audits)})
-        if setup.progress is not None:
-            setup.progress({"event": "round", **row})
+        ctx.server_round, ctx.round_started = r, time.perf_counter()
+        call_hooks(setup.hooks, "on_round_start", ctx)
+        ctx.arrays, ctx.row = run_round(grid, tap, cfg, run_dir, r, ctx.arrays, poison)
+        call_hooks(setup.hooks, "on_round_end", ctx)
     check_something_aggregated(run_dir, fed.num_rounds)
-    write_tensors(run_dir / FINAL_MODEL, arrays_to_tensors(arrays),
-                  {"round": fed.num_rounds})
+    write_tensors(run_dir / FINAL_MODEL, ctx.global_tensors(), {"round": fed.num_rounds})
     if fed.peer_clients and fed.taps:
-        broadcast_final(grid, cfg, run_dir, node_to_client, arrays, tap.published)
-    if cfg.attacks:
-        _attack_hook("run_final_attacks", run_dir, cfg)
-    finish_audits(audits, cfg, arrays_to_tensors(arrays))
-    if cfg.audits:
-        from fl_sim.federation.canary_data import score_and_write
-        score_and_write(cfg, task, arrays_to_tensors(arrays), run_dir)
-    from fl_sim.report import plot_metrics
+        broadcast_final(grid, cfg, run_dir, node_to_client, ctx.arrays, tap.published)
+    call_hooks(setup.hooks, "on_run_end", ctx)
     plot_metrics(run_dir)
     info = json.loads((run_dir / RUN_FILE).read_text())
     write_json_atomic(run_dir / RUN_FILE, {**info, "status": "complete"})
@@ -260,7 +257,6 @@ def run_server(grid: Grid, setup: ServerSetup) -> None:
 def _write_report(run_dir: Path) -> None:
     """report.html at the end of every run, also under ``flwr run .`` / deployment, where
     no fl-sim CLI is there to write it; a failing report never fails the finished run."""
-    from fl_sim.report import write_report
     try:
         logger.info("report: %s", write_report(run_dir))
     except Exception:  # noqa: BLE001 -- the run is complete; `fl-sim report` can retry
@@ -303,37 +299,6 @@ def run_round(grid: Grid, tap: TapStrategy, cfg: ExperimentConfig, run_dir: Path
     return arrays, row
 
 
-def _central_eval(task: Any, arrays: ArrayRecord, test: tuple[Any, Any], seed: int,
-                  r: int) -> dict[str, float]:
-    """Held-out metrics of the new global (diffusion: the loss with the same eps/t every
-    round, so the curve shows the model, not the noise draw)."""
-    if len(test[1]) == 0:
-        return {}
-    task.model.load_state_dict(arrays_to_tensors(arrays), strict=True)
-    gen = torch_generator(seed, "server_eval")
-    with torch.no_grad():
-        metrics = task.evaluate(test[0], test[1], generator=gen)
-    return {f"eval_{k}": float(v) for k, v in metrics.items()}
-
-
-def _round_samples(task: Any, arrays: ArrayRecord, cfg: ExperimentConfig, run_dir: Path,
-                   r: int) -> None:
-    """Diffusion tasks: DDIM samples of round ``r``'s global in ``samples/r{r:04d}.png``."""
-    s = cfg.samples
-    if getattr(task, "name", "") != "diffusion" or s.num_images == 0 or (
-            r % s.every and r != cfg.federation.num_rounds):
-        return
-    from fl_sim.run_dir.images import round_samples_path
-    from fl_sim.samples import save_sample_grid
-    task.model.load_state_dict(arrays_to_tensors(arrays), strict=True)
-    save_sample_grid(task, round_samples_path(run_dir, r), num_images=s.num_images,
-                     num_steps=s.num_inference_steps, seed=cfg.run.seed)
-
-
-def _append_metrics(run_dir: Path, row: Mapping[str, Any]) -> None:
-    append_jsonl(run_dir / METRICS_FILE, row)
-
-
 def broadcast_final(grid: Grid, cfg: ExperimentConfig, run_dir: Path,
                     node_to_client: Mapping[int, int], arrays: ArrayRecord,
                     published: Mapping[str, Any]) -> None:
@@ -353,19 +318,3 @@ def _poison_clients() -> list[int]:
     """Robustness/test knob: ``FL_SIM_POISON_CLIENTS="1,3"`` makes those clients send NaN."""
     raw = os.environ.get(P.POISON_ENV, "").strip()
     return [int(x) for x in raw.split(",") if x.strip()] if raw else []
-
-
-def _attack_runner() -> ModuleType | None:
-    try:
-        return importlib.import_module(ATTACK_RUNNER)
-    except ModuleNotFoundError as exc:
-        if exc.name == ATTACK_RUNNER:
-            logger.warning("attacks configured but %s is missing; skipped", ATTACK_RUNNER)
-            return None
-        raise
-
-
-def _attack_hook(name: str, *args: Any) -> None:
-    runner = _attack_runner()
-    if runner is not None:
-        getattr(runner, name)(*args)

@@ -1,8 +1,10 @@
 """Run an experiment in-process on Flower's Ray simulation backend.
 
-:func:`run_experiment` resolves the run directory, hands the config to the ServerApp
-in-process (``run_simulation`` gives apps an empty run_config) and drives
-``flwr.simulation.run_simulation`` with one SuperNode per client. ``federation.ray_address``
+:func:`run_experiment` resolves the run directory, builds the run's hooks and a ServerApp
+that holds them (:func:`~fl_sim.federation.server_app.build_server_app`; ``run_simulation``
+gives apps an empty run_config) and drives Flower's ``run_simulation``
+(:func:`fl_sim.federation.flower_compat.run_simulation`, deprecated by Flower: see there
+why it is still used) with one SuperNode per client. ``federation.ray_address``
 joins an existing Ray cluster instead of starting a local one; Ray is started and stopped
 by :func:`fl_sim.federation.lifecycle.ray_session` (signals, watchdog) and what a resume may
 do is decided by :func:`fl_sim.federation.resume.plan_resume` before Ray starts. The library
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +52,9 @@ def run_experiment(cfg: ExperimentConfig, *, run_dir: str | Path | None = None,
     fresh run into a directory that already holds a run; :class:`~fl_sim.errors.FlSimError`
     if the simulation did not complete.
     """
-    from fl_sim.federation import flower_patches, server_app
+    from fl_sim.federation import server_app
     from fl_sim.federation.client_app import app as client_app
+    from fl_sim.federation.flower_compat import install_dispatch_patch, run_simulation
     from fl_sim.federation.lifecycle import RunInterrupted, ray_session
     from fl_sim.federation.resources import apply_determinism, prepare_resources
     from fl_sim.federation.resume import remove_partial_files
@@ -61,7 +63,7 @@ def run_experiment(cfg: ExperimentConfig, *, run_dir: str | Path | None = None,
     # client resources the machine (or cluster) cannot satisfy: one line, before Ray starts
     cfg, _ = prepare_resources(cfg)
     apply_determinism(cfg)  # CUBLAS_WORKSPACE_CONFIG before Ray's actors inherit the env
-    flower_patches.install()  # message dispatch costs the sampled clients, not the population
+    install_dispatch_patch()  # message dispatch costs the sampled clients, not the population
     if resume:
         if run_dir is None:
             raise RunDirError("resume: no run directory given")
@@ -81,24 +83,17 @@ def run_experiment(cfg: ExperimentConfig, *, run_dir: str | Path | None = None,
     if not resume and (out / server_app.RUN_FILE).exists():
         raise RunDirError(f"{out} already holds a run; pass resume=True or another run_dir")
     out.mkdir(parents=True, exist_ok=True)
-    setup = server_app.ServerSetup(cfg=cfg, run_dir=out.resolve(), resume=resume,
-                                   progress=progress)
-    server_app.HANDOFF = setup
+    setup = server_app.ServerSetup.of(cfg, out.resolve(), resume=resume, progress=progress)
     backend = backend_config(cfg)
     try:
-        from flwr.simulation import run_simulation
-        with warnings.catch_warnings(), ray_session(backend["init_args"]):
-            warnings.simplefilter("ignore")
-            run_simulation(server_app=server_app.app, client_app=client_app,
-                           num_supernodes=cfg.federation.num_clients,
-                           backend_config=backend)  # type: ignore[arg-type]
+        with ray_session(backend["init_args"]):
+            run_simulation(server_app.build_server_app(setup), client_app,
+                           num_supernodes=cfg.federation.num_clients, backend_config=backend)
     except BaseException as exc:
         setup.stop.set()  # the ServerApp thread stops at its next wait, writes no more rounds
         if isinstance(exc, RunInterrupted):
             exc.run_dir = out
         raise
-    finally:
-        server_app.HANDOFF = None
     if setup.error is not None:
         if isinstance(setup.error, FlSimError):
             raise setup.error

@@ -167,8 +167,8 @@ def test_included_canary_examples_reach_exactly_their_client_with_a_wrong_label(
         seen += extra
     assert seen == int(c.included.sum()) and 0 < seen < 30
     # the canaries are test-split images with a label that is not their own
-    from fl_sim.federation.client_app import _section_json, load_splits
-    test = load_splits(_section_json(cfg.data)).test
+    from fl_sim.federation.partitions import load_splits, section_json
+    test = load_splits(section_json(cfg.data)).test
     for img, lab in zip(c.images, c.labels, strict=True):
         match = (test.images == img).flatten(1).all(1).nonzero().flatten()
         assert match.numel() >= 1 and all(test.labels[i] != lab for i in match)
