@@ -307,3 +307,23 @@ def test_library_copies_of_the_published_configurations() -> None:
     assert PUBLISHED_UNETS["google/ddpm-ema-celebahq-256"] == {
         k: v for k, v in CELEBAHQ_UNET.items() if k[0] != "_"}
     assert PUBLISHED_SCHEDULER == {k: v for k, v in DDPM_SCHEDULER.items() if k[0] != "_"}
+
+
+@pytest.mark.slow
+def test_cli_refuses_a_conditional_checkpoint_in_one_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    unet = {**TINY_UNET, "_class_name": "UNet2DConditionModel", "cross_attention_dim": 768}
+    path = write_pipeline(tmp_path / "sd", unet, DDPM_SCHEDULER, weights=False,
+                          index={**MODEL_INDEX, "unet": ["diffusers", "UNet2DConditionModel"]})
+    out = subprocess.run([sys.executable, "-m", "fl_sim.cli", "run",
+                          str(root / "configs" / "diffusion_digits.toml"), "--set",
+                          f'model.pretrained="{path}"', "--run-dir", str(tmp_path / "run")],
+                         cwd=root, capture_output=True, text=True, timeout=300,
+                         stdin=subprocess.DEVNULL)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith("fl-sim: error: model.pretrained:")
+    assert "conditional UNet" in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    assert not (tmp_path / "run").exists()
