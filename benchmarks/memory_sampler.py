@@ -6,7 +6,12 @@ activations alive unless the sampler is checkpointed
 checkpoint mode at one K, run in a FRESH subprocess (``--cell``) so that its peak resident
 memory (``resource.getrusage(RUSAGE_SELF).ru_maxrss``) is its own. The iteration measured is
 the part of every prior attack's phase-1 iteration that grows with K: ``z -> sampler(z) ->
-scalar loss -> backward to z`` (GIDM adds its matching on top, the same at every K).
+scalar loss -> backward to z`` (``--objective sampler``, the default: the sampler's own cost,
+the worst case for the time ratio), or a whole GIDM phase-1 iteration (``--objective gidm``:
+the sampler runs on the global model's functional weights, as GIDM's default prior, and its
+images are scored by :class:`~attacks.components.diffusion_matching.DiffusionMatching` against
+the FedSGD gradient of random images with granted eps/t, GIDM's default ``second_order =
+"finite_difference"``).
 
 Model: the DDPM CIFAR-10 architecture (``unet`` preset ``cifar``: 35.7 M parameters, 32 px,
 3 channels) with random weights (seed 0), eval mode, batch 1 by default, float32, one torch
@@ -35,31 +40,68 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
+from torch import Tensor
 
-MODES = ("none", "sampler", "full")
+MODES = ("none", "sampler", "full", "auto")
 
 
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def run_cell(*, preset: str, image_size: int, channels: int, batch: int, steps: int, mode: str,
-             iterations: int, device: str) -> dict[str, object]:
-    """One cell in THIS process: ``{"peak_rss_mb", "base_rss_mb", "s_per_iter", ...}``."""
-    from attacks.components.ddim_sampler import DDIMSampler
-    from fl_sim.models.unet import unet as build_unet
+def _gidm_objective(task: Any, batch: int, device: str) -> tuple[Any, dict, dict]:
+    """GIDM's matching of a FedSGD gradient of ``batch`` random images (eps/t granted)."""
+    from attacks.components.diffusion_matching import DiffusionMatching, diffusion_update
 
-    torch.manual_seed(0)
-    model = build_unet(channels, 10, image_size, preset=preset).eval().to(device)
-    for p in model.parameters():  # a frozen prior: gradients flow to z only
-        p.requires_grad_(False)
+    params = {k: v.detach() for k, v in task.model.named_parameters()}
+    buffers = {k: v.detach() for k, v in task.model.named_buffers()}
+    g = torch.Generator().manual_seed(2)
+    cfg = task.model.config
+    shape = (batch, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    truth = torch.rand(shape, generator=g).to(device)
+    aux = {"eps": torch.randn(shape, generator=g).to(device),
+           "t": torch.randint(0, task.num_train_timesteps, (batch,), generator=g).to(device)}
+    target = {k: v.detach() for k, v in diffusion_update(task, params, buffers, truth,
+                                                         aux).items()}
+    match = DiffusionMatching(task, params, buffers, target, aux,
+                              second_order="finite_difference")
+    return match, params, buffers
+
+
+def run_cell(*, preset: str, image_size: int, channels: int, batch: int, steps: int, mode: str,
+             iterations: int, device: str, objective: str = "sampler") -> dict[str, object]:
+    """One cell in THIS process: ``{"peak_rss_mb", "base_rss_mb", "s_per_iter", ...}``."""
     from diffusers import DDPMScheduler
 
+    from attacks.components.ddim_sampler import DDIMSampler
+    from fl_sim.records import ModelSpec
+    from fl_sim.tasks import build_task
+
+    spec = ModelSpec(model="unet", model_params={"preset": preset}, task="diffusion",
+                     task_params={"num_train_timesteps": 1000}, in_channels=channels,
+                     num_classes=10, image_size=image_size, mean=(0.5,) * channels,
+                     std=(0.5,) * channels)
+    task = build_task(spec, seed=0)
+    model = task.model.eval().to(device)
+    for p in model.parameters():  # a frozen prior: gradients flow to z only
+        p.requires_grad_(False)
     sampler = DDIMSampler.from_scheduler(model, DDPMScheduler(num_train_timesteps=1000), steps)
     z0 = torch.randn(batch, channels, image_size, image_size,
                      generator=torch.Generator().manual_seed(1)).to(device)
+    if objective == "gidm":
+        match, params, buffers = _gidm_objective(task, batch, device)
+
+        def loss_of(z: Tensor) -> Tensor:
+            x = sampler.sample(z, params=params, buffers=buffers, checkpoint=mode)
+            return match(((x + 1) / 2).clamp(0, 1))
+    else:
+        params = buffers = None
+
+        def loss_of(z: Tensor) -> Tensor:
+            return sampler.sample(z, checkpoint=mode).square().mean()
     with torch.no_grad():
         sampler.sample(z0)
     base = _rss_mb()
@@ -71,8 +113,7 @@ def run_cell(*, preset: str, image_size: int, channels: int, batch: int, steps: 
 
     def iteration() -> None:
         z = z0.clone().requires_grad_(True)
-        loss = sampler.sample(z, checkpoint=mode).square().mean()
-        loss.backward()
+        loss_of(z).backward()
         if cuda:
             torch.cuda.synchronize()
 
@@ -84,12 +125,13 @@ def run_cell(*, preset: str, image_size: int, channels: int, batch: int, steps: 
     cpu_seconds = (time.process_time() - c0) / iterations
     peak = _rss_mb()  # before the probe below, which holds one step's activations
     out: dict[str, object] = {
-        "steps": steps, "mode": mode, "batch": batch, "preset": preset,
+        "steps": steps, "mode": mode, "objective": objective, "batch": batch, "preset": preset,
         "image_size": image_size, "device": device, "iterations": iterations,
         "s_per_iter": seconds, "cpu_s_per_iter": cpu_seconds, "base_rss_mb": base,
         "peak_rss_mb": peak, "iteration_mb": peak - base,
+        "plan": list(sampler.checkpoint_plan(mode, z0.requires_grad_(True), params, buffers)),
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-        "step_activation_mb": sampler.step_activation_bytes(z0) / 2**20}
+        "step_activation_mb": sampler.step_activation_bytes(z0, params, buffers) / 2**20}
     if cuda:
         out["cuda_peak_mb"] = (torch.cuda.max_memory_allocated() - cuda_base) / 2**20
         out["gpu"] = torch.cuda.get_device_name()
@@ -133,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--channels", type=int, default=3)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--iterations", type=int, default=3)
+    ap.add_argument("--auto-budget-mb", type=float, default=None,
+                    help="AUTO_BUDGET_BYTES for the 'auto' cells (default: the library's)")
+    ap.add_argument("--objective", choices=("sampler", "gidm"), default="sampler")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=None, help="JSON file for the cells")
     ap.add_argument("--cell", action="store_true", help=argparse.SUPPRESS)
@@ -140,15 +185,22 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.cell:  # child: one cell, JSON on stdout
+        if args.auto_budget_mb is not None:
+            import attacks.components.ddim_sampler as ddim
+
+            ddim.AUTO_BUDGET_BYTES = int(args.auto_budget_mb * 2**20)
         row = run_cell(preset=args.preset, image_size=args.image_size, channels=args.channels,
                        batch=args.batch, steps=args.steps[0], mode=args.mode,
-                       iterations=args.iterations, device=args.device)
+                       iterations=args.iterations, device=args.device,
+                       objective=args.objective)
         print(json.dumps(row))
         return 0
     rows: list[dict[str, object]] = []
     common = ["--preset", args.preset, "--image-size", str(args.image_size), "--channels",
               str(args.channels), "--batch", str(args.batch), "--iterations",
-              str(args.iterations), "--device", args.device]
+              str(args.iterations), "--device", args.device, "--objective", args.objective]
+    if args.auto_budget_mb is not None:
+        common += ["--auto-budget-mb", str(args.auto_budget_mb)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for k in args.steps:
         for mode in args.modes:

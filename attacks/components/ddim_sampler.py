@@ -24,9 +24,10 @@ checkpointing recomputes with the module's *registered* weights, so under
 :func:`~torch.func.functional_call` its gradients are silently wrong (measured: max abs error
 0.91 in d/dx on a small UNet); ours recomputes each block with the weights it ran on (the
 functional ones), double backward included. ``"auto"`` measures once per input shape the bytes
-one step saves for backward and picks ``"none"`` when K of them fit :data:`AUTO_BUDGET_BYTES`,
-else ``"sampler"``, else (one step alone over budget) ``"full"``. ``docs/how-to/memory.md`` has
-the figures.
+one step saves for backward and recomputes only as many steps as needed to keep the others'
+activations within :data:`AUTO_BUDGET_BYTES` (none when all K fit; ``"full"`` when one step
+alone does not): :meth:`DDIMSampler.checkpoint_plan`. ``docs/how-to/memory.md`` has the
+figures.
 
 Prior-based attacks (``gidm``, ``gidm_plus``, later the generative-prior attacks) share this
 module. It imports nothing from diffusers: any ``UNet2DModel``-like module with the call
@@ -111,8 +112,8 @@ class DDIMSampler:
     clip_range: float = 1.0
     prediction_type: str = "epsilon"
     #: ``"auto"``'s decision per input (shape, dtype, device, functional or not)
-    _auto: dict[tuple[Any, ...], str] = field(default_factory=dict, init=False, repr=False,
-                                              compare=False)
+    _auto: dict[tuple[Any, ...], tuple[str, int]] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def from_scheduler(cls, unet: nn.Module, scheduler: Any, num_steps: int) -> DDIMSampler:
@@ -194,14 +195,11 @@ class DDIMSampler:
         (see :meth:`images`). Raises ``ValueError`` for an unknown mode, or ``"full"`` on a UNet
         without diffusers' gradient checkpointing.
         """
-        mode = self.resolve_checkpoint(checkpoint, x_T, params, buffers)
+        mode, recomputed = self.checkpoint_plan(checkpoint, x_T, params, buffers)
         blocks = mode == "full"
         x = x_T
-        last = len(self.timesteps) - 1
         for i, t in enumerate(self.timesteps):
-            # the last step is back-propagated first, while its activations are the only ones
-            # alive: recomputing it would cost a forward and save no peak memory
-            if mode != "none" and i < last:
+            if i < recomputed:
                 x = torch_checkpoint(self.step, x, int(t), params, buffers, blocks,
                                      use_reentrant=False)
             else:
@@ -211,10 +209,21 @@ class DDIMSampler:
     def resolve_checkpoint(self, checkpoint: Checkpoint, x_T: Tensor,
                            params: Mapping[str, Tensor] | None = None,
                            buffers: Mapping[str, Tensor] | None = None) -> str:
-        """The mode :meth:`sample` runs: ``"none"``, ``"sampler"`` or ``"full"``.
+        """The mode :meth:`sample` runs: ``"none"``, ``"sampler"`` or ``"full"``."""
+        return self.checkpoint_plan(checkpoint, x_T, params, buffers)[0]
 
-        ``"auto"`` decides once per input shape/dtype/device (one probing UNet forward, see
-        :meth:`step_activation_bytes`). Without autograd every mode is ``"none"``.
+    def checkpoint_plan(self, checkpoint: Checkpoint, x_T: Tensor,
+                        params: Mapping[str, Tensor] | None = None,
+                        buffers: Mapping[str, Tensor] | None = None) -> tuple[str, int]:
+        """``(mode, m)``: :meth:`sample` recomputes the first ``m`` of its K steps in backward.
+
+        ``"sampler"`` / ``"full"``: ``m = K - 1`` (the last step is back-propagated first,
+        while its activations are the only ones alive: recomputing it would cost a forward
+        and save no peak memory). ``"auto"`` decides once per input shape/dtype/device (one
+        probing UNet forward, :meth:`step_activation_bytes`): it keeps as many of the last
+        steps' activations as :data:`AUTO_BUDGET_BYTES` holds (at least one) and recomputes
+        the others, the fewest recomputations within the budget; ``"full"`` when one step
+        alone exceeds the budget. Without autograd: ``("none", 0)``.
         """
         mode = {True: "sampler", False: "none"}.get(checkpoint, checkpoint)  # type: ignore[call-overload]
         if mode not in CHECKPOINT_MODES:
@@ -223,23 +232,25 @@ class DDIMSampler:
         if mode == "full" and not _supports_block_checkpointing(self.unet):
             raise ValueError(f"checkpoint='full' needs a diffusers model with gradient "
                              f"checkpointing; {type(self.unet).__name__} has none")
-        if not torch.is_grad_enabled():
-            return "none"
+        k = len(self.timesteps)
+        if not torch.is_grad_enabled() or mode == "none":
+            return "none", 0
         if mode != "auto":
-            return mode
+            return mode, k - 1
         key = (tuple(x_T.shape), x_T.dtype, x_T.device, params is None)
         if key not in self._auto:
             per_step = self.step_activation_bytes(x_T, params, buffers)
-            k = len(self.timesteps)
-            if k * per_step <= AUTO_BUDGET_BYTES:
-                self._auto[key] = "none"
-            elif per_step <= AUTO_BUDGET_BYTES or not _supports_block_checkpointing(self.unet):
-                self._auto[key] = "sampler"
+            kept = min(k, AUTO_BUDGET_BYTES // max(per_step, 1))
+            if kept >= k:
+                plan = ("none", 0)
+            elif kept >= 1 or not _supports_block_checkpointing(self.unet):
+                plan = ("sampler", k - max(kept, 1))
             else:
-                self._auto[key] = "full"
+                plan = ("full", k - 1)
+            self._auto[key] = plan
             logger.info("checkpoint='auto': %d steps x %.1f MiB of activations per step at "
-                        "input %s, budget %.0f MiB -> %r", k, per_step / 2**20,
-                        tuple(x_T.shape), AUTO_BUDGET_BYTES / 2**20, self._auto[key])
+                        "input %s, budget %.0f MiB -> %r, %d steps recomputed", k,
+                        per_step / 2**20, tuple(x_T.shape), AUTO_BUDGET_BYTES / 2**20, *plan)
         return self._auto[key]
 
     def step_activation_bytes(self, x_T: Tensor, params: Mapping[str, Tensor] | None = None,

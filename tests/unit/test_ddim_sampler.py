@@ -141,13 +141,17 @@ def test_checkpointing_keeps_memory_flat_in_k_and_auto_follows_the_budget(monkey
     per_step = ten.step_activation_bytes(x_T)
     # the probe measures one step's activations: 1,153,424 B vs 1,153,936 B (99.96 %)
     assert 0.95 * plain1 < per_step < 1.05 * plain1
-    assert ten.resolve_checkpoint("auto", x_T) == "none"  # 10 x 1.15 MB << 1 GiB
-    monkeypatch.setattr(mod, "AUTO_BUDGET_BYTES", 5 * per_step)
+    assert ten.checkpoint_plan("auto", x_T) == ("none", 0)  # 10 x 1.15 MB << 1 GiB
+    assert ten.checkpoint_plan("sampler", x_T) == ("sampler", 9)  # never the last step
+    # a budget of 4.5 steps: keep the last 4 steps' activations, recompute the first 6
+    monkeypatch.setattr(mod, "AUTO_BUDGET_BYTES", int(4.5 * per_step))
     ten._auto.clear()
-    assert ten.resolve_checkpoint("auto", x_T) == "sampler"
+    assert ten.checkpoint_plan("auto", x_T) == ("sampler", 6)
+    kept = _saved_bytes(ten, x_T, "auto")  # measured 4.00x one step
+    assert 3.9 * plain1 < kept < 4.1 * plain1
     monkeypatch.setattr(mod, "AUTO_BUDGET_BYTES", per_step // 2)
     ten._auto.clear()
-    assert ten.resolve_checkpoint("auto", x_T) == "full"
+    assert ten.checkpoint_plan("auto", x_T) == ("full", 9)
     with torch.no_grad():
         assert ten.resolve_checkpoint("full", x_T) == "none"
     with pytest.raises(ValueError, match="checkpoint mode"):
