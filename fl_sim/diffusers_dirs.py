@@ -33,8 +33,15 @@ from typing import Any
 
 from fl_sim.errors import ConfigError, DataError, MissingResourceError
 
-__all__ = ["PUBLISHED_SCHEDULER", "PUBLISHED_UNETS", "Checkpoint", "read_checkpoint",
-           "check_shape", "scheduler_task_params", "unet_arch_config", "load_checkpoint_prior"]
+__all__ = ["METADATA_FILE", "PUBLISHED_SCHEDULER", "PUBLISHED_UNETS", "SCHEDULER_DIR",
+           "UNET_DIR", "Checkpoint", "read_checkpoint", "check_shape", "scheduler_task_params",
+           "unet_arch_config"]
+
+#: the layout of a prior directory (:mod:`fl_sim.priors`, re-exported there): fl-sim's
+#: metadata file beside a diffusers pipeline's ``unet/`` and ``scheduler/``
+METADATA_FILE = "fl_sim_prior.json"
+UNET_DIR = "unet"
+SCHEDULER_DIR = "scheduler"
 
 #: model_index.json components that make a pipeline latent or text-conditioned
 LATENT_COMPONENTS = ("vqvae", "vae", "text_encoder", "tokenizer", "image_encoder")
@@ -108,8 +115,6 @@ def read_checkpoint(path: str | Path, *, where: str = "model.pretrained") -> Che
     :class:`~fl_sim.errors.ConfigError` for a conditional / latent model or an unsupported
     scheduler -- one line each, starting with ``where``.
     """
-    from fl_sim.priors import METADATA_FILE, SCHEDULER_DIR, UNET_DIR
-
     root = Path(path)
     if not root.exists():
         raise MissingResourceError(f"{where}: {root} does not exist (nothing is downloaded)")
@@ -218,37 +223,3 @@ def scheduler_task_params(cfg: Mapping[str, Any]) -> dict[str, Any]:
             "beta_schedule": clean.get("beta_schedule", "linear"),
             "prediction_type": clean.get("prediction_type", "epsilon"),
             "scheduler_config": clean}
-
-
-def load_checkpoint_prior(path: str | Path, *, where: str, device: Any = "cpu",
-                          scheduler: Any = None) -> Any:
-    """A :class:`fl_sim.priors.Prior` from a diffusers pipeline or UNet directory.
-
-    The UNet is frozen, in eval mode, with the classic attention processor; the scheduler is
-    the checkpoint's (a ``DDPMScheduler`` built from its config). A bare UNet directory
-    without ``scheduler_config.json`` takes ``scheduler`` (gidm / gidm_plus pass the record's
-    own training schedule) and is refused without one. Raises the errors of
-    :func:`read_checkpoint` and :func:`fl_sim.priors.load_unet`, one line each.
-    """
-    import torch
-    from diffusers import DDPMScheduler
-
-    from fl_sim.priors import Prior, load_unet, quiet_diffusers
-
-    ckpt = read_checkpoint(path, where=where)
-    if ckpt.scheduler_config is not None:
-        with quiet_diffusers():
-            sched = DDPMScheduler.from_config(unet_arch_config(ckpt.scheduler_config))
-    elif scheduler is not None:
-        sched = scheduler
-    else:
-        raise ConfigError(f"{where}: {ckpt.root} is a bare UNet directory without "
-                          "scheduler_config.json; give the pipeline directory (with "
-                          "scheduler/) so that its noise schedule is read, not assumed")
-    unet = load_unet(ckpt.unet_dir, device=device)
-    unet.requires_grad_(False)
-    abar = sched.alphas_cumprod.to(device=device, dtype=torch.float32).clone()
-    meta = {"source": "diffusers", "layout": ckpt.layout, "data": None, "filter": None,
-            "num_examples": None}
-    return Prior(unet=unet, scheduler=sched, metadata=meta, alphas_cumprod=abar,
-                 path=ckpt.root)

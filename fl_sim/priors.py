@@ -38,21 +38,28 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fl_sim import __version__
+from fl_sim.diffusers_dirs import (
+    METADATA_FILE,
+    SCHEDULER_DIR,
+    UNET_DIR,
+    read_checkpoint,
+    unet_arch_config,
+)
 from fl_sim.errors import ConfigError, DataError, MissingResourceError
+from fl_sim.models.unet import use_classic_attention
+from fl_sim.tasks.diffusion import DiffusionTask
 
 logger = logging.getLogger(__name__)
 
-METADATA_FILE = "fl_sim_prior.json"
-UNET_DIR = "unet"
-SCHEDULER_DIR = "scheduler"
 FORMAT = "fl-sim-prior"
 FORMAT_VERSION = 1
 #: weight formats that load through pickle (refused, never opened)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 SAFE_WEIGHTS = "diffusion_pytorch_model.safetensors"
 
-__all__ = ["METADATA_FILE", "Prior", "load_prior", "load_unet", "open_prior", "prior_task",
-           "read_metadata", "save_prior"]
+__all__ = ["METADATA_FILE", "SCHEDULER_DIR", "UNET_DIR", "Prior", "load_checkpoint_prior",
+           "load_prior", "load_unet", "open_prior", "prior_task", "read_metadata", "save_prior"]
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,6 @@ class Prior:
 
 
 def _version() -> str:
-    from fl_sim import __version__
     return __version__
 
 
@@ -207,9 +213,8 @@ def load_unet(path: str | Path, *, device: str | torch.device = "cpu") -> nn.Mod
     :class:`~fl_sim.errors.DataError` for one diffusers cannot load or whose weights are not
     safetensors (one line; diffusers' own warnings are silenced).
     """
-    from diffusers import UNet2DModel
+    from diffusers import UNet2DModel  # lazy: diffusers is heavy; attacks import priors
 
-    from fl_sim.models.unet import use_classic_attention
 
     d = Path(path)
     if not d.is_dir():
@@ -237,7 +242,7 @@ def load_prior(path: str | Path, *, device: str | torch.device = "cpu") -> Prior
     :class:`~fl_sim.errors.DataError` (not a prior, missing or corrupt weights) with a
     one-line message.
     """
-    from diffusers import DDPMScheduler
+    from diffusers import DDPMScheduler  # lazy: diffusers is heavy; attacks import priors
 
     root = Path(path)
     meta = read_metadata(root)
@@ -263,7 +268,6 @@ def prior_task(prior: Prior) -> Any:
 
     The task shares the prior's (frozen) UNet; copy it first to train it.
     """
-    from fl_sim.tasks.diffusion import DiffusionTask
 
     sc = prior.scheduler.config
     c = prior.in_channels
@@ -278,7 +282,7 @@ def prior_task(prior: Prior) -> Any:
 def open_prior(path: str | Path, *, where: str, device: str | torch.device = "cpu",
                scheduler: Any = None) -> Prior:
     """An fl-sim prior (:func:`load_prior`) or a local diffusers pipeline / UNet directory
-    (:func:`fl_sim.diffusers_dirs.load_checkpoint_prior`, its scheduler read from it;
+    (:func:`load_checkpoint_prior`, its scheduler read from it;
     ``scheduler`` only for a bare UNet directory without one).
 
     A directory with ``fl_sim_prior.json``, or with neither ``model_index.json`` nor
@@ -288,8 +292,38 @@ def open_prior(path: str | Path, *, where: str, device: str | torch.device = "cp
     if (root / METADATA_FILE).is_file() or not (
             (root / "model_index.json").is_file() or (root / "config.json").is_file()):
         return load_prior(root, device=device)
-    from fl_sim.diffusers_dirs import load_checkpoint_prior
     return load_checkpoint_prior(root, where=where, device=device, scheduler=scheduler)
+
+
+def load_checkpoint_prior(path: str | Path, *, where: str, device: Any = "cpu",
+                          scheduler: Any = None) -> Prior:
+    """A :class:`Prior` from a diffusers pipeline or UNet directory.
+
+    The UNet is frozen, in eval mode, with the classic attention processor; the scheduler is
+    the checkpoint's (a ``DDPMScheduler`` built from its config). A bare UNet directory
+    without ``scheduler_config.json`` takes ``scheduler`` (gidm / gidm_plus pass the record's
+    own training schedule) and is refused without one. Raises the errors of
+    :func:`fl_sim.diffusers_dirs.read_checkpoint` and :func:`load_unet`, one line each.
+    """
+    from diffusers import DDPMScheduler  # lazy: diffusers is heavy; attacks import priors
+
+    ckpt = read_checkpoint(path, where=where)
+    if ckpt.scheduler_config is not None:
+        with quiet_diffusers():
+            sched = DDPMScheduler.from_config(unet_arch_config(ckpt.scheduler_config))
+    elif scheduler is not None:
+        sched = scheduler
+    else:
+        raise ConfigError(f"{where}: {ckpt.root} is a bare UNet directory without "
+                          "scheduler_config.json; give the pipeline directory (with "
+                          "scheduler/) so that its noise schedule is read, not assumed")
+    unet = load_unet(ckpt.unet_dir, device=device)
+    unet.requires_grad_(False)
+    abar = sched.alphas_cumprod.to(device=device, dtype=torch.float32).clone()
+    meta = {"source": "diffusers", "layout": ckpt.layout, "data": None, "filter": None,
+            "num_examples": None}
+    return Prior(unet=unet, scheduler=sched, metadata=meta, alphas_cumprod=abar,
+                 path=ckpt.root)
 
 
 def load_prior_for(path: str | Path, spec: Any, *, attack: str,
