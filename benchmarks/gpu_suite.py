@@ -90,7 +90,7 @@ FULL = Sizes(unet32=PUBLISHED_UNETS["google/ddpm-cifar10-32"],
 SMALL = Sizes(unet32={**TINY_UNET, "sample_size": 32}, unet256={**TINY_UNET, "sample_size": 64},
               big_size=64, resnet_width=8, round_clients=2, round_steps=2, round_batch=4,
               rounds=2, gidm_steps=2, gidm_iters=4, gidm256_iters=3, ig_iters=5,
-              fedavg_images=20, step_repeats=3,
+              fedavg_images=10, step_repeats=2,
               labels={"unet32": "tiny UNet (0.7 M) 32 px", "unet256": "tiny UNet 64 px",
                       "resnet": "ResNet-18 width 8"})
 

@@ -4,9 +4,10 @@ The whole suite shrunk to CPU size, in a subprocess (one torch thread), writes i
 Markdown with every case. The cost ratios it reports are checked against what the code does,
 not against a device: a GIDM phase-1 iteration runs the K-step sampler forward, its backward and
 the gradient matching, so it costs MORE than one plain training step of the same UNet (measured
-3.3 and 4.0 with K = 2 at 32 and 64 px, CPU time, 2026-12-07); an Inverting-Gradients iteration
-more than one (measured 3.3 / 2.9 at batch 1 / 8); a FedAvg round about its clients' steps
-(measured 1.00 and 0.89). Bounds: 1.5 (GIDM), 1.0 (IG), 0.5 (rounds).
+3.3-3.6 with K = 2 at 32 and 64 px, CPU time, 2026-12-07, two runs); an Inverting-Gradients
+iteration more than one (measured 2.3-3.3 at batch 1 / 8); a FedAvg round about its clients'
+steps (measured 0.9-1.2). Bounds: 1.5 (GIDM), 1.0 (IG), 0.5 (rounds). The run takes ~40 s of
+CPU (one thread).
 """
 
 from __future__ import annotations
