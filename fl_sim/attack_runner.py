@@ -28,10 +28,13 @@ from fl_sim.capabilities import defenses_with
 from fl_sim.config import AttackConfig, ExperimentConfig, attack_problem
 from fl_sim.errors import ConfigError, FlSimError, InvalidRecordError
 from fl_sim.extras import extras_to_json
+from fl_sim.identity import score_identity
 from fl_sim.inference import run_inference_attack
+from fl_sim.metrics import label_accuracy, lpips, score_reconstruction
 from fl_sim.prior_overlap import overlap_field
 from fl_sim.records import GroundTruthRecord, ObservationRecord
 from fl_sim.registry import ATTACKS, validate_params
+from fl_sim.run_dir import load_run
 from fl_sim.run_dir.files import RESULTS_FILE, load_results
 from fl_sim.run_dir.images import save_grid
 from fl_sim.seeding import torch_generator
@@ -46,7 +49,6 @@ _BUDGET_KEYS = ("max_iterations", "restarts", "iterations", "steps", "phase1_ite
 
 
 def _load_run(run_dir: Path) -> Any:
-    from fl_sim.run_dir import load_run
     return load_run(run_dir)
 
 
@@ -190,7 +192,6 @@ def run_attack(run_dir: Path, cfg: ExperimentConfig, name: str, params: Mapping[
     metrics = _score(recon, truth_images, truth_labels)
     metrics.update(_score_phases(recon.extras, truth_images))
     if cfg.metrics.identity_model and recon.images.numel():  # user-level: who is shown
-        from fl_sim.identity import score_identity
         metrics.update(score_identity(cfg.metrics.identity_model, recon.images, truth_labels))
     if view_of(view).per_client and "t" in recon.extras:  # attacks that search eps/t
         metrics.update(score_diffusion_aux(recon.extras, run.truth(server_round,
@@ -201,7 +202,6 @@ def run_attack(run_dir: Path, cfg: ExperimentConfig, name: str, params: Mapping[
         r_idx, t_idx = metrics["recon_index"], metrics["truth_index"]
         recon_m, truth_m = recon.images[r_idx], truth_images[t_idx]
         if cfg.metrics.lpips_weights:
-            from fl_sim.metrics import lpips
             metrics["lpips"] = float(lpips(recon_m, truth_m, weights_path=cfg.metrics.lpips_weights,
                                            net=cfg.metrics.lpips_net).mean())
         grid_path = run_dir / "attacks" / f"{name}_{view}_r{server_round}_c{record.client_id}" \
@@ -316,7 +316,6 @@ def _truth(run: Any, record: ObservationRecord, view: str,
 
 def _score(recon: Any, truth_images: torch.Tensor, truth_labels: torch.Tensor,
            ) -> dict[str, Any]:
-    from fl_sim.metrics import label_accuracy, score_reconstruction
     if recon.images.numel():
         s = score_reconstruction(recon.images, truth_images, recon_labels=recon.labels,
                                  truth_labels=truth_labels)
@@ -366,7 +365,6 @@ def score_diffusion_aux(extras: Mapping[str, Any], truth: GroundTruthRecord,
 
 def _score_phases(extras: Mapping[str, Any], truth_images: torch.Tensor) -> dict[str, float]:
     """Mean PSNR / SSIM of every ``extras["<phase>_images"]`` tensor (e.g. GIDM's phase 1)."""
-    from fl_sim.metrics import score_reconstruction
     out: dict[str, float] = {}
     for key, images in extras.items():
         if key.endswith("_images") and isinstance(images, torch.Tensor) and images.numel():

@@ -9,6 +9,7 @@ the claimed ε with its unit of privacy and neighbouring relation.
 
 from __future__ import annotations
 
+import base64
 import html
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from defenses.accounting import describe_relation
 from fl_sim.run_dir.files import load_audits
 
 AUDIT_PLOT = "audit_scores.png"
@@ -26,9 +28,9 @@ def plot_audit_scores(run_dir: Path, rows: Sequence[Mapping[str, Any]]) -> Path 
     rows = [r for r in rows if r.get("observed_scores") and r.get("unobserved_scores")]
     if not rows:
         return None
-    import matplotlib
+    import matplotlib  # lazy: matplotlib is heavy; only the audit plot needs it
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: matplotlib (as above)
 
     fig, axes = plt.subplots(1, len(rows), figsize=(4.5 * len(rows), 3))
     for ax, r in zip(np.atleast_1d(axes), rows, strict=True):
@@ -55,7 +57,6 @@ def _eps(v: Any, infinite: bool = False) -> str:
 
 def audit_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
     """One table row per audit: measured and claimed ε side by side, with their meaning."""
-    from defenses.accounting import describe_relation
     out = []
     for r in rows:
         kind = r.get("kind", "estimate")
@@ -93,7 +94,6 @@ def audit_section(run_dir: Path) -> str:
              f"<table><tr>{head}</tr>{body}</table>"]
     plot = plot_audit_scores(run_dir, rows)
     if plot is not None:
-        import base64
         data = base64.b64encode(plot.read_bytes()).decode()
         parts.append(f'<img alt="canary score distributions" '
                      f'src="data:image/png;base64,{data}">')

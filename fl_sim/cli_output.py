@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from fl_sim.threat_class import class_of_row
+
 logger = logging.getLogger("fl_sim")
 
 
@@ -63,11 +65,11 @@ def print_results(results: Sequence[dict[str, Any]]) -> None:
     attack that raised, ``-`` where there is no value; a view fallback (SecAgg+: the server's
     attack ran on the aggregate) is written in the view column; ``threat`` is the SoK attacker
     class A-E (:mod:`fl_sim.threat_class`) -- the vantage point is the view column."""
-    from rich.console import Console
-    from rich.table import Table
+    from rich.console import Console  # lazy: rich only where a table is printed
+    from rich.table import Table  # lazy: rich (as above)
 
+    # lazy: report loads torch; the CLI starts without it
     from fl_sim.report import metric_value, view_text
-    from fl_sim.threat_class import class_of_row
     if not results:
         return
     table = Table(title="attack results", header_style="bold")
@@ -92,8 +94,9 @@ def _fmt(v: Any, nd: int = 2) -> str:
 
 
 def print_summary(run_dir: Path) -> None:
+    # lazy: report and the run_dir package load torch; the CLI starts without it
     from fl_sim.report import write_report
-    from fl_sim.run_dir.files import load_results
+    from fl_sim.run_dir.files import load_results  # lazy: (as above)
     print_results(load_results(run_dir))
     report = write_report(run_dir)
     sys.stdout.write(f"run directory: {run_dir}\n")

@@ -138,7 +138,7 @@ class FederationConfig(_Section):
 
     def local_optimizer(self) -> LocalOptimizer:
         """The optimiser every client builds each round (what the records carry)."""
-        from fl_sim.records import LocalOptimizer  # torch only when asked
+        from fl_sim.records import LocalOptimizer  # lazy: torch only when asked
         return LocalOptimizer(self.optimizer, momentum=self.momentum,
                               weight_decay=self.weight_decay, betas=self.adam_betas,
                               eps=self.adam_eps)
@@ -179,7 +179,9 @@ class MetricsConfig(_Section):
     @model_validator(mode="after")
     def _lpips_available(self) -> MetricsConfig:
         if self.lpips_weights is not None:
-            from fl_sim.metrics import lpips_available
+            from fl_sim.metrics import (
+                lpips_available,  # lazy: metrics load torch and scipy; a config loads without them
+            )
             if not lpips_available(self.lpips_weights):
                 missing = ("the weights file" if not Path(self.lpips_weights).is_file()
                            else "the optional 'lpips' package (pip install 'fl-sim[lpips]')")

@@ -78,8 +78,9 @@ def _save_array(a: np.ndarray, run_dir: Path, stem: str) -> dict[str, Any]:
                        mean=float(finite.mean()))
         if a.ndim == 4 and a.shape[1] in (1, 3) and finite.size == a.size and finite.size \
                 and float(finite.min()) >= 0.0 and float(finite.max()) <= 1.0:
-            from PIL import Image
+            from PIL import Image  # lazy: Pillow only where a PNG is written
 
+            # lazy: the run_dir package loads config and views, which attacks need not
             from fl_sim.run_dir.images import image_grid
             png = path.with_suffix(".png")
             Image.fromarray(image_grid([torch.from_numpy(np.asarray(a, np.float32))])).save(png)

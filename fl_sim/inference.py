@@ -30,11 +30,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from attacks.components.inference import Auxiliary, Candidates
 from fl_sim.capabilities import strategy_capabilities
+from fl_sim.data import load_data
 from fl_sim.errors import ConfigError, FlSimError
 from fl_sim.extras import extras_to_json
+from fl_sim.metrics import roc_metrics
+from fl_sim.registry import ATTACKS
 from fl_sim.seeding import torch_generator
-from fl_sim.stores import read_tensors, write_tensors
+from fl_sim.stores import TruthStore, read_tensors, write_tensors
 from fl_sim.view_types import view_of
 
 CANDIDATES_DIR = Path("truth") / "candidates"
@@ -62,7 +66,6 @@ def _source(cfg: Any) -> tuple[Tensor, Tensor]:
 
 @lru_cache(maxsize=2)
 def _load_source(data_json: str) -> tuple[Tensor, Tensor]:
-    from fl_sim.data import load_data
     section = json.loads(data_json)
     splits = load_data(section.pop("name"), **section)
     images = torch.cat([torch.as_tensor(splits.train.images), torch.as_tensor(splits.test.images)])
@@ -90,7 +93,6 @@ def _member_pool(run: Any, view: str, client: int | None, server_round: int,
 
 
 def _truth_keys(run: Any) -> list[tuple[int, int]]:
-    from fl_sim.stores import TruthStore
     return TruthStore(run.path).keys()
 
 
@@ -111,7 +113,6 @@ def build_candidates(run: Any, *, view: str, client: int | None, server_round: i
     """``(Candidates, membership [N] bool, Auxiliary)`` for one attack (module doc); writes
     them to the truth store. Raises :class:`~fl_sim.errors.ConfigError` when the run holds
     too few members or held-out examples for the numbers asked."""
-    from attacks.components.inference import Auxiliary, Candidates
     seed = int(run.config.run.seed)
     mx, my = _member_pool(run, view, client, server_round, target_model)
     hx, hy = held_out(run)
@@ -146,7 +147,6 @@ def read_membership(run_dir: Path, key: str) -> Tensor:
 def score_membership(run_dir: Path, key: str, scores: Tensor) -> dict[str, Any]:
     """ROC metrics (:func:`fl_sim.metrics.roc_metrics`) of ``scores`` against the recorded
     membership of candidate set ``key``."""
-    from fl_sim.metrics import roc_metrics
     return roc_metrics(scores, read_membership(run_dir, key))
 
 
@@ -203,7 +203,6 @@ def _attack_inputs(run: Any, attack: Any, *, view: str, client: int | None,
             num_members=int(attack.num_members), num_nonmembers=int(attack.num_nonmembers),
             key=key)
         return candidates, aux
-    from attacks.components.inference import Auxiliary
     hx, hy = held_out(run)
     return None, Auxiliary(hx, hy, digest(hx, hy))
 
@@ -223,7 +222,6 @@ def score_property(run: Any, view: str, client: int | None, server_round: int,
 def property_roc(rows: Any) -> dict[str, Any]:
     """ROC metrics (:func:`fl_sim.metrics.roc_metrics`) over property-inference result rows
     (one score per round or case). Raises ``ValueError`` without both outcomes."""
-    from fl_sim.metrics import roc_metrics
     rows = [r for r in rows if "property" in (r.get("metrics") or {})]
     return roc_metrics(torch.tensor([float(r["metrics"]["score"]) for r in rows]),
                        torch.tensor([bool(r["metrics"]["property"]) for r in rows]))
@@ -235,8 +233,10 @@ def check_inference_attacks(cfg: Any) -> None:
     the data set has, and the examples no client can train on (the data source minus every
     client's partition: an upper bound of the held-out pool) hold the non-member candidates
     plus one shadow model's training set. One-line :class:`~fl_sim.errors.ConfigError`."""
-    from fl_sim.federation.client_app import load_partitions, load_splits
-    from fl_sim.registry import ATTACKS
+    from fl_sim.federation.client_app import (  # lazy: loads flwr (the Flower client app)
+        load_partitions,
+        load_splits,
+    )
     todo = [(i, a) for i, a in enumerate(cfg.attacks)
             if getattr(ATTACKS.get(a.name), "inference", None)]
     if not todo:

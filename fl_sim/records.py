@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
+from fl_sim.errors import ThreatModelError
 from fl_sim.tasks.spec import ModelSpec
 
 Tap = Literal["server_in", "aggregate", "peer_view"]
@@ -122,7 +123,6 @@ class ObservationRecord:
         if self.tap == "peer_view":
             held = sorted(k for k in self.knowledge if k in GROUND_TRUTH_KNOWLEDGE)
             if held or tuple(self.knowledge.get("granted") or ()):
-                from fl_sim.errors import ThreatModelError
                 raise ThreatModelError(
                     f"a peer record cannot carry ground truth (knowledge {held or ''}"
                     f"{'' if held else 'granted ' + str(self.knowledge.get('granted'))}): a "

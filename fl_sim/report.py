@@ -39,7 +39,7 @@ def plot_metrics(run_dir: Path, rows: list[dict[str, Any]] | None = None) -> Pat
         return None
     import matplotlib  # lazy: matplotlib is heavy and only this plot needs it
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: matplotlib (as above)
 
     keys = [k for k in ("train_loss", "eval_accuracy", "eval_loss")
             if any(isinstance(r.get(k), int | float) for r in rows)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html as _html
+import math
 from typing import Any
 
 
@@ -9,8 +11,6 @@ def roc_svg(fpr: Any, tpr: Any, *, title: str = "ROC", size: int = 260) -> str:
     """A self-contained inline SVG of a ROC curve on log-log axes (the field's convention
     for low-FPR performance, Carlini et al. 2022), with the chance diagonal. Axes run from
     ``1 / (number of FPR steps)`` (at least 1e-4) to 1; zeros are drawn on the lower edge."""
-    import html as _html
-    import math
     f = [float(v) for v in fpr]
     t = [float(v) for v in tpr]
     positive = [v for v in f + t if v > 0]

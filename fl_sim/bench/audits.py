@@ -15,6 +15,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from fl_sim.registry import DEFENSES
+from fl_sim.run_dir.files import load_audits
+
 AUDIT_CSV, AUDIT_PLOT = "audits.csv", "audit_epsilon.png"
 COLUMNS = ("audit", "view", "unit", "measured_epsilon", "measured_kind", "claimed_epsilon",
            "claimed_by", "claimed_neighbouring", "delta", "num_canaries", "dp_units")
@@ -23,7 +26,6 @@ COLUMNS = ("audit", "view", "unit", "measured_epsilon", "measured_kind", "claime
 def dp_units(cfg: Any) -> list[str]:
     """The privacy units the config's defenses claim an ε for (``privacy_unit`` of each DP
     defense: ``"example"``, ``"client"``); empty for a run without DP."""
-    from fl_sim.registry import DEFENSES
     units = []
     for d in cfg.defenses:
         unit = getattr(DEFENSES.get(d.name), "privacy_unit", None)
@@ -35,7 +37,6 @@ def dp_units(cfg: Any) -> list[str]:
 def audit_rows(plan: Any, bench_dir: Path) -> list[dict[str, Any]]:
     """One row per audit of every finished simulation of ``plan``, with its axis values and
     ``dp_units`` (the units its DP defenses claim an ε for, ``;``-joined; empty: no DP)."""
-    from fl_sim.run_dir.files import load_audits
     out = []
     for sim in plan.simulations:
         units = ";".join(dp_units(sim.config))
@@ -89,9 +90,9 @@ def plot_measured_vs_claimed(rows: Sequence[Mapping[str, Any]], axes: Sequence[s
     pts = [(r, m) for r, m in pts if m is not None and m > 0]
     if not pts:
         return None
-    import matplotlib
+    import matplotlib  # lazy: matplotlib is heavy; only the audit plot needs it
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: matplotlib (as above)
 
     claimed = [c for r, _ in pts if (c := _num(r.get("claimed_epsilon"))) and c > 0]
     measured = [m for _, m in pts]
