@@ -97,6 +97,8 @@ def run(config: str | Path | Mapping[str, Any] | ExperimentConfig,
     (see docs/PLUGINS.md), :class:`~fl_sim.errors.FlSimError` if the run fails.
     """
     from fl_sim.federation.simulation import run_experiment
+
+    # lazy: keeps torch out of this module's import
     from fl_sim.run_dir import load_run as _load_run
     cfg = load_config(config, overrides)
     if ray_address:
@@ -108,6 +110,7 @@ def run(config: str | Path | Mapping[str, Any] | ExperimentConfig,
 
 def load_run(path: str | Path) -> Run:
     """Open a recorded run directory (:func:`fl_sim.run_dir.load_run`)."""
+    # lazy: keeps torch out of this module's import
     from fl_sim.run_dir import load_run as _load_run
     return _load_run(path)
 
@@ -130,11 +133,13 @@ def replay(run: Run | str | Path, attack: str, *, view: str | None = None,
     :class:`~fl_sim.errors.ConfigError` for a bad parameter or an attack the run cannot
     serve, :class:`~fl_sim.errors.RunDirError` for a bad run directory.
     """
-    from fl_sim import attack_runner
+    from fl_sim import attack_runner  # lazy: keeps scipy, torch out of this module's import
+
+    # lazy: keeps torch out of this module's import
     from fl_sim.report import write_report as _write_report
     path = _run_path(run)
     if device is not None:
-        from attacks.base import resolve_device
+        from attacks.base import resolve_device  # lazy: keeps torch out of this module's import
         resolve_device(device)  # a CUDA request without CUDA: one line, before any work
     results = attack_runner.replay(path, attack, params={**(params or {}), **kw_params},
                                    view=view, client=client,
@@ -146,7 +151,7 @@ def replay(run: Run | str | Path, attack: str, *, view: str | None = None,
 
 def report(run: Run | str | Path) -> Path:
     """(Re)write ``report.html`` of a run from its recorded files; its path."""
-    from fl_sim.report import write_report
+    from fl_sim.report import write_report  # lazy: keeps torch out of this module's import
     return write_report(_run_path(run))
 
 
@@ -160,12 +165,13 @@ class BenchResult:
 
     def records(self) -> list[dict[str, Any]]:
         """The results table, one flat record per cell in plan order (as ``results.csv``)."""
+        # lazy: keeps torch out of this module's import
         from fl_sim.bench.outputs import flat, load_rows
         return [flat(r, self.plan.axis_names) for r in load_rows(self.plan, self.dir)]
 
     def rows(self) -> list[dict[str, Any]]:
         """The raw result rows of ``results.jsonl`` (nested, typed values)."""
-        from fl_sim.bench.outputs import load_rows
+        from fl_sim.bench.outputs import load_rows  # lazy: keeps torch out of this module's import
         return load_rows(self.plan, self.dir)
 
     def df(self) -> Any:
@@ -184,7 +190,7 @@ def bench(grid: str | Path, *, out: str | Path | None = None, workers: int = 1,
     grid before anything runs.
     """
     from fl_sim.bench.grid import load_grid
-    from fl_sim.bench.runner import run_bench
+    from fl_sim.bench.runner import run_bench  # lazy: keeps torch out of this module's import
     plan = load_grid(grid)
     bench_dir = Path(out) if out is not None else Path("bench") / plan.name
     if workers > 1 or ray_address:  # attack cells become Ray tasks in other processes

@@ -33,7 +33,7 @@ class _ThirdPartyFilter(logging.Filter):
 
 
 def _configure_logging(debug: bool) -> None:
-    from rich.logging import RichHandler
+    from rich.logging import RichHandler  # lazy: keeps rich out of this module's import
     handler = RichHandler(show_path=debug, show_time=False, markup=False)
     if not debug:
         handler.addFilter(_ThirdPartyFilter())
@@ -46,8 +46,8 @@ def _configure_logging(debug: bool) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
+    from rich.console import Console  # lazy: keeps rich out of this module's import
+    from rich.table import Table  # lazy: keeps rich out of this module's import
 
     from fl_sim.registry import ALL_REGISTRIES, describe_params, entry_point_group
 
@@ -172,6 +172,7 @@ def _interrupted(exc: Any) -> None:
 
 def _quiet_flower(debug: bool) -> None:
     """Flower's console handler follows ``--debug`` (fl_sim.federation.flower_compat)."""
+    # lazy: keeps flwr, torch out of this module's import
     from fl_sim.federation.flower_compat import quiet_console
     quiet_console(debug)
 
@@ -197,6 +198,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_train_prior(args: argparse.Namespace) -> int:
+    # lazy: keeps torch out of this module's import
     from fl_sim.train_prior import prior_config, train_prior
     cfg = prior_config(args.config, args.overrides)
     out = args.out if args.out is not None else Path("priors") / Path(args.config).stem
@@ -214,6 +216,8 @@ def cmd_train_identity(args: argparse.Namespace) -> int:
     import tomllib
 
     from fl_sim.errors import ConfigError
+
+    # lazy: keeps torch out of this module's import
     from fl_sim.identity import train_identity_from_config
     try:
         cfg = tomllib.loads(Path(args.config).read_text())
@@ -226,6 +230,8 @@ def cmd_train_identity(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from fl_sim import api
     from fl_sim.bench.grid import check_cells, load_grid
+
+    # lazy: keeps torch out of this module's import
     from fl_sim.bench.runner import auto_workers, check_bench_dir, estimate
     plan = load_grid(args.grid)
     out = args.out if args.out is not None else Path("bench") / plan.name

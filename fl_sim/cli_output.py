@@ -29,6 +29,7 @@ class Progress:
 
     def __enter__(self) -> Progress:
         if self.enabled:
+            # lazy: keeps rich out of this module's import
             from rich.progress import (
                 BarColumn,
                 MofNCompleteColumn,
@@ -69,6 +70,7 @@ def print_results(results: Sequence[dict[str, Any]]) -> None:
     from rich.table import Table  # lazy: rich (as above)
 
     # lazy: report loads torch; the CLI starts without it
+    # lazy: keeps torch out of this module's import
     from fl_sim.report import metric_value, view_text
     if not results:
         return
@@ -95,7 +97,7 @@ def _fmt(v: Any, nd: int = 2) -> str:
 
 def print_summary(run_dir: Path) -> None:
     # lazy: report and the run_dir package load torch; the CLI starts without it
-    from fl_sim.report import write_report
+    from fl_sim.report import write_report  # lazy: keeps torch out of this module's import
     from fl_sim.run_dir.files import load_results  # lazy: (as above)
     print_results(load_results(run_dir))
     report = write_report(run_dir)

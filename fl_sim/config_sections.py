@@ -179,6 +179,7 @@ class MetricsConfig(_Section):
     @model_validator(mode="after")
     def _lpips_available(self) -> MetricsConfig:
         if self.lpips_weights is not None:
+            # lazy: keeps scipy, torch out of this module's import
             from fl_sim.metrics import (
                 lpips_available,  # lazy: metrics load torch and scipy; a config loads without them
             )

@@ -18,7 +18,7 @@ def to_dataframe(records: Sequence[Mapping[str, Any]]) -> Any:
     Raises :class:`~fl_sim.errors.MissingDependencyError` when pandas is not installed.
     """
     try:
-        import pandas as pd
+        import pandas as pd  # lazy: keeps pandas out of this module's import
     except ImportError:
         raise MissingDependencyError(
             "pandas is not installed: DataFrames need the optional extra "

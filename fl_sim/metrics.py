@@ -229,6 +229,7 @@ def _lpips_model(weights_path: str | Path | None, net: str) -> Any:
             f"LPIPS-{net} state dict (backbone + linear heads); fl-sim never downloads weights")
     key = (str(Path(weights_path).resolve()), net)
     if key not in _LPIPS_CACHE:
+        # lazy: keeps lpips out of this module's import
         import lpips as lpips_pkg  # optional dependency
 
         # pretrained=False / pnet_rand=True: build the architecture without any download,

@@ -48,6 +48,7 @@ def check_before_start(cfg: ExperimentConfig, *, run_dir: Path, resume: bool) ->
     check_data(cfg)
     check_audit_data(cfg)
     check_attack_fit(cfg)
+    # lazy: keeps scipy out of this module's import
     from fl_sim.inference import check_inference_attacks  # membership / property (issue 22)
     check_inference_attacks(cfg)
     check_model(cfg)
@@ -103,6 +104,7 @@ def check_model(cfg: ExperimentConfig) -> None:
     4-pixel images) is a one-line ConfigError, and ``[model] pretrained`` weights that are
     missing or of another architecture a one-line MissingResourceError / DataError /
     ConfigError naming each difference."""
+    # lazy: keeps flwr, scipy out of this module's import
     from fl_sim.federation.server_app import server_task
     try:
         server_task(cfg)
@@ -121,6 +123,7 @@ def check_attack_schedule(cfg: ExperimentConfig) -> None:
     in r + 1 (the next global; the last round's comes with the final broadcast). Injected
     client failures are random per run and not predicted.
     """
+    # lazy: keeps flwr out of this module's import
     from fl_sim.federation.taps import sample_clients
     fed = cfg.federation
     clients = list(range(fed.num_clients))
@@ -173,7 +176,10 @@ def check_attack_fit(cfg: ExperimentConfig) -> None:
     attack than its parameters can handle (``Attack.max_images_per_update(params)``). The
     peer view's update is the other sampled clients' aggregate, the aggregate view's the
     sum of every sampled client's. Needs the partitions (:func:`check_data` first)."""
+    # lazy: keeps flwr, scipy out of this module's import
     from fl_sim.federation.client_app import load_partitions
+
+    # lazy: keeps flwr out of this module's import
     from fl_sim.federation.taps import sample_clients
     from fl_sim.registry import ATTACKS, validate_params
     fed = cfg.federation
@@ -225,6 +231,7 @@ def check_metrics(cfg: ExperimentConfig) -> None:
 
 def check_data(cfg: ExperimentConfig) -> None:
     """Load and partition the data as the clients will (DataError / ConfigError if not)."""
+    # lazy: keeps flwr, scipy out of this module's import
     from fl_sim.federation.client_app import load_partitions, load_splits
     data_json = json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True)
     partition_json = json.dumps(cfg.partition.model_dump(mode="json"), sort_keys=True)
@@ -236,5 +243,6 @@ def check_audit_data(cfg: ExperimentConfig) -> None:
     """Draw the canary examples as the clients will: more canaries than the test split
     holds is a one-line ConfigError here, not a failure in every client."""
     if any(a.name == "canary_examples" for a in cfg.audits):
+        # lazy: keeps scipy out of this module's import
         from fl_sim.federation.canary_data import canary_examples
         canary_examples(cfg)

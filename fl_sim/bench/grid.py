@@ -222,7 +222,7 @@ def check_cells(plan: Plan) -> None:
     and the images per recorded update against the attack's declared limit). Loads each
     simulation's data (cached). Raises a one-line ConfigError naming the cell."""
     from fl_sim.config import AttackConfig
-    from fl_sim.preflight import check_attack_fit
+    from fl_sim.preflight import check_attack_fit  # lazy: keeps torch out of this module's import
     for c in plan.cells:
         entry = {"name": c.attack, "view": c.view, "client": c.client, "rounds": [c.round],
                  **c.params}

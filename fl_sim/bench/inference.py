@@ -29,11 +29,11 @@ def plot_membership_epsilon(rows: Sequence[Mapping[str, Any]], path: Path) -> Pa
     if not pts:
         return None
     try:
-        import matplotlib
+        import matplotlib  # lazy: keeps matplotlib out of this module's import
     except ImportError:
         return None
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: keeps matplotlib out of this module's import
     finite = [e for r in pts if math.isfinite(e := _epsilon(r) or 0.0) and e > 0]
     right = (max(finite) * 10) if finite else 10.0
     fig, axs = plt.subplots(1, len(KEYS), figsize=(5.5 * len(KEYS), 4.2), squeeze=False)

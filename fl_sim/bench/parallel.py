@@ -25,7 +25,7 @@ Done = Callable[[Cell, Path, "dict[str, Any] | None", "str | None", float], None
 def _cell_task(attack: Callable[[Path, Cell], dict[str, Any]], sim_dir: str, cell: Cell
                ) -> tuple[dict[str, Any] | None, str | None, float]:
     """Run one cell in a Ray worker: (result, error text, seconds)."""
-    import torch
+    import torch  # lazy: keeps torch out of this module's import
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     try:
@@ -42,7 +42,7 @@ def run_cells_on_ray(items: Sequence[tuple[Path, Cell]],
     cluster running), else starts a local Ray with ``workers`` CPUs and stops it after."""
     if not items:
         return
-    import ray
+    import ray  # lazy: keeps ray out of this module's import
 
     from fl_sim.federation.lifecycle import ray_session
     init: dict[str, Any] = {"ignore_reinit_error": True}

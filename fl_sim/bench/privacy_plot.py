@@ -161,12 +161,12 @@ def privacy_figure(rows: Sequence[Mapping[str, Any]], axes: Sequence[str]) -> An
     if not keys and not has_utility:
         return None
     try:
-        import matplotlib
+        import matplotlib  # lazy: keeps matplotlib out of this module's import
     except ImportError:
         return None
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullLocator
+    import matplotlib.pyplot as plt  # lazy: keeps matplotlib out of this module's import
+    from matplotlib.ticker import NullLocator  # lazy: keeps matplotlib out of this module's import
     xs, ticks, tick_labels, log_x = _x_positions(rows, axes)
     no_dp = ticks[-1] if log_x and NO_DP in tick_labels else None
     n = len(keys) + has_utility
@@ -205,7 +205,7 @@ def plot_privacy_utility(rows: Sequence[Mapping[str, Any]], axes: Sequence[str],
     fig = privacy_figure(rows, axes)
     if fig is None:
         return None
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: keeps matplotlib out of this module's import
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -69,7 +69,7 @@ def _default_simulate(cfg: ExperimentConfig, *, run_dir: Path, resume: bool) -> 
 
 
 def _default_attack(sim_dir: Path, cell: Cell) -> dict[str, Any]:
-    from fl_sim import attack_runner
+    from fl_sim import attack_runner  # lazy: keeps scipy out of this module's import
     res = attack_runner.replay(sim_dir, cell.attack, params=dict(cell.params), view=cell.view,
                                client=cell.client, rounds=[cell.round])
     if not res:

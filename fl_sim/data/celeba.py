@@ -106,7 +106,7 @@ def _image_dir(root: Path) -> Path:
 def read_faces(folder: Path, files: list[str], *, center_crop: int, image_size: int,
                channels: int) -> np.ndarray:
     """The aligned JPEGs ``files`` -> uint8 [N, S, S, C]: central crop, then Lanczos resize."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError  # lazy: keeps Pillow out of this module's import
 
     mode = "RGB" if channels == 3 else "L"
     out = np.empty((len(files), image_size, image_size, channels), np.uint8)

@@ -53,7 +53,7 @@ def _offline() -> None:
 def _require_flwr_datasets() -> Any:
     _offline()
     try:
-        import flwr_datasets
+        import flwr_datasets  # lazy: keeps flwr-datasets out of this module's import
     except ImportError:
         raise ConfigError("data 'flwr_datasets' needs the flwr-datasets package: pip install "
                           "'fl-sim[flwr-datasets]'") from None
@@ -172,7 +172,7 @@ def partition_indices(partitioner: Any, labels: np.ndarray,
     The partitioner sees a ``datasets.Dataset`` of those columns plus a row index, and
     returns its partitions as rows; the indices are read back from them.
     """
-    import datasets
+    import datasets  # lazy: keeps datasets out of this module's import
 
     cols: dict[str, Any] = {"label": labels.tolist(), _INDEX: list(range(len(labels)))}
     if groups is not None:
@@ -197,6 +197,7 @@ def flwr_partitioner(labels: np.ndarray, num_clients: int, *, rng: np.random.Gen
     import inspect
 
     _require_flwr_datasets()
+    # lazy: keeps flwr-datasets out of this module's import
     from flwr_datasets import partitioner as module
 
     known = sorted(n for n in dir(module) if n.endswith("Partitioner") and n != "Partitioner")
@@ -239,7 +240,7 @@ def from_federated_dataset(fds: Any, *, image_column: str = "img", label_column:
     concatenation in partition order, so partition ``i`` is one contiguous index range (rows
     that no partition holds are left out). Raises DataError for a missing split or column.
     """
-    import datasets
+    import datasets  # lazy: keeps datasets out of this module's import
 
     _offline()
     try:

@@ -279,7 +279,7 @@ def read_image_folder(root: Path, class_names: list[str], *, channels: int | Non
     gray, else RGB. Raises :class:`DataError` for an unreadable image, differing sizes without
     ``image_size``, or no images at all.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError  # lazy: keeps Pillow out of this module's import
 
     files: list[tuple[Path, int]] = []
     for label, name in enumerate(class_names):
@@ -313,7 +313,7 @@ def read_image_folder(root: Path, class_names: list[str], *, channels: int | Non
 
 
 def _square(im: Any, size: int | None) -> np.ndarray:
-    from PIL import Image
+    from PIL import Image  # lazy: keeps Pillow out of this module's import
 
     w, h = im.size
     s = min(w, h)

@@ -179,7 +179,7 @@ def digits(*, image_size: int = 32, channels: int = 1, test_fraction: float = 0.
     """
     _check_params(image_size=image_size, channels=channels, max_train=max_train,
                   max_test=max_test, test_fraction=test_fraction)
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # lazy: keeps scikit-learn out of this module's import
 
     x, y = load_digits(return_X_y=True)
     images = (x.reshape(-1, 1, 8, 8) / 16.0).astype(np.float32)

@@ -326,6 +326,7 @@ def deploy_local(cfg: ExperimentConfig, *, run_dir: Path | str | None = None,
     Raises :class:`DeploymentError` when a process does not start, the run fails or it takes
     longer than ``timeout_s`` seconds; every process is stopped in any case.
     """
+    # lazy: keeps flwr, scipy, torch out of this module's import
     from fl_sim.federation import server_app  # imports flwr and torch
 
     n = int(num_supernodes or cfg.federation.num_clients)
@@ -334,7 +335,7 @@ def deploy_local(cfg: ExperimentConfig, *, run_dir: Path | str | None = None,
     out = out.expanduser().resolve()
     if (out / server_app.RUN_FILE).exists():
         raise RunDirError(f"{out} already holds a run; choose another run directory")
-    from fl_sim.preflight import check_before_start
+    from fl_sim.preflight import check_before_start  # lazy: keeps torch out of this module's import
     check_before_start(cfg, run_dir=out, resume=False)  # bad data / run dir: before any process
     from fl_sim.plugin_reach import check_plugins_reach_workers
     check_plugins_reach_workers(cfg, engine="deployment")  # SuperNodes load installed ones only

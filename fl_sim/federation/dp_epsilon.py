@@ -61,6 +61,7 @@ def rounds_sampled(cfg: Any, client_id: int, upto_round: int) -> int:
 @lru_cache(maxsize=65536)
 def _sampled(seed: int, server_round: int, num_clients: int, fraction: float
              ) -> frozenset[int]:
+    # lazy: keeps flwr out of this module's import
     from fl_sim.federation.taps import sample_clients
     return frozenset(sample_clients(seed, server_round, list(range(num_clients)), fraction))
 
@@ -126,7 +127,7 @@ def reply_epsilons(replies: Iterable[Any], client_of: Callable[[Any], int]
                    ) -> dict[int, tuple[float, float]]:
     """``client -> (round ε, cumulative ε)`` of the train replies (Flower Messages) that
     carry ε in their META record; error replies carry none."""
-    from fl_sim.federation import protocol as P
+    from fl_sim.federation import protocol as P  # lazy: keeps flwr out of this module's import
     out = {}
     for msg in replies:
         if msg.has_error():

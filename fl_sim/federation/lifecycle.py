@@ -148,7 +148,7 @@ def _stop(proc: subprocess.Popen[bytes] | None) -> None:
 def _ray_init(init_args: Mapping[str, Any]) -> None:
     """``ray.init`` as Flower's RayBackend would call it (same runtime env), keeping the
     process's own SIGINT / SIGTERM handlers."""
-    import ray
+    import ray  # lazy: keeps ray out of this module's import
     if ray.is_initialized():
         return
     saved = {sig: signal.getsignal(sig) for sig in SIGNALS}
@@ -169,7 +169,7 @@ def _ray_init(init_args: Mapping[str, Any]) -> None:
 
 
 def _shutdown_ray(timeout_s: float) -> None:
-    import ray
+    import ray  # lazy: keeps ray out of this module's import
     t = threading.Thread(target=ray.shutdown, daemon=True, name="fl-sim-ray-shutdown")
     t.start()
     t.join(timeout_s)

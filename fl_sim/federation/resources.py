@@ -65,7 +65,7 @@ class ResourcePlan:
 def local_node() -> Node:
     """This machine as a local Ray would see it (Ray's CPU count honours cgroup quotas)."""
     try:
-        from ray._private.utils import get_num_cpus
+        from ray._private.utils import get_num_cpus  # lazy: keeps ray out of this module's import
         cpus = float(get_num_cpus())
     except Exception:  # ray's private helper moved: fall back to the OS count
         cpus = float(os.cpu_count() or 1)
@@ -77,7 +77,7 @@ def cluster_nodes(address: str) -> list[Node]:
 
     Raises :class:`~fl_sim.errors.ConfigError` if no cluster answers there.
     """
-    import ray
+    import ray  # lazy: keeps ray out of this module's import
     try:
         with warnings.catch_warnings():  # ray's FutureWarning about accelerator env vars
             warnings.simplefilter("ignore")

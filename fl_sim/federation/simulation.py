@@ -29,6 +29,7 @@ def backend_config(cfg: ExperimentConfig) -> dict[str, Any]:
 
     ``cfg`` is resolved by :func:`~fl_sim.federation.resources.prepare_resources` (an unset
     ``num_gpus`` counts as 0 here)."""
+    # lazy: keeps torch out of this module's import
     from fl_sim.federation.resources import backend_resources
     # Ray forwards every actor's log lines to the driver's terminal; only with debug logging.
     init_args: dict[str, Any] = {"ignore_reinit_error": True,
@@ -52,13 +53,20 @@ def run_experiment(cfg: ExperimentConfig, *, run_dir: str | Path | None = None,
     fresh run into a directory that already holds a run; :class:`~fl_sim.errors.FlSimError`
     if the simulation did not complete.
     """
+    # lazy: keeps flwr, scipy, torch out of this module's import
     from fl_sim.federation import server_app
+
+    # lazy: keeps flwr, scipy, torch out of this module's import
     from fl_sim.federation.client_app import app as client_app
+
+    # lazy: keeps flwr, torch out of this module's import
     from fl_sim.federation.flower_compat import install_dispatch_patch, run_simulation
     from fl_sim.federation.lifecycle import RunInterrupted, ray_session
+
+    # lazy: keeps torch out of this module's import
     from fl_sim.federation.resources import apply_determinism, prepare_resources
     from fl_sim.federation.resume import remove_partial_files
-    from fl_sim.preflight import check_before_start
+    from fl_sim.preflight import check_before_start  # lazy: keeps torch out of this module's import
 
     # client resources the machine (or cluster) cannot satisfy: one line, before Ray starts
     cfg, _ = prepare_resources(cfg)

@@ -42,7 +42,7 @@ def unet(in_channels: int, num_classes: int, image_size: int, *,
     no preset is given, so a published checkpoint's exact architecture is built; its
     ``sample_size`` / ``in_channels`` must be the data's (``ValueError`` otherwise).
     """
-    from diffusers import UNet2DModel
+    from diffusers import UNet2DModel  # lazy: keeps diffusers out of this module's import
 
     if config is not None:
         cfg = {k: v for k, v in config.items() if not k.startswith("_")}
@@ -65,6 +65,7 @@ def unet(in_channels: int, num_classes: int, image_size: int, *,
 def use_classic_attention(model: nn.Module) -> nn.Module:
     """Give every diffusers ``Attention`` of ``model`` the classic ``AttnProcessor`` (in place;
     returns ``model``): the fused SDPA kernel has no double backward on CPU."""
+    # lazy: keeps diffusers out of this module's import
     from diffusers.models.attention_processor import Attention, AttnProcessor
 
     for module in model.modules():

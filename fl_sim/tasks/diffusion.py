@@ -55,7 +55,7 @@ class DiffusionTask:
                  beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear",
                  prediction_type: PredictionType = "epsilon",
                  scheduler_config: dict[str, Any] | None = None) -> None:
-        from diffusers import DDPMScheduler
+        from diffusers import DDPMScheduler  # lazy: keeps diffusers out of this module's import
 
         if num_train_timesteps < 1:
             raise ValueError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}")
@@ -204,7 +204,7 @@ class DiffusionTask:
         return self.to_pixel_space(x)
 
     def _sampling_scheduler(self, kind: str) -> Any:
-        from diffusers import DDIMScheduler
+        from diffusers import DDIMScheduler  # lazy: keeps diffusers out of this module's import
 
         if kind == "ddim":
             return DDIMScheduler.from_config(self.scheduler.config)
