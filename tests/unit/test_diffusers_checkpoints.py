@@ -148,6 +148,13 @@ def test_schedule_and_prediction_type_are_read(tmp_path: Path, schedule: str,
     sampler = DDIMSampler.from_scheduler(spec.build_task().model, spec.build_task().scheduler, 2)
     assert sampler.prediction_type == prediction
     assert torch.equal(sampler.alphas_cumprod, ref)
+    # ... and so does the sampler of the same directory opened as an attack's prior (GIAS)
+    from fl_sim.priors import open_prior
+    prior = open_prior(path, where="gias.prior")
+    prior_sampler = DDIMSampler.from_scheduler(prior.unet, prior.scheduler, 2)
+    assert prior_sampler.prediction_type == prediction
+    assert torch.equal(prior.alphas_cumprod, ref)
+    assert prior_sampler.timesteps == [250, 0]  # T = 500, read from the checkpoint
 
 
 def test_config_that_disagrees_with_the_checkpoint_is_refused(tmp_path: Path) -> None:
