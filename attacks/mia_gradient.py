@@ -36,6 +36,7 @@ from fl_sim.errors import ConfigError
 from fl_sim.records import ObservationRecord
 from fl_sim.registry import ATTACKS
 from fl_sim.tasks.base import Batch
+from fl_sim.view_types import check_declarable
 
 Score = Literal["cosine", "grad_norm", "both"]
 
@@ -75,8 +76,7 @@ class MiaGradient(InferenceAttack):
                  num_members: int = 16, num_nonmembers: int = 16) -> None:
         self.num_members, self.num_nonmembers = candidate_counts(
             "mia_gradient", num_members, num_nonmembers)
-        if view not in ("server", "peer"):
-            raise ConfigError(f"mia_gradient.view: got {view!r}; allowed: server, peer")
+        check_declarable("mia_gradient.view", view)
         if score not in ("cosine", "grad_norm", "both"):
             raise ConfigError(f"mia_gradient.score: got {score!r}; allowed: cosine, "
                               "grad_norm, both")

@@ -34,6 +34,7 @@ from fl_sim.errors import ConfigError
 from fl_sim.records import ObservationRecord
 from fl_sim.registry import ATTACKS
 from fl_sim.tasks.base import Batch
+from fl_sim.view_types import TAP_VIEWS, check_declarable
 
 
 def batch_gradients(task: Any, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor],
@@ -76,8 +77,7 @@ class PropertyInference(InferenceAttack):
                 or property_class < 0:
             raise ConfigError(f"property_inference.property_class: got {property_class!r}; "
                               "a class index >= 0")
-        if view not in ("server", "peer"):
-            raise ConfigError(f"property_inference.view: got {view!r}; allowed: server, peer")
+        check_declarable("property_inference.view", view)
         if num_batches < 2 or batch_size < 0:
             raise ConfigError("property_inference: num_batches >= 2 and batch_size >= 0 needed")
         self.view = view  # type: ignore[misc]
@@ -89,7 +89,7 @@ class PropertyInference(InferenceAttack):
         (published total minus its own) or the client's batch."""
         if self.batch_size:
             return self.batch_size
-        if record.role == "peer":
+        if not TAP_VIEWS[record.tap].server_side:  # a peer's derived update
             total = int(record.knowledge.get("aggregated_num_examples", 0))
             return max(total - int(record.num_examples), 1)
         return max(int(record.batch_size or record.num_examples), 1)

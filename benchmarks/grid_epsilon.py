@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from fl_sim.bench.grid import load_grid  # noqa: E402
 from fl_sim.federation.dp_epsilon import (  # noqa: E402
-    CLIENT_DP,
+    client_dp_defenses,
     client_epsilons,
     privacy_semantics,
     rounds_sampled,
@@ -37,7 +37,7 @@ def main() -> None:
     for grid in a.grids:
         for sim in load_grid(grid).simulations:
             cfg = sim.config
-            if [d.name for d in cfg.defenses if d.name in CLIENT_DP] != ["local_dp"]:
+            if [d.name for d in client_dp_defenses(cfg)] != ["local_dp"]:
                 continue
             fed = cfg.federation
             clients = range(fed.num_clients)

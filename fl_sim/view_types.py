@@ -23,8 +23,10 @@ class View:
     files' name part — unchanged on disk. ``party``: who looks (``Run.view(party)`` builds
     the records; ``record.role``). ``tap``: the tap whose records it reads. ``per_client``:
     one client's own update (scored against that client's truth) rather than a mix of several
-    clients. ``server_side``: the server holds it after each round (attacks on it run online;
-    a peer's derived update needs round ``r + 1`` and runs at the end). ``fallback``: the view
+    clients. ``server_side``: the server holds it after each round (attacks on it run online);
+    otherwise it is a peer's, derived from what the peer kept (recorded for
+    ``federation.peer_clients`` only; needs round ``r + 1`` and another client, so attacks
+    on it run at the end of the run). ``fallback``: the view
     used instead when a configured defense ``hides_per_client_updates``. ``public_config``:
     the public config the view's records may carry (documentation;
     :func:`fl_sim.views.aggregate_training` and the peer view read exactly these).
@@ -125,3 +127,17 @@ def view_of(name: str | View) -> View:
         return VIEWS[name]
     except KeyError:
         raise ConfigError(f"unknown view {name!r}; known: {', '.join(VIEWS)}") from None
+
+
+def check_declarable(owner: str, view: str) -> str:
+    """``view`` if an attack may declare it as its own view (``server``, ``peer``), else a
+    one-line :class:`~fl_sim.errors.ConfigError` naming ``owner`` (``"mia_gradient.view"``)
+    and the allowed names.
+
+    >>> check_declarable("x.view", "peer")
+    'peer'
+    """
+    allowed = [v.name for v in VIEWS.values() if v.declarable]
+    if view not in allowed:
+        raise ConfigError(f"{owner}: got {view!r}; allowed: {', '.join(allowed)}")
+    return view

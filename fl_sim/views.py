@@ -51,7 +51,7 @@ from fl_sim.stores import ObservationStore, PeerStore, TruthStore
 from fl_sim.view_types import TAP_VIEWS, VIEWS, View, view_of
 
 __all__ = ["TAP_VIEWS", "VIEWS", "PeerView", "ServerView", "View", "aggregate_training",
-           "others_mean_delta", "others_mean_gradient", "view_of"]
+           "aggregate_training_row", "others_mean_delta", "others_mean_gradient", "view_of"]
 
 
 def aggregate_training(cfg: Any) -> dict[str, Any]:
@@ -352,3 +352,11 @@ class PeerView:
                        knowledge=knowledge, own_update=own, num_clients_aggregated=others,
                        optimizer=_optimizer(own_e, self.optimizer),
                        defenses=tuple(own_e.get("defenses", ())))
+
+
+def aggregate_training_row(cfg: Any) -> dict[str, Any]:
+    """:func:`aggregate_training` as JSON, the ``training`` the server tap writes into each
+    aggregate's index row (read back by :meth:`ServerView.aggregate`)."""
+    t = aggregate_training(cfg)
+    return {"lr": t["lr"], "local_steps": t["local_steps"], "batch_size": t["batch_size"],
+            "optimizer": t["optimizer"].to_json()}

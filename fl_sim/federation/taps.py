@@ -143,10 +143,15 @@ class TapStrategy(Strategy):
                  fraction_train: float, fraction_evaluate: float,
                  store: ObservationStore | None,
                  retention: Retention | None = None,
-                 defenses: Sequence[Mapping[str, Any]] = ()) -> None:
+                 defenses: Sequence[Mapping[str, Any]] = (),
+                 aggregate_training: Mapping[str, Any] | None = None) -> None:
         self.inner = inner
         #: the defenses in force (``describe()`` dicts), written into every record
         self.defenses = [dict(d) for d in defenses]
+        #: the public training parameters behind the aggregate (lr, local_steps, batch_size,
+        #: optimizer; :func:`fl_sim.views.aggregate_training_row`), written with each
+        #: aggregate so its view reads them as recorded
+        self.aggregate_training = dict(aggregate_training) if aggregate_training else None
         self.seed = int(seed)
         self.node_to_client = {int(n): int(c) for n, c in node_to_client.items()}
         self.client_to_node = {c: n for n, c in self.node_to_client.items()}
@@ -245,7 +250,9 @@ class TapStrategy(Strategy):
                                     _decode(new), {
                     "update_kind": "delta", "num_examples": self.log.num_examples,
                     "num_clients_aggregated": len(self.log.accepted),
-                    "clients": self.log.accepted, "defenses": self.defenses})
+                    "clients": self.log.accepted, "defenses": self.defenses,
+                    **({"training": self.aggregate_training}
+                       if self.aggregate_training else {})})
             self.log.tap_seconds += time.perf_counter() - t0
         # Published with the next global (an empty round publishes zeros, never stale totals).
         done = new is not None

@@ -196,3 +196,29 @@ def test_views_keep_their_names_and_taps_on_disk() -> None:
     assert VIEWS["aggregate"].holds_sum and not VIEWS["peer"].holds_sum
     with pytest.raises(ConfigError, match="known: server, peer, aggregate"):
         view_of("client")
+
+
+def test_the_aggregate_carries_the_training_parameters_the_tap_recorded(
+        tmp_path: Path) -> None:
+    """The server tap writes the aggregate's training parameters into its row; the view
+    reads them as recorded. A row written before (no ``training``) falls back to what the
+    caller derives from the run's config, so an old run directory replays unchanged."""
+    from fl_sim.stores import ObservationStore, TruthStore
+    from fl_sim.views import ServerView, aggregate_training_row
+    spec = ModelSpec(model="mlp", model_params={}, task="classifier", task_params={},
+                     in_channels=1, num_classes=2, image_size=2, mean=(0.0,), std=(1.0,))
+    cfg = _cfg("fedsgd", lr=0.25, batch_size=8)
+    row = aggregate_training_row(cfg)
+    assert row == {"lr": 0.25, "local_steps": 1, "batch_size": 8,
+                   "optimizer": {"name": "sgd", "momentum": 0.0, "weight_decay": 0.0}}
+    for r, meta in ((1, {"training": row}), (2, {})):
+        store = ObservationStore(tmp_path)
+        store.write_global(r, {"w": torch.zeros(2)})
+        store.write_update("aggregate", r, None, {"w": torch.ones(2)}, {
+            "update_kind": "delta", "num_examples": 4, "num_clients_aggregated": 2,
+            "clients": [0, 1], **meta})
+    view = ServerView("r", spec, ObservationStore(tmp_path), TruthStore(tmp_path))
+    recorded = view.aggregate(1, lr=9.0, local_steps=9, batch_size=9)
+    assert (recorded.lr, recorded.local_steps, recorded.batch_size) == (0.25, 1, 8)
+    old = view.aggregate(2, lr=9.0, local_steps=9, batch_size=9)
+    assert (old.lr, old.local_steps, old.batch_size) == (9.0, 9, 9)
