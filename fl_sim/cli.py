@@ -10,11 +10,14 @@ parser (sub-commands, options, help) is :mod:`fl_sim.cli_parser`.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from fl_sim.cli_output import Progress as _Progress
 from fl_sim.cli_output import print_results as _print_results
@@ -103,7 +106,6 @@ def _positional(kind: str) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    import json
 
     from fl_sim import api
     cfg = api.load_config(args.config, args.overrides)
@@ -213,7 +215,6 @@ def cmd_train_prior(args: argparse.Namespace) -> int:
 
 
 def cmd_train_identity(args: argparse.Namespace) -> int:
-    import tomllib
 
     from fl_sim.errors import ConfigError
 

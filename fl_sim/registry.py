@@ -15,9 +15,12 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import re
+import typing
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import pydantic
@@ -163,7 +166,6 @@ def check_not_shadowed(module: Any) -> None:
     """Raise :class:`PluginError` (one line) if ``module`` (one of fl-sim's top-level plug-in
     packages, e.g. ``attacks``) was imported from somewhere else than fl-sim itself: a user's
     package of the same name earlier on ``sys.path`` would hide every built-in plug-in."""
-    from pathlib import Path
     top = module.__name__.split(".")[0]
     if top not in BUILTIN_PACKAGES or top == "fl_sim":
         return
@@ -207,7 +209,6 @@ class _ParamsBase(StrictNumbers):
 
 def _resolve_annotation(target: Callable[..., Any], name: str, ann: str) -> Any:
     try:
-        import typing
         return typing.get_type_hints(target, include_extras=True).get(name, Any)
     except Exception:  # pragma: no cover - exotic annotations
         return Any
@@ -281,7 +282,6 @@ def describe_params(obj: Callable[..., Any], *, skip: int = 0) -> list[ParamInfo
 
 def _attribute_comments(cls: type) -> dict[str, str]:
     """``#: text`` comments above a dataclass' fields (the defenses' convention), by field."""
-    import re
     out: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         try:
@@ -302,7 +302,6 @@ def _attribute_comments(cls: type) -> dict[str, str]:
 
 
 def _type_name(ann: Any) -> str:
-    import typing
     if typing.get_origin(ann) is typing.Literal:
         return " | ".join(repr(a) for a in typing.get_args(ann))
     if getattr(ann, "__module__", None) == "builtins" and hasattr(ann, "__name__"):
@@ -314,7 +313,6 @@ def param_help(doc: str, name: str, *, width: int = 90) -> str:
     """One line about parameter ``name`` from a docstring: an ``Args:``-style line
     ``name (...): text`` or ``name: text``, else the clause after the first ````name````
     (up to ``;`` or the end of the sentence); ``""`` if the docstring never names it."""
-    import re
     flat = " ".join(doc.split())
     m = re.search(rf"(?m)^\s*{re.escape(name)}\s*(?:\([^)]*\))?\s*:\s*(\S.*)$", doc)
     if m:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import itertools
 import json
 from collections.abc import Mapping, Sequence
@@ -264,7 +265,6 @@ def _check_attack_params(attack: str, params: Mapping[str, Any], avalues: Mappin
 def _accepts(attack: str, param: str) -> bool:
     """Whether attack ``attack`` takes keyword ``param`` (an ``attack.*`` axis applies only
     to the attacks that have that parameter; the others get one cell, not one per value)."""
-    import inspect
 
     from fl_sim.registry import ATTACKS
     try:

@@ -10,6 +10,7 @@ the seeded attacks make the same grid give the same table.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -264,7 +265,6 @@ def estimate(plan: Plan, bench_dir: Path | None = None) -> dict[str, Any]:
 def _budget(cell: Cell) -> int:
     """Attack iterations of a cell for ``--dry-run``: its params over the attack's defaults
     (``max_iterations`` / ``iterations`` / ``steps``, or GIDM's two phases), x restarts."""
-    import inspect
 
     from fl_sim.registry import ATTACKS
     try:

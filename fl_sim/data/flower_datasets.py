@@ -29,6 +29,7 @@ Face libraries forced offline: nothing is downloaded. Needs the ``flwr-datasets`
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -194,7 +195,6 @@ def flwr_partitioner(labels: np.ndarray, num_clients: int, *, rng: np.random.Gen
         ConfigError: an unknown partitioner (lists them), options it refuses, an unknown
         ``partition_by`` column.
     """
-    import inspect
 
     _require_flwr_datasets()
     # lazy: keeps flwr-datasets out of this module's import
