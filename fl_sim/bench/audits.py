@@ -84,18 +84,20 @@ def plot_measured_vs_claimed(rows: Sequence[Mapping[str, Any]], axes: Sequence[s
     """Measured ε against claimed ε on log axes with y = x; a legend per defense / audit
     (no annotations that could collide); runs without DP at "no DP" on the right. A row
     without a claim from a run WITH DP (its defense claims another unit: canary_clients
-    under dp_sgd) is left out: it has no claimed ε to stand beside."""
+    under dp_sgd) is left out: it has no claimed ε to stand beside. A measured 0 (a lower
+    bound that rejects nothing) cannot sit on a log axis: it is drawn on a dotted line at the
+    bottom, tick "0"."""
     pts = [(r, _num(r.get("measured_epsilon"))) for r in rows
            if _num(r.get("claimed_epsilon")) is not None or not r.get("dp_units")]
-    pts = [(r, m) for r, m in pts if m is not None and m > 0]
-    if not pts:
+    pts = [(r, m) for r, m in pts if m is not None and m >= 0]
+    if not any(m > 0 or (_num(r.get("claimed_epsilon")) or 0) > 0 for r, m in pts):
         return None
     import matplotlib  # lazy: matplotlib is heavy; only the audit plot needs it
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # lazy: matplotlib (as above)
 
     claimed = [c for r, _ in pts if (c := _num(r.get("claimed_epsilon"))) and c > 0]
-    measured = [m for _, m in pts]
+    measured = [m for _, m in pts if m > 0]
     lo = min([*claimed, *measured]) / 2
     hi = max([*claimed, *measured]) * 2
     no_dp_x = hi * 2
@@ -104,18 +106,25 @@ def plot_measured_vs_claimed(rows: Sequence[Mapping[str, Any]], axes: Sequence[s
     for r, m in pts:
         c = _num(r.get("claimed_epsilon"))
         label = f"{r.get('claimed_by') or 'no DP'} · {r.get('audit')} ({r.get('view')})"
-        groups.setdefault(label, []).append((c if c and c > 0 else no_dp_x, m))
+        groups.setdefault(label, []).append((c if c and c > 0 else no_dp_x, m or lo))
     for label, xy in sorted(groups.items()):
         xy.sort()
         ax.plot([p[0] for p in xy], [p[1] for p in xy], marker="o", linestyle="-",
                 label=label)
     ax.plot([lo, hi], [lo, hi], color="grey", linestyle="--", label="y = x")
+    if any(m == 0 for _, m in pts):
+        ax.axhline(lo, color="grey", linestyle=":", linewidth=0.8,
+                   label="measured 0 (drawn on this line)")
     ax.axvline(hi, color="lightgrey", linewidth=0.8)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlim(lo, no_dp_x * 1.5)
     ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
     ax.set_xticks([*ticks, no_dp_x], [*(f"{t:g}" for t in ticks), "no DP"])
+    if any(m == 0 for _, m in pts):
+        ax.set_ylim(lo / 1.5, None)
+        yt = [t for t in ax.get_yticks() if lo < t <= ax.get_ylim()[1]]
+        ax.set_yticks([lo, *yt], ["0", *(f"{t:g}" for t in yt)])
     ax.set_xlabel("claimed ε (accountant)")
     ax.set_ylabel("measured ε (audit)")
     ax.set_title("measured vs claimed ε")
