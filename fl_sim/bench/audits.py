@@ -79,6 +79,16 @@ def _num(v: Any) -> float | None:
     return x if x == x else None
 
 
+def plotted_rows(rows: Sequence[Mapping[str, Any]]
+                 ) -> list[tuple[Mapping[str, Any], float]]:
+    """``(row, measured ε)`` of the rows :func:`plot_measured_vs_claimed` draws: a finite
+    measured ε ≥ 0 (an infinite estimate stays in audits.csv: no log axis holds it), and a
+    claim beside it or no DP in the run (``dp_units`` empty)."""
+    pts = [(r, _num(r.get("measured_epsilon"))) for r in rows
+           if _num(r.get("claimed_epsilon")) is not None or not r.get("dp_units")]
+    return [(r, m) for r, m in pts if m is not None and 0 <= m < float("inf")]
+
+
 def plot_measured_vs_claimed(rows: Sequence[Mapping[str, Any]], axes: Sequence[str],
                              out: Path) -> Path | None:
     """Measured ε against claimed ε on log axes with y = x; a legend per defense / audit
@@ -87,9 +97,7 @@ def plot_measured_vs_claimed(rows: Sequence[Mapping[str, Any]], axes: Sequence[s
     under dp_sgd) is left out: it has no claimed ε to stand beside. A measured 0 (a lower
     bound that rejects nothing) cannot sit on a log axis: it is drawn on a dotted line at the
     bottom, tick "0"."""
-    pts = [(r, _num(r.get("measured_epsilon"))) for r in rows
-           if _num(r.get("claimed_epsilon")) is not None or not r.get("dp_units")]
-    pts = [(r, m) for r, m in pts if m is not None and m >= 0]
+    pts = plotted_rows(rows)
     if not any(m > 0 or (_num(r.get("claimed_epsilon")) or 0) > 0 for r, m in pts):
         return None
     import matplotlib  # lazy: matplotlib is heavy; only the audit plot needs it

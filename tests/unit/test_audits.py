@@ -193,3 +193,22 @@ def test_guesses_take_the_most_and_least_confident() -> None:
     g = ce.guesses(scores, k_pos=2, k_neg=1)
     assert g.tolist() == [1, -1, 0, 1, 0]
     assert ce.count_correct(g, np.array([True, False, True, False, True])) == (3, 2)
+
+
+# -- the bench's measured-vs-claimed plot -----------------------------------------------------
+def test_audit_plot_keeps_claimed_and_no_dp_rows_and_draws_a_zero_bound(tmp_path: Path) -> None:
+    """canary_clients under dp_sgd (the defense claims examples, not clients) has no claim to
+    stand beside: left out; so is an infinite estimate (no log axis holds it); a lower bound
+    of 0 under dp_sgd and a no-DP row are drawn."""
+    from fl_sim.bench.audits import plot_measured_vs_claimed, plotted_rows
+    rows = [{"audit": "canary_examples", "measured_epsilon": 0.0, "claimed_epsilon": 14.3,
+             "claimed_by": "dp_sgd", "dp_units": "example"},
+            {"audit": "canary_clients", "measured_epsilon": 48.9, "claimed_epsilon": None,
+             "claimed_by": None, "dp_units": "example"},
+            {"audit": "canary_clients", "measured_epsilon": 37.0, "claimed_epsilon": None,
+             "claimed_by": None, "dp_units": ""},
+            {"audit": "canary_clients", "measured_epsilon": "inf", "claimed_epsilon": 6.2,
+             "claimed_by": "central_dp", "dp_units": "client"}]
+    kept = [(r["audit"], m) for r, m in plotted_rows(rows)]
+    assert kept == [("canary_examples", 0.0), ("canary_clients", 37.0)]  # not ∞, not 48.9
+    assert plot_measured_vs_claimed(rows, [], tmp_path / "a.png") == tmp_path / "a.png"
