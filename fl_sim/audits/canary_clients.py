@@ -60,6 +60,7 @@ from pydantic import Field
 from scipy import optimize, stats
 
 from fl_sim.audits.base import Audit
+from fl_sim.capabilities import strategy_capabilities
 from fl_sim.registry import AUDITS
 
 #: largest ε :func:`gaussian_pair_epsilon` searches (beyond it the two fits barely overlap)
@@ -248,10 +249,10 @@ class CanaryClients(Audit):
         if self.null == "closed_form" and self.view == "every_global":
             return ('null = "closed_form" is N(0, 1/d), the cosine of ONE round; the '
                     'every_global statistic is a max over rounds (use null = "fitted")')
-        if strategy == "fedsgd":
+        if strategy and strategy_capabilities(strategy).sends_gradient:
             # FedSGD's replies are server steps global − η·g: a canary's weights-space update
             # would enter with the wrong sign and a 1/η scale (measured: mean cosine −0.38)
-            return ("canary clients send a model delta; strategy fedsgd aggregates gradients "
-                    "(use fedavg or another delta-averaging strategy)")
+            return (f"canary clients send a model delta; strategy {strategy} aggregates "
+                    "gradients (use fedavg or another delta-averaging strategy)")
         return super().problem(num_clients=num_clients, num_rounds=num_rounds,
                                defense_names=defense_names)

@@ -27,8 +27,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from defenses.accounting import EXAMPLE
 from fl_sim.audits import canary_examples as est
+from fl_sim.capabilities import defenses_with
 from fl_sim.federation.partitions import load_splits, section_json
+from fl_sim.registry import DEFENSES
 from fl_sim.seeding import numpy_rng
 
 
@@ -120,14 +123,22 @@ def score_and_write(cfg: Any, task: Any, final: Any, run_dir: Path) -> dict[str,
     return row
 
 
+def example_level_dp(cfg: Any) -> list[str]:
+    """The configured defenses whose reported ε is about one example (DP-SGD)."""
+    return [n for n in defenses_with("reports_epsilon", cfg.defenses)
+            if getattr(DEFENSES.get(n), "privacy_unit", None) == EXAMPLE]
+
+
 def claimed_example_epsilon(cfg: Any, run_dir: Path) -> dict[str, Any]:
-    """dp_sgd's example-level ε of the run (the last metrics row: max over clients)."""
+    """The example-level ε the run's DP defense claims (dp_sgd: it declares
+    ``reports_epsilon`` with ``privacy_unit = "example"``; the last metrics row: max over
+    clients)."""
     from fl_sim.run_dir.files import read_metrics
-    d = next((d for d in cfg.defenses if d.name == "dp_sgd"), None)
+    d = next((d for d in cfg.defenses if d.name in example_level_dp(cfg)), None)
     rows = [r for r in read_metrics(Path(run_dir)) if "dp_epsilon" in r]
     if d is None or not rows:
         return {"claimed_epsilon": None, "claimed_by": None}
     last = rows[-1]
-    return {"claimed_epsilon": last.get("dp_epsilon"), "claimed_by": "dp_sgd",
+    return {"claimed_epsilon": last.get("dp_epsilon"), "claimed_by": d.name,
             "claimed_unit": last.get("dp_unit"), "claimed_neighbouring":
             last.get("dp_neighbouring"), "claimed_delta": d.params.get("delta", 1e-5)}

@@ -34,6 +34,7 @@ from typing import Any
 from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
+from fl_sim.capabilities import strategy_capabilities
 from fl_sim.config import ExperimentConfig
 from fl_sim.defended import build_defenses
 from fl_sim.errors import FlSimError
@@ -63,7 +64,7 @@ def max_num_examples(cfg: ExperimentConfig) -> int:
     parts = load_partitions(section_json(cfg.data), section_json(cfg.partition),
                             fed.num_clients, cfg.run.seed)
     largest = max(len(p) for p in parts)
-    if cfg.strategy.name == "fedsgd":
+    if strategy_capabilities(cfg.strategy.name).sends_gradient:  # one batch's gradient
         return min(largest, fed.batch_size)
     if fed.local_steps is not None:
         return min(largest, fed.local_steps * fed.batch_size)
