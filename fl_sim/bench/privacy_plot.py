@@ -42,7 +42,9 @@ def epsilon_of(row: Mapping[str, Any]) -> float | None:
 
 def _value(axis: str, v: Any) -> str:
     if isinstance(v, list) and all(isinstance(d, Mapping) for d in v):
-        return "; ".join(format_defense(d) for d in v) or "no defense"
+        # a whole-defenses axis: its privacy levels are x, not part of the series
+        return "; ".join(format_defense({k: x for k, x in d.items() if k not in PRIVACY_LEAVES})
+                         for d in v) or "no defense"
     return f"{axis.split('.')[-1]}={v}"
 
 

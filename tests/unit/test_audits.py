@@ -212,3 +212,14 @@ def test_audit_plot_keeps_claimed_and_no_dp_rows_and_draws_a_zero_bound(tmp_path
     kept = [(r["audit"], m) for r, m in plotted_rows(rows)]
     assert kept == [("canary_examples", 0.0), ("canary_clients", 37.0)]  # not ∞, not 48.9
     assert plot_measured_vs_claimed(rows, [], tmp_path / "a.png") == tmp_path / "a.png"
+
+
+def test_a_whole_defenses_axis_joins_its_noise_levels_into_one_series() -> None:
+    """audit_sweep sweeps ``defenses`` as whole lists: the two σ of one defense are one line
+    of privacy_utility.png (σ is x, through ε), not two unconnected points."""
+    from fl_sim.bench.privacy_plot import series_label
+    rows = [{"defenses": [f"dp_sgd(noise_multiplier={s})"], "attack": "noop", "view": "server",
+             "axes": {"defenses": [{"name": "dp_sgd", "noise_multiplier": s}]}}
+            for s in (0.5, 2.0)]
+    labels = {series_label(r, ["defenses"], attack=False) for r in rows}
+    assert labels == {"dp_sgd [dp_sgd]"}
