@@ -51,6 +51,7 @@ from attacks.base import Attack, Reconstruction
 from attacks.components.ddim_sampler import CHECKPOINT_MODES, Checkpoint, DDIMSampler
 from attacks.components.inversion import InversionProblem, _update_fn
 from attacks.components.objectives import cosine_distance, l2_distance, lr_multiplier
+from attacks.components.progress import report as report_progress
 from attacks.inverting_gradients import InvertingGradients, LabelSource, MultiStep
 from fl_sim.errors import ConfigError
 from fl_sim.records import ObservationRecord
@@ -96,6 +97,7 @@ def search_latent(sampler: DDIMSampler, match: Matching, z0: Tensor, *, iteratio
     best = (math.inf, z.detach().clone(), None)
     history: list[float] = []
     for it in range(iterations + 1):  # the extra pass only scores the final latents
+        report_progress("phase 1", it, iterations + 1)
         images = _to_pixels(sampler.sample(z, checkpoint=checkpoint))
         loss = match(images)
         value = float(loss.detach())
@@ -146,6 +148,7 @@ def search_parameters(sampler: DDIMSampler, match: Matching, z: Tensor, *, itera
         return sum(sum((w[k] - base[k]).pow(2).sum() for k in base) for w in weights) / base_sq
 
     for it in range(iterations + 1):
+        report_progress("phase 2", it, iterations + 1)
         images = _per_image(sampler, z, weights, buffers, checkpoint)
         loss = match(images)
         value = float(loss.detach())

@@ -60,6 +60,7 @@ from attacks.components.gradients import (
 )
 from attacks.components.local_optimizers import describe as describe_optimizer
 from attacks.components.objectives import lr_multiplier
+from attacks.components.progress import report as report_progress
 from fl_sim.errors import ConfigError
 from fl_sim.records import ObservationRecord
 from fl_sim.registry import ATTACKS
@@ -120,6 +121,7 @@ def _optimise(start: Tensor, to_images: Callable[[Tensor], Tensor],
     best_loss, best_images = best if best is not None else (math.inf, None)
     history: list[float] = []
     for it in range(iterations):
+        report_progress(f"phase {phase}", it, iterations)
         for group in opt.param_groups:
             group["lr"] = lr * lr_multiplier("cosine", it, iterations)
         images = to_images(var)
@@ -164,6 +166,7 @@ def _lbfgs(start: Tensor, to_images: Callable[[Tensor], Tensor], matching: Diffu
         loss = matching(to_images(var))
         loss.backward()
         history.append(float(loss.detach()))
+        report_progress(f"phase {phase}", len(history), iterations)
         if callback is not None:
             callback(phase, len(history) - 1, to_images(var).detach())
         return loss
@@ -193,6 +196,7 @@ def _lbfgsb(start: Tensor, matching: DiffusionMatching, *, iterations: int,
         loss = matching(x)
         (grad,) = torch.autograd.grad(loss, x)
         history.append(float(loss.detach()))
+        report_progress(f"phase {phase}", len(history), iterations)
         if callback is not None:
             callback(phase, len(history) - 1, x.detach())
         return history[-1], grad.detach().cpu().double().numpy().ravel()

@@ -55,6 +55,7 @@ from torch import Tensor
 from attacks.base import Reconstruction
 from attacks.components.ddim_sampler import CHECKPOINT_MODES, Checkpoint, DDIMSampler
 from attacks.components.objectives import lr_multiplier
+from attacks.components.progress import report as report_progress
 from attacks.inverting_gradients import (
     AuxSource,
     Distance,
@@ -134,6 +135,7 @@ def project(sampler: DDIMSampler, target: Tensor, z0: Tensor, *, iterations: int
     opt = torch.optim.Adam([z], lr=lr)
     history: list[float] = []
     for it in range(iterations):
+        report_progress("projection", it, iterations)
         for group in opt.param_groups:
             group["lr"] = lr * lr_multiplier("cosine", it, iterations)
         generated = (sampler.sample(z, checkpoint=checkpoint) + 1) / 2

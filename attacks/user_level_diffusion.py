@@ -66,6 +66,7 @@ from attacks.components.gradients import (
     split_state,
 )
 from attacks.components.objectives import cosine_distance, lr_multiplier
+from attacks.components.progress import report as report_progress
 from fl_sim.errors import ConfigError
 from fl_sim.records import ObservationRecord
 from fl_sim.registry import ATTACKS
@@ -157,6 +158,7 @@ class UserLevelDiffusion(Attack):
         opt = torch.optim.Adam([z], lr=self.lr)
         start, history = time.perf_counter(), []
         for it in range(self.iterations):
+            report_progress("iterations", it, self.iterations)
             for group in opt.param_groups:
                 group["lr"] = self.lr * lr_multiplier("cosine", it, self.iterations)
             images = (sampler.sample(z, checkpoint=self.checkpoint) + 1) / 2

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from fl_sim.attack_plan import announced
 from fl_sim.capabilities import defenses_with
 from fl_sim.config import AttackConfig, ExperimentConfig, attack_problem
 from fl_sim.errors import ConfigError, FlSimError, InvalidRecordError
@@ -185,8 +186,11 @@ def run_attack(run_dir: Path, cfg: ExperimentConfig, name: str, params: Mapping[
         _append(run_dir, result)
         return [result]
     gen = torch_generator(cfg.run.seed, "attack", name, server_round, record.client_id or 0)
-    t0 = time.perf_counter()
-    recon = attack(record, generator=gen, device=device)
+    # the plan (images, unrolled steps, iterations, time, memory) before any work, then
+    # progress lines while it runs (issue 24 item 8)
+    with announced(name, attack, record):
+        t0 = time.perf_counter()
+        recon = attack(record, generator=gen, device=device)
     seconds = time.perf_counter() - t0
     truth_images, truth_labels = _truth(run, record, view, server_round)
     metrics = _score(recon, truth_images, truth_labels)

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from attacks.components.gradients import Params
 from attacks.components.objectives import l2_distance, total_variation
+from attacks.components.progress import report as report_progress
 
 __all__ = ["abar_at", "relaxed_loss", "Problem", "Candidates", "eps_prior",
            "candidate_gradients", "matching_distance", "time_embedding_distance", "Render",
@@ -172,6 +173,7 @@ def optimise(problem: Problem, cand: Candidates, w: Weights, iterations: int, *,
     opt = torch.optim.Adam(groups)
     base = [g["lr"] for g in opt.param_groups]
     for it in range(iterations):
+        report_progress("iterations", it, iterations)
         if decay:
             f = 0.5 * (1 + math.cos(math.pi * it / iterations)) * 0.95 + 0.05
             for g, b in zip(opt.param_groups, base, strict=True):

@@ -1,0 +1,209 @@
+"""An attack's plan before it starts, and its progress while it runs (issue 24 item 8).
+
+Before an attack computes anything, :func:`plan_attack` states what it will do: the images
+it reconstructs, the local steps it unrolls, its iterations and restarts, a rough time and a
+rough peak memory, and, when the plan is big, the cheaper choices. The time and memory come
+from a cost model calibrated by a probe of a few milliseconds: one forward + backward of the
+record's model on at most 4 random images (its time per image, and the bytes autograd saves
+per image, counted with :func:`torch.autograd.graph.saved_tensors_hooks`). Nothing of the
+attack's size is allocated, so a plan that would exhaust memory is printed before it does.
+
+Cost model (one iteration, per surviving restart): the matching objective runs the client's
+``S`` unrolled steps on ``S x batch`` images (or the ``N`` images of one gradient) with double
+back-propagation, ~:data:`DOUBLE_BACKWARD` forward + backward passes per image; a diffusion
+prior's sampler adds ``K`` (``sampler_steps``) passes per image. Peak memory: the graph of
+the objective holds ~:data:`GRAPH_COPIES` times the saved activations of all its images. The
+estimate is rough (the probe's time varies with the machine's load; the factor against a
+measured run is in ``tests/unit/test_attack_plan.py``) and counts the matching term only:
+a learned image prior loaded from disk is not probed.
+
+:func:`progress_lines` is the listener the runner installs around the attack: a log line
+(stderr at the command line) at the first iteration and then every ``every`` seconds.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fl_sim.records import ObservationRecord
+
+__all__ = ["AttackPlan", "plan_attack", "progress_lines"]
+
+logger = logging.getLogger(__name__)
+
+#: forward + backward passes per image of one double-back-propagated objective evaluation
+DOUBLE_BACKWARD = 3.0
+#: copies of the saved activations alive at the objective's peak (forward, create_graph
+#: backward, and the backward through both)
+GRAPH_COPIES = 3.0
+#: a plan above either threshold is "big": the cheaper choices are printed with it
+BIG_SECONDS, BIG_BYTES = 120.0, 2 * 1024 ** 3
+
+
+@dataclass(frozen=True)
+class AttackPlan:
+    """What one attack on one record will do. ``seconds`` / ``peak_bytes``: estimates."""
+
+    attack: str
+    images: int
+    unrolled_steps: int
+    batch_size: int
+    iterations: int
+    restarts: int
+    sampler_steps: int
+    seconds: float
+    peak_bytes: float
+    cheaper: list[str] = field(default_factory=list)
+
+    @property
+    def big(self) -> bool:
+        return self.seconds > BIG_SECONDS or self.peak_bytes > BIG_BYTES
+
+    def lines(self) -> list[str]:
+        """The plan in words, one line each (the first is the summary)."""
+        steps = (f"{self.unrolled_steps} unrolled local steps of {self.batch_size}"
+                 if self.unrolled_steps > 1 else "1 gradient step")
+        head = (f"plan: {self.attack}: {self.images} images, {steps}, {self.iterations} "
+                f"iterations x {self.restarts} restart(s)"
+                + (f", sampler {self.sampler_steps} steps" if self.sampler_steps else "")
+                + f": ~{_duration(self.seconds)}, peak ~{self.peak_bytes / 1024 ** 3:.1f} GB "
+                  "(rough estimate)")
+        if not self.big:
+            return [head]
+        return [head, "plan is big; cheaper: " + "; ".join(self.cheaper)]
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _iterations(attack: Any) -> int:
+    """The attack's optimisation budget per restart, as its parameters name it."""
+    for name in ("iterations", "max_iterations"):
+        value = getattr(attack, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return sum(int(v) for k, v in vars(attack).items()
+               if k.endswith("_iterations") and isinstance(v, int))
+
+
+def _mean_alive(attack: Any, restarts: int, iterations: int) -> float:
+    """Mean number of restarts optimised per iteration (successive halving prunes them)."""
+    if restarts <= 1 or iterations <= 0 or getattr(attack, "restart_pruning", None) != "halving":
+        return float(max(restarts, 1))
+    from attacks.components.restarts import pruning_schedule  # lazy: attacks import fl_sim
+    alive, total, last = restarts, 0.0, 0
+    for it, size in pruning_schedule(restarts, iterations):
+        total += alive * (it + 1 - last)
+        alive, last = size, it + 1
+    return (total + alive * (iterations - last)) / iterations
+
+
+def probe(record: ObservationRecord, images: int = 4) -> tuple[float, float]:
+    """``(seconds, saved bytes)`` per image of one forward + backward of the record's task
+    loss on ``images`` random images (the second of two timed runs; CPU, no attack state)."""
+    task = record.spec.build_task()
+    params = {k: v.detach().requires_grad_(True) for k, v in task.model.named_parameters()}
+    buffers = dict(task.model.named_buffers())
+    gen = torch.Generator().manual_seed(0)
+    shape = (images, record.spec.in_channels, record.spec.image_size, record.spec.image_size)
+    from fl_sim.tasks.base import Batch  # lazy: the tasks import the models
+    batch = Batch(torch.rand(shape, generator=gen),
+                  torch.zeros(images, dtype=torch.int64))
+    aux = task.sample_aux(batch, gen) if hasattr(task, "sample_aux") else {}
+    saved = [0]
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved[0] += t.numel() * t.element_size()
+        return t
+
+    seconds = 0.0
+    for _ in range(2):
+        saved[0] = 0
+        t0 = time.perf_counter()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = task.loss(params, buffers, batch, aux)
+        torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        seconds = time.perf_counter() - t0
+    return seconds / images, saved[0] / images
+
+
+def plan_attack(name: str, attack: Any, record: ObservationRecord) -> AttackPlan:
+    """The plan of ``attack`` (registered as ``name``) on ``record``; probes the model."""
+    n = int(record.num_examples)
+    unrolled = record.update_kind == "delta" and record.local_steps > 1
+    steps = int(record.local_steps) if unrolled else 1
+    batch = int(record.batch_size) if unrolled else n
+    per_eval = steps * batch if unrolled else n
+    iterations, restarts = _iterations(attack), int(getattr(attack, "restarts", 1) or 1)
+    k = int(getattr(attack, "sampler_steps", 0) or 0)
+    sec_img, bytes_img = probe(record, images=max(1, min(4, per_eval)))
+    alive = _mean_alive(attack, restarts, iterations)
+    per_it = DOUBLE_BACKWARD * per_eval * sec_img + k * n * sec_img
+    params_bytes = sum(v.numel() * v.element_size() for v in record.global_params.values())
+    peak = GRAPH_COPIES * bytes_img * per_eval * restarts + (4 + 2 * steps) * params_bytes
+    knob = next((k for k in ("max_iterations", "iterations", "phase1_iterations")
+                 if k in inspect.signature(type(attack)).parameters), "max_iterations")
+    cheaper = [f"--set {knob}=<fewer> (now {iterations} in all)"]
+    if restarts > 1:
+        cheaper.append(f"--set restarts=1 (now {restarts})")
+    if unrolled:
+        cheaper.append(f"a FedSGD round or fewer local steps (client.local_steps={steps}) or a "
+                       f"smaller client batch (client.batch_size={batch}) in the run's config: "
+                       f"{per_eval} images pass through the model per iteration")
+    elif n > 8:
+        cheaper.append(f"a smaller client batch (client.batch_size={batch}) in the run's config")
+    if k > 2:
+        cheaper.append(f"--set sampler_steps=<fewer> (now {k})")
+    return AttackPlan(name, n, steps, batch, iterations, restarts, k,
+                      seconds=iterations * alive * per_it, peak_bytes=peak, cheaper=cheaper)
+
+
+def progress_lines(name: str, *, every: float = 10.0,
+                   write: Callable[[str], None] | None = None
+                   ) -> Callable[[str, int, int], None]:
+    """A listener for :func:`attacks.components.progress.reporting` writing one line (via
+    ``write``, default this module's logger at INFO) at the first report and then at most
+    every ``every`` seconds: phase, done/total, elapsed time and the time left at this pace."""
+    emit = write or (lambda text: logger.info("%s", text))
+    start = time.perf_counter()
+    last = [-float("inf")]
+
+    def listener(phase: str, done: int, total: int) -> None:
+        now = time.perf_counter()
+        if now - last[0] < every and done > 0:
+            return
+        last[0] = now
+        elapsed = now - start
+        left = f", ~{_duration(elapsed / done * (total - done))} left in this phase" if done else ""
+        emit(f"{name}: {phase} {done}/{total}, {_duration(elapsed)} elapsed{left}")
+    return listener
+
+
+@contextmanager
+def announced(name: str, attack: Any, record: ObservationRecord, *,
+              every: float = 10.0) -> Iterator[AttackPlan | None]:
+    """Log the plan, then report progress while the ``with`` block runs the attack. A plan
+    that cannot be made (a task without a loss to probe) is logged and skipped, not fatal."""
+    from attacks.components.progress import reporting  # lazy: attacks import fl_sim
+    try:
+        plan: AttackPlan | None = plan_attack(name, attack, record)
+    except Exception as exc:  # noqa: BLE001 (the plan is advice; the attack still runs)
+        logger.debug("no plan for %s: %s", name, exc)
+        plan = None
+    for line in plan.lines() if plan else []:
+        logger.info("%s", line)
+    with reporting(progress_lines(name, every=every)):
+        yield plan
