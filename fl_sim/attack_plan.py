@@ -17,14 +17,17 @@ estimate is rough (the probe's time varies with the machine's load; the factor a
 measured run is in ``tests/unit/test_attack_plan.py``) and counts the matching term only:
 a learned image prior loaded from disk is not probed.
 
-:func:`progress_lines` is the listener the runner installs around the attack: a log line
-(stderr at the command line) at the first iteration and then every ``every`` seconds.
+:func:`progress_lines` is the listener the runner installs around the attack (:func:`announced`):
+a log line (stderr at the command line) at the first iteration of each phase and then every
+``every`` seconds; when one iteration takes longer, a "still computing" line every ``6 x
+every`` seconds (a heartbeat thread), so a long attack is never silent for minutes.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -160,11 +163,12 @@ def plan_attack(name: str, attack: Any, record: ObservationRecord) -> AttackPlan
     if restarts > 1:
         cheaper.append(f"--set restarts=1 (now {restarts})")
     if unrolled:
-        cheaper.append(f"a FedSGD round or fewer local steps (client.local_steps={steps}) or a "
-                       f"smaller client batch (client.batch_size={batch}) in the run's config: "
-                       f"{per_eval} images pass through the model per iteration")
+        cheaper.append(f"record a FedSGD round (--set strategy.name=fedsgd), fewer local steps "
+                       f"(federation.local_steps={steps}) or a smaller batch "
+                       f"(federation.batch_size={batch}) with `fl-sim run`: {per_eval} images "
+                       "pass through the model per iteration")
     elif n > 8:
-        cheaper.append(f"a smaller client batch (client.batch_size={batch}) in the run's config")
+        cheaper.append(f"a smaller batch (federation.batch_size={batch}) with `fl-sim run`")
     if k > 2:
         cheaper.append(f"--set sampler_steps=<fewer> (now {k})")
     return AttackPlan(name, n, steps, batch, iterations, restarts, k,
@@ -175,20 +179,26 @@ def progress_lines(name: str, *, every: float = 10.0,
                    write: Callable[[str], None] | None = None
                    ) -> Callable[[str, int, int], None]:
     """A listener for :func:`attacks.components.progress.reporting` writing one line (via
-    ``write``, default this module's logger at INFO) at the first report and then at most
-    every ``every`` seconds: phase, done/total, elapsed time and the time left at this pace."""
+    ``write``, default this module's logger at INFO) at the first report of each phase and
+    then at most every ``every`` seconds: phase, done/total, elapsed time and the time left
+    in the phase at its pace so far. ``listener.last`` holds the time of the last line."""
     emit = write or (lambda text: logger.info("%s", text))
     start = time.perf_counter()
-    last = [-float("inf")]
+    phase_start: dict[str, float] = {}
 
     def listener(phase: str, done: int, total: int) -> None:
         now = time.perf_counter()
-        if now - last[0] < every and done > 0:
+        new = phase not in phase_start
+        if new:
+            phase_start[phase] = now
+        if now - listener.last < every and not new:  # type: ignore[attr-defined]
             return
-        last[0] = now
-        elapsed = now - start
-        left = f", ~{_duration(elapsed / done * (total - done))} left in this phase" if done else ""
-        emit(f"{name}: {phase} {done}/{total}, {_duration(elapsed)} elapsed{left}")
+        listener.last = now  # type: ignore[attr-defined]
+        pace = now - phase_start[phase]
+        left = (f", ~{_duration(pace / done * (total - done))} left in this phase"
+                if done else "")
+        emit(f"{name}: {phase} {done}/{total}, {_duration(now - start)} elapsed{left}")
+    listener.last = -float("inf")  # type: ignore[attr-defined]
     return listener
 
 
@@ -205,5 +215,20 @@ def announced(name: str, attack: Any, record: ObservationRecord, *,
         plan = None
     for line in plan.lines() if plan else []:
         logger.info("%s", line)
-    with reporting(progress_lines(name, every=every)):
-        yield plan
+    listener = progress_lines(name, every=every)
+    stop, start = threading.Event(), time.perf_counter()
+
+    def heartbeat() -> None:  # an iteration can take minutes: never silent that long
+        while not stop.wait(every):
+            if time.perf_counter() - listener.last >= 6 * every:  # type: ignore[attr-defined]
+                listener.last = time.perf_counter()  # type: ignore[attr-defined]
+                logger.info("%s: still computing, %s elapsed", name,
+                            _duration(time.perf_counter() - start))
+
+    beat = threading.Thread(target=heartbeat, name="attack-heartbeat", daemon=True)
+    beat.start()
+    try:
+        with reporting(listener):
+            yield plan
+    finally:
+        stop.set()

@@ -63,7 +63,7 @@ def test_a_big_diffusion_plan_lists_the_cheaper_choices(one_thread):
     assert gplan.big  # 1600 UNet passes with double backward per iteration: minutes at least
     text = "\n".join(gplan.lines())
     assert "cheaper:" in text and "--set phase1_iterations=<fewer> (now 400 in all)" in text
-    assert "client.local_steps=10" in text and "--set sampler_steps=<fewer> (now 10)" in text
+    assert "federation.local_steps=10" in text and "--set sampler_steps=<fewer> (now 10)" in text
 
 
 def test_a_small_plan_has_no_advice():
