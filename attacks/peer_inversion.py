@@ -18,6 +18,7 @@ from attacks.inverting_gradients import (
     DoubleBackward,
     InvertingGradients,
     LabelSource,
+    ModelMode,
     MultiStep,
     RestartPruning,
     Schedule,
@@ -39,6 +40,10 @@ class PeerInversion(InvertingGradients):
     record's ``lr``, ``local_steps`` and ``batch_size`` (the federation's shared config), plain
     SGD with sequential batches. Returns ``images [num_examples, C, H, W]`` ordered client by
     client. Raises :class:`~fl_sim.errors.ConfigError` when the examples do not split evenly.
+    ``model_mode`` defaults to ``"train"`` here: a peer record only comes from a federation,
+    whose clients take their gradients and steps in train mode
+    (:mod:`fl_sim.federation.local`); a FedSGD aggregate is then matched client by client
+    (each other client's own batch statistics).
     """
 
     view = "peer"
@@ -49,7 +54,7 @@ class PeerInversion(InvertingGradients):
                  schedule: Schedule = "step", distance: Distance = "cosine",
                  restart_pruning: RestartPruning = "halving", restart_keep: int = 1,
                  double_backward: DoubleBackward = "lean", aux: AuxSource = "none",
-                 adaptive: bool = False) -> None:
+                 adaptive: bool = False, model_mode: ModelMode = "train") -> None:
         """Inverting Gradients' parameters (:class:`InvertingGradients`); a peer is granted
         no ground truth, so ``labels = "granted"`` and ``aux = "granted"`` are refused here
         (:class:`~fl_sim.errors.ThreatModelError`), before any record is read."""
@@ -57,7 +62,8 @@ class PeerInversion(InvertingGradients):
                          tv_weight=tv_weight, labels=labels, bn_prior_weight=bn_prior_weight,
                          multi_step=multi_step, schedule=schedule, distance=distance,
                          restart_pruning=restart_pruning, restart_keep=restart_keep,
-                         double_backward=double_backward, aux=aux, adaptive=adaptive)
+                         double_backward=double_backward, aux=aux, adaptive=adaptive,
+                         model_mode=model_mode)
         asked = [f"{k} = \"granted\"" for k in ("labels", "aux") if getattr(self, k) == "granted"]
         if asked:
             raise ThreatModelError(f"{type(self).__name__}: {', '.join(asked)}: a peer is "
@@ -67,6 +73,16 @@ class PeerInversion(InvertingGradients):
     def num_images(self, record: ObservationRecord) -> int:
         """All images behind the others' aggregate: ``record.num_examples``."""
         return record.num_examples
+
+    def gradient_groups(self, record: ObservationRecord, unroll: Unroll | None) -> int:
+        """In train mode, a matched FedSGD aggregate is forwarded client by client."""
+        clients = max(1, int(record.num_clients_aggregated))
+        if unroll is not None or self.model_mode != "train" or clients == 1:
+            return 1
+        if record.num_examples % clients:
+            raise ConfigError(f"peer_inversion.model_mode: {record.num_examples} examples do "
+                              f"not split evenly over {clients} clients; use 'eval'")
+        return clients
 
     def unroll_plan(self, record: ObservationRecord) -> Unroll | None:
         """Unroll each other client's local training; their deltas are averaged."""

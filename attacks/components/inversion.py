@@ -64,7 +64,10 @@ class InversionProblem:
     ``target``: the observed update per parameter (sign-flipped, scaled delta when a delta is
     matched as one gradient); ``labels``: ``[N]``; ``unroll``: None for gradient matching;
     ``aux``: the client's private randomness the loss needs (diffusion ``eps [S, C, H, W]``
-    and ``t [S]``, all local steps' rows; ``{}`` for a classifier).
+    and ``t [S]``, all local steps' rows; ``{}`` for a classifier); ``groups``: for gradient
+    matching, the images form ``groups`` equal batches with separate forward passes (clients
+    of a FedSGD aggregate in train-mode BatchNorm: each its own batch statistics), and the
+    update is the mean of their gradients.
     """
 
     task: Any
@@ -77,12 +80,15 @@ class InversionProblem:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     aux: Mapping[str, Tensor] = field(default_factory=dict)
+    groups: int = 1
 
 
 def _update_fn(problem: InversionProblem, bn: BNStatistics | None, double_backward: str = "lean"
                ) -> Callable[[Tensor], tuple[Params, Tensor | None]]:
     """``images [R, N, C, H, W] -> ({name: [R, ...]}, bn prior [R] | None)`` of the problem."""
     u = problem.unroll
+    if u is None and problem.groups > 1:
+        return _grouped_gradient_fn(problem, bn)
     if u is None:
         return _gradient_fn(problem, bn, double_backward)
     if u.clients == 1:
@@ -110,6 +116,28 @@ def _update_fn(problem: InversionProblem, bn: BNStatistics | None, double_backwa
                 prior = pc / u.clients if prior is None else prior + pc / u.clients
         return total, prior
     return several
+
+
+def _grouped_gradient_fn(problem: InversionProblem, bn: BNStatistics | None
+                         ) -> Callable[[Tensor], tuple[Params, Tensor | None]]:
+    """Mean of the gradients of ``problem.groups`` equal image groups, each forwarded alone."""
+    g = problem.groups
+
+    def fn(images: Tensor) -> tuple[Params, Tensor | None]:
+        per = images.shape[1] // g
+        total: dict[str, Tensor] = {}
+        prior: Tensor | None = None
+        for c in range(g):
+            upd, pc = simulated_update(problem.task, problem.params, problem.buffers,
+                                       images[:, c * per:(c + 1) * per],
+                                       problem.labels[c * per:(c + 1) * per], unroll=None,
+                                       bn=bn, aux=problem.aux)
+            for k, v in upd.items():
+                total[k] = total[k] + v / g if k in total else v / g
+            if pc is not None:
+                prior = pc / g if prior is None else prior + pc / g
+        return total, prior
+    return fn
 
 
 @dataclass
