@@ -32,7 +32,7 @@ from typing import Any
 from fl_sim.capabilities import strategy_capabilities
 from fl_sim.config import ExperimentConfig
 from fl_sim.defended import check_defenses
-from fl_sim.errors import ConfigError, FlSimError, RunDirError
+from fl_sim.errors import ConfigError, FlSimError, MissingResourceError, RunDirError
 from fl_sim.run_dir import read_json_object
 from fl_sim.view_types import VIEWS
 
@@ -48,11 +48,30 @@ def check_before_start(cfg: ExperimentConfig, *, run_dir: Path, resume: bool) ->
     check_data(cfg)
     check_audit_data(cfg)
     check_attack_fit(cfg)
+    check_attack_paths(cfg)
     # lazy: keeps scipy out of this module's import
     from fl_sim.inference import check_inference_attacks  # membership / property (issue 22)
     check_inference_attacks(cfg)
     check_model(cfg)
     check_metrics(cfg)
+
+
+#: attack parameters that name a local directory (a prior or a diffusers checkpoint)
+PATH_PARAMS = ("prior",)
+
+
+def check_attack_paths(cfg: ExperimentConfig) -> None:
+    """MissingResourceError, before Ray starts, for an attack whose ``prior`` names a local
+    directory that does not exist (e.g. a reproduction config's ``/PATH/TO/...`` placeholder):
+    otherwise the federation would run for minutes and the attack fail at its end. Whether
+    the directory holds a usable prior is checked where the attack opens it."""
+    for i, a in enumerate(cfg.attacks):
+        for key in PATH_PARAMS:
+            value = a.params.get(key)
+            if isinstance(value, str) and value and not Path(value).expanduser().is_dir():
+                raise MissingResourceError(
+                    f"attacks[{i}] ({a.name}).{key}: {value}: no such directory (nothing is "
+                    "downloaded; give a local prior or diffusers checkpoint)")
 
 
 def check_fresh_run_dir(run_dir: Path) -> None:

@@ -108,6 +108,26 @@ def test_checkpoint_placeholder_is_one_line_error(
     assert "model.pretrained" in line and PLACEHOLDER in line, line
 
 
+WITH_PRIOR = [n for n in EXPERIMENTS
+              if any("prior" in a.params for a in config.load(REPRO / n).attacks)]
+
+
+@pytest.mark.parametrize("name", WITH_PRIOR)
+def test_attack_prior_placeholder_is_one_line_error_before_ray(
+        name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str], no_ray: None, keep_logging: None) -> None:
+    """With local data given, an attack's ``prior`` placeholder stops the run before Ray
+    starts (it used to run the whole federation and fail in the attack at its end)."""
+    path = REPRO / name
+    # the data section; its repo-relative ../shared path made absolute (the test runs elsewhere)
+    data = cpu_overrides(path)[0].replace('"../shared/', f'"{ROOT.parent}/shared/')
+    argv = ["run", str(path), "--set", data]
+    for o in CPU_RESOURCES:
+        argv += ["--set", o]
+    line = _run_error(tmp_path, monkeypatch, capsys, argv)
+    assert ".prior" in line and PLACEHOLDER in line, line
+
+
 def test_olivetti_prior_never_sees_the_attacked_people() -> None:
     cfg = prior_config(REPRO / "prior_olivetti.toml")
     # user_level_celeba.toml's CPU variant attacks client 0 = person 0 (by_identity, 40
