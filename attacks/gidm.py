@@ -154,7 +154,7 @@ def _lbfgs(start: Tensor, to_images: Callable[[Tensor], Tensor], matching: Diffu
     bounds: batch 1 fell from 67 to 13 dB, although batch 4 improved from 10.9 to 13.0 dB)
     and a straight-through clamp (breaks the line search: no progress at batch 1 or 4).
     Unconstrained L-BFGS drifts out of the box at batch 4, where the clamped result loses
-    most of its progress (documented in the README's GIDM figures)."""
+    most of its progress (documented in docs/results.md, GIDM quality)."""
     var = start.detach().clone().requires_grad_(True)
     opt = torch.optim.LBFGS([var], lr=lr, max_iter=iterations, history_size=100,
                             tolerance_grad=1e-12, tolerance_change=1e-15,

@@ -5,7 +5,7 @@ For each simulation of a grid (``fl-sim bench`` TOML) whose only client-side DP 
 clients write it into ``metrics.jsonl`` (:func:`fl_sim.federation.dp_epsilon.
 client_epsilons`, the seeded client sampling replayed), with its unit of privacy and
 neighbouring relation. local DP's ε depends only on σ, δ and the rounds a client took part in
-(not on its data), so the README's grid figures can be recomputed when the accounting changes
+(not on its data), so the docs' grid figures can be recomputed when the accounting changes
 without re-running the grids (DP-SGD's also needs the partition sizes: read those runs'
 ``metrics.jsonl``).
 

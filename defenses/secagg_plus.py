@@ -13,7 +13,7 @@ What travels: each client quantises ``w·x`` (``w = num_examples / max_weight`` 
 pairwise and private masks modulo ``modulus_range``, and the server unmasks only the sum, so
 it obtains ``Σ w_i x_i / Σ w_i`` — FedAvg's weighted mean — and never one ``x_i``.
 
-Deviation from Flower's examples (documented in the README): clients mask their update
+Deviation from Flower's examples (documented in docs/how-to/secagg.md): clients mask their update
 ``x = new − global`` (or the gradient, FedSGD) instead of their full weights, so the clipping
 range bounds the update (weights such as BatchNorm's running variance or integer counters can
 exceed 8) and the quantisation step is spent on small numbers; the server adds the global

@@ -53,7 +53,7 @@ criterion (the smallest inverse ratio is the largest ratio); for a batch it is n
 inverse ratios is dominated by the images on which a feature is nearly off, so a feature
 that is large on most images but small on one is kept. fl-sim follows the paper. (fl-sim
 before 2026-12-07 summed the per-image ratios ``|r_bi| / ||∇_{x_b} r_bi||``, a third
-variant that agrees with both only at batch 1; every Soteria figure in the README and
+variant that agrees with both only at batch 1; every Soteria figure in docs/ and
 ``benchmarks/RESULTS.md`` is at batch 1 except the projected-Jacobian agreement, re-measured
 on the new criterion.)
 

@@ -12,7 +12,8 @@ seeded random subset of a POOL:
   candidate is IN the training set of about half the models; :func:`shadow_set` returns the
   IN mask ``[K, N]`` over the pool.
 
-**Cache** (decision, documented in the README): ``$FL_SIM_CACHE_DIR/shadows/`` if that is set,
+**Cache** (decision, documented in docs/how-to/inference-attacks.md):
+``$FL_SIM_CACHE_DIR/shadows/`` if that is set,
 else ``~/.cache/fl-sim/shadows/``; one ``<key>.safetensors`` per model, ``key`` = SHA-256 of
 the pool's content hash, the model spec, the recipe, the model's index and the set's seed. A
 grid of runs over the same data (same clients, so the same held-out pool) and the same

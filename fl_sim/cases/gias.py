@@ -14,7 +14,7 @@ from fl_sim.cases.federation import digits_spec, digits_splits
 from fl_sim.cases.server import server_record
 from fl_sim.records import ObservationRecord, TruthStep
 
-#: GIAS's budget in the quality case (documented in README / RESULTS.md)
+#: GIAS's budget in the quality case (documented in docs/results.md / benchmarks/RESULTS.md)
 GIAS_BUDGET = {"phase1_iterations": 50, "phase2_iterations": 6, "sampler_steps": 3,
                "labels": "granted"}
 #: the attacked classifier of the quality case: breaching's ReLU ConvNet (BN in eval mode) at

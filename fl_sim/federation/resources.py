@@ -6,7 +6,7 @@ the running cluster) and returns the config with ``num_gpus`` filled in. It rais
 :class:`~fl_sim.errors.ConfigError` BEFORE Ray starts whenever the simulation could not run:
 Flower's actor pool would be empty and the run would wait for its clients forever.
 
-Rules (README, "Federation: GPUs"):
+Rules (docs/how-to/gpus.md):
 
 * ``run.device = "cpu"``: clients and server on CPU; ``num_gpus`` unset means 0.
 * ``"cuda"``: a GPU must exist (locally, or on a cluster node); ``num_gpus`` unset means

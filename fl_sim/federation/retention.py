@@ -2,7 +2,7 @@
 ``federation.record_clients``; None records all).
 
 A run directory otherwise grows by every client's update and ground truth every round (see
-README, "Reliability and resume", for the measured cost per round). Recording only what the
+docs/how-to/reliability-and-resume.md for the measured cost per round). Recording only what the
 configured attacks need keeps it small:
 
 * server taps (``observations/``): the global and the aggregate of a recorded round; the
