@@ -33,6 +33,7 @@ from attacks.components.objectives import (
     simulated_update,
     total_variation,
 )
+from attacks.components.progress import report as report_progress
 from attacks.components.restarts import pruning_schedule, sliced_adam
 from attacks.components.second_order import LeanSecondOrder
 from fl_sim.records import LocalOptimizer
@@ -249,6 +250,7 @@ def invert(problem: InversionProblem, *, max_iterations: int, restarts: int, lr:
     evaluations = 0
     opt = torch.optim.Adam([cand.z], lr=lr)
     for it in range(max_iterations):
+        report_progress("iterations", it, max_iterations)
         for group in opt.param_groups:
             group["lr"] = lr * lr_multiplier(schedule, it, max_iterations)
         total, _ = objective(cand.z)
