@@ -88,8 +88,6 @@ def _update_fn(problem: InversionProblem, bn: BNStatistics | None, double_backwa
                ) -> Callable[[Tensor], tuple[Params, Tensor | None]]:
     """``images [R, N, C, H, W] -> ({name: [R, ...]}, bn prior [R] | None)`` of the problem."""
     u = problem.unroll
-    if u is None and problem.groups > 1:
-        return _grouped_gradient_fn(problem, bn)
     if u is None:
         return _gradient_fn(problem, bn, double_backward)
     if u.clients == 1:
@@ -173,21 +171,33 @@ def _gradient_fn(problem: InversionProblem, bn: BNStatistics | None, double_back
     leaves = {k: v.detach().requires_grad_(True) for k, v in problem.params.items()}
     names = list(leaves)
     order = [leaves[k] for k in names]
+    grouped = _grouped_gradient_fn(problem, bn) if problem.groups > 1 else None
+
+    def loss_of(x: Tensor) -> Tensor:
+        if problem.groups == 1:
+            return problem.task.loss(leaves, problem.buffers, Batch(x, problem.labels),
+                                     problem.aux)
+        per = x.shape[0] // problem.groups  # mean of the groups' losses: mean gradient
+        return sum(problem.task.loss(leaves, problem.buffers,
+                                     Batch(x[c * per:(c + 1) * per],
+                                           problem.labels[c * per:(c + 1) * per]), problem.aux)
+                   for c in range(problem.groups)) / problem.groups
 
     def fn(images: Tensor) -> tuple[Params, Tensor | None]:
+        if images.shape[0] != 1 and grouped is not None:
+            return grouped(images)
         if images.shape[0] != 1:
             return simulated_update(problem.task, problem.params, problem.buffers, images,
                                     problem.labels, unroll=None, bn=bn, aux=problem.aux)
         outer = torch.is_grad_enabled() and images.requires_grad
         lean = LeanSecondOrder() if outer and double_backward == "lean" else None
         with torch.enable_grad(), lean or contextlib.nullcontext():
-            batch = Batch(images[0], problem.labels)
             prior = None
             if bn is None:
-                loss = problem.task.loss(leaves, problem.buffers, batch, problem.aux)
+                loss = loss_of(images[0])
             else:
                 with bn.recording() as stats:
-                    loss = problem.task.loss(leaves, problem.buffers, batch, problem.aux)
+                    loss = loss_of(images[0])
                 prior = bn_prior(stats, problem.buffers, bn.running).unsqueeze(0)
         with torch.enable_grad():
             grads = (lean.parameter_grads(loss, order, create_graph=True) if lean is not None

@@ -127,7 +127,11 @@ def test_train_mode_reproduces_batchnorm_clients_gradient(tmp_path, one_thread):
             problem.groups = groups
         with torch.no_grad():
             upd, _ = _update_fn(problem, None)(images[None])
-        return float(cosine_distance(upd, problem.target)[0])
+            d = float(cosine_distance(upd, problem.target)[0])
+            if mode == "train" and groups is None:  # two restarts: the vmapped grouped path
+                two, _ = _update_fn(problem, None)(images[None].expand(2, *images.shape))
+                assert abs(float(cosine_distance(two, problem.target)[1]) - d) < 1e-5
+        return d
 
     assert PeerInversion().model_mode == "train"
     train = distance("train")
