@@ -21,6 +21,7 @@ __all__ = ["__version__", *_API]
 
 def __getattr__(name: str) -> Any:
     if name in _API:
+        # lazy: PEP 562: `import fl_sim` loads the API's modules only when one is used
         from fl_sim import api
         return getattr(api, name)
     raise AttributeError(f"module 'fl_sim' has no attribute {name!r}")

@@ -28,7 +28,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fl_sim.bench.grid import load_grid
+from fl_sim.config import _SKIP_POSITIONAL, ExperimentConfig, apply_overrides, from_dict, load
+from fl_sim.federation.simulation import run_experiment
 from fl_sim.frames import to_dataframe
+from fl_sim.plugin_reach import check_attack_installed
+from fl_sim.registry import (
+    ATTACKS,
+    DATA_SOURCES,
+    DEFENSES,
+    MODELS,
+    PARTITIONERS,
+    STRATEGIES,
+    TASKS,
+    validate_params,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from fl_sim.bench.grid import Plan
@@ -46,7 +60,6 @@ def load_config(config: str | Path | Mapping[str, Any] | ExperimentConfig,
     Raises :class:`~fl_sim.errors.ConfigError` (one line naming the field) for a bad value,
     a missing file or an unknown plug-in.
     """
-    from fl_sim.config import ExperimentConfig, apply_overrides, from_dict, load
     overrides = list(overrides)
     if isinstance(config, ExperimentConfig):
         if not overrides:
@@ -60,17 +73,6 @@ def load_config(config: str | Path | Mapping[str, Any] | ExperimentConfig,
 def resolved_plugins(cfg: ExperimentConfig) -> list[dict[str, Any]]:
     """Every plug-in ``cfg`` names, with ALL its parameters as validated (defaults included):
     ``[{"where": "attacks[0]", "kind": "attack", "name": ..., "params": {...}}, ...]``."""
-    from fl_sim.config import _SKIP_POSITIONAL
-    from fl_sim.registry import (
-        ATTACKS,
-        DATA_SOURCES,
-        DEFENSES,
-        MODELS,
-        PARTITIONERS,
-        STRATEGIES,
-        TASKS,
-        validate_params,
-    )
     sections: list[tuple[str, Any, Any]] = [
         ("data", cfg.data, DATA_SOURCES), ("partition", cfg.partition, PARTITIONERS),
         ("model", cfg.model, MODELS), ("task", cfg.task, TASKS),
@@ -96,7 +98,6 @@ def run(config: str | Path | Mapping[str, Any] | ExperimentConfig,
     :class:`~fl_sim.errors.PluginError` for a plug-in the Ray workers could not import
     (see docs/PLUGINS.md), :class:`~fl_sim.errors.FlSimError` if the run fails.
     """
-    from fl_sim.federation.simulation import run_experiment
 
     # lazy: keeps torch out of this module's import
     from fl_sim.run_dir import load_run as _load_run
@@ -189,12 +190,10 @@ def bench(grid: str | Path, *, out: str | Path | None = None, workers: int = 1,
     tasks on a local Ray. Raises :class:`~fl_sim.errors.ConfigError` (one line) for a bad
     grid before anything runs.
     """
-    from fl_sim.bench.grid import load_grid
     from fl_sim.bench.runner import run_bench  # lazy: keeps torch out of this module's import
     plan = load_grid(grid)
     bench_dir = Path(out) if out is not None else Path("bench") / plan.name
     if workers > 1 or ray_address:  # attack cells become Ray tasks in other processes
-        from fl_sim.plugin_reach import check_attack_installed
         for attack in sorted({c.attack for c in plan.cells}):
             check_attack_installed(attack)
     summary = run_bench(plan, bench_dir, ray_address=ray_address, workers=workers,

@@ -19,11 +19,18 @@ from typing import Any
 
 import tomllib
 
+from fl_sim import api, config
+from fl_sim.bench.grid import check_cells, load_grid
 from fl_sim.cli_output import Progress as _Progress
 from fl_sim.cli_output import print_results as _print_results
 from fl_sim.cli_output import print_summary as _print_summary
 from fl_sim.cli_parser import build_parser
-from fl_sim.errors import FlSimError, RunFailedError
+from fl_sim.config import _SKIP_POSITIONAL
+from fl_sim.errors import ConfigError, FlSimError, RunFailedError
+from fl_sim.federation import lifecycle
+from fl_sim.federation.deployment import deploy_local
+from fl_sim.federation.simulation import check_resume
+from fl_sim.registry import ALL_REGISTRIES, describe_params, entry_point_group
 
 logger = logging.getLogger("fl_sim")
 
@@ -52,7 +59,6 @@ def cmd_list(args: argparse.Namespace) -> int:
     from rich.console import Console  # lazy: keeps rich out of this module's import
     from rich.table import Table  # lazy: keeps rich out of this module's import
 
-    from fl_sim.registry import ALL_REGISTRIES, describe_params, entry_point_group
 
     kinds = list(ALL_REGISTRIES)
     if args.kind:
@@ -101,13 +107,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def _positional(kind: str) -> int:
     """Leading run-time arguments a plug-in of ``kind`` receives (not config parameters)."""
-    from fl_sim.config import _SKIP_POSITIONAL
     return _SKIP_POSITIONAL.get("partition" if kind == "partitioner" else kind, 0)
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
 
-    from fl_sim import api
     cfg = api.load_config(args.config, args.overrides)
     sys.stdout.write(json.dumps(cfg.to_json_dict(), indent=2, sort_keys=True) + "\n")
     # stdout stays the resolved config (pipe it into a file and run that); the plug-ins'
@@ -120,7 +124,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fl_sim import api
 
     if args.resume is not None:
         resolved = Path(args.resume) / "config.json"
@@ -135,8 +138,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         run_dir = args.run_dir
 
     _quiet_flower(args.debug)
-    from fl_sim.federation import lifecycle
-    from fl_sim.federation.simulation import check_resume
     if run_dir is not None and args.resume is not None:
         plan = check_resume(cfg, run_dir)
         if plan.nothing_to_do:  # touches nothing on disk, not even report.html
@@ -162,7 +163,6 @@ HARD_EXIT_S = 8.0
 def _interrupted(exc: Any) -> None:
     """SIGINT / SIGTERM during ``run``: Ray is stopped; print the resume hint and leave with
     128 + signal (130 / 143) at once (Flower's ServerApp thread would keep the process)."""
-    from fl_sim.federation import lifecycle
     out = exc.run_dir
     if out is not None and (Path(out) / "config.json").is_file():
         hint = f"resume with `fl-sim run --resume {out}`"
@@ -180,7 +180,6 @@ def _quiet_flower(debug: bool) -> None:
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
-    from fl_sim import api, config
     params: dict[str, Any] = {}
     for text in args.overrides:
         path, value = config.parse_override(text)
@@ -194,7 +193,6 @@ def cmd_attack(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from fl_sim import api
     sys.stdout.write(f"{api.report(Path(args.run_dir))}\n")
     return 0
 
@@ -216,7 +214,6 @@ def cmd_train_prior(args: argparse.Namespace) -> int:
 
 def cmd_train_identity(args: argparse.Namespace) -> int:
 
-    from fl_sim.errors import ConfigError
 
     # lazy: keeps torch out of this module's import
     from fl_sim.identity import train_identity_from_config
@@ -229,8 +226,6 @@ def cmd_train_identity(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from fl_sim import api
-    from fl_sim.bench.grid import check_cells, load_grid
 
     # lazy: keeps torch out of this module's import
     from fl_sim.bench.runner import auto_workers, check_bench_dir, estimate
@@ -253,7 +248,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
             sys.stdout.write(f"  sim-{c.sim.key}  {c.attack} r{c.round}  {axes}\n")
         return 0
     _quiet_flower(args.debug)
-    from fl_sim.federation import lifecycle
     lifecycle.exit_on_interrupt(hard_exit_s=HARD_EXIT_S)
     try:
         with _Progress(enabled=not args.no_progress, total=len(plan.cells), label="cells",
@@ -275,8 +269,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_local(args: argparse.Namespace) -> int:
-    from fl_sim import config
-    from fl_sim.federation.deployment import deploy_local
     cfg = config.load(args.config, args.overrides)
     _quiet_flower(args.debug)
     out = deploy_local(cfg, run_dir=args.run_dir)

@@ -32,9 +32,13 @@ from typing import Any, Literal
 import pydantic
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from fl_sim.config import DataConfig, validate_section
+from fl_sim.data import load_data
 from fl_sim.errors import ConfigError, DataError, MissingResourceError
+from fl_sim.output_dirs import check_output_dir
 from fl_sim.strict import StrictNumbers
 
 logger = logging.getLogger(__name__)
@@ -136,7 +140,6 @@ def train_identity(images: Tensor, identities: Tensor, out: str | Path, *, epoch
         train_acc = float((net(images).argmax(1) == ids).float().mean())
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
-    from safetensors.torch import save_file
     tensors = {f"net.{k}": v.contiguous() for k, v in net.state_dict().items()}
     save_file({**tensors, "gallery": gallery.contiguous(), "gallery_ids": ids.contiguous()},
               str(root / WEIGHTS_FILE))
@@ -158,7 +161,6 @@ def load_identity(path: str | Path) -> IdentityModel:
     code. Raises :class:`~fl_sim.errors.MissingResourceError` (no such directory) or
     :class:`~fl_sim.errors.DataError` (not an identity model, or a pickle), one line each.
     """
-    from safetensors.torch import load_file
 
     root = Path(path)
     if not root.exists():
@@ -224,9 +226,6 @@ def train_identity_from_config(cfg: Mapping[str, Any], out: str | Path) -> Path:
     and optional ``[identity]`` (``split`` "test" (default: the held-out split) or "train",
     ``epochs``, ``lr``, ``batch_size``, ``seed``). Identities are the source's groups when it
     has them, else its labels. Raises :class:`~fl_sim.errors.ConfigError` for unknown keys."""
-    from fl_sim.config import DataConfig, validate_section
-    from fl_sim.data import load_data
-    from fl_sim.output_dirs import check_output_dir
 
     unknown = sorted(set(cfg) - {"data", "identity"})
     if unknown:

@@ -33,7 +33,10 @@ from fl_sim.capabilities import strategy_capabilities
 from fl_sim.config import ExperimentConfig
 from fl_sim.defended import check_defenses
 from fl_sim.errors import ConfigError, FlSimError, MissingResourceError, RunDirError
+from fl_sim.identity import load_identity
+from fl_sim.registry import ATTACKS, validate_params
 from fl_sim.run_dir import read_json_object
+from fl_sim.store_guard import resolve_inside
 from fl_sim.view_types import VIEWS
 
 
@@ -105,7 +108,6 @@ def check_resumable(run_dir: Path) -> None:
 
 def check_checkpoint_state(state: dict[str, Any], root: Path) -> None:
     """``checkpoint/state.json`` names a round and two files inside ``root`` that exist."""
-    from fl_sim.store_guard import resolve_inside
     r = state.get("round")
     if not isinstance(r, int) or isinstance(r, bool) or r < 0:
         raise RunDirError(f"{root / 'state.json'}: corrupt (round {r!r})")
@@ -200,7 +202,6 @@ def check_attack_fit(cfg: ExperimentConfig) -> None:
 
     # lazy: keeps flwr out of this module's import
     from fl_sim.federation.taps import sample_clients
-    from fl_sim.registry import ATTACKS, validate_params
     fed = cfg.federation
     parts = load_partitions(json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True),
                             json.dumps(cfg.partition.model_dump(mode="json"), sort_keys=True),
@@ -244,7 +245,6 @@ def check_metrics(cfg: ExperimentConfig) -> None:
     """``metrics.identity_model`` is loaded now (safetensors only), not after training: a
     directory that is not an identity model, or holds a pickle, is a one-line DataError."""
     if cfg.metrics.identity_model is not None:
-        from fl_sim.identity import load_identity
         load_identity(cfg.metrics.identity_model)
 
 

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fl_sim.data import load_data
+
 logger = logging.getLogger(__name__)
 
 EXAMPLES_FILE = "examples.json"
@@ -48,7 +50,6 @@ def image_hashes(images: Tensor) -> list[str]:
 
 def _recompute(root: Path, examples: dict[str, Any]) -> list[str]:
     """Hashes of the recorded split + indices, reloaded from the recorded data source."""
-    from fl_sim.data import load_data
 
     meta = json.loads((root / METADATA_FILE).read_text())
     data = dict(meta["data"])

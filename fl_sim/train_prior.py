@@ -33,14 +33,23 @@ import pydantic
 import tomllib
 import torch
 from pydantic import Field
+from pydantic_core import PydanticCustomError
 from torch import Tensor
 
 from fl_sim.config import DataConfig, ModelConfig, TaskConfig, _Section, apply_overrides
-from fl_sim.errors import ConfigError, DataError, PluginError
+from fl_sim.data import load_data
+from fl_sim.errors import ConfigError, DataError, PluginError, RunDirError
+from fl_sim.federation.local import make_optimizer
+from fl_sim.output_dirs import check_output_dir
+from fl_sim.prior_overlap import HASH_RULE, image_hashes
+from fl_sim.priors import METADATA_FILE, read_metadata, save_prior
 from fl_sim.registry import DATA_SOURCES, MODELS, TASKS, format_validation_error, validate_params
+from fl_sim.run_dir import read_json_object
 from fl_sim.samples import save_sample_grid
 from fl_sim.seeding import derive_seed, torch_generator
+from fl_sim.store_guard import is_count, resolve_inside
 from fl_sim.stores import append_jsonl, read_jsonl, read_tensors, rewrite_jsonl, write_tensors
+from fl_sim.tasks import task_from_config
 from fl_sim.tasks.base import Batch
 
 logger = logging.getLogger(__name__)
@@ -80,7 +89,6 @@ class TrainingConfig(_Section):
     @classmethod
     def _device_exists(cls, device: str) -> str:
         if device == "cuda" and not torch.cuda.is_available():
-            from pydantic_core import PydanticCustomError
             raise PydanticCustomError("no_cuda", "'cuda' requested but CUDA is not available "
                                       "on this machine; use \"cpu\" or \"auto\"")
         return device
@@ -167,7 +175,6 @@ def select_examples(images: Tensor, labels: Tensor, groups: Tensor | None,
 
 def _load_data(cfg: PriorConfig) -> tuple[Any, Tensor, Tensor, Tensor]:
     """``(splits, train_images, train_indices, heldout_images)`` after the filter."""
-    from fl_sim.data import load_data
 
     splits = load_data(cfg.data.name, **cfg.data.params)
     use, other = ((splits.train, splits.test) if cfg.filter.split == "train"
@@ -187,8 +194,6 @@ def _has_examples(data: Any, flt: FilterConfig) -> bool:
 
 
 def _build(cfg: PriorConfig, splits: Any) -> tuple[Any, Any, torch.optim.Optimizer]:
-    from fl_sim.federation.local import make_optimizer
-    from fl_sim.tasks import task_from_config
 
     device = cfg.training.device
     if device == "auto":
@@ -230,9 +235,6 @@ def checkpoint_state(out: Path) -> dict[str, Any] | None:
     and a checkpoint file inside ``checkpoint/`` that exists. Raises a one-line
     :class:`~fl_sim.errors.RunDirError` for a torn or forged state (delete ``checkpoint/``
     to start over)."""
-    from fl_sim.errors import RunDirError
-    from fl_sim.run_dir import read_json_object
-    from fl_sim.store_guard import is_count, resolve_inside
     state = out / CKPT_DIR / "state.json"
     if not state.is_file():
         return None
@@ -271,7 +273,6 @@ def _check_resumable(out: Path, cfg: PriorConfig) -> None:
     saved_file = out / CONFIG_FILE
     if not saved_file.is_file():
         return
-    from fl_sim.run_dir import read_json_object
     saved, now = read_json_object(saved_file), cfg.to_json_dict()
     for c in (saved, now):
         for key in _RESUME_FREE:
@@ -317,8 +318,6 @@ def train_prior(cfg: PriorConfig | Mapping[str, Any] | str | Path, out_dir: str 
     receives ``{"step", "total", "loss"}`` (+ ``"eval_loss"`` at checkpoints).
     Raises :class:`~fl_sim.errors.ConfigError` / :class:`~fl_sim.errors.DataError`.
     """
-    from fl_sim.output_dirs import check_output_dir
-    from fl_sim.priors import METADATA_FILE, read_metadata, save_prior
 
     cfg = prior_config(cfg, overrides)
     out = Path(out_dir)
@@ -334,7 +333,6 @@ def train_prior(cfg: PriorConfig | Mapping[str, Any] | str | Path, out_dir: str 
     try:
         start = _load_checkpoint(out, task.model, opt)
     except (RuntimeError, KeyError, ValueError, TypeError) as exc:  # torch's own mismatches
-        from fl_sim.errors import RunDirError
         raise RunDirError(f"{out / CKPT_DIR}: cannot restore the checkpoint ({type(exc).__name__}"
                           f": {' '.join(str(exc).split())[:200]}); delete it to train from the "
                           "start") from None
@@ -343,7 +341,6 @@ def train_prior(cfg: PriorConfig | Mapping[str, Any] | str | Path, out_dir: str 
     if start > tr.steps:
         raise ConfigError(f"training.steps = {tr.steps} but {out} already holds step {start}")
     rewrite_jsonl(out / LOG_FILE, [r for r in read_jsonl(out / LOG_FILE) if r["step"] <= start])
-    from fl_sim.prior_overlap import HASH_RULE, image_hashes
     (out / EXAMPLES_FILE).write_text(json.dumps(  # hashes: checked against victims by scorers
         {"split": cfg.filter.split, "indices": indices.tolist(), "hash": HASH_RULE,
          "hashes": image_hashes(images)}))

@@ -44,8 +44,9 @@ from typing import Any
 
 import tomllib
 
-from fl_sim.config import ExperimentConfig, apply_overrides, from_dict
+from fl_sim.config import AttackConfig, ExperimentConfig, apply_overrides, from_dict
 from fl_sim.errors import ConfigError
+from fl_sim.registry import ATTACKS, validate_params
 
 __all__ = ["AttackSpec", "Cell", "Plan", "Simulation", "expand", "load_grid"]
 
@@ -208,7 +209,6 @@ def _attack_spec(a: Any, i: int, source: Path) -> AttackSpec:
     rounds = a.get("rounds") or [1]
     if not isinstance(rounds, list) or not all(isinstance(r, int) and r >= 1 for r in rounds):
         raise ConfigError(f"{source}: attacks[{i}].rounds must be a list of rounds >= 1")
-    from fl_sim.registry import ATTACKS
     try:
         ATTACKS.get(a["name"])
     except Exception as exc:  # noqa: BLE001 -- the registry's one-line message
@@ -222,7 +222,6 @@ def check_cells(plan: Plan) -> None:
     run`` checks configured attacks (:func:`fl_sim.preflight.check_attack_fit`: the task,
     and the images per recorded update against the attack's declared limit). Loads each
     simulation's data (cached). Raises a one-line ConfigError naming the cell."""
-    from fl_sim.config import AttackConfig
     from fl_sim.preflight import check_attack_fit  # lazy: keeps torch out of this module's import
     for c in plan.cells:
         entry = {"name": c.attack, "view": c.view, "client": c.client, "rounds": [c.round],
@@ -254,7 +253,6 @@ def _check_attack_params(attack: str, params: Mapping[str, Any], avalues: Mappin
                          source: Path) -> None:
     """The cell's parameters as the attack's signature types them (a string where a number
     is expected, an unknown key, a non-finite value: one line, before any simulation)."""
-    from fl_sim.registry import ATTACKS, validate_params
     where = ", ".join(f"{k}={v!r}" for k, v in avalues.items())
     try:
         validate_params(ATTACKS.get(attack), params, where=attack)
@@ -266,7 +264,6 @@ def _accepts(attack: str, param: str) -> bool:
     """Whether attack ``attack`` takes keyword ``param`` (an ``attack.*`` axis applies only
     to the attacks that have that parameter; the others get one cell, not one per value)."""
 
-    from fl_sim.registry import ATTACKS
     try:
         sig = inspect.signature(ATTACKS.get(attack))
     except (TypeError, ValueError):

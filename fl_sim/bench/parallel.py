@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_sim.bench.grid import Cell
+from fl_sim.federation.lifecycle import ray_session
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,6 @@ def run_cells_on_ray(items: Sequence[tuple[Path, Cell]],
         return
     import ray  # lazy: keeps ray out of this module's import
 
-    from fl_sim.federation.lifecycle import ray_session
     init: dict[str, Any] = {"ignore_reinit_error": True}
     if ray_address:
         init["address"] = ray_address

@@ -22,8 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from fl_sim.bench.grid import Cell, Plan, Simulation
+from fl_sim.bench.outputs import cell_row, sim_facts, write_outputs
+from fl_sim.bench.parallel import run_cells_on_ray
 from fl_sim.config import ExperimentConfig
 from fl_sim.errors import FlSimError, RunDirError
+from fl_sim.federation.resume import plan_resume
+from fl_sim.federation.simulation import run_experiment
+from fl_sim.output_dirs import check_output_dir
+from fl_sim.registry import ATTACKS
 from fl_sim.stores import append_jsonl, read_jsonl
 
 logger = logging.getLogger(__name__)
@@ -65,7 +71,6 @@ def sim_config(sim: Simulation, bench_dir: Path, ray_address: str | None = None
 
 
 def _default_simulate(cfg: ExperimentConfig, *, run_dir: Path, resume: bool) -> Path:
-    from fl_sim.federation.simulation import run_experiment
     return run_experiment(cfg, run_dir=run_dir, resume=resume)
 
 
@@ -81,7 +86,6 @@ def _default_attack(sim_dir: Path, cell: Cell) -> dict[str, Any]:
 def ensure_simulation(sim: Simulation, bench_dir: Path, simulate: Simulate | None = None,
                       ray_address: str | None = None) -> tuple[Path, bool, float]:
     """Run (or reuse / resume) ``sim``; returns (run dir, reused, seconds spent now)."""
-    from fl_sim.federation.resume import plan_resume
     simulate = simulate or _default_simulate
     cfg = sim_config(sim, bench_dir, ray_address)
     d = Path(bench_dir) / "sims" / sim.dirname
@@ -107,7 +111,6 @@ def ensure_simulation(sim: Simulation, bench_dir: Path, simulate: Simulate | Non
 def check_bench_dir(bench_dir: Path) -> None:
     """RunDirError (one line) unless ``bench_dir`` is new, empty or an earlier bench's
     directory (resumed): a file, or a directory holding other things, is left alone."""
-    from fl_sim.output_dirs import check_output_dir
     check_output_dir(Path(bench_dir), what="bench",
                      markers=("grid.toml", RESULTS, SIMS, "sims"))
 
@@ -150,7 +153,6 @@ def run_bench(plan: Plan, bench_dir: Path, *, simulate: Simulate | None = None,
     ``workers > 1`` or ``ray_address`` is given. ``simulate`` / ``attack`` replace the real
     simulation and attack (tests); ``after_simulation()`` is called after each simulation
     (the CLI re-installs its signal handlers there: Flower and Ray replace them)."""
-    from fl_sim.bench.outputs import cell_row, sim_facts, write_outputs
     attack = attack or _default_attack
     parallel = workers > 1 or bool(ray_address)
     bench_dir = Path(bench_dir)
@@ -196,7 +198,6 @@ def run_bench(plan: Plan, bench_dir: Path, *, simulate: Simulate | None = None,
             result, error, seconds = _run_cell(attack, sim_dir, c)
             record(c, sim_dir, result, error, seconds)
     if queued:
-        from fl_sim.bench.parallel import run_cells_on_ray
         run_cells_on_ray(queued, attack, lambda c, d, r, e, t: record(c, d, r, e, t),
                          workers=workers, ray_address=ray_address)
     if s.cells_run or not (bench_dir / "report.html").is_file():  # a no-op rerun writes nothing
@@ -266,7 +267,6 @@ def _budget(cell: Cell) -> int:
     """Attack iterations of a cell for ``--dry-run``: its params over the attack's defaults
     (``max_iterations`` / ``iterations`` / ``steps``, or GIDM's two phases), x restarts."""
 
-    from fl_sim.registry import ATTACKS
     try:
         defaults = {k: v.default for k, v in
                     inspect.signature(ATTACKS.get(cell.attack).__init__).parameters.items()}

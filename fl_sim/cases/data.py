@@ -22,7 +22,11 @@ import torch
 from torch import Tensor
 
 from fl_sim.cases.federation import DIGITS_PRIOR_CONFIG
+from fl_sim.priors import load_unet
 from fl_sim.records import ModelSpec
+from fl_sim.registry import DATA_SOURCES
+from fl_sim.tasks import build_task
+from fl_sim.train_prior import train_prior
 
 CIFAR_MEAN = (0.4915, 0.4823, 0.4468)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -122,7 +126,6 @@ def make_spec(model: str, model_params: Mapping[str, Any] | None = None, *,
 def make_task(model: str, model_params: Mapping[str, Any] | None = None, *, seed: int = 0,
               train: bool = False) -> tuple[Any, ModelSpec]:
     """A seeded, untrained task (eval mode unless ``train``) and the spec that rebuilds it."""
-    from fl_sim.tasks import build_task
 
     spec = make_spec(model, model_params)
     task = build_task(spec, seed=seed)
@@ -134,7 +137,6 @@ def make_task(model: str, model_params: Mapping[str, Any] | None = None, *, seed
 def train_digits_prior(out_dir: Path, *, steps: int | None = None) -> Path:
     """Train the digits prior of :data:`DIGITS_PRIOR_CONFIG` into ``out_dir`` (one thread);
     returns the prior's path. Resumes/returns at once if ``out_dir`` already holds it."""
-    from fl_sim.train_prior import train_prior
 
     cfg = {k: dict(v) for k, v in DIGITS_PRIOR_CONFIG.items()}
     if steps is not None:
@@ -145,7 +147,6 @@ def train_digits_prior(out_dir: Path, *, steps: int | None = None) -> Path:
 
 @functools.lru_cache(maxsize=1)
 def _digits_test() -> Tensor:
-    from fl_sim.registry import DATA_SOURCES
 
     splits = DATA_SOURCES.get("digits")(image_size=IMAGE_SIZE)
     return torch.as_tensor(splits.test.images).float()
@@ -165,12 +166,10 @@ def diffusion_spec() -> ModelSpec:
 
 def global_task(prior: Path | None = None, *, seed: int = 0) -> tuple[Any, ModelSpec]:
     """The global model as a task: the prior's weights, or a seeded untrained UNet."""
-    from fl_sim.tasks import build_task
 
     spec = diffusion_spec()
     task = build_task(spec, seed=seed)
     if prior is not None:
-        from fl_sim.priors import load_unet
         task.model.load_state_dict(load_unet(Path(prior) / "unet").state_dict())
     task.model.train()
     return task, spec

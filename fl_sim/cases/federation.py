@@ -60,7 +60,9 @@ from torch import Tensor
 from fl_sim.config import from_dict
 from fl_sim.errors import ConfigError
 from fl_sim.records import ModelSpec
+from fl_sim.registry import DATA_SOURCES
 from fl_sim.stores import ObservationStore, PeerStore, TruthStore, append_jsonl, write_tensors
+from fl_sim.tasks import build_task
 
 Strategy = Literal["fedsgd", "fedavg"]
 
@@ -130,6 +132,7 @@ def _client_round(task: Any, data: CaseClient, glob: Mapping[str, Tensor], *, st
                   ) -> tuple[Any, dict[str, Tensor], dict[str, Tensor], dict[str, Any]]:
     """One client's work as :mod:`fl_sim.federation.client_app` does it: ``(result, what it
     sends, what the taps record, the record row)``; ``task`` holds the global."""
+    # lazy: tests patch fl_sim.federation.local.one_gradient at call time (DP cases)
     from fl_sim.federation.local import local_train, one_gradient
 
     common = {"seed": seed, "server_round": server_round, "client_id": client_id,
@@ -264,7 +267,6 @@ DIGITS_PRIOR_CONFIG: dict[str, Any] = {
 
 def digits_splits() -> Any:
     """The ``digits`` source of :data:`DIGITS` (train / test splits, mean / std)."""
-    from fl_sim.registry import DATA_SOURCES
     params = {k: v for k, v in DIGITS.items() if k != "name"}
     return DATA_SOURCES.get("digits")(**params)
 
@@ -283,7 +285,6 @@ def digits_peer_case(run_dir: str | Path, others: int, *, start: int = 0,
     holding TEST digit ``start + k`` (one each; the digits prior saw only TRAIN digits), the
     peer is client 0, a seeded untrained ``model`` on 16x16 grey digits, FedSGD unless
     ``case`` says otherwise (keywords of :func:`build_case`). Returns the run's path."""
-    from fl_sim.tasks import build_task
 
     test = digits_splits().test
     spec = digits_spec(model)

@@ -10,9 +10,12 @@ from typing import Any
 
 import torch
 
+from attacks.components.gradients import parameter_gradients, split_state
 from fl_sim.cases.federation import digits_spec, digits_splits
 from fl_sim.cases.server import server_record
 from fl_sim.records import ObservationRecord, TruthStep
+from fl_sim.tasks import build_task
+from fl_sim.tasks.base import Batch
 
 #: GIAS's budget in the quality case (documented in docs/results.md / benchmarks/RESULTS.md)
 GIAS_BUDGET = {"phase1_iterations": 50, "phase2_iterations": 6, "sampler_steps": 3,
@@ -39,9 +42,6 @@ def gias_case(start: int = 0, n: int = 4, *, seed: int = 0, model: str = "lenet"
     ``start .. start+n-1`` of ``data`` (a grey 16x16 ``DataSplits``; default the digits) on
     the seeded ``model`` (eval mode), normalised with the data's statistics, recorded and read
     back through the server view with labels granted."""
-    from attacks.components.gradients import parameter_gradients, split_state
-    from fl_sim.tasks import build_task
-    from fl_sim.tasks.base import Batch
 
     d = data if data is not None else _digits()
     spec = dataclasses.replace(digits_spec(model), model_params=dict(model_params or {}),

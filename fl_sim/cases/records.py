@@ -27,6 +27,7 @@ from torch import Tensor
 from fl_sim.cases.data import IMAGE_SIZE, NUM_TRAIN_TIMESTEPS
 from fl_sim.cases.server import rerecord, server_record
 from fl_sim.records import ModelSpec, ObservationRecord, Tap, TruthStep
+from fl_sim.tasks.base import Batch
 
 
 def _declared(knowledge: Mapping[str, Any] | None) -> tuple[tuple[str, ...], dict[str, Any]]:
@@ -51,7 +52,6 @@ def make_record(task: Any, spec: ModelSpec, images: Tensor, labels: Tensor, *,
     ``tap``: another tap relabels the view's record, for tests that an attack refuses it
     (e.g. ``"peer_view"`` for a server attack; it carries no grant, as a peer's cannot).
     """
-    from fl_sim.tasks.base import Batch
 
     model = task.model
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -136,7 +136,6 @@ def diffusion_record(task: Any, spec: ModelSpec, images: Tensor, *,
     """A FedSGD record: the gradient of the mean DDPM loss of ``images`` ``[B, 1, 16, 16]``,
     through the server view. eps/t are drawn by :func:`draw_aux` (or given as ``aux``) and
     granted (``eps``, ``t``) unless ``grant=False``."""
-    from fl_sim.tasks.base import Batch
 
     aux = dict(aux) if aux is not None else draw_aux(len(images), t=t, seed=seed)
     params, buffers = _params(task)
@@ -154,7 +153,6 @@ def diffusion_delta_record(task: Any, spec: ModelSpec, images: Tensor, *, lr: fl
     """A FedAvg record: ``new − global`` after ``steps`` plain SGD steps, step ``k`` on images
     ``k*B .. k*B+B-1`` (modulo n) with its own eps/t (granted concatenated over steps),
     through the server view."""
-    from fl_sim.tasks.base import Batch
 
     n = len(images)
     aux = draw_aux(steps * batch_size, seed=seed)

@@ -40,6 +40,7 @@ from fl_sim.records import (
     TruthStep,
     frozen_tensors,
 )
+from fl_sim.run_dir import load_run
 from fl_sim.stores import ObservationStore, TruthStore
 
 #: the single client and round of a server case
@@ -105,7 +106,6 @@ def write_server_case(run_dir: str | Path, update: Mapping[str, Tensor], *, spec
 def read_server_record(run_dir: str | Path, grant: Sequence[str] = (), *,
                        client: int = CLIENT) -> ObservationRecord:
     """Round 1 of ``client`` in ``run_dir`` through ``Run.view("server", grant=grant)``."""
-    from fl_sim.run_dir import load_run
 
     return load_run(run_dir).view("server", grant=tuple(grant)).record(ROUND, client)
 

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from fl_sim.data import readers
 from fl_sim.data.sources import _check_params, _finish, _Split, _split
 from fl_sim.data.types import DataSplits
 from fl_sim.errors import ConfigError, DataError
@@ -84,7 +85,6 @@ def _local_files(data_files: str | list[str] | Mapping[str, Any]) -> dict[str, l
 
 def _to_numpy_images(column: list[Any], where: str) -> np.ndarray:
     """A column of PIL images / arrays / nested lists -> uint8 [N, H, W, C] or float NCHW."""
-    from fl_sim.data import readers
 
     first = column[0]
     if hasattr(first, "convert"):  # PIL (datasets' Image feature)
@@ -100,7 +100,6 @@ def _to_numpy_images(column: list[Any], where: str) -> np.ndarray:
 def dataset_to_split(ds: Any, *, image_column: str, label_column: str,
                      group_column: str | None, where: str) -> _Split:
     """A ``datasets.Dataset`` -> validated numpy arrays (images, labels, optional groups)."""
-    from fl_sim.data import readers
 
     missing = [c for c in (image_column, label_column, group_column)
                if c is not None and c not in ds.column_names]

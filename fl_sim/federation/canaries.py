@@ -42,8 +42,13 @@ from flwr.app import (
     RecordDict,
 )
 
+from defenses.base import UpdateContext
 from fl_sim.audits import canary_clients as est
+from fl_sim.config import check_audit
+from fl_sim.defended import build_defenses
+from fl_sim.errors import RunDirError
 from fl_sim.federation import protocol as P
+from fl_sim.federation.taps import sample_clients
 from fl_sim.run_dir.files import AUDITS_FILE
 from fl_sim.seeding import numpy_rng, torch_generator
 from fl_sim.stores import append_jsonl, write_tensors
@@ -69,8 +74,6 @@ class CanaryClients:
 
     def __init__(self, audit: Any, index: int, *, cfg: Any, run_dir: Path,
                  initial: Mapping[str, np.ndarray]) -> None:
-        from fl_sim.defended import build_defenses
-        from fl_sim.federation.taps import sample_clients
         self.audit, self.index, self.run_dir = audit, index, Path(run_dir)
         self.seed = int(cfg.run.seed)
         fed = cfg.federation
@@ -141,7 +144,6 @@ class CanaryClients:
         """Restore :meth:`state` (a checkpoint of this audit after some round).
 
         Raises ``RunDirError`` if it does not fit this audit (other canary counts)."""
-        from fl_sim.errors import RunDirError
         inserted = np.asarray(state["inserted"], dtype=bool).reshape(-1, self.audit.num_canaries)
         rounds = min(len(inserted), len(self.inserted))
         cos = [np.asarray(c, dtype=np.float64) for c in state["round_cosines"]]
@@ -209,7 +211,6 @@ class CanaryClients:
 
     def _local_dp(self, update: np.ndarray, server_round: int, i: int) -> np.ndarray:
         """The client-side mechanism a real client applies (clip + N(0, σ²C²))."""
-        from defenses.base import UpdateContext
         gen = torch_generator(self.seed, "audit", self.index, "round", server_round,
                               "canary", i)
         ctx = UpdateContext("delta", {}, None, (), 0.0, 1, server_round, -1 - i, gen)
@@ -255,7 +256,6 @@ def start_audits(cfg: Any, run_dir: Path, initial: Mapping[str, Any], tap: Any,
     ``initial`` is θ_0, the model before round 1 (also when resuming); ``state`` the
     checkpointed :func:`audit_state` a resumed run continues from. Rows of an earlier
     attempt are dropped from ``audits.jsonl`` (every row is written at the end of the run)."""
-    from fl_sim.config import check_audit
     (Path(run_dir) / AUDITS_FILE).unlink(missing_ok=True)
     out = []
     for i in range(len(cfg.audits)):

@@ -30,9 +30,13 @@ from torch import Tensor
 from defenses.accounting import EXAMPLE
 from fl_sim.audits import canary_examples as est
 from fl_sim.capabilities import defenses_with
+from fl_sim.config import check_audit, from_dict
+from fl_sim.errors import ConfigError
 from fl_sim.federation.partitions import load_splits, section_json
 from fl_sim.registry import DEFENSES
+from fl_sim.run_dir.files import AUDITS_FILE, read_metrics
 from fl_sim.seeding import numpy_rng
+from fl_sim.stores import append_jsonl, write_tensors
 
 
 @dataclass(frozen=True)
@@ -57,8 +61,6 @@ def canary_examples(cfg: Any) -> CanaryExamples | None:
 
 @lru_cache(maxsize=4)
 def _canaries(cfg_json: str, index: int) -> CanaryExamples:
-    from fl_sim.config import check_audit, from_dict
-    from fl_sim.errors import ConfigError
     cfg = from_dict(json.loads(cfg_json))
     audit = check_audit(cfg, index)
     test = load_splits(section_json(cfg.data)).test
@@ -92,9 +94,6 @@ def canaries_of_client(cfg: Any, client_id: int) -> tuple[Tensor, Tensor, Tensor
 
 def score_and_write(cfg: Any, task: Any, final: Any, run_dir: Path) -> dict[str, Any] | None:
     """Score every canary by its loss under the final model, bound ε, write truth and row."""
-    from fl_sim.config import check_audit
-    from fl_sim.run_dir.files import AUDITS_FILE
-    from fl_sim.stores import append_jsonl, write_tensors
     c = canary_examples(cfg)
     if c is None:
         return None
@@ -133,7 +132,6 @@ def claimed_example_epsilon(cfg: Any, run_dir: Path) -> dict[str, Any]:
     """The example-level ε the run's DP defense claims (dp_sgd: it declares
     ``reports_epsilon`` with ``privacy_unit = "example"``; the last metrics row: max over
     clients)."""
-    from fl_sim.run_dir.files import read_metrics
     d = next((d for d in cfg.defenses if d.name in example_level_dp(cfg)), None)
     rows = [r for r in read_metrics(Path(run_dir)) if "dp_epsilon" in r]
     if d is None or not rows:

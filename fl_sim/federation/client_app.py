@@ -30,7 +30,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 from torch import Tensor
 
-from fl_sim.config import ExperimentConfig
+from fl_sim.config import ExperimentConfig, from_dict
 from fl_sim.data.partition import evaluation_share
 from fl_sim.defended import build_defenses, defend_reply, defenses_in_force, of_stage
 from fl_sim.errors import FlSimError
@@ -48,6 +48,7 @@ from fl_sim.federation.taps import arrays_to_tensors
 from fl_sim.records import LocalOptimizer, ModelSpec
 from fl_sim.seeding import numpy_rng, torch_generator
 from fl_sim.stores import PeerStore, TruthStore
+from fl_sim.tasks import task_from_config
 from strategies.fedsgd import step_reply
 
 logger = logging.getLogger(__name__)
@@ -94,8 +95,6 @@ def client_data(cfg: ExperimentConfig, client_id: int) -> ClientData:
 
 @lru_cache(maxsize=2)
 def _task_and_spec(cfg_json: str, device: str) -> tuple[Any, ModelSpec]:
-    from fl_sim.config import from_dict
-    from fl_sim.tasks import task_from_config
     cfg = from_dict(json.loads(cfg_json))
     splits = load_splits(section_json(cfg.data))
     return task_from_config(cfg.model, cfg.task, splits.in_channels, splits.num_classes,

@@ -337,6 +337,7 @@ def deploy_local(cfg: ExperimentConfig, *, run_dir: Path | str | None = None,
         raise RunDirError(f"{out} already holds a run; choose another run directory")
     from fl_sim.preflight import check_before_start  # lazy: keeps torch out of this module's import
     check_before_start(cfg, run_dir=out, resume=False)  # bad data / run dir: before any process
+    # lazy: tests (test_fuzz_cli) patch fl_sim.plugin_reach.check_plugins_reach_workers
     from fl_sim.plugin_reach import check_plugins_reach_workers
     check_plugins_reach_workers(cfg, engine="deployment")  # SuperNodes load installed ones only
     log_dir = out / LOG_DIR

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from collections.abc import Callable, Mapping
 from queue import Queue
 from typing import Any
@@ -63,6 +64,7 @@ from flwr.app import (
 )
 from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.logger import update_console_handler
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 from flwr.server.client_manager import SimpleClientManager
@@ -71,6 +73,9 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import SecAggPlusWorkflow
 from flwr.serverapp import Grid, ServerApp
+from flwr.supercore import differential_privacy as fdp
+from flwr.supercore import log
+from flwr.supercore.date import now
 
 from fl_sim.errors import FlSimError
 from fl_sim.federation import protocol as P
@@ -92,7 +97,6 @@ class _RunSimulationDeprecation(logging.Filter):
 
 def quiet_console(debug: bool) -> None:
     """Flower installs its own console handler at import; align it with ``--debug``."""
-    from flwr.common.logger import update_console_handler
     update_console_handler(level=logging.DEBUG if debug else logging.WARNING)
     if not debug:
         logging.getLogger("flwr").addFilter(_RunSimulationDeprecation())
@@ -100,7 +104,6 @@ def quiet_console(debug: bool) -> None:
 
 def flower_log(level: int, msg: str, *args: Any) -> None:
     """Log through Flower's logger (as its strategies' ``summary`` does)."""
-    from flwr.supercore import log
     log(level, msg, *args)
 
 
@@ -149,7 +152,6 @@ def add_messages_to_queue(state: Any, queue: Queue[Any], nodes_mapping: Mapping[
         with lock:
             ids = due_messages(store, order)
             if ids and check is not None:
-                from flwr.supercore.date import now
                 check(set(ids))  # Flower's expiry / federation checks (drops invalid ones)
                 stamp = now().isoformat()
                 for msg_id in ids:
@@ -169,6 +171,7 @@ def add_messages_to_queue(state: Any, queue: Queue[Any], nodes_mapping: Mapping[
 def install_dispatch_patch() -> bool:
     """Patch Flower's simulation runtime (idempotent); False if its layout is unknown."""
     try:
+        # lazy: Flower's internal layout may change: a missing module skips the patch
         from flwr.server.superlink.fleet.vce import vce_api
     except ImportError:
         return False
@@ -193,7 +196,6 @@ def _zero_safe_norm(input_arrays: Any) -> float:
 def install_zero_norm_fix() -> None:
     """Patch ``flwr.supercore.differential_privacy.get_norm`` (used by every clipping path
     of Flower's DP wrappers and mods) with :func:`_zero_safe_norm`; idempotent."""
-    from flwr.supercore import differential_privacy as fdp
     if fdp.get_norm is not _zero_safe_norm:
         _ORIGINAL["get_norm"] = fdp.get_norm
         fdp.get_norm = _zero_safe_norm
@@ -204,9 +206,8 @@ def run_simulation(server_app: ServerApp, client_app: Any, num_supernodes: int,
                    backend_config: Mapping[str, Any]) -> None:
     """Flower's (deprecated) in-process ``run_simulation`` on the Ray backend, its
     deprecation warning silenced (see the module doc for why, and what the move takes)."""
-    import warnings
 
-    # imported at call time: flwr.simulation imports Ray, which only a simulation needs
+    # lazy: flwr.simulation imports Ray, which only a simulation needs
     from flwr.simulation import run_simulation as flower_run_simulation
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -31,7 +31,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
-from fl_sim.config import ExperimentConfig, server_lr
+from fl_sim import __version__
+from fl_sim.config import ExperimentConfig, load, server_lr
 from fl_sim.defended import defenses_in_force
 from fl_sim.errors import FlSimError
 from fl_sim.federation import protocol as P
@@ -58,6 +59,7 @@ from fl_sim.stores import (
     truncate_run,
     write_tensors,
 )
+from fl_sim.tasks import task_from_config
 from fl_sim.views import aggregate_training_row
 
 logger = logging.getLogger(__name__)
@@ -122,7 +124,6 @@ def main(grid: Grid, context: Context) -> None:
 
 def setup_from_run_config(run_config: Mapping[str, Any]) -> ServerSetup:
     """``flwr run``: ``config`` (TOML path, relative to cwd or the app), ``run-dir``, ``resume``."""
-    from fl_sim.config import load
     if "config" not in run_config:
         raise FlSimError("run_config has no 'config' (set it in [tool.flwr.app.config])")
     path = Path(str(run_config["config"]))
@@ -153,7 +154,6 @@ def build_strategy(cfg: ExperimentConfig) -> Strategy:
 
 def server_task(cfg: ExperimentConfig) -> tuple[Any, Any, Any]:
     """``(task, spec, splits)``: the initial model (seeded), its spec, and the dataset."""
-    from fl_sim.tasks import task_from_config
     splits = load_splits(json.dumps(cfg.data.model_dump(mode="json"), sort_keys=True))
     task, spec = task_from_config(cfg.model, cfg.task, splits.in_channels, splits.num_classes,
                                   splits.image_size, splits.mean, splits.std,
@@ -200,7 +200,6 @@ def prepare_run_dir(setup: ServerSetup, spec: Any) -> None:
 
 
 def _version() -> str:
-    from fl_sim import __version__
     return __version__
 
 

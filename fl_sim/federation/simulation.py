@@ -20,6 +20,8 @@ from typing import Any
 
 from fl_sim.config import ExperimentConfig, data_seed_from_run_seed, from_dict
 from fl_sim.errors import FlSimError, RunDirError
+from fl_sim.federation.lifecycle import RunInterrupted, ray_session
+from fl_sim.federation.resume import plan_resume, remove_partial_files
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +63,9 @@ def run_experiment(cfg: ExperimentConfig, *, run_dir: str | Path | None = None,
 
     # lazy: keeps flwr, torch out of this module's import
     from fl_sim.federation.flower_compat import install_dispatch_patch, run_simulation
-    from fl_sim.federation.lifecycle import RunInterrupted, ray_session
 
     # lazy: keeps torch out of this module's import
     from fl_sim.federation.resources import apply_determinism, prepare_resources
-    from fl_sim.federation.resume import remove_partial_files
     from fl_sim.preflight import check_before_start  # lazy: keeps torch out of this module's import
 
     # client resources the machine (or cluster) cannot satisfy: one line, before Ray starts
@@ -84,6 +84,7 @@ def run_experiment(cfg: ExperimentConfig, *, run_dir: str | Path | None = None,
     # directory is created (or cleaned) and before Ray starts
     check_before_start(cfg, run_dir=out, resume=resume)
     # a plug-in defined in a notebook/script only: one line now, not a failure in every actor
+    # lazy: tests (test_fuzz_cli) patch fl_sim.plugin_reach.check_plugins_reach_workers
     from fl_sim.plugin_reach import check_plugins_reach_workers
     check_plugins_reach_workers(cfg, engine="simulation")
     if resume:
@@ -117,7 +118,6 @@ def check_resume(cfg: ExperimentConfig, run_dir: str | Path) -> Any:
     """The :class:`~fl_sim.federation.resume.ResumePlan` of resuming ``run_dir`` with ``cfg``;
     :class:`~fl_sim.errors.RunDirError` (one line) if it holds no run, ``cfg`` is another
     experiment, or ``num_rounds`` is below the rounds already done."""
-    from fl_sim.federation.resume import plan_resume
     plan = plan_resume(cfg, run_dir)
     _check_same_config(cfg, Path(run_dir))
     return plan

@@ -38,6 +38,8 @@ def task_from_config(cfg_model: Any, cfg_task: Any, in_channels: int, num_classe
     user_model, user_task = _params(cfg_model), _params(cfg_task)
     path = getattr(cfg_model, "pretrained", None)
     if path is not None:
+        # lazy: fl_sim.priors (which pretrained imports) imports fl_sim.tasks' submodules, whose
+        # package __init__ is this module: at load time that is a circle
         from fl_sim.tasks.pretrained import checkpoint_params
         user_model, user_task = checkpoint_params(path, cfg_model.name, cfg_task.name,
                                                   user_model, user_task,
@@ -56,6 +58,7 @@ def task_from_config(cfg_model: Any, cfg_task: Any, in_channels: int, num_classe
                      mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std))
     task = build_task(spec, device=device, seed=seed)
     if pretrained and path is not None:
+        # lazy: see checkpoint_params above (package-init circle with fl_sim.priors)
         from fl_sim.tasks.pretrained import load_pretrained
         load_pretrained(task.model, path)
     return task, spec

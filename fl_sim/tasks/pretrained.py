@@ -18,7 +18,14 @@ from typing import Any
 
 from torch import nn
 
+from fl_sim.diffusers_dirs import (
+    check_shape,
+    read_checkpoint,
+    scheduler_task_params,
+    unet_arch_config,
+)
 from fl_sim.errors import ConfigError, DataError, MissingResourceError
+from fl_sim.priors import METADATA_FILE, UNET_DIR, load_prior, load_unet
 
 #: UNet2DModel config entries that define the architecture (not dropout & co.).
 ARCH_KEYS = ("in_channels", "out_channels", "sample_size", "block_out_channels",
@@ -37,7 +44,6 @@ def resolve_unet_dir(path: str | Path) -> tuple[Path, bool]:
     Raises :class:`~fl_sim.errors.MissingResourceError` for a missing path and
     :class:`~fl_sim.errors.DataError` for a directory that is none of the three.
     """
-    from fl_sim.priors import METADATA_FILE, UNET_DIR
 
     root = Path(path)
     if not root.exists():
@@ -79,12 +85,6 @@ def checkpoint_params(path: str | Path, model: str, task: str, model_params: Map
     disagrees is a ``ConfigError`` (never silently replaced). Also raises the errors of
     :func:`fl_sim.diffusers_dirs.read_checkpoint` (conditional / latent model, ...).
     """
-    from fl_sim.diffusers_dirs import (
-        check_shape,
-        read_checkpoint,
-        scheduler_task_params,
-        unet_arch_config,
-    )
 
     ckpt = read_checkpoint(path, where=WHERE)
     out_model, out_task = dict(model_params), dict(task_params)
@@ -109,7 +109,6 @@ def load_pretrained(model: nn.Module, path: str | Path) -> None:
     architectures differ (naming each differing entry), plus the errors of
     :func:`resolve_unet_dir` and :func:`fl_sim.priors.load_prior` -- one line each.
     """
-    from fl_sim.priors import load_prior, load_unet
 
     if not hasattr(model, "config") or not hasattr(model, "save_pretrained"):
         raise ConfigError(f"{WHERE}: only diffusers models (model.name = 'unet') can start "
