@@ -38,8 +38,8 @@ def task_from_config(cfg_model: Any, cfg_task: Any, in_channels: int, num_classe
     user_model, user_task = _params(cfg_model), _params(cfg_task)
     path = getattr(cfg_model, "pretrained", None)
     if path is not None:
-        # lazy: fl_sim.priors (which pretrained imports) imports fl_sim.tasks' submodules, whose
-        # package __init__ is this module: at load time that is a circle
+        # pretrained imports fl_sim.priors, which imports submodules of this package:
+        # lazy: a package-init circle at load time (tasks/__init__ -> pretrained -> priors)
         from fl_sim.tasks.pretrained import checkpoint_params
         user_model, user_task = checkpoint_params(path, cfg_model.name, cfg_task.name,
                                                   user_model, user_task,
