@@ -63,6 +63,7 @@ from fl_sim.records import ModelSpec
 from fl_sim.registry import DATA_SOURCES
 from fl_sim.stores import ObservationStore, PeerStore, TruthStore, append_jsonl, write_tensors
 from fl_sim.tasks import build_task
+from fl_sim.views import aggregate_training_row
 
 Strategy = Literal["fedsgd", "fedavg"]
 
@@ -222,7 +223,7 @@ def build_case(run_dir: str | Path, *, spec: ModelSpec, global_state: Mapping[st
         obs.write_update("aggregate", r, None, {k: new[k] - glob[k] for k in new}, {
             "update_kind": "delta", "num_examples": total,
             "num_clients_aggregated": len(clients), "clients": list(range(len(clients))),
-            "defenses": []})
+            "defenses": [], "training": aggregate_training_row(cfg)})  # as the server tap
         published = {"aggregated_round": r, "aggregated_num_examples": total,
                      "aggregated_num_clients": len(clients)}
         append_jsonl(out / METRICS_FILE, {

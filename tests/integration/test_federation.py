@@ -89,8 +89,14 @@ def fedavg_run(tmp_path_factory: pytest.TempPathFactory, flwr_env: dict[str, str
     calls: list[tuple[Any, ...]] = []
     events: list[dict[str, Any]] = []
     cfg = fedavg_cfg(attacks=[{"name": "noop"}])
+    from fl_sim.federation import hooks
+    runner = _noop_runner(calls)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(sys.modules, "fl_sim.attack_runner", _noop_runner(calls))
+        mp.setitem(sys.modules, "fl_sim.attack_runner", runner)
+        # the AttackHook bound the runner's functions when hooks.py was first imported (maybe
+        # by an earlier test in this worker): patch them where the hook looks them up
+        mp.setattr(hooks, "run_round_attacks", runner.run_round_attacks)
+        mp.setattr(hooks, "run_final_attacks", runner.run_final_attacks)
         t0 = time.perf_counter()
         out = run_experiment(cfg, run_dir=tmp_path_factory.mktemp("fedavg") / "run",
                              progress=events.append)
