@@ -9,7 +9,6 @@ The files are named, read and written by :mod:`fl_sim.run_dir.files` and
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 from collections.abc import Mapping, Sequence
@@ -22,6 +21,7 @@ from defenses import central_dp
 from defenses.accounting import describe_relation
 from defenses.base import format_defense
 from fl_sim.audit_report import audit_section
+from fl_sim.bench.labels import img_tag
 from fl_sim.errors import RunDirError
 from fl_sim.prior_overlap import overlap_warning
 from fl_sim.roc_svg import roc_svg
@@ -59,19 +59,13 @@ def plot_metrics(run_dir: Path, rows: list[dict[str, Any]] | None = None) -> Pat
 
 
 def _run_img_tag(run_dir: Path, rel: Any, alt: str) -> str:
-    """:func:`_img_tag` of a path named in a result row, only if it lies inside the run
-    directory (a tampered ``attacks.jsonl`` cannot embed other files into the report)."""
+    """:func:`~fl_sim.bench.labels.img_tag` of a path named in a result row, only if it lies
+    inside the run directory (a tampered ``attacks.jsonl`` cannot embed other files into the report)."""
     try:
-        return _img_tag(resolve_inside(run_dir, rel), alt)
+        return img_tag(resolve_inside(run_dir, rel), alt)
     except RunDirError:
         return f"<p><em>refused image path {html.escape(str(rel))}</em></p>"
 
-
-def _img_tag(path: Path, alt: str) -> str:
-    if not path.is_file():
-        return f"<p><em>missing image {html.escape(path.name)}</em></p>"
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
 def _table(rows: Sequence[Mapping[str, Any]], cols: Sequence[str]) -> str:
@@ -163,7 +157,7 @@ def write_report(run_dir: Path) -> Path:
     plot = plot_metrics(run_dir, metrics)
     parts.append("<div class='sec'><h2>Training</h2>")
     if plot is not None:
-        parts.append(_img_tag(plot, "training curves"))
+        parts.append(img_tag(plot, "training curves"))
         cols = [c for c in ("round", "train_loss", "eval_accuracy", "eval_loss",
                             "dp_epsilon_round", "dp_epsilon", "clients_sampled",
                             "clients_failed", "clients_rejected", "seconds")
@@ -243,7 +237,7 @@ def _samples_section(run_dir: Path, cfg: Mapping[str, Any]) -> str:
            "noise every round (seeded by run.seed); eval loss above is the held-out "
            "diffusion loss.</p>"]
     for r, f in files:
-        out.append(f"<p>round {r}</p>" + _img_tag(f, f"samples after round {r}"))
+        out.append(f"<p>round {r}</p>" + img_tag(f, f"samples after round {r}"))
     return "".join(out)
 
 
