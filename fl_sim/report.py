@@ -60,7 +60,8 @@ def plot_metrics(run_dir: Path, rows: list[dict[str, Any]] | None = None) -> Pat
 
 def _run_img_tag(run_dir: Path, rel: Any, alt: str) -> str:
     """:func:`~fl_sim.bench.labels.img_tag` of a path named in a result row, only if it lies
-    inside the run directory (a tampered ``attacks.jsonl`` cannot embed other files into the report)."""
+    inside the run directory (a tampered ``attacks.jsonl`` cannot embed other files into the
+    report)."""
     try:
         return img_tag(resolve_inside(run_dir, rel), alt)
     except RunDirError:
