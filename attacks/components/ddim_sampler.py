@@ -23,11 +23,13 @@ for when one UNet call alone is too large; it costs another forward. diffusers' 
 checkpointing recomputes with the module's *registered* weights, so under
 :func:`~torch.func.functional_call` its gradients are silently wrong (measured: max abs error
 0.91 in d/dx on a small UNet); ours recomputes each block with the weights it ran on (the
-functional ones), double backward included. ``"auto"`` measures once per input shape the bytes
-one step saves for backward and recomputes only as many steps as needed to keep the others'
-activations within :data:`AUTO_BUDGET_BYTES` (none when all K fit; ``"full"`` when one step
-alone does not): :meth:`DDIMSampler.checkpoint_plan`. ``docs/how-to/memory.md`` has the
-figures.
+functional ones), double backward included. ``"auto"`` (the attacks' default) measures once
+per input shape the bytes one step saves for backward and recomputes as few steps as its
+policy allows, :func:`auto_plan`: it keeps the last steps' activations up to HALF a one-step
+footprint (the weights plus one step's activations) beyond the one step that is always held, and
+recomputes the others; nothing when all K steps' activations together are under
+:data:`AUTO_FLOOR_BYTES`; ``"full"`` when one step alone does not fit half the device's free
+memory. :meth:`DDIMSampler.checkpoint_plan`; ``docs/how-to/memory.md`` has the figures.
 
 Prior-based attacks (``gidm``, ``gidm_plus``, later the generative-prior attacks) share this
 module. It imports nothing from diffusers: any ``UNet2DModel``-like module with the call
@@ -47,7 +49,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
-__all__ = ["AUTO_BUDGET_BYTES", "CHECKPOINT_MODES", "Checkpoint", "DDIMSampler", "ddim_timesteps"]
+__all__ = ["AUTO_BUDGET_BYTES", "AUTO_EXTRA_FRACTION", "AUTO_FLOOR_BYTES", "CHECKPOINT_MODES",
+           "Checkpoint", "DDIMSampler", "auto_plan", "ddim_timesteps", "free_memory_bytes"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,8 +58,12 @@ logger = logging.getLogger(__name__)
 Checkpoint = Literal["auto", "none", "sampler", "full", True, False]
 #: the gradient-checkpointing modes of :meth:`DDIMSampler.sample` (and of the attacks using it)
 CHECKPOINT_MODES: tuple[str, ...] = ("auto", "none", "sampler", "full")
-#: ``"auto"`` keeps the K steps' saved activations when they need at most this many bytes
-AUTO_BUDGET_BYTES = 1 << 30
+#: ``"auto"`` keeps extra steps' activations up to this fraction of the one-step footprint
+AUTO_EXTRA_FRACTION = 0.5
+#: ``"auto"`` recomputes nothing when all K steps' activations together need at most this
+AUTO_FLOOR_BYTES = 64 << 20
+#: an absolute budget for ``"auto"``'s kept activations in place of the relative rule (None: off)
+AUTO_BUDGET_BYTES: int | None = None
 
 _SPACINGS = ("leading", "trailing", "linspace")
 
@@ -89,6 +96,76 @@ def ddim_timesteps(num_train_timesteps: int, num_steps: int, *, spacing: str = "
         step = (num_train_timesteps - 1) / (num_steps - 1)
         return [int(round(k * step)) for k in reversed(range(num_steps))]
     raise ValueError(f"unknown timestep spacing {spacing!r}; allowed: {', '.join(_SPACINGS)}")
+
+
+def auto_plan(num_steps: int, step_bytes: int, weight_bytes: int, *,
+              free_bytes: int | None = None, budget_bytes: int | None = None,
+              fraction: float | None = None, floor_bytes: int | None = None,
+              blocks: bool = True) -> tuple[str, int]:
+    """``"auto"``'s decision, ``(mode, m)``: recompute the first ``m`` of ``num_steps`` steps.
+
+    ``step_bytes``: what one step saves for backward (:meth:`DDIMSampler.step_activation_bytes`);
+    ``weight_bytes``: the UNet weights the steps run on; ``free_bytes``: the device's free memory
+    (:func:`free_memory_bytes`; None: unknown); ``blocks``: the UNet supports ``"full"``.
+
+    The rule (issue 24's target: peak memory at K = 10 within 1.5x of K = 1, time within 1.4x):
+
+    1. All K steps' activations within ``floor_bytes`` (:data:`AUTO_FLOOR_BYTES`, 64 MiB):
+       ``("none", 0)``: recomputing would cost time to save less than a CUDA context's size.
+    2. Kept steps: one step is always held (the last, back-propagated first); beyond it, as many
+       as ``fraction`` (:data:`AUTO_EXTRA_FRACTION`, 0.5) of the one-step footprint
+       ``weight_bytes + step_bytes`` holds, so the kept activations add at most half what K = 1
+       needs. With ``budget_bytes`` (:data:`AUTO_BUDGET_BYTES`) set, the kept steps' activations
+       are bounded by it instead (the rule before 2026-12-07, for measurements).
+    3. With ``free_bytes`` known, the kept activations also stay within half of it; when even
+       one step does not fit half of it: ``("full", K - 1)`` (the UNet's blocks checkpointed
+       too; ``"sampler"`` when the UNet cannot).
+    4. The LAST steps are the ones kept: back-propagated first, their activations are freed
+       before any recomputation, so the peak is ``max(kept, 1)`` steps; keeping earlier steps
+       would hold them through every recomputation (``kept + 1``). Every step costs the same
+       forward, so which steps are recomputed does not change the time, only how many.
+
+    At K = 10 on the CIFAR-10 DDPM architecture (32 px, batch 1: 43 MiB a step, 143 MB of
+    weights) it keeps 3 and recomputes 7 (measured: docs/how-to/memory.md); at K <= 3 nothing.
+
+    >>> auto_plan(10, 43 << 20, 143 << 20)
+    ('sampler', 7)
+    >>> auto_plan(3, 43 << 20, 143 << 20)
+    ('none', 0)
+    """
+    fraction = AUTO_EXTRA_FRACTION if fraction is None else fraction
+    floor_bytes = AUTO_FLOOR_BYTES if floor_bytes is None else floor_bytes
+    step = max(int(step_bytes), 1)
+    if num_steps * step <= floor_bytes:
+        return "none", 0
+    if budget_bytes is not None:
+        kept = int(budget_bytes) // step
+    else:
+        kept = 1 + int(fraction * (weight_bytes + step) // step)
+    if free_bytes is not None:
+        kept = min(kept, int(free_bytes) // 2 // step)
+    if kept < 1:
+        return ("full", num_steps - 1) if blocks else ("sampler", num_steps - 1)
+    if kept >= num_steps:
+        return "none", 0
+    return "sampler", num_steps - kept
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Free memory of ``device``: CUDA's ``mem_get_info``; on a CPU Linux's ``MemAvailable``
+    (``/proc/meminfo``); None where neither is known."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
 
 
 @dataclass
@@ -220,10 +297,9 @@ class DDIMSampler:
         ``"sampler"`` / ``"full"``: ``m = K - 1`` (the last step is back-propagated first,
         while its activations are the only ones alive: recomputing it would cost a forward
         and save no peak memory). ``"auto"`` decides once per input shape/dtype/device (one
-        probing UNet forward, :meth:`step_activation_bytes`): it keeps as many of the last
-        steps' activations as :data:`AUTO_BUDGET_BYTES` holds (at least one) and recomputes
-        the others, the fewest recomputations within the budget; ``"full"`` when one step
-        alone exceeds the budget. Without autograd: ``("none", 0)``.
+        probing UNet forward, :meth:`step_activation_bytes`) by :func:`auto_plan`, from that
+        step's bytes, the bytes of the weights the steps run on and the device's free memory.
+        Without autograd: ``("none", 0)``.
         """
         mode = {True: "sampler", False: "none"}.get(checkpoint, checkpoint)  # type: ignore[call-overload]
         if mode not in CHECKPOINT_MODES:
@@ -240,17 +316,16 @@ class DDIMSampler:
         key = (tuple(x_T.shape), x_T.dtype, x_T.device, params is None)
         if key not in self._auto:
             per_step = self.step_activation_bytes(x_T, params, buffers)
-            kept = min(k, AUTO_BUDGET_BYTES // max(per_step, 1))
-            if kept >= k:
-                plan = ("none", 0)
-            elif kept >= 1 or not _supports_block_checkpointing(self.unet):
-                plan = ("sampler", k - max(kept, 1))
-            else:
-                plan = ("full", k - 1)
+            weights = _weight_bytes(self.unet, params, buffers)
+            free = free_memory_bytes(x_T.device)
+            plan = auto_plan(k, per_step, weights, free_bytes=free,
+                             budget_bytes=AUTO_BUDGET_BYTES,
+                             blocks=_supports_block_checkpointing(self.unet))
             self._auto[key] = plan
             logger.info("checkpoint='auto': %d steps x %.1f MiB of activations per step at "
-                        "input %s, budget %.0f MiB -> %r, %d steps recomputed", k,
-                        per_step / 2**20, tuple(x_T.shape), AUTO_BUDGET_BYTES / 2**20, *plan)
+                        "input %s, weights %.0f MiB, free %s -> %r, %d steps recomputed", k,
+                        per_step / 2**20, tuple(x_T.shape), weights / 2**20,
+                        "unknown" if free is None else f"{free / 2**30:.1f} GiB", *plan)
         return self._auto[key]
 
     def step_activation_bytes(self, x_T: Tensor, params: Mapping[str, Tensor] | None = None,
@@ -285,6 +360,15 @@ class DDIMSampler:
     def images(self, x_T: Tensor, **kwargs: Any) -> Tensor:
         """:meth:`sample` mapped to pixels ``[B, C, H, W]`` in [0, 1] (``(x + 1) / 2``, clamped)."""
         return ((self.sample(x_T, **kwargs) + 1) / 2).clamp(0, 1)
+
+
+def _weight_bytes(unet: nn.Module, params: Mapping[str, Tensor] | None,
+                  buffers: Mapping[str, Tensor] | None) -> int:
+    """Bytes of the distinct storages of the UNet's weights and the functional ones given."""
+    storages = {int(v.untyped_storage().data_ptr()): v.untyped_storage().nbytes() for v in
+                [*unet.parameters(), *unet.buffers(), *(params or {}).values(),
+                 *(buffers or {}).values()]}
+    return sum(storages.values())
 
 
 def _same(t: Tensor) -> Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attacks.components.ddim_sampler import DDIMSampler, ddim_timesteps
+from attacks.components.ddim_sampler import DDIMSampler, auto_plan, ddim_timesteps
 from fl_sim.records import ModelSpec
 from fl_sim.tasks import build_task
 
@@ -141,8 +141,14 @@ def test_checkpointing_keeps_memory_flat_in_k_and_auto_follows_the_budget(monkey
     per_step = ten.step_activation_bytes(x_T)
     # the probe measures one step's activations: 1,153,424 B vs 1,153,936 B (99.96 %)
     assert 0.95 * plain1 < per_step < 1.05 * plain1
-    assert ten.checkpoint_plan("auto", x_T) == ("none", 0)  # 10 x 1.15 MB << 1 GiB
+    assert ten.checkpoint_plan("auto", x_T) == ("none", 0)  # 10 x 1.15 MB < the 64 MiB floor
     assert ten.checkpoint_plan("sampler", x_T) == ("sampler", 9)  # never the last step
+    # without the floor, the relative rule: weights 2.8 MB + one step 1.15 MB, half of that
+    # holds one more step: the last 2 steps kept, the first 8 recomputed
+    monkeypatch.setattr(mod, "AUTO_FLOOR_BYTES", 0)
+    ten._auto.clear()
+    assert ten.checkpoint_plan("auto", x_T) == ("sampler", 8)
+    assert 1.9 * plain1 < _saved_bytes(ten, x_T, "auto") < 2.1 * plain1  # measured 2.00x
     # a budget of 4.5 steps: keep the last 4 steps' activations, recompute the first 6
     monkeypatch.setattr(mod, "AUTO_BUDGET_BYTES", int(4.5 * per_step))
     ten._auto.clear()
@@ -156,6 +162,50 @@ def test_checkpointing_keeps_memory_flat_in_k_and_auto_follows_the_budget(monkey
         assert ten.resolve_checkpoint("full", x_T) == "none"
     with pytest.raises(ValueError, match="checkpoint mode"):
         ten.resolve_checkpoint("blocks", x_T)
+
+
+MiB = 1 << 20
+
+
+@pytest.mark.parametrize(("k", "step", "weights", "kwargs", "plan"), [
+    # the CIFAR-10 DDPM architecture at 32 px, batch 1 (probe: 43.2 MiB a step, 143 MB of
+    # weights): half the one-step footprint holds 2 more steps -> keep 3, recompute 7 at K=10
+    (10, 43 * MiB, 143 * MiB, {}, ("sampler", 7)),
+    (4, 43 * MiB, 143 * MiB, {}, ("sampler", 1)),
+    (3, 43 * MiB, 143 * MiB, {}, ("none", 0)),  # K small: nothing recomputed
+    (1, 43 * MiB, 143 * MiB, {}, ("none", 0)),
+    # the CelebA-HQ DDPM architecture at 256 px (one step outweighs the 455 MB of weights)
+    (10, 2000 * MiB, 455 * MiB, {}, ("sampler", 9)),
+    (2, 2000 * MiB, 455 * MiB, {}, ("sampler", 1)),
+    # all K steps under the 64 MiB floor: never worth a recomputation
+    (10, 6 * MiB, 1 * MiB, {}, ("none", 0)),
+    (10, 6 * MiB, 1 * MiB, {"floor_bytes": 0}, ("sampler", 9)),
+    # the device's free memory bounds the kept steps to half of it...
+    (10, 43 * MiB, 143 * MiB, {"free_bytes": 4 * 43 * MiB}, ("sampler", 8)),
+    # ... and when one step does not fit half of it, the UNet's blocks are checkpointed too
+    (10, 43 * MiB, 143 * MiB, {"free_bytes": 80 * MiB}, ("full", 9)),
+    (10, 43 * MiB, 143 * MiB, {"free_bytes": 80 * MiB, "blocks": False}, ("sampler", 9)),
+    # an explicit budget replaces the relative rule (4.5 steps -> the last 4 kept)
+    (10, 43 * MiB, 143 * MiB, {"budget_bytes": int(4.5 * 43 * MiB)}, ("sampler", 6)),
+    (10, 43 * MiB, 143 * MiB, {"budget_bytes": 1 << 30}, ("none", 0)),
+    (10, 43 * MiB, 143 * MiB, {"budget_bytes": 20 * MiB}, ("full", 9)),
+])
+def test_auto_plan_policy(k, step, weights, kwargs, plan):
+    assert auto_plan(k, step, weights, **kwargs) == plan
+
+
+@pytest.mark.parametrize("k", [2, 5, 10, 20, 50])
+@pytest.mark.parametrize(("step", "weights"), [(43 * MiB, 143 * MiB), (500 * MiB, 455 * MiB),
+                                               (2000 * MiB, 455 * MiB), (10 * MiB, 455 * MiB)])
+def test_auto_plan_keeps_the_extra_activations_within_half_a_step_footprint(k, step, weights):
+    # what the rule promises: the kept steps beyond the one always held add at most half of
+    # the one-step footprint (weights + one step), and only steps that must go are recomputed
+    mode, m = auto_plan(k, step, weights, floor_bytes=0)
+    kept = k - m
+    assert mode in ("none", "sampler")
+    assert (kept - 1) * step <= 0.5 * (weights + step)
+    if m:  # one more kept step would break the bound
+        assert kept * step > 0.5 * (weights + step)
 
 
 @pytest.mark.parametrize("name", ["gidm", "gidm_plus", "gias", "peer_diffusion_prior",
