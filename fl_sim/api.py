@@ -79,10 +79,47 @@ def resolved_plugins(cfg: ExperimentConfig) -> list[dict[str, Any]]:
         ("strategy", cfg.strategy, STRATEGIES),
         *((f"attacks[{i}]", a, ATTACKS) for i, a in enumerate(cfg.attacks)),
         *((f"defenses[{i}]", d, DEFENSES) for i, d in enumerate(cfg.defenses))]
-    return [{"where": where, "kind": reg.kind, "name": sec.name,
-             "params": validate_params(reg.get(sec.name), sec.params, where=where,
-                                       skip=_SKIP_POSITIONAL.get(where, 0))}
-            for where, sec, reg in sections]
+    out = [{"where": where, "kind": reg.kind, "name": sec.name,
+            "params": validate_params(reg.get(sec.name), sec.params, where=where,
+                                      skip=_SKIP_POSITIONAL.get(where, 0))}
+           for where, sec, reg in sections]
+    if cfg.model.pretrained is not None:
+        _from_checkpoint(cfg, {p["where"]: p for p in out})
+    return out
+
+
+def _from_checkpoint(cfg: ExperimentConfig, by_where: dict[str, dict[str, Any]]) -> None:
+    """Show what ``model.pretrained`` makes of the model and task (in place): the checkpoint's
+    UNet config (replacing the default preset) and scheduler, as the run builds them
+    (:func:`fl_sim.tasks.pretrained.checkpoint_params`), with a ``note`` saying so. A missing
+    checkpoint is a note, not an error (the run's preflight stops there); a checkpoint the run
+    would refuse raises the run's one-line error."""
+    path = Path(cfg.model.pretrained or "")
+    model, task = by_where["model"], by_where["task"]
+    if not path.exists():
+        if cfg.model.name == "unet" and "preset" not in cfg.model.params:
+            model["params"].pop("preset", None)  # the run would read the checkpoint's config
+        model["note"] = (f"architecture from model.pretrained {path}: not found, so `fl-sim "
+                         "run` stops there (nothing is downloaded)")
+        return
+    # lazy: keeps torch out of this module's import (and the tasks <-> priors package circle)
+    from fl_sim.diffusers_dirs import read_checkpoint
+    from fl_sim.tasks.pretrained import WHERE, checkpoint_params
+    unet = read_checkpoint(path, where=WHERE).unet_config
+    data = by_where["data"]["params"]
+    size = unet.get("sample_size")
+    channels = data.get("channels") or unet.get("in_channels", 3)
+    image_size = data.get("image_size") or (size[0] if isinstance(size, list) else size)
+    model_params, task_params = checkpoint_params(
+        path, cfg.model.name, cfg.task.name, cfg.model.params, cfg.task.params,
+        in_channels=int(channels), image_size=int(image_size))
+    model["params"] = validate_params(MODELS.get(cfg.model.name), model_params, where="model",
+                                      skip=_SKIP_POSITIONAL.get("model", 0))
+    task["params"] = validate_params(TASKS.get(cfg.task.name), task_params, where="task",
+                                     skip=_SKIP_POSITIONAL.get("task", 0))
+    if model["params"].get("config") is not None and "preset" not in cfg.model.params:
+        del model["params"]["preset"]  # unused: the checkpoint's config replaces it
+    model["note"] = f"architecture and noise schedule read from model.pretrained {path}"
 
 
 def run(config: str | Path | Mapping[str, Any] | ExperimentConfig,

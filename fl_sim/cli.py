@@ -120,6 +120,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for p in api.resolved_plugins(cfg):
         params = " ".join(f"{k}={v!r}" for k, v in p["params"].items()) or "(none)"
         sys.stderr.write(f"  {p['where']}: {p['name']}  {params}\n")
+        if p.get("note"):
+            sys.stderr.write(f"    ({p['note']})\n")
     return 0
 
 
