@@ -32,6 +32,7 @@ from attacks.components.gradients import (
     split_state,
 )
 from attacks.components.label_recovery import recover_labels
+from attacks.components.progress import report as report_progress
 from fl_sim.errors import ConfigError, ThreatModelError
 from fl_sim.records import ObservationRecord
 from fl_sim.registry import ATTACKS
@@ -142,9 +143,11 @@ class DLG(Attack):
 
         best: tuple[float, Tensor, Tensor, int, Tensor] | None = None
         for restart in range(self.restarts):
+            phase = "iterations" if self.restarts == 1 else \
+                f"restart {restart + 1}/{self.restarts}"
             loss, images, labels, n_iter, start = self._run(task, params, buffers, target, shape,
                                                      spec.num_classes, fixed_labels, generator,
-                                                     aux, adapt)
+                                                     aux, adapt, phase=phase)
             logger.debug("DLG restart %d: matching loss %.3e after %d iterations",
                          restart, loss, n_iter)
             if best is None or loss < best[0] or not math.isfinite(best[0]):
@@ -195,10 +198,12 @@ class DLG(Attack):
     def _run(self, task: Any, params: dict[str, Tensor], buffers: dict[str, Tensor],
              target: dict[str, Tensor], shape: tuple[int, ...], num_classes: int,
              fixed_labels: Tensor | None, generator: torch.Generator,
-             aux: dict[str, Tensor] | None = None, adapt: Adaptation | None = None
-             ) -> tuple[float, Tensor, Tensor, int, Tensor]:
+             aux: dict[str, Tensor] | None = None, adapt: Adaptation | None = None, *,
+             phase: str = "iterations") -> tuple[float, Tensor, Tensor, int, Tensor]:
         """One restart -> (matching loss at the clamped images, images, labels, iterations,
-        starting images clamped to [0, 1])."""
+        starting images clamped to [0, 1]). Progress (:mod:`attacks.components.progress`) is
+        reported at every objective evaluation as ``phase``, L-BFGS iterations done of at most
+        ``max_iterations x inner_iterations``: one outer step can take minutes."""
         dev = self.device
         x = initial_images(shape, self.init, generator).to(dev).requires_grad_(True)
         start = x.detach().clamp(0.0, 1.0)
@@ -228,7 +233,10 @@ class DLG(Attack):
                                       tolerance_grad=1e-12, tolerance_change=1e-15,
                                       line_search_fn="strong_wolfe")
 
+        budget = self.max_iterations * self.inner_iterations
+
         def closure() -> Tensor:
+            report_progress(phase, int(optimizer.state[x].get("n_iter", 0)), budget)
             optimizer.zero_grad()
             loss = objective(x, create_graph=True)
             loss.backward()

@@ -127,3 +127,48 @@ def test_train_mode_uses_batch_statistics_and_leaves_the_record_alone() -> None:
     DLG(model_mode="train", max_iterations=1, inner_iterations=2)(record, generator=gen)
     for k, v in record.global_params.items():
         assert torch.equal(v, before[k]), k
+
+
+def test_dlg_reports_progress_through_the_shared_reporter(lenet) -> None:
+    """A tiny DLG run (image 0, 2 outer L-BFGS steps of <= 3 iterations, 2 restarts) reports
+    its L-BFGS iterations to the listener the CLI installs: each restart is a phase whose
+    first line comes at once, the counts never go back, and the last count of the winning
+    restart is the iterations the result states."""
+    from attacks.components.progress import reporting
+    from fl_sim.attack_plan import progress_lines
+
+    task, spec = lenet
+    record = make_record(task, spec, cifar_images(1), cifar_labels(1))
+    seen: list[tuple[str, int, int]] = []
+    lines: list[str] = []
+    listener = progress_lines("dlg", every=0.0, write=lines.append)
+
+    def both(phase: str, done: int, total: int) -> None:
+        seen.append((phase, done, total))
+        listener(phase, done, total)
+
+    attack = ATTACKS.create("dlg", max_iterations=2, inner_iterations=3, restarts=2)
+    with reporting(both):
+        result = attack(record, generator=torch.Generator().manual_seed(0))
+    assert [p for p in dict.fromkeys(p for p, _, _ in seen)] == ["restart 1/2", "restart 2/2"]
+    for phase in ("restart 1/2", "restart 2/2"):
+        done = [d for p, d, _ in seen if p == phase]
+        assert done[0] == 0 and done == sorted(done) and max(done) <= 6
+    assert {t for _, _, t in seen} == {6}  # 2 outer steps x 3 inner iterations
+    assert result.iterations in {max(d for p, d, _ in seen if p == ph)
+                                 for ph in ("restart 1/2", "restart 2/2")}
+    assert lines[0].startswith("dlg: restart 1/2 0/6") and len(lines) == len(seen)
+
+
+def test_dlg_progress_lines_are_throttled(lenet) -> None:
+    """With the CLI's default (a line at most every 10 s) a sub-second run writes one line."""
+    from attacks.components.progress import reporting
+    from fl_sim.attack_plan import progress_lines
+
+    task, spec = lenet
+    record = make_record(task, spec, cifar_images(1), cifar_labels(1))
+    lines: list[str] = []
+    with reporting(progress_lines("dlg", write=lines.append)):
+        ATTACKS.create("dlg", max_iterations=1, inner_iterations=2)(
+            record, generator=torch.Generator().manual_seed(0))
+    assert len(lines) == 1 and lines[0].startswith("dlg: iterations 0/2, ")
