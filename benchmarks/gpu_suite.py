@@ -201,9 +201,11 @@ def fedavg_round(spec: ModelSpec, *, clients: int, n_images: int, batch: int, st
     return timed(one_round, max(1, rounds - 1), device)
 
 
-def gidm_case(spec: ModelSpec, sz: Sizes, iters: int, *, checkpoint: bool,
-              device: torch.device) -> tuple[float, float]:
-    """``(seconds per GIDM phase-1 iteration, seconds per plain training step)``."""
+def gidm_case(spec: ModelSpec, sz: Sizes, iters: int, *, checkpoint: bool | str,
+              device: torch.device) -> tuple[float, float, float | None]:
+    """``(seconds per GIDM phase-1 iteration, seconds per plain training step, CUDA peak MB)``.
+
+    The peak is ``torch.cuda.max_memory_allocated`` over the attack (None on a CPU)."""
     from attacks.gidm import GIDM
     from fl_sim.cases.records import diffusion_record
     from fl_sim.tasks import build_task
@@ -219,9 +221,13 @@ def gidm_case(spec: ModelSpec, sz: Sizes, iters: int, *, checkpoint: bool,
                   checkpoint=checkpoint)
     attack.device = device
     stamps = Stamps(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     attack.reconstruct(record, generator=torch.Generator().manual_seed(0), callback=stamps)
+    peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
+            else None)
     step = plain_step(build_task(spec, seed=0), x, device, sz.step_repeats)
-    return stamps.per_iteration(), step
+    return stamps.per_iteration(), step, peak
 
 
 def ig_case(spec: ModelSpec, batch: int, sz: Sizes, device: torch.device) -> tuple[float, float]:
@@ -250,11 +256,13 @@ def run_suite(sz: Sizes, device: torch.device, only: set[str] | None = None
 
     rows: list[dict[str, Any]] = []
 
-    def add(case: str, model: str, what: str, seconds: float, step: float, units: float = 1.0
-            ) -> None:
+    def add(case: str, model: str, what: str, seconds: float, step: float, units: float = 1.0,
+            cuda_peak_mb: float | None = None) -> None:
         rows.append({"case": case, "model": model, "what": what, "seconds": seconds,
                      "per_second": 1 / seconds, "plain_step_s": step,
                      "ratio": seconds / (step * units)})
+        if cuda_peak_mb is not None:
+            rows[-1]["cuda_peak_mb"] = cuda_peak_mb
         logging.info("%s: %.4f s (%s)", case, seconds, what)
 
     def want(case: str) -> bool:
@@ -272,14 +280,14 @@ def run_suite(sz: Sizes, device: torch.device, only: set[str] | None = None
             f"{sz.round_clients} clients x {sz.round_steps} Adam steps of batch "
             f"{sz.round_batch}; rounds/s", s, step, sz.round_clients * sz.round_steps)
     if want("gidm_32"):
-        it, step = gidm_case(u32, sz, sz.gidm_iters, checkpoint=False, device=device)
+        it, step, peak = gidm_case(u32, sz, sz.gidm_iters, checkpoint=False, device=device)
         add("gidm_32", sz.labels["unet32"], f"GIDM phase-1 iteration, batch {sz.gidm_batch}, "
-            f"K = {sz.gidm_steps}; it/s", it, step)
+            f"K = {sz.gidm_steps}; it/s", it, step, cuda_peak_mb=peak)
     if want("gidm_256"):
-        it, step = gidm_case(u256, sz, sz.gidm256_iters, checkpoint=True, device=device)
+        it, step, peak = gidm_case(u256, sz, sz.gidm256_iters, checkpoint=True, device=device)
         add("gidm_256", sz.labels["unet256"], f"GIDM phase-1 iteration at {sz.big_size} px, "
             f"batch {sz.gidm_batch}, K = {sz.gidm_steps}, sampler checkpointed; it/s",
-            it, step)
+            it, step, cuda_peak_mb=peak)
     for b in (1, 8):
         if want(f"ig_b{b}"):
             it, step = ig_case(res, b, sz, device)
@@ -309,10 +317,12 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
              "plain training step of the same network at the same batch (rounds: / clients x "
              "local steps).", "",
              "| case | model | what | s per it/round | it or rounds per s | plain step s | "
-             "ratio |", "|---|---|---|---:|---:|---:|---:|"]
+             "ratio | CUDA peak MB |", "|---|---|---|---:|---:|---:|---:|---:|"]
     for r in rows:
+        peak = f"{r['cuda_peak_mb']:.0f}" if "cuda_peak_mb" in r else "-"
         lines.append(f"| {r['case']} | {r['model']} | {r['what']} | {r['seconds']:.4f} | "
-                     f"{r['per_second']:.2f} | {r['plain_step_s']:.4f} | {r['ratio']:.2f} |")
+                     f"{r['per_second']:.2f} | {r['plain_step_s']:.4f} | {r['ratio']:.2f} | "
+                     f"{peak} |")
     return "\n".join(lines) + "\n"
 
 

@@ -27,7 +27,12 @@ without checkpointing (memory) and against the same K without checkpointing (tim
     nice -n 10 .venv/bin/python benchmarks/memory_sampler.py \
         --out benchmarks/out/memory_sampler.json
 
-``--preset tiny --image-size 16 --channels 1`` runs the 0.7 M digits UNet instead (seconds).
+``--preset tiny --image-size 16 --channels 1`` runs the 0.7 M digits UNet instead (seconds);
+``--preset celebahq --image-size 256`` the published CelebA-HQ DDPM architecture
+(``google/ddpm-ema-celebahq-256``'s UNet2DModel config, 113.7 M parameters; ``--image-size 128``
+runs the same network at 128 px). Such cells need GBs: cap each cell's address space with
+``--max-vm-gb`` (a cell over it fails with MemoryError instead of swapping the machine) and
+skip the cells known not to fit with ``--skip K:MODE``.
 """
 
 from __future__ import annotations
@@ -50,6 +55,15 @@ MODES = ("none", "sampler", "full", "auto")
 
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _model_params(preset: str, image_size: int) -> dict[str, Any]:
+    if preset == "celebahq":
+        from fl_sim.diffusers_dirs import PUBLISHED_UNETS
+
+        cfg = PUBLISHED_UNETS["google/ddpm-ema-celebahq-256"]
+        return {"config": {**cfg, "sample_size": image_size}}
+    return {"preset": preset}
 
 
 def _gidm_objective(task: Any, batch: int, device: str) -> tuple[Any, dict, dict]:
@@ -80,7 +94,8 @@ def run_cell(*, preset: str, image_size: int, channels: int, batch: int, steps: 
     from fl_sim.records import ModelSpec
     from fl_sim.tasks import build_task
 
-    spec = ModelSpec(model="unet", model_params={"preset": preset}, task="diffusion",
+    spec = ModelSpec(model="unet", model_params=_model_params(preset, image_size),
+                     task="diffusion",
                      task_params={"num_train_timesteps": 1000}, in_channels=channels,
                      num_classes=10, image_size=image_size, mean=(0.5,) * channels,
                      std=(0.5,) * channels)
@@ -155,7 +170,10 @@ def table(rows: list[dict[str, object]]) -> str:
                    if same else "-")
         m_ratio = (f"{float(r['peak_rss_mb']) / float(k1['peak_rss_mb']):.2f}x"  # type: ignore[index]
                    if k1 else "-")
-        line = (f"| {r['steps']} | {r['mode']} | {float(r['s_per_iter']):.2f} | "
+        label = str(r["mode"])
+        if r["mode"] == "auto":  # what auto chose: (mode, steps recomputed)
+            label += f" ({r['plan'][0]}, {r['plan'][1]} of {r['steps']} recomputed)"  # type: ignore[index]
+        line = (f"| {r['steps']} | {label} | {float(r['s_per_iter']):.2f} | "
                 f"{float(r['cpu_s_per_iter']):.2f} | {t_ratio} | "  # type: ignore[arg-type]
                 f"{float(r['peak_rss_mb']):.0f} | {float(r['iteration_mb']):.0f} | {m_ratio} |")  # type: ignore[arg-type]
         if cuda:
@@ -170,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, nargs="+", default=[1, 2, 5, 10])
     ap.add_argument("--modes", nargs="+", choices=MODES, default=["none", "sampler"])
-    ap.add_argument("--preset", choices=("tiny", "cifar"), default="cifar")
+    ap.add_argument("--preset", choices=("tiny", "cifar", "celebahq"), default="cifar")
     ap.add_argument("--image-size", type=int, default=32)
     ap.add_argument("--channels", type=int, default=3)
     ap.add_argument("--batch", type=int, default=1)
@@ -180,11 +198,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--objective", choices=("sampler", "gidm"), default="sampler")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", type=Path, default=None, help="JSON file for the cells")
+    ap.add_argument("--max-vm-gb", type=float, default=None,
+                    help="address-space limit of each cell (RLIMIT_AS), e.g. 9")
+    ap.add_argument("--skip", nargs="*", default=[], metavar="K:MODE",
+                    help="cells not to run, e.g. 4:none (too large for this machine)")
     ap.add_argument("--cell", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.cell:  # child: one cell, JSON on stdout
+        if args.max_vm_gb:
+            limit = int(args.max_vm_gb * 2**30)
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         if args.auto_budget_mb is not None:
             import attacks.components.ddim_sampler as ddim
 
@@ -201,15 +226,22 @@ def main(argv: list[str] | None = None) -> int:
               str(args.iterations), "--device", args.device, "--objective", args.objective]
     if args.auto_budget_mb is not None:
         common += ["--auto-budget-mb", str(args.auto_budget_mb)]
+    if args.max_vm_gb:
+        common += ["--max-vm-gb", str(args.max_vm_gb)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for k in args.steps:
         for mode in args.modes:
+            if f"{k}:{mode}" in args.skip:
+                continue
             cmd = [sys.executable, __file__, "--cell", "--steps", str(k), "--mode", mode, *common]
             done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
             if done.returncode:
                 print(f"cell K={k} {mode} failed:\n{done.stderr}", file=sys.stderr)
                 return 1
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            if args.out:  # after every cell: a long run stopped half-way keeps its cells
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps({"cells": rows}, indent=1) + "\n")
             print(f"K={k:>2} {mode:<8} {rows[-1]['s_per_iter']:.2f} s/it, peak RSS "
                   f"{rows[-1]['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
     md = table(rows)
