@@ -229,8 +229,12 @@ class AuditConfig(_PluginSection):
 class SamplesConfig(_Section):
     """Per-round DDIM samples of the global model, for diffusion tasks only
     (``RUN_DIR/samples/r0003.png``, same noise every round): ``num_images`` (0 = none),
-    ``num_inference_steps``, ``every`` (rounds; the last round always gets a grid)."""
+    ``num_inference_steps``, ``every`` (rounds; the last round always gets a grid), ``ema``
+    (0 = grids of the global model; a decay in (0, 1) = grids of an exponential moving
+    average of the global models over rounds, DDPM practice, see
+    :class:`fl_sim.samples.SamplingEMA`)."""
 
     num_images: int = Field(16, ge=0)
     num_inference_steps: int = Field(25, ge=1)
     every: int = Field(1, ge=1)
+    ema: float = Field(0.0, ge=0, lt=1)

@@ -233,7 +233,10 @@ def _samples_section(run_dir: Path, cfg: Mapping[str, Any]) -> str:
         step = (len(files) - 1) / (MAX_SAMPLE_GRIDS - 1)
         files = [files[round(i * step)] for i in range(MAX_SAMPLE_GRIDS)]
     s = cfg.get("samples", {})
-    out = ["<h3>Samples of the global model</h3>",
+    ema = s.get("ema") or 0
+    whose = (f"an average of the global models over rounds (samples.ema = "
+             f"{html.escape(str(ema))}, DDPM practice)" if ema else "the global model")
+    out = [f"<h3>Samples of {whose}</h3>",
            f"<p>DDIM, {html.escape(str(s.get('num_inference_steps', '?')))} steps, the same "
            "noise every round (seeded by run.seed); eval loss above is the held-out "
            "diffusion loss.</p>"]

@@ -40,10 +40,10 @@ from fl_sim.config import ExperimentConfig
 from fl_sim.federation.canaries import audit_state, finish_audits, start_audits
 from fl_sim.federation.canary_data import score_and_write
 from fl_sim.federation.checkpoint import CheckpointStore
-from fl_sim.federation.taps import TapStrategy, arrays_to_tensors
+from fl_sim.federation.taps import TapStrategy, arrays_to_tensors, tensors_to_arrays
 from fl_sim.run_dir.files import METRICS_FILE
 from fl_sim.run_dir.images import round_samples_path
-from fl_sim.samples import save_sample_grid
+from fl_sim.samples import SamplingEMA, save_sample_grid
 from fl_sim.seeding import torch_generator
 from fl_sim.stores import append_jsonl
 
@@ -131,15 +131,30 @@ class MetricsHook(RoundHook):
 
     def __init__(self) -> None:
         self.test: tuple[Any, Any] = ((), ())
+        self.ema: SamplingEMA | None = None
 
     def on_run_start(self, ctx: RoundContext) -> None:
         test = ctx.splits.test
         self.test = (test.images[:MAX_EVAL_EXAMPLES], test.labels[:MAX_EVAL_EXAMPLES])
+        if ctx.cfg.samples.ema and getattr(ctx.task, "name", "") == "diffusion":
+            self.ema = SamplingEMA(ctx.cfg.samples.ema)
+            if ctx.start_round and not self.ema.load(ema_path(ctx.run_dir), ctx.start_round):
+                logger.warning("samples.ema: no saved average of round %d; the average "
+                               "restarts at round %d's global", ctx.start_round,
+                               ctx.start_round + 1)
 
     def on_round_end(self, ctx: RoundContext) -> None:
         ctx.row.update(central_eval(ctx.task, ctx.arrays, self.test, ctx.cfg.run.seed,
                                     ctx.server_round))
-        round_samples(ctx.task, ctx.arrays, ctx.cfg, ctx.run_dir, ctx.server_round)
+        arrays = ctx.arrays
+        if self.ema is not None:
+            arrays = tensors_to_arrays(self.ema.update(ctx.server_round, ctx.global_tensors()))
+            self.ema.save(ema_path(ctx.run_dir))
+            if sample_round(ctx.cfg, ctx.server_round):
+                ema_eval = central_eval(ctx.task, arrays, self.test, ctx.cfg.run.seed,
+                                        ctx.server_round)
+                ctx.row.update({f"{k}_ema": v for k, v in ema_eval.items()})
+        round_samples(ctx.task, arrays, ctx.cfg, ctx.run_dir, ctx.server_round)
         ctx.row["seconds"] = round(time.perf_counter() - ctx.round_started, 4)
         append_jsonl(ctx.run_dir / METRICS_FILE, ctx.row)
 
@@ -209,12 +224,23 @@ def central_eval(task: Any, arrays: ArrayRecord, test: tuple[Any, Any], seed: in
     return {f"eval_{k}": float(v) for k, v in metrics.items()}
 
 
+def sample_round(cfg: ExperimentConfig, r: int) -> bool:
+    """Whether round ``r`` gets a sample grid (every ``samples.every`` rounds and the last)."""
+    s = cfg.samples
+    return s.num_images > 0 and (r % s.every == 0 or r == cfg.federation.num_rounds)
+
+
+def ema_path(run_dir: Path) -> Path:
+    """``RUN_DIR/samples/ema.safetensors``: the ``[samples] ema`` average after the last round."""
+    return round_samples_path(run_dir, 0).with_name("ema.safetensors")
+
+
 def round_samples(task: Any, arrays: ArrayRecord, cfg: ExperimentConfig, run_dir: Path,
                   r: int) -> None:
-    """Diffusion tasks: DDIM samples of round ``r``'s global in ``samples/r{r:04d}.png``."""
+    """Diffusion tasks: DDIM samples of round ``r``'s global (or of its ``[samples] ema``
+    average, which the caller passes as ``arrays``) in ``samples/r{r:04d}.png``."""
     s = cfg.samples
-    if getattr(task, "name", "") != "diffusion" or s.num_images == 0 or (
-            r % s.every and r != cfg.federation.num_rounds):
+    if getattr(task, "name", "") != "diffusion" or not sample_round(cfg, r):
         return
     task.model.load_state_dict(arrays_to_tensors(arrays), strict=True)
     save_sample_grid(task, round_samples_path(run_dir, r), num_images=s.num_images,
