@@ -330,7 +330,7 @@ def _square_image(im: Any, mode: str, size: int | None) -> np.ndarray:
     image is decoded at a reduced size (JPEG) and box-reduced before the Lanczos step
     (:data:`REDUCING_GAP`). Measured 2026-12-07 (CPU, 2 cores, shared/loaded, load 8-9):
     200 generated photograph-like 1024 x 896 JPEGs (quality 90) read at 64 px in 2.0-2.5 s
-    against 6.4-8.7 s for the full-size path (3-4x; 4 runs each), 40 such PNGs 1.6-2.0 s
+    against 6.4-8.7 s for the full-size path (3-4x; 5 runs of each), 40 such PNGs 1.6-2.0 s
     against 2.5-3.0 s (PNG decodes at full size; only the reduce step is saved); pixels
     differ from the full-size path by at most 2 (mean 0.19) at 1024 -> 64 and at most 6
     (mean 0.54) for 300 x 263 JPEGs at 32 px (command: a script generating the files, then
