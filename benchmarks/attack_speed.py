@@ -6,6 +6,7 @@ CIFAR-10 test images (index order), seeded untrained models in eval mode, labels
 
     .venv/bin/python benchmarks/attack_speed.py [--threads 2] [--skip-psnr] [--repeats 5]
         [--restart-iters 100] [--restart-repeats 1] [--skip-restarts]
+    .venv/bin/python benchmarks/attack_speed.py --equal-time [--budgets wall,work]
 
 Prints a table and writes ``benchmarks/out/attack_speed.json``. Times are wall-clock medians
 of interleaved repetitions (the plain step and the attack alternate, so load from other
@@ -14,13 +15,18 @@ processes hits both alike); per-iteration attack time is the difference between 
 autograd double backward (``double_backward="autograd"``) for comparison. The restart
 section times whole runs of ``--restart-iters`` iterations: R = 8 with successive halving
 (the default) and without pruning (``"none"``, the paper's protocol) against R = 1,
-interleaved. Run from the repository root.
+interleaved. ``--equal-time`` races fl-sim against breaching's 600 iterations on ConvNet b1
+(:func:`equal_time`): each setting gets breaching's work (600 iterations x 3.0 plain
+forward+backward passes) and its wall time (135 s = 3,470 plain passes of the idle machine),
+counted in plain passes timed interleaved, so the load of a shared machine does not change
+the iterations a budget buys. Run from the repository root.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -170,6 +176,91 @@ def time_to_psnr(iterations: int, schedule: str, target: float) -> dict[str, Any
                                if i % 25 == 0]}
 
 
+#: breaching's ConvNet b1 iteration cost 3.0 plain forward+backward passes on its day (FACTS.md;
+#: its cheapest case), so its 600 iterations were worth 1,800 plain passes of that machine
+BREACHING_PASSES = 600 * 3.0
+#: fl-sim's plain ConvNet b1 forward+backward on the idle machine (2 threads, 2026-11-23,
+#: RESULTS.md): breaching's 135 s of wall time are worth 135 / 0.0389 plain passes there
+IDLE_PLAIN_S = 0.0389
+#: fl-sim settings raced against breaching, fixed before the first equal-time run: the paper's
+#: default, the cosine schedule, and 4 restarts with successive halving under the cosine one
+EQUAL_TIME_VARIANTS = (("step", 1), ("cosine", 1), ("cosine", 4))
+
+
+def _run_ig(record: Any, x: torch.Tensor, iterations: int, schedule: str,
+            restarts: int) -> tuple[float, float]:
+    """Wall seconds of a whole attack (problem set-up included) and its PSNR on ``x``."""
+    attack = InvertingGradients(max_iterations=iterations, restarts=restarts,
+                                labels="granted", schedule=schedule)
+    t = time.perf_counter()
+    out = attack.reconstruct(record, generator=torch.Generator().manual_seed(0))
+    sec = time.perf_counter() - t
+    return sec, float(score_reconstruction(out.images, x)["psnr"])
+
+
+def _cost_in_passes(plain: Any, record: Any, x: torch.Tensor, restarts: int, calib: int,
+                    repeats: int) -> tuple[float, float]:
+    """``(a, b)``: a whole run of ``n`` iterations costs ``a + b * n`` plain passes.
+
+    Runs of ``calib`` and ``2 * calib`` iterations alternate with plain passes (so load from
+    other processes hits both alike); medians over ``repeats``. The step schedule stands for
+    every schedule (same work per iteration); halving is included (its plan scales with n).
+    """
+    aa, bb = [], []
+    for _ in range(repeats):
+        p1 = plain()
+        t1, _ = _run_ig(record, x, calib, "step", restarts)
+        p2 = plain()
+        t2, _ = _run_ig(record, x, 2 * calib, "step", restarts)
+        p = (p1 + p2 + plain()) / 3
+        b = max(t2 - t1, 1e-9) / calib / p
+        bb.append(b)
+        aa.append(max(t1 / p - b * calib, 0.0))
+    return statistics.median(aa), statistics.median(bb)
+
+
+def equal_time(budgets: dict[str, float], variants: tuple[tuple[str, int], ...] =
+               EQUAL_TIME_VARIANTS, calib: int = 20, repeats: int = 3) -> list[dict[str, Any]]:
+    """PSNR of fl-sim on ConvNet b1 when each variant gets the work of ``budgets`` (plain
+    forward+backward passes, by name).
+
+    Budgets are counted in plain passes timed interleaved with the attack, so the iteration
+    count a budget buys does not depend on the load of this shared machine:
+    ``iterations = (budget - a) / b`` (:func:`_cost_in_passes`). Each final run's wall time
+    and the plain pass timed right after it are reported beside it.
+    """
+    task, record, x, y = _case("convnet", 1)
+    net, inputs = task.model, task.normalize(x)
+
+    def plain(k: int = 5) -> float:
+        ts = []
+        for _ in range(k):
+            t = time.perf_counter()
+            net.zero_grad(set_to_none=True)
+            F.cross_entropy(net(inputs), y).backward()
+            ts.append(time.perf_counter() - t)
+        return statistics.median(ts)
+
+    plain(3)
+    cost = {r: _cost_in_passes(plain, record, x, r, calib, repeats)
+            for r in sorted({r for _, r in variants})}
+    rows = []
+    for name, passes in budgets.items():
+        for schedule, restarts in variants:
+            a, b = cost[restarts]
+            iters = max(1, int((passes - a) / b))
+            sec, psnr = _run_ig(record, x, iters, schedule, restarts)
+            after = plain()
+            rows.append({"budget": name, "budget_plain_passes": passes, "schedule": schedule,
+                         "restarts": restarts,
+                         "restart_pruning": "halving" if restarts > 1 else "none",
+                         "passes_per_iteration": b, "setup_passes": a, "iterations": iters,
+                         "wall_s": sec, "plain_s_after": after,
+                         "passes_used": sec / after, "psnr": psnr,
+                         "minus_breaching_db": psnr - BREACHING_PSNR})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -183,11 +274,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--restart-repeats", type=int, default=1)
     ap.add_argument("--psnr-runs", default="step:600,cosine:300",
                     help="schedule:iterations pairs for the time-to-PSNR runs")
+    ap.add_argument("--equal-time", action="store_true",
+                    help="only the equal-wall-time race with breaching's 600 iterations")
+    ap.add_argument("--budgets", default="work,wall",
+                    help="work: breaching's 600 iterations x 3.0 plain passes; wall: its 135 s "
+                         "in plain passes of the idle machine (135 / 0.0389 s)")
+    ap.add_argument("--calib", type=int, default=20,
+                    help="--equal-time: iterations of the shorter calibration run")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "attack_speed.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     result: dict[str, Any] = {"threads": args.threads, "torch": torch.__version__,
                               "speed": [], "restarts": [], "time_to_psnr": []}
+    if args.equal_time:
+        return _main_equal_time(args)
     if not args.skip_speed:
         print(f"{'case':16s} {'fwd+bwd s':>10s} {'IG it s':>9s} {'ratio':>6s} "
               f"{'stock':>6s} {'R8/R1*':>6s} {'plain x8':>8s}  (*per iteration, no pruning; "
@@ -224,6 +324,36 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")
+    return 0
+
+
+def _main_equal_time(args: argparse.Namespace) -> int:
+    """``--equal-time``: table + ``benchmarks/out/attack_speed_equal_time.json``."""
+    torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0]
+    named = {"wall": BREACHING_SECONDS / IDLE_PLAIN_S, "work": BREACHING_PASSES}
+    budgets = {b: named[b] for b in args.budgets.split(",")}
+    print(f"breaching: {BREACHING_PSNR} dB after 600 it in {BREACHING_SECONDS:.0f} s; budgets "
+          f"in plain passes: " + ", ".join(f"{k} {v:.0f}" for k, v in budgets.items())
+          + f"; load {load:.2f}")
+    print(f"{'budget':>6s} {'passes':>6s} {'schedule':>8s} {'R':>2s} {'pass/it':>7s} "
+          f"{'iters':>6s} {'wall s':>7s} {'used':>6s} {'PSNR dB':>8s} {'vs breaching':>12s}")
+    result: dict[str, Any] = {"threads": args.threads, "torch": torch.__version__,
+                              "calib": args.calib, "loadavg_1min_start": load,
+                              "breaching_psnr": BREACHING_PSNR,
+                              "breaching_seconds": BREACHING_SECONDS, "rows": []}
+    out = args.out.with_name(args.out.stem + "_equal_time.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for row in equal_time(budgets, calib=args.calib):
+        result["rows"].append(row)
+        out.write_text(json.dumps(result, indent=2))  # partial results survive an interrupt
+        print(f"{row['budget']:>6s} {row['budget_plain_passes']:6.0f} {row['schedule']:>8s} "
+              f"{row['restarts']:2d} {row['passes_per_iteration']:7.2f} {row['iterations']:6d} "
+              f"{row['wall_s']:7.1f} {row['passes_used']:6.0f} {row['psnr']:8.2f} "
+              f"{row['minus_breaching_db']:+12.2f}", flush=True)
+    result["loadavg_1min_end"] = os.getloadavg()[0]
+    out.write_text(json.dumps(result, indent=2))
+    print(f"load at end {result['loadavg_1min_end']:.2f}; wrote {out}")
     return 0
 
 
