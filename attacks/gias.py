@@ -187,8 +187,8 @@ class GIAS(Attack):
     ``"idlg"``, ``"batch"`` or ``"auto"`` (as ``inverting_gradients``); ``multi_step`` for
     FedAvg deltas: ``"unroll"`` / ``"single"`` / ``"auto"`` (as ``inverting_gradients``,
     same assumptions about the client's local training); ``checkpoint``: gradient
-    checkpointing of the sampler in both phases (``"auto"`` default: none while the K steps'
-    activations fit 1 GiB, else ``"sampler"``, else ``"full"``; ``"none"``, ``"sampler"``,
+    checkpointing of the sampler in both phases (``"auto"`` default: the last steps kept
+    up to half the one-step footprint, the others recomputed; ``"none"``, ``"sampler"``,
     ``"full"``; docs/how-to/memory.md). Raises
     :class:`~fl_sim.errors.ConfigError` for a missing ``prior`` value, a bad parameter or a
     prior of another image shape; :class:`~fl_sim.errors.MissingResourceError` when the path

@@ -235,7 +235,7 @@ class GIDM(Attack):
     (Adam, cosine decay); ``prior``: ``None`` = the record's global model, or the path of a
     prior saved by ``fl-sim train-prior``; ``checkpoint``: gradient checkpointing of the
     sampler (:data:`~attacks.components.ddim_sampler.CHECKPOINT_MODES`): ``"auto"`` (default:
-    none while the K steps' activations fit 1 GiB, else ``"sampler"``, else ``"full"``),
+    the last steps kept up to half the one-step footprint, the others recomputed, ``auto_plan``),
     ``"none"``, ``"sampler"`` (recompute each step in backward: memory of one UNet call
     instead of K, K - 1 more UNet forwards per iteration) or ``"full"`` (also the UNet's
     blocks); ``true`` / ``false`` mean ``"sampler"`` / ``"none"`` (docs/how-to/memory.md);

@@ -165,8 +165,8 @@ class PeerDiffusionPrior(PeerInversion):
     resolution); ``latent_weight`` (0) of the latent-norm term; ``latent_init``:
     ``"inversion"`` (default: DDIM inversion of the reconstruction) or ``"random"`` (seeded
     ``N(0, I)``); ``checkpoint``: gradient checkpointing of the projection's sampler
-    (``"auto"`` default: none while the K steps' activations fit 1 GiB, else ``"sampler"``,
-    else ``"full"``; ``"none"``, ``"sampler"``, ``"full"``; docs/how-to/memory.md). Every
+    (``"auto"`` default: the last steps kept up to half the one-step footprint, the others
+    recomputed; ``"none"``, ``"sampler"``, ``"full"``; docs/how-to/memory.md). Every
     other parameter is :class:`~attacks.peer_inversion.PeerInversion`'s
     (same defaults), used unchanged for the inversion. Returns ``images [num_examples, C, H,
     W]`` AFTER the prior and the inversion's labels; ``extras["before_images"]`` are the plain

@@ -100,8 +100,8 @@ class UserLevelDiffusion(Attack):
     (150) Adam steps at ``lr`` (0.05, cosine decay) through a ``sampler_steps``-step (4) DDIM
     sampler; ``latent_weight`` (0.1) of the latent-norm term; ``representative``: ``"mean"``
     (default) or ``"medoid"``; ``labels``: ``"auto"`` (bias sign rule) or ``"given"``;
-    ``checkpoint``: gradient checkpointing of the sampler (``"auto"`` default: none while the
-    K steps' activations fit 1 GiB, else ``"sampler"``, else ``"full"``; ``"none"``,
+    ``checkpoint``: gradient checkpointing of the sampler (``"auto"`` default: the last steps
+    kept up to half the one-step footprint, the others recomputed, ``auto_plan``; ``"none"``,
     ``"sampler"``, ``"full"``; docs/how-to/memory.md).
     """
 
