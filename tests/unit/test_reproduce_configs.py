@@ -134,3 +134,23 @@ def test_olivetti_prior_never_sees_the_attacked_people() -> None:
     # clients); the prior must be trained on other people only
     assert cfg.filter.groups is not None and not set(range(10)) & set(cfg.filter.groups)
     assert "priors/olivetti_others" in (REPRO / "user_level_celeba.toml").read_text()
+
+
+#: the digits CPU variants whose prior (and, for GIDM+, global model) is priors/digits_public
+DIGITS_PUBLIC_PRIOR = ("gias_faces64.toml", "peer_cifar10.toml", "gidm_plus_cifar10.toml",
+                       "gidm_plus_celebahq256.toml")
+
+
+@pytest.mark.parametrize("name", DIGITS_PUBLIC_PRIOR)
+def test_digits_prior_never_sees_a_client_training_image(name: str) -> None:
+    """Clients train on the digits TRAIN split; the prior of these variants is trained on the
+    TEST split only, so no attacked image can be among its (configs/prior_digits.toml, classes
+    0-4 of the TRAIN split, shared images with an iid client's batch). The measured
+    prior_overlap of every CPU run was 0 (docs/reproduce.md, "CPU-sized variants")."""
+    cfg = prior_config(REPRO / "prior_digits_public.toml")
+    assert cfg.filter.split == "test" and cfg.data.name == "digits"
+    cpu = config.load(REPRO / name, cpu_overrides(REPRO / name))
+    assert cpu.data.name == "digits"
+    assert [a.params.get("prior") for a in cpu.attacks] == ["priors/digits_public"]
+    if name.startswith("gidm_plus"):  # the pretrained global model, as the GPU config's
+        assert cpu.model.pretrained == "priors/digits_public"
