@@ -3,19 +3,46 @@
 Before an attack computes anything, :func:`plan_attack` states what it will do: the images
 it reconstructs, the local steps it unrolls, its iterations and restarts, a rough time and a
 rough peak memory, and, when the plan is big, the cheaper choices. The time and memory come
-from a cost model calibrated by a probe of a few milliseconds: one forward + backward of the
-record's model on at most 4 random images (its time per image, and the bytes autograd saves
-per image, counted with :func:`torch.autograd.graph.saved_tensors_hooks`). Nothing of the
-attack's size is allocated, so a plan that would exhaust memory is printed before it does.
+from a cost model calibrated by a probe of a few milliseconds (:func:`probe`): a forward +
+backward and one gradient-matching evaluation (double back-propagation to the images) of the
+record's model on at most 4 random images, each the fastest of :data:`PROBE_REPEATS`
+repetitions, and the bytes autograd saves per image (counted with
+:func:`torch.autograd.graph.saved_tensors_hooks`). Nothing of the attack's size is
+allocated, so a plan that would exhaust memory is printed before it does.
 
 Cost model (one iteration, per surviving restart): the matching objective runs the client's
-``S`` unrolled steps on ``S x batch`` images (or the ``N`` images of one gradient) with double
-back-propagation, ~:data:`DOUBLE_BACKWARD` forward + backward passes per image; a diffusion
-prior's sampler adds ``K`` (``sampler_steps``) passes per image. Peak memory: the graph of
-the objective holds ~:data:`GRAPH_COPIES` times the saved activations of all its images. The
-estimate is rough (the probe's time varies with the machine's load; the factor against a
-measured run is in ``tests/unit/test_attack_plan.py``) and counts the matching term only:
-a learned image prior loaded from disk is not probed.
+``S`` unrolled steps of ``batch`` images (or one gradient of ``N`` images), each costing the
+probe's matching evaluation scaled by images; a diffusion prior's sampler adds ``K``
+(``sampler_steps``) forward + backward passes per image; DLG's budget is its L-BFGS steps x
+``inner_iterations``. Peak memory: the graph of the objective holds ~:data:`GRAPH_COPIES`
+times the saved activations of all its images. The time is a range (``~2-7 min``): low = the
+machine to ourselves (the probe's fastest repetition), high = low x the load per CPU (a run
+of minutes gets its share of a loaded machine; a probe of milliseconds does not show it);
+``AttackPlan.seconds`` is their geometric mean. It counts the matching term only: a learned
+image prior loaded from disk is not probed.
+
+Estimate / measured time (``benchmarks/plan_estimate.py --repeats 2 --baseline-commit
+1466b4b``, 2026-12-07, CPU, 2 cores, shared and loaded: load average 9-11, niced, 2 torch
+threads; the baseline is this module before the range, planned at the same moment):
+
+=================  ==================  ===========================  ==============
+case               before (point)      after: point [low, high]     measured
+=================  ==================  ===========================  ==============
+ig_lenet_fedavg    1.33, 0.46          0.42 [0.19, 0.90],           20.9 s, 22.1 s
+                                       0.71 [0.31, 1.63]
+gidm_tiny          1.08, 1.05          1.44 [0.64, 3.24],           187 s, 177 s
+                                       1.68 [0.71, 3.97]
+dlg_lenet          0.04, 0.001         0.11 [0.05, 0.26],           25.1 s, 21.9 s
+                                       0.27 [0.11, 0.65]
+=================  ==================  ===========================  ==============
+
+Earlier runs of the same cases under load 10-14 gave before-ratios of 0.03-1.34 (the
+two-run probe caught loaded or idle moments), and the probe's fastest time itself varied up
+to 16x between runs of the same case: a probe of milliseconds cannot calibrate better than
+that on a machine this loaded. The range holds the measured time in 3 of these 6 runs (IG
+once, gidm twice); DLG stays under-estimated (its strong-Wolfe line search makes more than
+one evaluation per L-BFGS iteration, which the plan does not model). Once a run has started,
+the progress lines' "~X left in this phase", from the run's own pace, are the better figure.
 
 :func:`progress_lines` is the listener the runner installs around the attack (:func:`announced`):
 a log line (stderr at the command line) at the first iteration of each phase and then every
@@ -27,6 +54,8 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,7 +67,7 @@ import torch
 
 from fl_sim.records import ObservationRecord
 
-__all__ = ["AttackPlan", "plan_attack", "progress_lines"]
+__all__ = ["AttackPlan", "Probe", "plan_attack", "progress_lines"]
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +78,8 @@ DOUBLE_BACKWARD = 3.0
 GRAPH_COPIES = 3.0
 #: a plan above either threshold is "big": the cheaper choices are printed with it
 BIG_SECONDS, BIG_BYTES = 120.0, 2 * 1024 ** 3
+#: timed repetitions of the probe's forward + backward (after one warm-up)
+PROBE_REPEATS = 3
 
 
 @dataclass(frozen=True)
@@ -65,10 +96,19 @@ class AttackPlan:
     seconds: float
     peak_bytes: float
     cheaper: list[str] = field(default_factory=list)
+    #: ``(low, high)``: the machine to ourselves / sharing it as loaded as at the probe
+    seconds_range: tuple[float, float] | None = None
 
     @property
     def big(self) -> bool:
         return self.seconds > BIG_SECONDS or self.peak_bytes > BIG_BYTES
+
+    def _time(self) -> str:
+        low, high = self.seconds_range or (self.seconds, self.seconds)
+        if _duration(low) == _duration(high):
+            return f"~{_duration(high)}"
+        a, b = _duration(low).split(" "), _duration(high).split(" ")
+        return f"~{a[0]}-{' '.join(b)}" if a[1] == b[1] else f"~{_duration(low)}-{' '.join(b)}"
 
     def lines(self) -> list[str]:
         """The plan in words, one line each (the first is the summary)."""
@@ -77,7 +117,7 @@ class AttackPlan:
         head = (f"plan: {self.attack}: {self.images} images, {steps}, {self.iterations} "
                 f"iterations x {self.restarts} restart(s)"
                 + (f", sampler {self.sampler_steps} steps" if self.sampler_steps else "")
-                + f": ~{_duration(self.seconds)}, peak ~{self.peak_bytes / 1024 ** 3:.1f} GB "
+                + f": {self._time()}, peak ~{self.peak_bytes / 1024 ** 3:.1f} GB "
                   "(rough estimate)")
         if not self.big:
             return [head]
@@ -97,7 +137,9 @@ def _iterations(attack: Any) -> int:
     for name in ("iterations", "max_iterations"):
         value = getattr(attack, name, None)
         if isinstance(value, int) and not isinstance(value, bool):
-            return value
+            # DLG: each of its max_iterations L-BFGS steps makes up to inner_iterations
+            inner = getattr(attack, "inner_iterations", 1)
+            return value * (inner if isinstance(inner, int) and inner > 0 else 1)
     return sum(int(v) for k, v in vars(attack).items()
                if k.endswith("_iterations") and isinstance(v, int))
 
@@ -114,17 +156,46 @@ def _mean_alive(attack: Any, restarts: int, iterations: int) -> float:
     return (total + alive * (iterations - last)) / iterations
 
 
-def probe(record: ObservationRecord, images: int = 4) -> tuple[float, float]:
-    """``(seconds, saved bytes)`` per image of one forward + backward of the record's task
-    loss on ``images`` random images (the second of two timed runs; CPU, no attack state)."""
+@dataclass(frozen=True)
+class Probe:
+    """Timings of a record's task loss on ``images`` random images, each the fastest of
+    :data:`PROBE_REPEATS` repetitions (the one least slowed by other processes):
+    ``seconds``, one forward + backward; ``matching_seconds``, one evaluation of a gradient
+    matching objective as the attacks run it (the parameter gradient with ``create_graph``,
+    its squared norm back-propagated to the images: double back-propagation with the same
+    functional overheads); ``saved_bytes``, what autograd kept in the forward.
+    ``contention``: how much slower a run that lasts minutes is expected to be, sharing the
+    machine at its current load (1-minute load average per CPU, at least 1): a probe of
+    milliseconds gets a CPU at once even on a loaded machine, a long run only its share."""
+
+    images: int
+    seconds: float
+    matching_seconds: float
+    saved_bytes: float
+    contention: float
+
+
+def _contention() -> float:
+    try:
+        load = os.getloadavg()[0]
+    except OSError:  # no load average on this platform
+        return 1.0
+    return max(1.0, load / max(1, os.cpu_count() or 1))
+
+
+def probe(record: ObservationRecord, images: int = 4) -> Probe:
+    """Time the record's task loss on ``images`` random images (CPU, no attack state):
+    forward + backward and one matching evaluation (:class:`Probe`), each
+    :data:`PROBE_REPEATS` times after a warm-up. A task whose loss has no double backward
+    gets ``DOUBLE_BACKWARD`` x the forward + backward for the matching time."""
     task = record.spec.build_task()
     params = {k: v.detach().requires_grad_(True) for k, v in task.model.named_parameters()}
     buffers = dict(task.model.named_buffers())
     gen = torch.Generator().manual_seed(0)
     shape = (images, record.spec.in_channels, record.spec.image_size, record.spec.image_size)
     from fl_sim.tasks.base import Batch  # lazy: the tasks import the models
-    batch = Batch(torch.rand(shape, generator=gen),
-                  torch.zeros(images, dtype=torch.int64))
+    x = torch.rand(shape, generator=gen).requires_grad_(True)
+    batch = Batch(x, torch.zeros(images, dtype=torch.int64))
     aux = task.sample_aux(batch, gen) if hasattr(task, "sample_aux") else {}
     saved = [0]
 
@@ -132,15 +203,35 @@ def probe(record: ObservationRecord, images: int = 4) -> tuple[float, float]:
         saved[0] += t.numel() * t.element_size()
         return t
 
-    seconds = 0.0
-    for _ in range(2):
+    def plain() -> None:
         saved[0] = 0
-        t0 = time.perf_counter()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             loss = task.loss(params, buffers, batch, aux)
         torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-        seconds = time.perf_counter() - t0
-    return seconds / images, saved[0] / images
+
+    def matching() -> None:
+        loss = task.loss(params, buffers, batch, aux)
+        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True,
+                                    allow_unused=True)
+        torch.autograd.grad(sum((g * g).sum() for g in grads if g is not None), [x])
+
+    seconds = _fastest(plain)
+    bytes_saved = float(saved[0])
+    try:
+        matching_seconds = _fastest(matching)
+    except RuntimeError:  # no double backward through this model here
+        matching_seconds = DOUBLE_BACKWARD * seconds
+    return Probe(images, seconds, matching_seconds, bytes_saved, _contention())
+
+
+def _fastest(fn: Callable[[], None]) -> float:
+    """Wall seconds of the fastest of :data:`PROBE_REPEATS` calls of ``fn`` after a warm-up."""
+    times = []
+    for _ in range(1 + PROBE_REPEATS):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times[1:])
 
 
 def plan_attack(name: str, attack: Any, record: ObservationRecord) -> AttackPlan:
@@ -152,9 +243,13 @@ def plan_attack(name: str, attack: Any, record: ObservationRecord) -> AttackPlan
     per_eval = steps * batch if unrolled else n
     iterations, restarts = _iterations(attack), int(getattr(attack, "restarts", 1) or 1)
     k = int(getattr(attack, "sampler_steps", 0) or 0)
-    sec_img, bytes_img = probe(record, images=max(1, min(4, per_eval)))
+    pr = probe(record, images=max(1, min(4, batch)))
+    # a pass of `batch` images: the probe's pass scaled by images (its fixed cost is paid
+    # once per unrolled step, not once per image)
+    scale = max(1.0, batch / pr.images)
+    bytes_img = pr.saved_bytes / pr.images
     alive = _mean_alive(attack, restarts, iterations)
-    per_it = DOUBLE_BACKWARD * per_eval * sec_img + k * n * sec_img
+    per_it = steps * pr.matching_seconds * scale + k * pr.seconds * scale * n / batch
     params_bytes = sum(v.numel() * v.element_size() for v in record.global_params.values())
     peak = GRAPH_COPIES * bytes_img * per_eval * restarts + (4 + 2 * steps) * params_bytes
     knob = next((k for k in ("max_iterations", "iterations", "phase1_iterations")
@@ -171,8 +266,11 @@ def plan_attack(name: str, attack: Any, record: ObservationRecord) -> AttackPlan
         cheaper.append(f"a smaller batch (federation.batch_size={batch}) with `fl-sim run`")
     if k > 2:
         cheaper.append(f"--set sampler_steps=<fewer> (now {k})")
+    low = iterations * alive * per_it
+    high = low * pr.contention
     return AttackPlan(name, n, steps, batch, iterations, restarts, k,
-                      seconds=iterations * alive * per_it, peak_bytes=peak, cheaper=cheaper)
+                      seconds=math.sqrt(low * high), peak_bytes=peak, cheaper=cheaper,
+                      seconds_range=(low, high))
 
 
 def progress_lines(name: str, *, every: float = 10.0,
