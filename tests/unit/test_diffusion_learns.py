@@ -92,7 +92,7 @@ def test_shipped_config_lowers_the_heldout_loss(one_thread: None) -> None:
     (seeded, one thread): held-out loss 1.231 (random UNet) -> 0.306 after round 1 -> 0.234
     after round 2 (round 2 / round 1 = 0.77). Bars: round 2 <= 0.30 (measured 0.234, 28%
     margin) and round 2 <= 0.9 x round 1 (the second round starts from the aggregate and
-    keeps learning). 26 s under a load average of 10 on 2 cores, ~10 s quiet."""
+    keeps learning). 26 s under a load average of 10 on 2 cores, 13 s at ~5."""
     from fl_sim.federation.client_app import client_data
     from fl_sim.federation.hooks import MAX_EVAL_EXAMPLES
     from fl_sim.federation.local import local_train
