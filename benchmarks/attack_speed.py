@@ -220,13 +220,15 @@ def _cost_in_passes(plain: Any, record: Any, x: torch.Tensor, restarts: int, cal
 
 
 def equal_time(budgets: dict[str, float], variants: tuple[tuple[str, int], ...] =
-               EQUAL_TIME_VARIANTS, calib: int = 20, repeats: int = 3) -> list[dict[str, Any]]:
+               EQUAL_TIME_VARIANTS, calib: int = 20, repeats: int = 3,
+               ratio: float | None = None) -> list[dict[str, Any]]:
     """PSNR of fl-sim on ConvNet b1 when each variant gets the work of ``budgets`` (plain
     forward+backward passes, by name).
 
     Budgets are counted in plain passes timed interleaved with the attack, so the iteration
     count a budget buys does not depend on the load of this shared machine:
-    ``iterations = (budget - a) / b`` (:func:`_cost_in_passes`). Each final run's wall time
+    ``iterations = (budget - a) / b`` (:func:`_cost_in_passes`; ``ratio`` given: ``b = ratio``,
+    ``a = 0`` for single-restart settings, uncalibrated). Each final run's wall time
     and the plain pass timed right after it are reported beside it.
     """
     task, record, x, y = _case("convnet", 1)
@@ -242,7 +244,8 @@ def equal_time(budgets: dict[str, float], variants: tuple[tuple[str, int], ...] 
         return statistics.median(ts)
 
     plain(3)
-    cost = {r: _cost_in_passes(plain, record, x, r, calib, repeats)
+    cost = {r: (0.0, ratio) if ratio is not None and r == 1
+            else _cost_in_passes(plain, record, x, r, calib, repeats)
             for r in sorted({r for _, r in variants})}
     rows = []
     for name, passes in budgets.items():
@@ -278,9 +281,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="only the equal-wall-time race with breaching's 600 iterations")
     ap.add_argument("--budgets", default="work,wall",
                     help="work: breaching's 600 iterations x 3.0 plain passes; wall: its 135 s "
-                         "in plain passes of the idle machine (135 / 0.0389 s)")
+                         "in plain passes of the idle machine (135 / 0.0389 s); or a number of "
+                         "plain passes")
     ap.add_argument("--calib", type=int, default=20,
                     help="--equal-time: iterations of the shorter calibration run")
+    ap.add_argument("--ratio", type=float, default=None,
+                    help="--equal-time: plain passes per single-restart IG iteration to use "
+                         "instead of calibrating (e.g. the idle figure 2.57)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "attack_speed.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -332,7 +339,7 @@ def _main_equal_time(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0]
     named = {"wall": BREACHING_SECONDS / IDLE_PLAIN_S, "work": BREACHING_PASSES}
-    budgets = {b: named[b] for b in args.budgets.split(",")}
+    budgets = {b: named[b] if b in named else float(b) for b in args.budgets.split(",")}
     print(f"breaching: {BREACHING_PSNR} dB after 600 it in {BREACHING_SECONDS:.0f} s; budgets "
           f"in plain passes: " + ", ".join(f"{k} {v:.0f}" for k, v in budgets.items())
           + f"; load {load:.2f}")
@@ -344,7 +351,7 @@ def _main_equal_time(args: argparse.Namespace) -> int:
                               "breaching_seconds": BREACHING_SECONDS, "rows": []}
     out = args.out.with_name(args.out.stem + "_equal_time.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    for row in equal_time(budgets, calib=args.calib):
+    for row in equal_time(budgets, calib=args.calib, ratio=args.ratio):
         result["rows"].append(row)
         out.write_text(json.dumps(result, indent=2))  # partial results survive an interrupt
         print(f"{row['budget']:>6s} {row['budget_plain_passes']:6.0f} {row['schedule']:>8s} "
