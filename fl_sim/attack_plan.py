@@ -45,7 +45,7 @@ one evaluation per L-BFGS iteration, which the plan does not model). Once a run 
 the progress lines' "~X left in this phase", from the run's own pace, are the better figure.
 
 :func:`progress_lines` is the listener the runner installs around the attack (:func:`announced`):
-a log line (stderr at the command line) at the first iteration of each phase and then every
+a log line (the CLI log, on stdout) at the first iteration of each phase and then every
 ``every`` seconds; when one iteration takes longer, a "still computing" line every ``6 x
 every`` seconds (a heartbeat thread), so a long attack is never silent for minutes.
 """
